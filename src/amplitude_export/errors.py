@@ -1,0 +1,99 @@
+"""Every error amplitude-export raises, as one tree split by what the caller should do.
+
+    AmplitudeExportError            root; exit code 1 unless a subclass says otherwise
+    ├── UsageError                  bad input (dates, flags, URLs): fix the command        -> exit 2
+    ├── AuthError                   401/403: wrong credentials or wrong region: stop       -> exit 3
+    ├── DestinationError            the destination cannot be opened or written            -> exit 4
+    │   └── DestinationBusyError    another run holds the destination's lock               -> exit 5
+    ├── TransientError              5xx, 429, timeouts, short or broken bodies: retry
+    ├── WindowTooLargeError         400 (over 4 GB) or a 504 that outlived its retries: split the window
+    ├── ArchiveError                a landed archive fails its zip/gzip checks: fetch it again
+    └── WindowFailedError           one hour still failed after retries and splits: report, go on
+
+Each error carries the fields that build its message (window, status, member, line) and never the secret key.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_DESTINATION = 4
+EXIT_BUSY = 5
+EXIT_INTERRUPTED = 130
+
+
+class AmplitudeExportError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    exit_code = EXIT_INCOMPLETE
+
+
+class UsageError(AmplitudeExportError):
+    """The user's input is wrong (an unparseable date, end before start, a bad destination URL)."""
+
+    exit_code = EXIT_USAGE
+
+
+class AuthError(AmplitudeExportError):
+    """The Export API refused the credentials (401/403). A wrong region is the usual cause."""
+
+    exit_code = EXIT_AUTH
+
+    def __init__(self, message: str, *, status: int | None = None, region_hint: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.region_hint = region_hint
+
+
+class DestinationError(AmplitudeExportError):
+    """The destination cannot be opened, created or written (bad path, unreachable server, no privilege)."""
+
+    exit_code = EXIT_DESTINATION
+
+
+class DestinationBusyError(DestinationError):
+    """Another run holds the destination's lock, so this run would interleave windows with it."""
+
+    exit_code = EXIT_BUSY
+
+
+class TransientError(AmplitudeExportError):
+    """A failure worth retrying: 5xx, 429, a timeout, a body that arrived short or does not open as a zip."""
+
+    def __init__(self, reason: str, *, window: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(f"{window}: {reason}" if window else reason)
+        self.reason = reason
+        self.window = window
+        self.retry_after = retry_after
+
+
+class WindowTooLargeError(AmplitudeExportError):
+    """The window is too large for one request (400 over 4 GB, or a 504 that persisted): split it."""
+
+    def __init__(self, reason: str, *, window: str, status: int) -> None:
+        super().__init__(f"{window}: {reason}")
+        self.reason = reason
+        self.window = window
+        self.status = status
+
+
+class ArchiveError(AmplitudeExportError):
+    """A landed archive is broken (bad central directory, CRC, or gzip stream); it must be fetched again."""
+
+    def __init__(self, reason: str, *, path: str | None = None, member: str | None = None) -> None:
+        where = " ".join(part for part in (path, member) if part)
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.reason = reason
+        self.path = path
+        self.member = member
+
+
+class WindowFailedError(AmplitudeExportError):
+    """A window (down to one hour) still failed after every retry and split."""
+
+    def __init__(self, reason: str, *, window: str) -> None:
+        super().__init__(f"{window}: {reason}")
+        self.reason = reason
+        self.window = window

@@ -1,0 +1,68 @@
+"""The per-hour ledger: what the destination knows about every UTC upload hour it has seen.
+
+One `HourRecord` per (project, upload hour). Sinks store these rows in the destination itself, in the same
+transaction as the hour's events, so the ledger can never claim rows that are not there (or miss rows that are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+LOADED = "loaded"  # the hour's events are in the destination
+EMPTY = "empty"  # the Export API answered 404: no data in that hour
+FAILED = "failed"  # retries and splits did not get the hour; `reason` says why
+TOO_LARGE = "too_large"  # one hour alone is over the Export API's 4 GB: needs Amplitude's S3 export
+
+STATUSES = (LOADED, EMPTY, FAILED, TOO_LARGE)
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """One gzipped member of an archive: its name, compressed size and zip CRC-32."""
+
+    name: str
+    size: int
+    crc: int
+
+
+@dataclass
+class HourRecord:
+    """Everything the ledger says of one upload hour."""
+
+    hour: datetime
+    status: str
+    reason: str | None = None
+    members: list[MemberInfo] = field(default_factory=list)
+    content_hash: str | None = None  # sha256 over the hour's member names and bytes, in order
+    lines_read: int = 0
+    events_loaded: int = 0
+    duplicates: int = 0  # lines whose uuid was already loaded (in this window or an earlier one)
+    rejects: int = 0  # lines that were not a JSON object with a uuid
+    bytes: int = 0  # compressed bytes of the hour's members
+    min_server_upload_time: datetime | None = None
+    max_server_upload_time: datetime | None = None
+    min_event_time: datetime | None = None
+    max_event_time: datetime | None = None
+    attempts: int = 1
+    run_id: str | None = None
+    updated_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-friendly dict (datetimes as ISO strings), for `status --json` and file-based state."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, datetime):
+                out[key] = value.isoformat()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> HourRecord:
+        """The inverse of `to_dict`."""
+        values = dict(data)
+        for key in ("hour", "min_server_upload_time", "max_server_upload_time", "min_event_time",
+                    "max_event_time", "updated_at"):
+            if isinstance(values.get(key), str):
+                values[key] = datetime.fromisoformat(values[key])  # type: ignore[arg-type]
+        values["members"] = [MemberInfo(**m) for m in values.get("members") or []]  # type: ignore[union-attr]
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,79 @@
+"""Destinations for events, one module each behind the small `Sink` protocol below.
+
+`open_sink("duckdb:PATH" | "parquet:DIR" | "postgresql://...")` picks the module by the URL's scheme. Every sink
+keeps the ledger (see `ledger.py`) inside the destination and commits a window's rows and its ledger rows
+together, so the destination is the only record of progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+
+from ..errors import UsageError
+from ..ledger import HourRecord
+from ..windows import Window
+
+
+class Sink(Protocol):
+    """What the pipeline needs from a destination."""
+
+    description: str  # where the data goes, for messages (never a password)
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every hour the destination has a ledger row for, for this project."""
+        ...
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's hours with `batches`, exactly once per uuid, and record them, atomically.
+
+        In one transaction: drop the rows of the window's upload hours (a reload replaces them), insert the new
+        rows keeping the first row of each uuid (by member order, then line) and skipping uuids already stored
+        under other hours, then call `finish()` for the per-hour records the reader built while the batches
+        were consumed, fill in `events_loaded` and `duplicates` per hour, store them in the ledger and commit.
+        Returns the stored records.
+        """
+        ...
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Store ledger rows for hours that have no events (empty, failed, too large), without touching rows."""
+        ...
+
+    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+        """The stored events, optionally those with `server_upload_time` in [start, end], as an Arrow table."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and locks."""
+        ...
+
+
+def open_sink(dest: str, **options: object) -> Sink:
+    """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR` or `postgresql://...`."""
+    scheme, sep, rest = dest.partition(":")
+    if not sep:
+        raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
+    scheme = scheme.lower()
+    if scheme == "duckdb":
+        from .duckdb import DuckDBSink
+
+        return DuckDBSink(Path(rest), **options)  # type: ignore[arg-type]
+    if scheme == "parquet":
+        from .parquet import ParquetSink
+
+        return ParquetSink(rest, **options)  # type: ignore[arg-type]
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresSink
+
+        return PostgresSink(dest, **options)  # type: ignore[arg-type]
+    raise UsageError(f"unknown destination scheme {scheme!r} in {dest!r}: use duckdb:, parquet: or postgresql://")
