@@ -1,5 +1,49 @@
-"""amplitude-export: move raw events out of Amplitude's Export API into DuckDB, Parquet, PostgreSQL and pandas."""
+"""amplitude-export: move raw events out of Amplitude's Export API into DuckDB, Parquet, PostgreSQL and pandas.
+
+The library is what the CLI calls: `pipeline.run` / `pipeline.extract` / `pipeline.load` do the work, and
+`read_events` / `read_arrow` give the loaded events back.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+__all__ = ["__version__", "read_arrow", "read_events"]
+
+
+def _hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
+    from .windows import parse_hour
+
+    if value is None or isinstance(value, datetime):
+        return value
+    hour = parse_hour(value, is_end=is_end)
+    if is_end:
+        # the end hour is inclusive: take every microsecond of it
+        from datetime import timedelta
+
+        return hour + timedelta(hours=1) - timedelta(microseconds=1)
+    return hour
+
+
+def read_arrow(dest: str, start: str | datetime | None = None, end: str | datetime | None = None) -> pa.Table:
+    """The loaded events of `dest` (`duckdb:PATH`, `parquet:DIR`, `postgresql://...`) as an Arrow table,
+    optionally only those whose `server_upload_time` falls in the UTC hours start..end (inclusive)."""
+    from .sinks import open_sink
+
+    sink = open_sink(dest, read_only=True)
+    try:
+        return sink.read_arrow(_hour(start, is_end=False), _hour(end, is_end=True))
+    finally:
+        sink.close()
+
+
+def read_events(dest: str, start: str | datetime | None = None, end: str | datetime | None = None) -> pd.DataFrame:
+    """Like `read_arrow`, as a pandas DataFrame (timestamps UTC-aware, JSON columns as text)."""
+    return read_arrow(dest, start, end).to_pandas()

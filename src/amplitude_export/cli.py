@@ -1,0 +1,344 @@
+"""The command line: a thin skin over the library. Each command parses options, calls one function, and maps
+errors to exit codes.
+
+Exit codes: 0 done; 1 some windows failed (or `verify` found problems): the rest completed and the next run
+retries them; 2 bad input (dates, flags, destination URL); 3 Amplitude refused the credentials; 4 the destination
+cannot be opened or written; 5 another run holds the destination; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .config import REGION_HOSTS, load_credentials
+from .errors import EXIT_INTERRUPTED, AmplitudeExportError, UsageError
+
+log = logging.getLogger("amplitude_export")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES = """\b
+Exit codes:
+  0  done
+  1  some windows failed (the rest completed; the next run retries them)
+  2  bad input: dates, flags, destination URL
+  3  Amplitude refused the credentials (check the region)
+  4  the destination cannot be opened or written
+  5  another run holds the destination
+  130 interrupted"""
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def reports_errors(func: F) -> F:
+    """Turn our errors into one line on stderr and their exit code (never a traceback for expected errors)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AmplitudeExportError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def credential_options(func: F) -> F:
+    """--api-key, --secret-key, --region, --base-url: flags win over AMP_* variables and .env."""
+    func = click.option("--base-url", help="Override the host (a proxy, the fake server). Env: AMP_BASE_URL.")(func)
+    func = click.option(
+        "--region", type=click.Choice(sorted(REGION_HOSTS)), default=None,
+        help="us = amplitude.com (default), eu = analytics.eu.amplitude.com. Env: AMP_REGION.",
+    )(func)
+    func = click.option("--secret-key", help="Secret key. Env: AMP_SECRET_KEY (or .env).", show_default=False)(func)
+    func = click.option("--api-key", help="API key. Env: AMP_API_KEY (or .env).")(func)
+    return func
+
+
+def range_options(func: F) -> F:
+    """--start/--end and the knobs of fetching."""
+    options = [
+        click.option("--start", help="First UTC upload hour: YYYYMMDDTHH, YYYYMMDD, YYYY-MM-DD or YYYY-MM-DDTHH."),
+        click.option("--end", help="Last UTC upload hour, inclusive (a bare date means its hour 23)."),
+        click.option("--window-hours", type=int, default=24, show_default=True,
+                     help="Hours per request (windows of 24+ hours start at midnight)."),
+        click.option("--lag-hours", type=float, default=2, show_default=True,
+                     help="Hours Amplitude needs after an hour closes before it can be exported."),
+        click.option("--max-attempts", type=click.IntRange(1, 50), default=6, show_default=True,
+                     help="Attempts per window for 5xx, 429, timeouts and broken bodies."),
+        click.option("--concurrency", type=click.IntRange(1, 32), default=2, show_default=True,
+                     help="Windows downloaded at once (Amplitude allows 5 per project)."),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+                     help="Archives land in DATA_DIR/raw, rejected lines in DATA_DIR/rejects."),
+        click.option("--log-dir", type=click.Path(path_type=Path), default=Path("logs"), show_default=True,
+                     help="A log file per run."),
+        click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal)."),
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.group(epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="amplitude-export")
+def cli() -> None:
+    """Move raw events out of Amplitude's Export API into DuckDB, Parquet or PostgreSQL, exactly once.
+
+    \b
+    Example:
+      export AMP_API_KEY=... AMP_SECRET_KEY=...
+      amplitude-export run --start 2024-03-01 --end 2024-03-07
+      amplitude-export demo
+    """
+
+
+def _client(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
+            max_attempts: int, **client_options: Any) -> Any:
+    from .client import ExportClient
+
+    credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
+    return ExportClient(credentials, max_attempts=max_attempts, **client_options)
+
+
+def _start_logging(log_dir: Path, run_id: str, progress: bool | None, verbose: bool) -> Any:
+    from .logs import setup_logging
+    from .progress import make_reporter
+
+    reporter = make_reporter(progress)
+    log_path = setup_logging(log_dir, run_id, reporter=reporter, verbose=verbose)
+    return reporter, log_path
+
+
+@cli.command(epilog=EXIT_CODES)
+@credential_options
+@range_options
+@reports_errors
+def extract(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
+            start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
+            concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool) -> None:
+    """Download archives only: each window lands as DATA_DIR/raw/<start>_<end>.zip, verified.
+
+    With neither --start nor --end, the range is yesterday (UTC). Complete archives are not fetched again.
+
+    \b
+    Example:
+      amplitude-export extract --start 2024-03-01 --end 2024-03-02
+      amplitude-export extract --base-url http://127.0.0.1:8080 --start 20240301T00 --end 20240301T05
+    """
+    from .pipeline import extract as do_extract
+    from .pipeline import new_run_id
+
+    run_id = new_run_id()
+    reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
+    with _client(api_key, secret_key, region, base_url, max_attempts) as client, reporter:
+        report = do_extract(client, start=start, end=end, data_dir=data_dir, window_hours=window_hours,
+                            lag_hours=lag_hours, concurrency=concurrency, reporter=reporter, run_id=run_id)
+    click.echo(report.summary())
+    if log_path:
+        click.echo(f"log: {log_path}")
+    sys.exit(report.exit_code)
+
+
+def dest_options(func: F) -> F:
+    """--dest and --project."""
+    func = click.option(
+        "--project", help="Name that keeps several Amplitude projects apart in one destination "
+        "(default: the API key)."
+    )(func)
+    func = click.option(
+        "--dest", help="duckdb:PATH (default DATA_DIR/amplitude.duckdb), parquet:DIR or postgresql://user@host/db."
+    )(func)
+    return func
+
+
+def _dest(dest: str | None, data_dir: Path) -> str:
+    return dest or f"duckdb:{data_dir / 'amplitude.duckdb'}"
+
+
+def _project(project: str | None, api_key: str | None) -> str:
+    if project:
+        return project
+    try:
+        return load_credentials(api_key=api_key, secret_key="unused").api_key
+    except UsageError:
+        return "default"
+
+
+@cli.command(epilog=EXIT_CODES)
+@credential_options
+@range_options
+@dest_options
+@click.option("--keep-raw/--no-keep-raw", default=True, show_default=True, help="Keep archives after loading.")
+@click.option("--refresh", is_flag=True, help="Load windows again even if loaded (their rows are replaced).")
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Processes that parse events.")
+@reports_errors
+def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
+        start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
+        concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool,
+        dest: str | None, project: str | None, keep_raw: bool, refresh: bool, workers: int) -> None:
+    """Extract and load: download windows and load them into the destination, exactly once per event.
+
+    With no --start, continue after the last loaded hour up to the last ready hour (the first run takes
+    yesterday), so a daily cron entry needs no dates.
+
+    \b
+    Example:
+      amplitude-export run                                   # incremental, into data/amplitude.duckdb
+      amplitude-export run --start 2024-03-01 --end 2024-03-07 --dest parquet:events/
+      amplitude-export run --dest postgresql://me@localhost/analytics
+    """
+    from .pipeline import new_run_id
+    from .pipeline import run as do_run
+    from .sinks import open_sink
+
+    run_id = new_run_id()
+    reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
+    with _client(api_key, secret_key, region, base_url, max_attempts) as client:
+        sink = open_sink(_dest(dest, data_dir))
+        try:
+            with reporter:
+                report = do_run(client, sink, project=project or client.credentials.api_key, start=start, end=end,
+                                data_dir=data_dir, window_hours=window_hours, lag_hours=lag_hours,
+                                concurrency=concurrency, workers=workers, keep_raw=keep_raw, refresh=refresh,
+                                reporter=reporter, run_id=run_id)
+        finally:
+            sink.close()
+    click.echo(report.summary())
+    if log_path:
+        click.echo(f"log: {log_path}")
+    sys.exit(report.exit_code)
+
+
+@cli.command(epilog=EXIT_CODES)
+@dest_options
+@click.option("--api-key", help="Only to name the project (default project name). Env: AMP_API_KEY.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--log-dir", type=click.Path(path_type=Path), default=Path("logs"), show_default=True)
+@click.option("--keep-raw/--no-keep-raw", default=True, show_default=True)
+@click.option("--refresh", is_flag=True, help="Load archives again even if their hours are loaded.")
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--progress/--no-progress", default=None)
+@click.option("-v", "--verbose", is_flag=True)
+@reports_errors
+def load(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, log_dir: Path,
+         keep_raw: bool, refresh: bool, workers: int, progress: bool | None, verbose: bool) -> None:
+    """Load archives already under DATA_DIR/raw (from `extract`) into the destination.
+
+    \b
+    Example:
+      amplitude-export extract --start 2024-03-01 --end 2024-03-02
+      amplitude-export load --dest parquet:events/
+    """
+    from .pipeline import load as do_load
+    from .pipeline import new_run_id
+    from .sinks import open_sink
+
+    run_id = new_run_id()
+    reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
+    sink = open_sink(_dest(dest, data_dir))
+    try:
+        with reporter:
+            report = do_load(sink, project=_project(project, api_key), data_dir=data_dir, workers=workers,
+                             keep_raw=keep_raw, refresh=refresh, reporter=reporter, run_id=run_id)
+    finally:
+        sink.close()
+    click.echo(report.summary())
+    sys.exit(report.exit_code)
+
+
+@cli.command(epilog=EXIT_CODES)
+@dest_options
+@click.option("--api-key", help="Only to name the project (default project name). Env: AMP_API_KEY.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
+@reports_errors
+def status(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, as_json: bool) -> None:
+    """Show every window the destination knows (loaded, empty, failed with reason) and where the next run starts.
+
+    \b
+    Example:
+      amplitude-export status
+      amplitude-export status --dest parquet:events/ --json
+    """
+    from .status import render_status, status_data
+    from .sinks import open_sink
+
+    sink = open_sink(_dest(dest, data_dir))
+    try:
+        data = status_data(sink, _project(project, api_key))
+    finally:
+        sink.close()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        render_status(data)
+
+
+@cli.command("fake-server", epilog=EXIT_CODES)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default="demo-key", show_default=True, help="The key the server accepts.")
+@click.option("--secret-key", default="demo-secret", help="The secret the server accepts (default demo-secret).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same events.")
+@click.option("--fault-rate", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
+              help="Share of requests answered with a transient fault (500, 503, 429, truncated body).")
+@click.option("--timeout-over-hours", type=int, default=None,
+              help="Answer 504 for windows longer than this many hours, as large exports do.")
+@reports_errors
+def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, fault_rate: float,
+                timeout_over_hours: int | None) -> None:
+    """Serve a faithful fake Amplitude Export API (for demos, tests and your own pipelines).
+
+    \b
+    Example:
+      amplitude-export fake-server --port 8080 --fault-rate 0.2 &
+      AMP_API_KEY=demo-key AMP_SECRET_KEY=demo-secret \\
+        amplitude-export run --base-url http://127.0.0.1:8080 --start 2024-03-01 --end 2024-03-02
+    """
+    from .fake_server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    click.echo(f"fake Export API on http://{host}:{port}/api/2/export (api key {api_key!r}); Ctrl-C stops",
+               err=True)
+    serve(host, port, api_key=api_key, secret_key=secret_key, seed=seed, fault_rate=fault_rate,
+          timeout_over_hours=timeout_over_hours)
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("demo-data"), show_default=True,
+              help="Where the demo's archives, DuckDB file and logs go.")
+@click.option("--days", type=click.IntRange(1, 60), default=7, show_default=True)
+@click.option("--progress/--no-progress", default=None)
+@reports_errors
+def demo(data_dir: Path, days: int, progress: bool | None) -> None:
+    """Run the whole job on a bundled fake Amplitude: a week of realistic events into DuckDB, then a summary.
+
+    \b
+    Example:
+      amplitude-export demo
+      duckdb demo-data/amplitude.duckdb "select event_type, count(*) from events group by 1"
+    """
+    from .demo import run_demo
+
+    sys.exit(run_demo(data_dir, days=days, progress=progress))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="amplitude-export")

@@ -1,0 +1,216 @@
+"""The Export API client: one window in, one verified archive on disk out.
+
+It streams the answer to `<name>.zip.part`, checks the zip (central directory and every member's CRC) and only
+then renames it to `<name>.zip`, so a `.zip` on disk is always whole. Transient trouble (5xx, 429, timeouts,
+short or broken bodies) is retried with exponential backoff and jitter (stamina), honouring `Retry-After`.
+`classify()` is the one place that maps a status code to what happens next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import stamina
+
+from . import __version__
+from .config import Credentials
+from .errors import (
+    AmplitudeExportError,
+    ArchiveError,
+    AuthError,
+    TransientError,
+    WindowTooLargeError,
+)
+from .windows import Window
+
+log = logging.getLogger(__name__)
+
+EXPORT_PATH = "/api/2/export"
+CHUNK = 1 << 20
+
+OK = "ok"  # a fresh archive was landed
+EMPTY = "empty"  # 404: no data in the window
+CACHED = "cached"  # a complete archive from an earlier run was already on disk
+
+
+@dataclass(frozen=True)
+class Download:
+    """The outcome of fetching one window."""
+
+    window: Window
+    status: str
+    path: Path | None
+    bytes: int
+    attempts: int
+
+
+def classify(response: httpx.Response, window: Window, credentials: Credentials) -> None:
+    """Raise the error that a non-200, non-404 answer means; return for 200 and 404."""
+    status = response.status_code
+    if status in (200, 404):
+        return
+    if status in (401, 403):
+        raise AuthError(
+            f"Amplitude refused the credentials ({status}) for API key {credentials.api_key!r} on the "
+            f"{credentials.host_label}: check AMP_API_KEY and AMP_SECRET_KEY, and --region "
+            "(credentials of an EU project are refused by the US host, and the other way round)",
+            status=status,
+        )
+    if status == 400:
+        raise WindowTooLargeError("400: the export is over Amplitude's 4 GB limit", window=str(window), status=400)
+    if status == 429:
+        raise TransientError("429 rate limited", window=str(window), retry_after=_retry_after(response))
+    if status >= 500:
+        raise TransientError(f"{status} server error", window=str(window), retry_after=_retry_after(response))
+    raise AmplitudeExportError(f"{window}: unexpected answer {status} from the Export API")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), if there is one."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class ExportClient:
+    """Fetches windows from one project's Export API; thread-safe, so several windows can download at once."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        max_attempts: int = 6,
+        wait_initial: float = 2.0,
+        wait_max: float = 120.0,
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.max_attempts = max_attempts
+        self.wait_initial = wait_initial
+        self.wait_max = wait_max
+        self._http = httpx.Client(
+            base_url=credentials.base_url,
+            auth=httpx.BasicAuth(credentials.api_key, credentials.secret_key.reveal()),
+            timeout=httpx.Timeout(timeout, connect=30.0),
+            transport=transport,
+            follow_redirects=True,
+            headers={"User-Agent": f"amplitude-export/{__version__}"},
+        )
+
+    def __repr__(self) -> str:
+        return f"ExportClient({self.credentials.base_url!r}, api_key={self.credentials.api_key!r})"
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> ExportClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fetch(
+        self,
+        window: Window,
+        raw_dir: Path,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> Download:
+        """Land `window` as `raw_dir/<name>.zip`, retrying transient failures.
+
+        Raises AuthError (stop), WindowTooLargeError (400 at once, or 504 after every retry: split the window),
+        or TransientError once the attempts are spent.
+        """
+        final = raw_dir / f"{window.name}.zip"
+        if final.exists():
+            return Download(window, CACHED, final, final.stat().st_size, 0)
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        attempt_no = 0
+
+        def retriable(exc: Exception) -> bool | float:
+            if not isinstance(exc, TransientError):
+                return False
+            if attempt_no < self.max_attempts:
+                log.warning("%s: %s (attempt %d of %d); retrying", window, exc.reason, attempt_no, self.max_attempts)
+            return exc.retry_after if exc.retry_after is not None else True
+
+        try:
+            for attempt in stamina.retry_context(
+                on=retriable,
+                attempts=self.max_attempts,
+                timeout=None,
+                wait_initial=self.wait_initial,
+                wait_max=self.wait_max,
+                wait_jitter=self.wait_initial,
+            ):
+                with attempt:
+                    attempt_no = attempt.num
+                    return self._fetch_once(window, final, on_bytes, attempt_no)
+        except TransientError as exc:
+            if exc.reason.startswith("504"):
+                raise WindowTooLargeError(
+                    f"504 gateway timeout after {attempt_no} attempts", window=str(window), status=504
+                ) from exc
+            raise
+        raise AssertionError("unreachable: stamina either returns or raises")
+
+    def _fetch_once(
+        self, window: Window, final: Path, on_bytes: Callable[[int], None] | None, attempt_no: int
+    ) -> Download:
+        part = final.with_name(final.name + ".part")
+        try:
+            with self._http.stream("GET", EXPORT_PATH, params=window.params()) as response:
+                classify(response, window, self.credentials)
+                if response.status_code == 404:
+                    return Download(window, EMPTY, None, 0, attempt_no)
+                expected = response.headers.get("content-length")
+                received = 0
+                with open(part, "wb") as out:
+                    for chunk in response.iter_raw(CHUNK):
+                        out.write(chunk)
+                        received += len(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+        except httpx.TimeoutException as exc:
+            part.unlink(missing_ok=True)
+            raise TransientError(f"timed out ({type(exc).__name__})", window=str(window)) from exc
+        except httpx.TransportError as exc:
+            # a connection closed before Content-Length bytes arrived lands here (RemoteProtocolError)
+            part.unlink(missing_ok=True)
+            raise TransientError(f"connection failed: {type(exc).__name__}: {exc}", window=str(window)) from exc
+        if expected is not None and received != int(expected):
+            part.unlink(missing_ok=True)
+            raise TransientError(f"body arrived short: {received} of {expected} bytes", window=str(window))
+        self._verify(part, window)
+        os.replace(part, final)
+        log.info("%s: landed %s (%d bytes, attempt %d)", window, final.name, received, attempt_no)
+        return Download(window, OK, final, received, attempt_no)
+
+    @staticmethod
+    def _verify(part: Path, window: Window) -> None:
+        from .archive import verify_archive
+
+        try:
+            verify_archive(part)
+        except ArchiveError as exc:
+            part.unlink(missing_ok=True)
+            raise TransientError(f"body does not open as a valid zip: {exc.reason}", window=str(window)) from exc

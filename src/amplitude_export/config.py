@@ -1,0 +1,97 @@
+"""Credentials and hosts: from flags, the environment (`AMP_API_KEY`, `AMP_SECRET_KEY`, `AMP_BASE_URL`) or `.env`.
+
+Flags win over the environment, which wins over `.env` in the working directory. The secret key is held in a
+`Secret` whose `repr` and `str` never show it, so it cannot leak through a log line or a traceback's locals.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from .errors import UsageError
+
+REGION_HOSTS = {
+    "us": "https://amplitude.com",
+    "eu": "https://analytics.eu.amplitude.com",
+}
+
+
+class Secret:
+    """A string that does not print itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself: only for building the Authorization header."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What it takes to call one project's Export API."""
+
+    api_key: str
+    secret_key: Secret
+    region: str
+    base_url: str
+
+    @property
+    def host_label(self) -> str:
+        """Region and host, for messages."""
+        return f"{self.region.upper()} host {self.base_url}"
+
+
+def load_credentials(
+    *,
+    api_key: str | None = None,
+    secret_key: str | None = None,
+    region: str | None = None,
+    base_url: str | None = None,
+    env_file: Path | None = Path(".env"),
+    environ: dict[str, str] | None = None,
+) -> Credentials:
+    """Resolve credentials and host: flags first, then the environment, then `.env`."""
+    env = dict(os.environ if environ is None else environ)
+    file_values = {
+        key: value for key, value in (dotenv_values(env_file) if env_file and env_file.is_file() else {}).items()
+        if value is not None
+    }
+
+    def pick(flag: str | None, name: str) -> str | None:
+        return flag or env.get(name) or file_values.get(name) or None
+
+    key = pick(api_key, "AMP_API_KEY")
+    secret = pick(secret_key, "AMP_SECRET_KEY")
+    chosen_region = (pick(region, "AMP_REGION") or "us").lower()
+    if chosen_region not in REGION_HOSTS:
+        raise UsageError(f"unknown region {chosen_region!r}: use us or eu")
+    url = (pick(base_url, "AMP_BASE_URL") or REGION_HOSTS[chosen_region]).rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--base-url must start with http:// or https://, got {url!r}")
+    missing = [name for name, value in (("AMP_API_KEY", key), ("AMP_SECRET_KEY", secret)) if not value]
+    if missing:
+        raise UsageError(
+            f"missing {' and '.join(missing)}: set it in the environment or .env, or pass --api-key/--secret-key"
+        )
+    assert key and secret
+    return Credentials(api_key=key, secret_key=Secret(secret), region=chosen_region, base_url=url)
+
+
+def other_region(region: str) -> str:
+    """The region that is not `region` (for diagnosing a 401 caused by the wrong host)."""
+    return "eu" if region == "us" else "us"

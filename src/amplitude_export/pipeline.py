@@ -1,0 +1,450 @@
+"""The job itself: plan windows -> fetch archives -> read events -> write to a sink -> mark hours done.
+
+`extract` lands archives only (what the old scripts did). `run` fetches and loads, pipelined: while one window
+loads, the next ones download in background threads. `load` loads archives already on disk. Each returns a
+`RunReport`, whose `exit_code` the CLI passes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .client import CACHED, EMPTY, Download, ExportClient
+from .errors import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    AmplitudeExportError,
+    ArchiveError,
+    TransientError,
+    UsageError,
+    WindowTooLargeError,
+)
+from .ledger import EMPTY as LEDGER_EMPTY
+from .ledger import FAILED, LOADED, TOO_LARGE, HourRecord
+from .progress import Reporter
+from .sinks import Sink
+from .windows import HOUR, Window, label_hour, last_ready_hour, parse_hour, plan_windows, resolve_range
+
+log = logging.getLogger(__name__)
+
+MAX_SAFE_CONCURRENCY = 5  # Amplitude allows 5 concurrent REST requests per project
+DONE_STATUSES = (LOADED, LEDGER_EMPTY)
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """A sortable, unique run id: `20240302T031500Z-1a2b3c`."""
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class WindowOutcome:
+    """What happened to one window in this run."""
+
+    window: Window
+    status: str  # landed, cached, loaded, empty, failed, too_large
+    reason: str | None = None
+    events: int = 0
+    rejects: int = 0
+    duplicates: int = 0
+    bytes: int = 0
+    attempts: int = 0
+
+    def describe(self) -> str:
+        """One line for the log and the console."""
+        text = f"{self.window}: {self.status}"
+        if self.status in ("loaded", "landed", "cached"):
+            text += f" ({self.bytes:,} bytes"
+            if self.status == "loaded":
+                text += f", {self.events:,} events, {self.duplicates:,} duplicates, {self.rejects:,} rejected"
+            text += ")"
+        if self.reason:
+            text += f": {self.reason}"
+        return text
+
+
+@dataclass
+class RunReport:
+    """The outcome of a whole run."""
+
+    run_id: str
+    outcomes: list[WindowOutcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+
+    @property
+    def failed(self) -> list[WindowOutcome]:
+        """Windows that did not complete (they are retried by the next run)."""
+        return [o for o in self.outcomes if o.status in (FAILED, TOO_LARGE)]
+
+    @property
+    def events(self) -> int:
+        return sum(o.events for o in self.outcomes)
+
+    @property
+    def rejects(self) -> int:
+        return sum(o.rejects for o in self.outcomes)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INCOMPLETE if self.failed else EXIT_OK
+
+    def summary(self) -> str:
+        """A few lines for the end of a run."""
+        counts: dict[str, int] = {}
+        for outcome in self.outcomes:
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
+        lines = [f"run {self.run_id}: {len(self.outcomes)} windows ({parts})"]
+        if any(o.status == "loaded" for o in self.outcomes):
+            lines.append(
+                f"events loaded: {self.events:,}; duplicates dropped: {sum(o.duplicates for o in self.outcomes):,}; "
+                f"lines rejected: {self.rejects:,}"
+            )
+        lines.extend(self.notes)
+        lines.extend(f"FAILED {o.window}: {o.reason}" for o in self.failed)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A window (down to one hour) that could not be fetched."""
+
+    status: str  # failed or too_large
+    reason: str
+    attempts: int = 0
+
+
+def fetch_windows(
+    client: ExportClient,
+    windows: Iterable[Window],
+    raw_dir: Path,
+    *,
+    concurrency: int = 2,
+    reporter: Reporter | None = None,
+) -> Iterator[tuple[Window, Download | Failure]]:
+    """Fetch windows a few at a time and yield each result as it completes.
+
+    A window that is too large (400, or a 504 that persisted) is replaced by its halves, down to one hour; an
+    hour that still fails is yielded as a `Failure`. An AuthError stops everything at once. The generator only
+    starts new downloads when its consumer asks for the next result, so a slow loader bounds the disk used.
+    """
+    reporter = reporter or Reporter()
+    queue = list(windows)
+    queue.reverse()  # pop() from the end keeps the planned order
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fetch") as pool:
+        running: dict[Future[Download], Window] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < concurrency:
+                    window = queue.pop()
+                    running[pool.submit(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes)] = window
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: running[f]):
+                    window = running.pop(future)
+                    try:
+                        yield window, future.result()
+                    except WindowTooLargeError as exc:
+                        if window.hours > 1:
+                            halves = window.split()
+                            log.warning("%s: %s; splitting into %s and %s", window, exc.reason, *halves)
+                            reporter.add_windows(2)
+                            reporter.window_done(f"{window}: split ({exc.reason})")
+                            queue.extend(reversed(halves))
+                        else:
+                            status = TOO_LARGE if exc.status == 400 else FAILED
+                            yield window, Failure(status, exc.reason)
+                    except TransientError as exc:
+                        yield window, Failure(FAILED, f"gave up after {client.max_attempts} attempts: {exc.reason}")
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _warn_concurrency(concurrency: int) -> None:
+    if concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    if concurrency > MAX_SAFE_CONCURRENCY:
+        log.warning(
+            "--concurrency %d is above Amplitude's limit of %d concurrent requests per project: expect 429s",
+            concurrency,
+            MAX_SAFE_CONCURRENCY,
+        )
+
+
+def _plan(start: str | None, end: str | None, now: datetime, lag_hours: float, window_hours: int,
+          report: RunReport) -> list[Window]:
+    first, last, ready = resolve_range(start, end, now=now, lag_hours=lag_hours)
+    if ready < last:
+        note = (
+            f"hours after {label_hour(ready)} UTC are not exportable yet (Amplitude needs about "
+            f"{lag_hours:g} h after an hour closes); stopping at {label_hour(ready)}"
+        )
+        if ready < first:
+            note = f"nothing in {label_hour(first)}..{label_hour(last)} is exportable yet: try after " \
+                   f"{label_hour(first + HOUR * (1 + lag_hours))} UTC"
+        log.warning(note)
+        report.notes.append(note)
+    if ready < first:
+        return []
+    return plan_windows(first, ready, window_hours)
+
+
+def extract(
+    client: ExportClient,
+    *,
+    start: str | None = None,
+    end: str | None = None,
+    data_dir: Path = Path("data"),
+    window_hours: int = 24,
+    lag_hours: float = 2,
+    concurrency: int = 2,
+    now: datetime | None = None,
+    reporter: Reporter | None = None,
+    run_id: str | None = None,
+) -> RunReport:
+    """Land the archives of start..end under `data_dir/raw/` (download only; no destination)."""
+    reporter = reporter or Reporter()
+    report = RunReport(run_id or new_run_id(now))
+    _warn_concurrency(concurrency)
+    raw_dir = data_dir / "raw"
+    windows = _plan(start, end, now or datetime.now(UTC), lag_hours, window_hours, report)
+    pending = [w for w in windows if not (raw_dir / f"{w.name}.empty").exists()]
+    for skipped in set(windows) - set(pending):
+        report.outcomes.append(WindowOutcome(skipped, "empty", reason="recorded empty by an earlier run"))
+    reporter.add_windows(len(windows))
+    if len(pending) < len(windows):
+        reporter.window_done("skipped windows recorded empty earlier", count=len(windows) - len(pending))
+    for window, result in fetch_windows(client, pending, raw_dir, concurrency=concurrency, reporter=reporter):
+        outcome = _fetch_outcome(window, result)
+        if outcome.status == "empty":
+            raw_dir.mkdir(parents=True, exist_ok=True)
+            (raw_dir / f"{window.name}.empty").touch()
+        report.outcomes.append(outcome)
+        reporter.window_done(outcome.describe())
+    report.outcomes.sort(key=lambda o: o.window)
+    return report
+
+
+def _fetch_outcome(window: Window, result: Download | Failure) -> WindowOutcome:
+    if isinstance(result, Failure):
+        return WindowOutcome(window, result.status, reason=result.reason, attempts=result.attempts)
+    if result.status == EMPTY:
+        return WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
+    return WindowOutcome(window, "cached" if result.status == CACHED else "landed", bytes=result.bytes,
+                         attempts=result.attempts)
+
+
+def pending_windows(
+    ledger: dict[datetime, HourRecord], first: datetime, last: datetime, window_hours: int, *, refresh: bool = False
+) -> list[Window]:
+    """Windows over the hours of first..last that the ledger does not hold as loaded or empty.
+
+    Hours already done are cut out, so a re-run asks only for what is missing; `refresh` asks for everything.
+    """
+    windows: list[Window] = []
+    run_start: datetime | None = None
+    hour = first
+    while hour <= last + HOUR:
+        done = hour > last or (not refresh and hour in ledger and ledger[hour].status in DONE_STATUSES)
+        if not done and run_start is None:
+            run_start = hour
+        if done and run_start is not None:
+            windows.extend(plan_windows(run_start, hour - HOUR, window_hours))
+            run_start = None
+        hour += HOUR
+    return windows
+
+
+def load_window(
+    sink: Sink,
+    project: str,
+    window: Window,
+    archive: Path,
+    *,
+    run_id: str,
+    data_dir: Path,
+    workers: int = 2,
+    keep_raw: bool = True,
+    attempts: int = 1,
+) -> WindowOutcome:
+    """Read one landed archive and write it to the sink in one transaction.
+
+    A broken archive is deleted (so the next run downloads it again) and its hours are marked failed.
+    """
+    from .reader import WindowReader
+
+    size = archive.stat().st_size
+    reader = WindowReader(archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers)
+
+    def finish() -> list[HourRecord]:
+        records = reader.hour_records()
+        for record in records:
+            record.attempts = max(record.attempts, attempts)
+        return records
+
+    try:
+        records = sink.write_window(project, window, reader.batches(), finish)
+    except ArchiveError as exc:
+        archive.unlink(missing_ok=True)
+        reason = f"archive broken, will download again: {exc}"
+        _record_failure(sink, project, window, FAILED, reason, run_id)
+        return WindowOutcome(window, FAILED, reason=reason, bytes=size)
+    if reader.rejects_total:
+        log.warning("%s: %d lines rejected, see %s", window, reader.rejects_total, data_dir / "rejects")
+    if not keep_raw:
+        archive.unlink(missing_ok=True)
+    return WindowOutcome(
+        window,
+        "loaded",
+        events=sum(r.events_loaded for r in records),
+        rejects=sum(r.rejects for r in records),
+        duplicates=sum(r.duplicates for r in records),
+        bytes=size,
+        attempts=attempts,
+    )
+
+
+def _record_failure(sink: Sink, project: str, window: Window, status: str, reason: str, run_id: str) -> None:
+    now = datetime.now(UTC)
+    sink.record_hours(
+        project,
+        [HourRecord(hour=h, status=status, reason=reason, run_id=run_id, updated_at=now) for h in window.each_hour()],
+    )
+
+
+def _record_empty(sink: Sink, project: str, window: Window, run_id: str) -> None:
+    now = datetime.now(UTC)
+    sink.record_hours(
+        project,
+        [HourRecord(hour=h, status=LEDGER_EMPTY, run_id=run_id, updated_at=now) for h in window.each_hour()],
+    )
+
+
+def incremental_start(ledger: dict[datetime, HourRecord]) -> datetime | None:
+    """The hour after the last hour the ledger holds as done, or None for a destination never loaded."""
+    done = [hour for hour, record in ledger.items() if record.status in DONE_STATUSES]
+    return max(done) + HOUR if done else None
+
+
+def _incremental_range(
+    ledger: dict[datetime, HourRecord], end: str | None, now: datetime, lag_hours: float
+) -> tuple[datetime, datetime]:
+    """Where a run without --start begins and ends: after the last done hour (first run: yesterday)."""
+    resume = incremental_start(ledger)
+    if resume is None:
+        first, last, _ = resolve_range(None, None, now=now, lag_hours=lag_hours)
+    else:
+        first, last = resume, last_ready_hour(now, lag_hours)
+    if end is not None:
+        last = parse_hour(end, is_end=True)
+    return first, last
+
+
+def run(
+    client: ExportClient,
+    sink: Sink,
+    *,
+    project: str,
+    start: str | None = None,
+    end: str | None = None,
+    data_dir: Path = Path("data"),
+    window_hours: int = 24,
+    lag_hours: float = 2,
+    concurrency: int = 2,
+    workers: int = 2,
+    keep_raw: bool = True,
+    refresh: bool = False,
+    now: datetime | None = None,
+    reporter: Reporter | None = None,
+    run_id: str | None = None,
+) -> RunReport:
+    """Extract and load start..end into `sink`, downloading the next windows while one loads.
+
+    With no `start`, continue from the hour after the last one loaded (the first run takes yesterday), up to
+    the last ready hour; hours failed by earlier runs are tried again.
+    """
+    reporter = reporter or Reporter()
+    moment = now or datetime.now(UTC)
+    report = RunReport(run_id or new_run_id(moment))
+    _warn_concurrency(concurrency)
+    ledger = sink.ledger(project)
+    retry_hours: list[datetime] = []
+    if start is None:
+        first, last = _incremental_range(ledger, end, moment, lag_hours)
+        retry_hours = sorted(h for h, r in ledger.items() if r.status == FAILED and h < first)
+    else:
+        first, last, _ = resolve_range(start, end, now=moment, lag_hours=lag_hours)
+    ready = min(last, last_ready_hour(moment, lag_hours))
+    windows: list[Window] = []
+    if ready < last:
+        note = (f"hours after {label_hour(ready)} UTC are not exportable yet (Amplitude needs about "
+                f"{lag_hours:g} h after an hour closes); stopping at {label_hour(ready)}")
+        log.warning(note)
+        report.notes.append(note)
+    if ready >= first:
+        windows = pending_windows(ledger, first, ready, window_hours, refresh=refresh)
+    elif start is None:
+        report.notes.append(f"the destination is up to date (loaded through {label_hour(first - HOUR)})")
+    retry = [Window(h, h) for h in retry_hours if not any(w.start <= h <= w.end for w in windows)]
+    windows = sorted(windows + retry)
+    reporter.add_windows(len(windows))
+    raw_dir = data_dir / "raw"
+    for window, result in fetch_windows(client, windows, raw_dir, concurrency=concurrency, reporter=reporter):
+        if isinstance(result, Failure):
+            _record_failure(sink, project, window, result.status, result.reason, report.run_id)
+            outcome = WindowOutcome(window, result.status, reason=result.reason)
+        elif result.status == EMPTY:
+            _record_empty(sink, project, window, report.run_id)
+            outcome = WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
+        else:
+            assert result.path is not None
+            outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
+                                  workers=workers, keep_raw=keep_raw, attempts=max(1, result.attempts))
+        report.outcomes.append(outcome)
+        reporter.window_done(outcome.describe())
+    report.outcomes.sort(key=lambda o: o.window)
+    return report
+
+
+def load(
+    sink: Sink,
+    *,
+    project: str,
+    data_dir: Path = Path("data"),
+    workers: int = 2,
+    keep_raw: bool = True,
+    refresh: bool = False,
+    reporter: Reporter | None = None,
+    run_id: str | None = None,
+) -> RunReport:
+    """Load the archives already under `data_dir/raw/` whose hours the destination does not hold yet."""
+    reporter = reporter or Reporter()
+    report = RunReport(run_id or new_run_id())
+    ledger = sink.ledger(project)
+    raw_dir = data_dir / "raw"
+    archives: list[tuple[Window, Path]] = []
+    for path in sorted(raw_dir.glob("*.zip")) if raw_dir.is_dir() else []:
+        try:
+            window = Window.from_name(path.name.removesuffix(".zip"))
+        except AmplitudeExportError:
+            log.warning("skipping %s: its name is not <start>_<end>.zip", path.name)
+            continue
+        done = all(h in ledger and ledger[h].status in DONE_STATUSES for h in window.each_hour())
+        if refresh or not done:
+            archives.append((window, path))
+    reporter.add_windows(len(archives))
+    for window, path in archives:
+        outcome = load_window(sink, project, window, path, run_id=report.run_id, data_dir=data_dir,
+                              workers=workers, keep_raw=keep_raw)
+        report.outcomes.append(outcome)
+        reporter.window_done(outcome.describe())
+    if not archives:
+        report.notes.append(f"no archives to load under {raw_dir}")
+    return report

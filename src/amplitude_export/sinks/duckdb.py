@@ -1,0 +1,322 @@
+"""The DuckDB sink, the default destination: table `events` plus the ledger table `_amplitude_ledger`, one file.
+
+A window is one transaction: its hours' old rows are deleted, its batches are staged in a TEMP table (which
+spills to `temp_directory` beyond `memory_limit`, so a 24-hour window does not have to fit in RAM), the first row
+of each uuid that no other hour already holds is inserted, and the window's ledger rows are upserted. A crash at
+any point leaves the file as it was before the window. `events` has no primary key on purpose: an index over
+every uuid would cost memory on every open and slow inserts; the anti-join keeps uuids unique instead.
+
+The staging helpers here are shared with the Parquet sink, which runs the same SQL on an in-memory DuckDB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from ..errors import DestinationBusyError, DestinationError
+from ..ledger import HourRecord, MemberInfo
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, quote
+from ..windows import Window
+
+EVENTS = "events"
+LEDGER = "_amplitude_ledger"
+STAGE = "_amplitude_stage"
+SEQ = "_seq"  # arrival order of a staged row: the lowest wins among rows sharing a uuid
+
+COLUMNS_SQL = ", ".join(quote(name) for name in COLUMN_NAMES)
+
+# The ledger's columns, one per HourRecord field, in the dataclass's order.
+LEDGER_COLUMNS: dict[str, str] = {
+    "project": "VARCHAR NOT NULL",
+    "hour": "TIMESTAMPTZ NOT NULL",
+    "status": "VARCHAR NOT NULL",
+    "reason": "VARCHAR",
+    "members": "JSON",
+    "content_hash": "VARCHAR",
+    "lines_read": "BIGINT",
+    "events_loaded": "BIGINT",
+    "duplicates": "BIGINT",
+    "rejects": "BIGINT",
+    "bytes": "BIGINT",
+    "min_server_upload_time": "TIMESTAMPTZ",
+    "max_server_upload_time": "TIMESTAMPTZ",
+    "min_event_time": "TIMESTAMPTZ",
+    "max_event_time": "TIMESTAMPTZ",
+    "attempts": "INTEGER",
+    "run_id": "VARCHAR",
+    "updated_at": "TIMESTAMPTZ",
+}
+
+_LEDGER_ARROW: pa.Schema = pa.schema(
+    [
+        pa.field(
+            name,
+            pa.timestamp("us", tz="UTC")
+            if sql.startswith("TIMESTAMPTZ")
+            else pa.int64()
+            if sql.startswith(("BIGINT", "INTEGER"))
+            else pa.string(),
+        )
+        for name, sql in LEDGER_COLUMNS.items()
+    ]
+)
+
+
+def events_ddl(table: str, *, json_type: str = "JSON", temp: bool = False, seq: bool = False) -> str:
+    """CREATE TABLE for the events columns; the stage keeps JSON as VARCHAR (validated once, on the final insert)."""
+    columns = [
+        f"{quote(c.name)} {json_type if c.kind == JSON else DUCKDB_TYPES[c.kind]}" for c in ALL_COLUMNS
+    ]
+    if seq:
+        columns.append(f"{SEQ} BIGINT")
+    kind = "OR REPLACE TEMP TABLE" if temp else "TABLE IF NOT EXISTS"
+    return f"CREATE {kind} {table} ({', '.join(columns)})"
+
+
+def configure(con: duckdb.DuckDBPyConnection) -> None:
+    """Make TIMESTAMPTZ come back as UTC whatever the machine's zone (needs the built-in ICU extension)."""
+    con.execute("SET TimeZone = 'UTC'")
+
+
+def check_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch with exactly ARROW_SCHEMA (cast if the reader's types differ only in detail)."""
+    if batch.schema.equals(ARROW_SCHEMA):
+        return batch
+    try:
+        return batch.select(list(COLUMN_NAMES)).cast(ARROW_SCHEMA)
+    except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"batch does not match schema.ARROW_SCHEMA: {exc}") from exc
+
+
+def stage_batches(
+    con: duckdb.DuckDBPyConnection, window: Window, batches: Iterable[pa.RecordBatch]
+) -> dict[datetime, int]:
+    """Stage every batch in TEMP table `_amplitude_stage`, numbered in arrival order; rows staged per hour.
+
+    Each batch is registered and inserted on its own, so only one batch is ever held in Python at a time.
+    """
+    con.execute(events_ddl(STAGE, json_type="VARCHAR", temp=True, seq=True))
+    offset = 0
+    for batch in batches:
+        batch = check_batch(batch)
+        if batch.num_rows == 0:
+            continue
+        seq = pa.array(range(offset, offset + batch.num_rows), pa.int64())
+        con.register("_amplitude_batch", batch.append_column(SEQ, seq))
+        try:
+            con.execute(f"INSERT INTO {STAGE} SELECT * FROM _amplitude_batch")
+        finally:
+            con.unregister("_amplitude_batch")
+        offset += batch.num_rows
+    outside = con.execute(
+        f"SELECT count(*) FROM {STAGE} WHERE _upload_hour IS NULL OR _upload_hour < ? OR _upload_hour > ?",
+        [window.start, window.end],
+    ).fetchall()[0][0]
+    if outside:
+        raise ValueError(f"{window}: {outside} rows have an _upload_hour outside the window")
+    return hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} GROUP BY 1")
+
+
+def winners_sql(taken: str | None) -> str:
+    """A WHERE clause over the stage keeping the first row of each uuid, minus the uuids of relation `taken`."""
+    first = f"{SEQ} IN (SELECT min({SEQ}) FROM {STAGE} GROUP BY uuid)"
+    if taken is None:
+        return first
+    # NOT EXISTS rather than NOT IN: one NULL uuid in `taken` would make NOT IN reject every row
+    return f"{first} AND NOT EXISTS (SELECT 1 FROM {taken} AS t WHERE t.uuid = {STAGE}.uuid)"
+
+
+def hour_counts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> dict[datetime, int]:
+    """{hour: n} from a query yielding (hour, n); read through Arrow because fetchall() on TIMESTAMPTZ needs pytz."""
+    table = con.sql(sql, params=params).to_arrow_table()
+    return {row["hour"].astimezone(UTC): row["n"] for row in table.to_pylist()}
+
+
+def fill_counts(
+    records: list[HourRecord], staged: dict[datetime, int], loaded: dict[datetime, int], now: datetime
+) -> list[HourRecord]:
+    """Copies of `records` with `events_loaded`, `duplicates` and `updated_at` set from what the sink did."""
+    out = []
+    for record in records:
+        hour = record.hour.astimezone(UTC)
+        n_loaded = loaded.get(hour, 0)
+        out.append(
+            dataclasses.replace(
+                record, events_loaded=n_loaded, duplicates=staged.get(hour, 0) - n_loaded, updated_at=now
+            )
+        )
+    return out
+
+
+def records_table(project: str, records: list[HourRecord]) -> pa.Table:
+    """The ledger rows as an Arrow table (members as JSON text); the last record of an hour wins."""
+    by_hour = {record.hour.astimezone(UTC): record for record in records}
+    rows = []
+    for record in by_hour.values():
+        row = dataclasses.asdict(record)
+        row["members"] = json.dumps(row["members"])
+        rows.append({"project": project, **row})
+    return pa.Table.from_pylist(rows, schema=_LEDGER_ARROW)
+
+
+def record_from_row(row: dict[str, Any]) -> HourRecord:
+    """A ledger row (from Arrow) back as an HourRecord, datetimes in `datetime.UTC`."""
+    values = {k: v.astimezone(UTC) if isinstance(v, datetime) else v for k, v in row.items() if k != "project"}
+    values["members"] = [MemberInfo(**m) for m in json.loads(values["members"] or "[]")]
+    return HourRecord(**values)
+
+
+class DuckDBSink:
+    """Events and their ledger in one DuckDB file; see the module docstring for how a window is written."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        memory_limit: str = "512MB",
+        threads: int = 2,
+        temp_directory: Path | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        self.description = f"duckdb:{self.path}"
+        temp = temp_directory or self.path.with_name(self.path.name + ".tmp")
+        config: dict[str, Any] = {
+            "memory_limit": memory_limit,
+            "threads": threads,
+            "temp_directory": str(temp),
+            "preserve_insertion_order": False,  # lets inserts and sorts stream instead of buffering
+        }
+        try:
+            if not read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.connection = duckdb.connect(str(self.path), read_only=read_only, config=config)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise DestinationBusyError(
+                    f"DuckDB database {self.path} is in use by another process (it allows one writer)"
+                ) from None
+            raise DestinationError(f"cannot open DuckDB database {self.path}: {_first_line(exc)}") from None
+        except (duckdb.Error, OSError) as exc:
+            raise DestinationError(f"cannot open DuckDB database {self.path}: {_first_line(exc)}") from None
+        configure(self.connection)
+        if not read_only:
+            self._create_tables()
+
+    def _create_tables(self) -> None:
+        columns = ", ".join(f"{name} {sql}" for name, sql in LEDGER_COLUMNS.items())
+        self.connection.execute(events_ddl(EVENTS))
+        self.connection.execute(f"CREATE TABLE IF NOT EXISTS {LEDGER} ({columns}, PRIMARY KEY (project, hour))")
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every ledger row of `project`, by hour."""
+        try:
+            table = self.connection.sql(
+                f"SELECT * FROM {LEDGER} WHERE project = ? ORDER BY hour", params=[project]
+            ).to_arrow_table()
+        except duckdb.CatalogException:  # a read-only open of a file never written
+            return {}
+        records = [record_from_row(row) for row in table.to_pylist()]
+        return {record.hour: record for record in records}
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's hours with `batches`, once per uuid, and upsert its ledger rows: one transaction."""
+        con = self.connection
+        con.begin()
+        try:
+            con.execute(f"DELETE FROM {EVENTS} WHERE _upload_hour BETWEEN ? AND ?", [window.start, window.end])
+            staged = stage_batches(con, window, batches)
+            con.execute(
+                f"INSERT INTO {EVENTS} SELECT {COLUMNS_SQL} FROM {STAGE} "
+                f"WHERE {winners_sql(EVENTS)}"
+            )
+            # the window's hours were emptied above, so what they hold now is exactly what was inserted
+            loaded = hour_counts(
+                con,
+                f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} "
+                "WHERE _upload_hour BETWEEN ? AND ? GROUP BY 1",
+                [window.start, window.end],
+            )
+            con.execute(f"DROP TABLE {STAGE}")
+            records = fill_counts(finish(), staged, loaded, datetime.now(UTC))
+            self._upsert(project, records)
+            con.commit()
+        except BaseException as exc:
+            _rollback(con)
+            if isinstance(exc, duckdb.Error):
+                raise DestinationError(f"cannot write {window} to {self.path}: {_first_line(exc)}") from exc
+            raise
+        return records
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Upsert ledger rows for hours without events (empty, failed, too large); `events` is not touched."""
+        now = datetime.now(UTC)
+        stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
+        try:
+            self._upsert(project, stamped)
+        except duckdb.Error as exc:
+            raise DestinationError(f"cannot write the ledger of {self.path}: {_first_line(exc)}") from exc
+
+    def _upsert(self, project: str, records: list[HourRecord]) -> None:
+        if not records:
+            return
+        self.connection.register("_amplitude_records", records_table(project, records))
+        try:
+            self.connection.execute(f"INSERT OR REPLACE INTO {LEDGER} SELECT * FROM _amplitude_records")
+        finally:
+            self.connection.unregister("_amplitude_records")
+
+    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+        """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
+        where, params = time_filter(start, end)
+        table = self.connection.sql(
+            f"SELECT {COLUMNS_SQL} FROM {EVENTS}{where} ORDER BY _upload_hour, _member, _line", params=params
+        ).to_arrow_table()
+        return table.cast(ARROW_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection, which releases DuckDB's file lock."""
+        self.connection.close()
+
+    def __enter__(self) -> DuckDBSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def time_filter(start: datetime | None, end: datetime | None) -> tuple[str, list[Any]]:
+    """A WHERE clause (with its parameters) on `server_upload_time`, both ends inclusive."""
+    clauses, params = [], []
+    if start is not None:
+        clauses.append("server_upload_time >= ?")
+        params.append(start)
+    if end is not None:
+        clauses.append("server_upload_time <= ?")
+        params.append(end)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.rollback()
+    except duckdb.Error:
+        pass  # the transaction is already gone (the connection failed); the original error matters
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,370 @@
+"""PostgreSQL destination: `events` and `_amplitude_ledger` in one schema, one transaction per window.
+
+A sink holds a session-level advisory lock on its destination (database + schema) for its whole life, so two
+runs never interleave windows; each write also takes the transaction-scoped lock, so any writer that does not
+hold the session lock still cannot commit between our delete and our insert. Batches reach the server by text
+COPY (CSV written by Arrow's C++ writer, then parsed by the server's C code) into a temporary staging table;
+one `INSERT ... SELECT DISTINCT ON (uuid)` moves the first row of each uuid into `events`. See docs/POSTGRES.md.
+
+jsonb refuses `\\u0000` and lone UTF-16 surrogate escapes, and text refuses the NUL character. Rather than lose
+such a row, the sink stores the offending escape or character as literal text (`\\u0000`), which is documented.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..ledger import HourRecord, MemberInfo
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, JSON_COLUMNS, POSTGRES_TYPES, quote
+from ..windows import Window
+
+LEDGER_TABLE = "_amplitude_ledger"
+_STAGE = "_amplitude_stage"
+_LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("project", "text NOT NULL"),
+    ("hour", "timestamptz NOT NULL"),
+    ("status", "text NOT NULL"),
+    ("reason", "text"),
+    ("members", "jsonb NOT NULL DEFAULT '[]'"),
+    ("content_hash", "text"),
+    ("lines_read", "bigint NOT NULL DEFAULT 0"),
+    ("events_loaded", "bigint NOT NULL DEFAULT 0"),
+    ("duplicates", "bigint NOT NULL DEFAULT 0"),
+    ("rejects", "bigint NOT NULL DEFAULT 0"),
+    ("bytes", "bigint NOT NULL DEFAULT 0"),
+    ("min_server_upload_time", "timestamptz"),
+    ("max_server_upload_time", "timestamptz"),
+    ("min_event_time", "timestamptz"),
+    ("max_event_time", "timestamptz"),
+    ("attempts", "integer NOT NULL DEFAULT 1"),
+    ("run_id", "text"),
+    ("updated_at", "timestamptz"),
+)
+_LEDGER_NAMES = tuple(name for name, _ in _LEDGER_COLUMNS)
+
+# An escape jsonb refuses (\u0000, a lone surrogate), a valid surrogate pair (kept), and the run of backslashes
+# before it: only an odd run makes it an escape rather than literal text.
+_JSON_ESCAPE = re.compile(
+    r"(\\+)(u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u0000|u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
+_JSON_SUSPECT = r"\\u(0000|[dD][89a-fA-F])"
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*)@")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_CSV_WRITE = pacsv.WriteOptions(include_header=False)
+
+
+def redact(url: str) -> str:
+    """`url` without its password (in the user info or a `password=` parameter), safe for any message."""
+    url = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2).split(':', 1)[0]}@", url, count=1)
+    return _PASSWORD_PARAM.sub(r"\1***", url)
+
+
+def _secrets(url: str) -> list[str]:
+    """Every spelling of the password in `url`, to scrub from server and driver messages."""
+    found: list[str] = []
+    match = _USERINFO.match(url)
+    if match and ":" in match.group(2):
+        found.append(match.group(2).split(":", 1)[1])
+    found += [m.group(0).split("=", 1)[1] for m in _PASSWORD_PARAM.finditer(url)]
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def escape_json_text(text: str) -> str:
+    """`text` with every escape jsonb refuses turned into literal text (`\\u0000` -> `\\\\u0000`)."""
+
+    def fix(match: re.Match[str]) -> str:
+        slashes, escape = match.groups()
+        if len(slashes) % 2 == 0 or len(escape) > 5:  # literal backslashes, or a valid surrogate pair
+            return match.group(0)
+        return "\\" + match.group(0)
+
+    return _JSON_ESCAPE.sub(fix, text.replace("\x00", "\\\\u0000"))
+
+
+def _clean_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch in ARROW_SCHEMA with the NULs and escapes PostgreSQL refuses made literal (rarely any)."""
+    if not batch.schema.equals(ARROW_SCHEMA):
+        batch = pa.RecordBatch.from_arrays([batch.column(name) for name in COLUMN_NAMES], schema=ARROW_SCHEMA)
+    columns = batch.columns
+    changed = False
+    for index, field in enumerate(ARROW_SCHEMA):
+        if field.type != pa.string():
+            continue
+        column = columns[index]
+        if field.name in JSON_COLUMNS:
+            suspect = pc.any(pc.or_(pc.match_substring(column, "\x00"),
+                                    pc.match_substring_regex(column, _JSON_SUSPECT))).as_py()
+            if suspect:
+                values = column.to_pylist()
+                columns[index] = pa.array([escape_json_text(v) if v else v for v in values], pa.string())
+                changed = True
+        elif pc.any(pc.match_substring(column, "\x00")).as_py():
+            columns[index] = pc.replace_substring(column, "\x00", "\\u0000")
+            changed = True
+    return pa.RecordBatch.from_arrays(columns, schema=ARROW_SCHEMA) if changed else batch
+
+
+class PostgresSink:
+    """Events and the ledger in a PostgreSQL schema; see the module docstring for locking and loading."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "amplitude",
+        wait: bool = False,
+        connect_timeout: int = 10,
+        work_mem: str = "256MB",
+        now: Callable[[], datetime] | None = None,
+        **options: object,
+    ) -> None:
+        if options:
+            raise UsageError(f"unknown PostgreSQL destination option(s): {', '.join(sorted(options))}")
+        self.schema = schema
+        self.description = f"{redact(url)} (schema {schema})"
+        self._secrets = _secrets(url)
+        self._work_mem = work_mem
+        self._now = now or (lambda: datetime.now(UTC))
+        self._conn: psycopg.Connection[Any] | None = None
+        self._events = sql.Identifier(schema, "events")
+        self._ledger = sql.Identifier(schema, LEDGER_TABLE)
+        try:
+            self._conn = psycopg.connect(
+                url, autocommit=True, connect_timeout=connect_timeout, application_name="amplitude-export"
+            )
+        except psycopg.Error as exc:
+            raise DestinationError(f"cannot open {self.description}: {self._message(exc)}") from None
+        try:
+            self._conn.execute("SET TIME ZONE 'UTC'")
+            self._lock_key = self._conn.execute(
+                "SELECT hashtextextended(%s, 0)", [f"amplitude-export:{schema}"]
+            ).fetchone()[0]  # type: ignore[index]
+            self._lock_session(wait)
+            self._create_tables()
+        except psycopg.Error as exc:
+            self.close()
+            raise DestinationError(f"cannot open {self.description}: {self._message(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _message(self, exc: BaseException) -> str:
+        """One line from a driver or server error, with the password scrubbed out."""
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The open connection (for tests and tools that want to query the destination directly)."""
+        if self._conn is None:
+            raise DestinationError(f"{self.description} is closed")
+        return self._conn
+
+    def _lock_session(self, wait: bool) -> None:
+        if wait:
+            self.conn.execute("SELECT pg_advisory_lock(%s)", [self._lock_key])
+            return
+        got = self.conn.execute("SELECT pg_try_advisory_lock(%s)", [self._lock_key]).fetchone()
+        if not (got and got[0]):
+            raise DestinationBusyError(f"{self.description} is busy: another run holds its lock")
+
+    def _create_tables(self) -> None:
+        exists = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
+            [f"{quote(self.schema)}.events", f"{quote(self.schema)}.{LEDGER_TABLE}"],
+        ).fetchone()
+        if exists and exists[0]:
+            return  # already there: needs no CREATE privilege on the database
+        event_columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(POSTGRES_TYPES[c.kind])) for c in ALL_COLUMNS
+        )
+        ledger_columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in _LEDGER_COLUMNS
+        )
+        with self.conn.transaction():
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY (uuid))").format(
+                self._events, event_columns))
+            # a window's reload deletes by upload hour
+            self.conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS events_upload_hour ON {} (_upload_hour)").format(
+                self._events))
+            self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY (project, hour))").format(
+                self._ledger, ledger_columns))
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every hour the destination has a ledger row for, for this project."""
+        query = sql.SQL("SELECT {} FROM {} WHERE project = %s ORDER BY hour").format(
+            sql.SQL(", ").join(map(sql.Identifier, _LEDGER_NAMES[1:])), self._ledger)
+        try:
+            rows = self.conn.execute(query, [project]).fetchall()
+        except psycopg.Error as exc:
+            raise DestinationError(f"{self.description}: cannot read the ledger: {self._message(exc)}") from None
+        records = {}
+        for row in rows:
+            values = dict(zip(_LEDGER_NAMES[1:], row, strict=True))
+            values["members"] = [MemberInfo(**m) for m in values["members"] or []]
+            record = HourRecord(**values)
+            records[record.hour] = record
+        return records
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's hours with `batches`, first row per uuid, and record them, in one transaction."""
+        conn = self.conn
+        staged: Counter[datetime] = Counter()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
+                conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(self._work_mem)))
+                conn.execute(sql.SQL("DELETE FROM {} WHERE _upload_hour BETWEEN %s AND %s").format(self._events),
+                             [window.start, window.end])
+                conn.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}, _seq bigint) ON COMMIT DROP").format(
+                    sql.Identifier(_STAGE), self._events))
+                self._copy(conn, batches, staged)
+                inserted = self._insert(conn)
+                records = finish()
+                self._check_hours(window, staged, records)
+                now = self._now()
+                for record in records:
+                    record.events_loaded = inserted.get(record.hour, 0)
+                    record.duplicates = staged.get(record.hour, 0) - record.events_loaded
+                    record.updated_at = now
+                self._upsert(conn, project, records)
+        except psycopg.Error as exc:
+            raise DestinationError(
+                f"{self.description}: cannot write window {window}: {self._message(exc)}"
+            ) from None
+        return records
+
+    def _copy(self, conn: psycopg.Connection[Any], batches: Iterable[pa.RecordBatch], staged: Counter[datetime]) -> None:
+        """Stream the batches into the staging table as CSV, numbering rows in arrival order."""
+        columns = sql.SQL(", ").join(map(sql.Identifier, (*COLUMN_NAMES, "_seq")))
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(_STAGE), columns)
+        seq = 0
+        with conn.cursor().copy(statement) as copy:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                batch = _clean_batch(batch)
+                for item in pc.value_counts(batch.column("_upload_hour")).to_pylist():
+                    staged[item["values"]] += item["counts"]
+                numbered = batch.append_column("_seq", pa.array(range(seq, seq + batch.num_rows), pa.int64()))
+                seq += batch.num_rows
+                out = pa.BufferOutputStream()
+                pacsv.write_csv(numbered, out, _CSV_WRITE)
+                copy.write(memoryview(out.getvalue()))
+
+    def _insert(self, conn: psycopg.Connection[Any]) -> dict[datetime, int]:
+        """Move the first row of each uuid into `events`; rows per upload hour actually inserted."""
+        columns = sql.SQL(", ").join(map(sql.Identifier, COLUMN_NAMES))
+        statement = sql.SQL(
+            "WITH inserted AS ("
+            " INSERT INTO {events} ({columns})"
+            " SELECT DISTINCT ON (uuid) {columns} FROM {stage} ORDER BY uuid, _seq"
+            " ON CONFLICT (uuid) DO NOTHING RETURNING _upload_hour)"
+            " SELECT _upload_hour, count(*) FROM inserted GROUP BY _upload_hour"
+        ).format(events=self._events, columns=columns, stage=sql.Identifier(_STAGE))
+        return {hour: count for hour, count in conn.execute(statement).fetchall()}
+
+    @staticmethod
+    def _check_hours(window: Window, staged: Counter[datetime], records: list[HourRecord]) -> None:
+        # rows outside the window would survive its next reload, so refuse them before commit
+        outside = [hour for hour in staged if hour is None or not window.start <= hour <= window.end]
+        if outside:
+            raise ValueError(f"window {window}: rows with _upload_hour outside the window: {outside[:3]}")
+        missing = set(staged) - {record.hour for record in records}
+        if missing:
+            raise ValueError(f"window {window}: no ledger record for hours {sorted(missing)[:3]}")
+
+    def _upsert(self, conn: psycopg.Connection[Any], project: str, records: list[HourRecord]) -> None:
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name)) for name in _LEDGER_NAMES[2:])
+        statement = sql.SQL(
+            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (project, hour) DO UPDATE SET {}"
+        ).format(self._ledger, sql.SQL(", ").join(map(sql.Identifier, _LEDGER_NAMES)),
+                 sql.SQL(", ").join(sql.Placeholder() * len(_LEDGER_NAMES)), updates)
+        rows = []
+        for record in records:
+            values = asdict(record)
+            values["members"] = Jsonb(values["members"])
+            rows.append([project, *(values[name] for name in _LEDGER_NAMES[1:])])
+        with conn.cursor() as cursor:
+            cursor.executemany(statement, rows)
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Store ledger rows for hours without events (empty, failed, too large); `events` is not touched."""
+        now = self._now()
+        for record in records:
+            record.updated_at = now
+        try:
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
+                self._upsert(self.conn, project, records)
+        except psycopg.Error as exc:
+            raise DestinationError(f"{self.description}: cannot record hours: {self._message(exc)}") from None
+
+    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+        """Stored events with `server_upload_time` in [start, end], typed as ARROW_SCHEMA, in load order."""
+        where = sql.SQL("WHERE ({start}::timestamptz IS NULL OR server_upload_time >= {start})"
+                        " AND ({end}::timestamptz IS NULL OR server_upload_time <= {end})").format(
+            start=sql.Literal(start), end=sql.Literal(end))
+        query = sql.SQL("COPY (SELECT {} FROM {} {} ORDER BY _upload_hour, _member, _line, uuid)"
+                        " TO STDOUT (FORMAT csv)").format(
+            sql.SQL(", ").join(map(sql.Identifier, COLUMN_NAMES)), self._events, where)
+        buffer = io.BytesIO()
+        try:
+            with self.conn.cursor().copy(query) as copy:
+                for chunk in copy:
+                    buffer.write(chunk)
+        except psycopg.Error as exc:
+            raise DestinationError(f"{self.description}: cannot read events: {self._message(exc)}") from None
+        if buffer.tell() == 0:
+            return ARROW_SCHEMA.empty_table()
+        buffer.seek(0)
+        return pacsv.read_csv(
+            buffer,
+            read_options=pacsv.ReadOptions(column_names=list(COLUMN_NAMES)),
+            convert_options=pacsv.ConvertOptions(
+                column_types={field.name: field.type for field in ARROW_SCHEMA},
+                true_values=["t"], false_values=["f"],
+                strings_can_be_null=True, quoted_strings_can_be_null=False,  # "" is text, an empty field NULL
+            ),
+        ).cast(ARROW_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection, which releases the session lock; safe to call twice."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> PostgresSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+__all__ = ["PostgresSink", "escape_json_text", "redact"]
