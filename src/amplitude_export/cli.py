@@ -80,6 +80,8 @@ def range_options(func: F) -> F:
                      help="Hours Amplitude needs after an hour closes before it can be exported."),
         click.option("--max-attempts", type=click.IntRange(1, 50), default=6, show_default=True,
                      help="Attempts per window for 5xx, 429, timeouts and broken bodies."),
+        click.option("--retry-wait", type=click.FloatRange(0, 600), default=2.0, show_default=True,
+                     help="First backoff in seconds; it doubles (with jitter) up to 120 s."),
         click.option("--concurrency", type=click.IntRange(1, 32), default=2, show_default=True,
                      help="Windows downloaded at once (Amplitude allows 5 per project)."),
         click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
@@ -130,7 +132,8 @@ def _start_logging(log_dir: Path, run_id: str, progress: bool | None, verbose: b
 @reports_errors
 def extract(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
             start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
-            concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool) -> None:
+            retry_wait: float, concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None,
+            verbose: bool) -> None:
     """Download archives only: each window lands as DATA_DIR/raw/<start>_<end>.zip, verified.
 
     With neither --start nor --end, the range is yesterday (UTC). Complete archives are not fetched again.
@@ -145,7 +148,7 @@ def extract(api_key: str | None, secret_key: str | None, region: str | None, bas
 
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
-    with _client(api_key, secret_key, region, base_url, max_attempts) as client, reporter:
+    with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client, reporter:
         report = do_extract(client, start=start, end=end, data_dir=data_dir, window_hours=window_hours,
                             lag_hours=lag_hours, concurrency=concurrency, reporter=reporter, run_id=run_id)
     click.echo(report.summary())
@@ -190,7 +193,7 @@ def _project(project: str | None, api_key: str | None) -> str:
 @reports_errors
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
         start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
-        concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool,
+        retry_wait: float, concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool,
         dest: str | None, project: str | None, keep_raw: bool, refresh: bool, workers: int) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
@@ -209,7 +212,7 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
 
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
-    with _client(api_key, secret_key, region, base_url, max_attempts) as client:
+    with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client:
         sink = open_sink(_dest(dest, data_dir))
         try:
             with reporter:

@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+import stamina.instrumentation
 from rich.logging import RichHandler
 
 from .progress import Reporter, RichReporter
@@ -21,6 +22,8 @@ def setup_logging(
     On a terminal with progress bars the console shows warnings only (the bars say the rest); otherwise each
     window's line is printed, so cron mail and CI logs read like the bars would.
     """
+    # stamina would also log a bare "stamina.retry_scheduled"; our own warning names the window and reason
+    stamina.instrumentation.set_on_retry_hooks([])
     logger = logging.getLogger("amplitude_export")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in list(logger.handlers):

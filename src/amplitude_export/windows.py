@@ -159,7 +159,7 @@ def resolve_range(
     if end:
         last = parse_hour(end, is_end=True)
     else:
-        last = ready_hour if start else today - HOUR
+        last = max(ready_hour, first) if start else today - HOUR
     if last < first:
         raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
     return first, last, min(last, ready_hour)

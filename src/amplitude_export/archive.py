@@ -1,0 +1,127 @@
+"""The landed export archive: a zip of gzipped NDJSON members, one or more per upload hour.
+
+Members are named `<project_id>/<project_id>_<YYYY-MM-DD>_<H>#<n>.json.gz` (H not zero-padded, n from 0). The
+naming is not formally documented, so any `*.json.gz` member is accepted; names that do not parse sort last.
+Everything here streams: no member is ever held whole in memory, whatever the archive's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import ArchiveError
+
+CHUNK = 1 << 20
+_NAME = re.compile(r"_(\d{4})-(\d{2})-(\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
+
+
+@dataclass(frozen=True)
+class ArchiveMember:
+    """One gzipped NDJSON member: its name, the upload hour and index parsed from it, compressed size, CRC-32."""
+
+    name: str
+    upload_hour: datetime | None
+    index: int
+    size: int
+    crc: int
+
+    def sort_key(self) -> tuple[int, float, int, str]:
+        """(date, hour, n) for names that parse; the rest after them, by name."""
+        if self.upload_hour is None:
+            return (1, 0.0, 0, self.name)
+        return (0, self.upload_hour.timestamp(), self.index, self.name)
+
+
+def parse_member_name(name: str) -> tuple[datetime | None, int]:
+    """The upload hour and index `n` a member's name stands for, or (None, 0) if it does not follow the pattern."""
+    match = _NAME.search(name)
+    if not match:
+        return None, 0
+    year, month, day, hour, index = (int(part) for part in match.groups())
+    try:
+        return datetime(year, month, day, hour, tzinfo=UTC), index
+    except ValueError:
+        return None, 0
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ArchiveError(f"not a readable zip archive: {exc}", path=str(path)) from None
+
+
+def list_members(path: Path | str) -> list[ArchiveMember]:
+    """The archive's `*.json.gz` members in (date, hour, n) order, read from the central directory only."""
+    with _open_zip(Path(path)) as archive:
+        infos = archive.infolist()
+    members = []
+    for info in infos:
+        if info.is_dir() or not info.filename.endswith(".json.gz"):
+            continue
+        hour, index = parse_member_name(info.filename)
+        members.append(ArchiveMember(info.filename, hour, index, info.compress_size, info.CRC))
+    return sorted(members, key=ArchiveMember.sort_key)
+
+
+def verify_archive(path: Path | str) -> list[ArchiveMember]:
+    """Check the central directory and every member's CRC-32 (streamed); return the members in order."""
+    path = Path(path)
+    members = list_members(path)
+    with _open_zip(path) as archive:
+        for member in members:
+            try:
+                with archive.open(member.name) as stream:
+                    while stream.read(CHUNK):
+                        pass
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise ArchiveError(f"member is broken: {exc}", path=str(path), member=member.name) from None
+    return members
+
+
+def _raw_chunks(handle: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    """A member's stored (compressed) bytes, straight from the file: what Amplitude sent, not what it means."""
+    handle.seek(info.header_offset)
+    header = handle.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise ArchiveError("bad local file header", member=info.filename)
+    fields = _LOCAL_HEADER.unpack(header)
+    handle.seek(fields[9] + fields[10], 1)  # skip the name and the extra field
+    left = info.compress_size
+    while left > 0:
+        chunk = handle.read(min(CHUNK, left))
+        if not chunk:
+            raise ArchiveError("member ends early", member=info.filename)
+        left -= len(chunk)
+        yield chunk
+
+
+def content_hash(path: Path | str, members: list[ArchiveMember]) -> str:
+    """sha256 over the members' names and stored bytes, in the given order (pass one hour's members).
+
+    Amplitude re-exports past hours after integrity checks; comparing this hash with the ledger's tells whether
+    an hour's content changed without decompressing anything.
+    """
+    digest = hashlib.sha256()
+    path = Path(path)
+    with _open_zip(path) as archive, open(path, "rb") as handle:
+        for member in members:
+            name = member.name.encode()
+            digest.update(len(name).to_bytes(4, "big") + name + member.size.to_bytes(8, "big"))
+            try:
+                info = archive.getinfo(member.name)
+            except KeyError:
+                raise ArchiveError("member not in archive", path=str(path), member=member.name) from None
+            for chunk in _raw_chunks(handle, info):
+                digest.update(chunk)
+    return digest.hexdigest()

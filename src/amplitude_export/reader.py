@@ -1,0 +1,564 @@
+"""Stream an export archive into typed Arrow batches of exactly `schema.ARROW_SCHEMA`, losing nothing.
+
+The parse path was chosen by measurement (docs/PARSE_PATH.md, benchmarks/parse_paths.py): each line is decoded by
+msgspec into a struct typed like the schema (nested values kept as their raw JSON text), and columns are built
+with `pa.array` and vectorised timestamp casts. A line that does not fit that struct (a mistyped value, an
+unknown key, no uuid, not JSON) takes a slow path that keeps every original value in `_extra` or rejects the
+line with its member and line number. With `workers > 1`, members are dealt round-robin to worker processes that
+decompress and parse them and send Arrow IPC buffers back through small bounded queues, so rows still come out
+in member order then line order and memory stays bounded whatever the archive's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue as queue_module
+import zipfile
+import zlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import schema
+from .archive import ArchiveMember, content_hash, list_members
+from .errors import ArchiveError
+from .ledger import EMPTY, LOADED, HourRecord, MemberInfo
+from .windows import Window
+
+try:  # ISA-L inflates about 1.5x faster than zlib; optional
+    from isal import isal_zlib as _inflate
+except ImportError:  # pragma: no cover - depends on the environment
+    _inflate = zlib  # type: ignore[assignment]
+
+log = logging.getLogger("amplitude_export.reader")
+
+DEFAULT_BATCH_ROWS = 8192
+REJECT_TEXT_LIMIT = 10_000
+_READ_SIZE = 1 << 18  # compressed bytes per read
+_MAX_OUT = 1 << 22  # decompressed bytes per inflate call: bounds memory even for a zip bomb
+_QUEUE_PARTS = 2  # batches a worker may have waiting; bounds memory across processes
+_INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_TS_TYPE = pa.timestamp("us", tz="UTC")
+_NAIVE_TS = pa.timestamp("us")
+_FAST_TYPES: dict[str, Any] = {
+    schema.STRING: str | None,
+    schema.INTEGER: _INT64 | None,
+    schema.FLOAT: float | None,
+    schema.BOOLEAN: bool | None,
+    schema.TIMESTAMP: str | None,  # validated and cast column-wise by Arrow
+    schema.JSON: msgspec.Raw,  # the original text, untouched; JSON null arrives as Raw(b"null")
+}
+_COLUMNS = schema.EXPORT_COLUMNS
+_BY_SOURCE = {column.source: column for column in _COLUMNS}
+# The fast path: a line decodes straight into this struct or falls to the slow path (unknown keys included).
+_Event = msgspec.defstruct(
+    "_Event",
+    [(c.name, _FAST_TYPES[c.kind], msgspec.field(default=None, name=c.source)) for c in _COLUMNS],
+    forbid_unknown_fields=True,
+    gc=False,
+)
+_FIELD_ORDER = _Event.__struct_fields__
+_FAST = msgspec.json.Decoder(_Event)
+_RAW = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ENCODE = msgspec.json.encode
+_LOGGED_UNKNOWN: set[str] = set()  # unknown keys are logged once per process, not once per line
+
+
+@dataclass
+class _Part:
+    """What parsing some lines of one member gives: a batch (None if every line was blank or rejected) and counts."""
+
+    member: int  # index into the reader's member list
+    batch: pa.RecordBatch | None
+    lines: int  # non-blank lines
+    rejects: list[dict[str, Any]]
+    unknown: set[str]
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a parser needs besides the lines; small and picklable so worker processes get their own copy."""
+
+    path: str
+    run_id: str
+    window_start: datetime
+    batch_rows: int
+    require_uuid: bool
+
+
+# ---------------------------------------------------------------------------------------------------- values
+
+
+def _fit(kind: str, value: Any) -> tuple[bool, Any]:
+    """Whether a decoded value fits a column kind, and the value to store (integral floats become ints)."""
+    if value is None:
+        return True, None
+    if kind in (schema.STRING, schema.TIMESTAMP):
+        return isinstance(value, str), value
+    if kind == schema.INTEGER:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+        return ok, value
+    if kind == schema.FLOAT:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 2**53
+        return ok, float(value) if ok else value
+    if kind == schema.BOOLEAN:
+        return isinstance(value, bool), value
+    return True, value
+
+
+def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict[str, Any] | None] | str:
+    """Decode a line that did not fit the fast struct: the event and its `_extra`, or the reason to reject it."""
+    try:
+        raw = _RAW.decode(line)
+    except msgspec.ValidationError:
+        return "not a JSON object"
+    except msgspec.DecodeError as exc:
+        return f"invalid JSON: {exc}"
+    if require_uuid and not isinstance(msgspec.json.decode(raw.get("uuid", b"null")), str):
+        return "no string uuid"
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in raw.items():
+        column = _BY_SOURCE.get(key)
+        if column is None:
+            extra[key] = value
+            unknown.add(key)
+        elif column.kind == schema.JSON:
+            values[column.name] = value
+        else:
+            ok, converted = _fit(column.kind, msgspec.json.decode(value))
+            if ok:
+                values[column.name] = converted
+            else:
+                extra[key] = value
+    return _Event(**values), extra or None
+
+
+def _json_column(values: list[Any]) -> pa.Array:
+    """Raw JSON texts as a string column; JSON null and absent keys are NULL."""
+    out = [None if raw is None or (text := bytes(raw)) == b"null" else text for raw in values]
+    return pa.array(out, pa.binary()).cast(pa.string())
+
+
+def _cast_timestamps(texts: pa.Array) -> pa.Array | None:
+    try:
+        return texts.cast(_NAIVE_TS)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+
+
+def _timestamp_column(values: list[Any], source: str, extras: dict[int, dict[str, Any]]) -> pa.Array:
+    """Cast `YYYY-MM-DD HH:MM:SS[.ffffff]` (UTC) texts in one go; find malformed ones by halving only on failure."""
+    texts = pa.array(values, pa.string())
+    cast = _cast_timestamps(texts)
+    if cast is None:
+        pieces: list[pa.Array] = []
+
+        def split(offset: int, length: int) -> None:
+            piece = _cast_timestamps(texts.slice(offset, length))
+            if piece is not None:
+                pieces.append(piece)
+            elif length == 1:
+                extras.setdefault(offset, {})[source] = values[offset]
+                pieces.append(pa.nulls(1, _NAIVE_TS))
+            else:
+                half = length // 2
+                split(offset, half)
+                split(offset + half, length - half)
+
+        split(0, len(texts))
+        cast = pa.concat_arrays(pieces)
+    return cast.cast(_TS_TYPE)  # the export's times are UTC without a zone: label them, do not shift them
+
+
+def _invalid_utf8(lines: list[bytes]) -> set[int]:
+    """Lines that are not UTF-8: msgspec lets them through inside nested values, a text column cannot hold them."""
+    try:
+        pa.array(lines, pa.binary()).cast(pa.string())
+        return set()
+    except pa.ArrowInvalid:
+        pass
+    bad = set()
+    for index, line in enumerate(lines):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(index)
+    return bad
+
+
+def _parse(lines: list[bytes], first: int, member: ArchiveMember, index: int, ctx: _Context) -> _Part:
+    """Turn some lines of one member (line `first` onwards) into a typed batch, rejects and counts."""
+    events: list[Any] = []
+    numbers: list[int] = []
+    extras: dict[int, dict[str, Any]] = {}
+    rejects: list[dict[str, Any]] = []
+    unknown: set[str] = set()
+    decode = _FAST.decode
+    require_uuid = ctx.require_uuid
+    invalid = _invalid_utf8(lines)
+    for number, line in enumerate(lines, first):
+        if invalid and number - first in invalid:
+            text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
+            rejects.append({"member": member.name, "line": number, "error": "invalid UTF-8", "text": text})
+            continue
+        try:
+            event = decode(line)
+            if require_uuid and event.uuid is None:
+                raise msgspec.ValidationError("no uuid")
+            events.append(event)
+        except msgspec.DecodeError:
+            if not line.strip():
+                continue
+            result = _slow(line, unknown, require_uuid)
+            if isinstance(result, str):
+                text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
+                rejects.append({"member": member.name, "line": number, "error": result, "text": text})
+                continue
+            event, extra = result
+            if extra:
+                extras[len(events)] = extra
+            events.append(event)
+        numbers.append(number)
+    nonblank = len(numbers) + len(rejects)
+    if not events:
+        return _Part(index, None, nonblank, rejects, unknown)
+    columns = dict(zip(_FIELD_ORDER, zip(*map(msgspec.structs.astuple, events)), strict=True))
+    arrays: list[pa.Array] = []
+    for column in _COLUMNS:
+        values = list(columns[column.name])
+        if column.kind == schema.JSON:
+            arrays.append(_json_column(values))
+        elif column.kind == schema.TIMESTAMP:
+            arrays.append(_timestamp_column(values, column.source, extras))
+        else:
+            arrays.append(pa.array(values, schema.ARROW_TYPES[column.kind]))
+    rows = len(events)
+    extra_texts = [None] * rows
+    for row, extra in extras.items():
+        extra_texts[row] = _ENCODE(extra).decode()
+    if member.upload_hour is not None:
+        hours = pa.repeat(pa.scalar(member.upload_hour, _TS_TYPE), rows)
+    else:
+        uploaded = arrays[_SERVER_UPLOAD]
+        hours = pc.floor_temporal(uploaded, unit="hour").fill_null(pa.scalar(ctx.window_start, _TS_TYPE))
+    arrays += [
+        pa.array(extra_texts, pa.string()),
+        hours,
+        pa.repeat(pa.scalar(member.name, pa.string()), rows),
+        pa.array(numbers, pa.int64()),
+        pa.repeat(pa.scalar(ctx.run_id, pa.string()), rows),
+    ]
+    batch = pa.RecordBatch.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
+    return _Part(index, batch, nonblank, rejects, unknown)
+
+
+_SERVER_UPLOAD = [c.name for c in _COLUMNS].index("server_upload_time")
+
+
+# ---------------------------------------------------------------------------------------------------- members
+
+
+def _inflated(stream: Any) -> Iterator[bytes]:
+    """Decompressed blocks of a gzip stream (several gzip members back to back are allowed), bounded in size."""
+    inflater = None
+    while data := stream.read(_READ_SIZE):
+        while data:
+            if inflater is None:
+                inflater = _inflate.decompressobj(31)
+            text = inflater.decompress(data, _MAX_OUT)
+            data = inflater.unconsumed_tail
+            while len(text) == _MAX_OUT and not data and not inflater.eof:
+                yield text
+                text = inflater.decompress(b"", _MAX_OUT)
+            if inflater.eof:
+                data = inflater.unused_data + data
+                inflater = None
+            yield text
+    if inflater is not None:
+        raise ArchiveError("gzip stream is truncated")
+
+
+def _member_lines(
+    archive: zipfile.ZipFile, member: ArchiveMember, batch_rows: int
+) -> Iterator[tuple[int, list[bytes]]]:
+    """(first line number, lines) chunks of one member, streamed; the zip CRC and gzip integrity are checked."""
+    try:
+        with archive.open(member.name) as stream:
+            pending: list[bytes] = []
+            rest = b""
+            number = 1
+            for text in _inflated(stream):
+                cut = text.rfind(b"\n")
+                if cut < 0:
+                    rest += text
+                    continue
+                pending += (rest + text[:cut]).split(b"\n")
+                rest = text[cut + 1 :]
+                if len(pending) >= batch_rows:
+                    yield number, pending
+                    number += len(pending)
+                    pending = []
+            if rest:
+                pending.append(rest)
+            if pending:
+                yield number, pending
+    except ArchiveError as exc:
+        raise ArchiveError(exc.reason, member=member.name) from None
+    except (zipfile.BadZipFile, zlib.error, _inflate.error, EOFError, OSError) as exc:
+        raise ArchiveError(f"member is broken: {exc}", member=member.name) from None
+
+
+def _open_archive(path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ArchiveError(f"not a readable zip archive: {exc}", path=path) from None
+
+
+def _member_parts(archive: zipfile.ZipFile, ctx: _Context, index: int, member: ArchiveMember) -> Iterator[_Part]:
+    """Parts of one member, at least one (so an empty member is still accounted for)."""
+    produced = False
+    for first, lines in _member_lines(archive, member, ctx.batch_rows):
+        produced = True
+        yield _parse(lines, first, member, index, ctx)
+    if not produced:
+        yield _Part(index, None, 0, [], set())
+
+
+def _read_members(ctx: _Context, members: list[tuple[int, ArchiveMember]]) -> Generator[_Part, None, None]:
+    """Parts of the given members, in order, parsed in this process."""
+    with _open_archive(ctx.path) as archive:
+        for index, member in members:
+            yield from _member_parts(archive, ctx, index, member)
+
+
+def _worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any) -> None:
+    """Worker process body: parse the members dealt to it, sending parts as Arrow IPC buffers, then `end`."""
+    try:
+        with _open_archive(ctx.path) as archive:
+            for index, member in members:
+                for part in _member_parts(archive, ctx, index, member):
+                    payload = part.batch.serialize().to_pybytes() if part.batch is not None else None
+                    out.put(("part", payload, part.lines, part.rejects, part.unknown))
+                out.put(("end", index))
+    except ArchiveError as exc:
+        out.put(("error", exc.reason, exc.member))
+    except BaseException as exc:  # report anything else rather than leave the reader waiting
+        out.put(("crash", f"{type(exc).__name__}: {exc}", None))
+
+
+def _receive(source: Any, process: Any, member: ArchiveMember) -> tuple[Any, ...]:
+    """The next message from a worker; a worker that died without a word is an error, not a hang."""
+    while True:
+        try:
+            return source.get(timeout=1.0)  # type: ignore[no-any-return]
+        except queue_module.Empty:
+            if not process.is_alive():
+                try:  # it may have sent its last words just before exiting
+                    return source.get(timeout=0.5)  # type: ignore[no-any-return]
+                except queue_module.Empty:
+                    pass
+                raise RuntimeError(f"reader worker died (exit code {process.exitcode}) on {member.name}") from None
+
+
+def _start_method() -> str:
+    """forkserver: safe when the parent holds threads (DuckDB's pool) and cheap per worker once preloaded."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+# ---------------------------------------------------------------------------------------------------- reader
+
+
+@dataclass
+class _HourStats:
+    members: list[ArchiveMember] = field(default_factory=list)
+    lines: int = 0
+    rejects: int = 0
+    min_upload: datetime | None = None
+    max_upload: datetime | None = None
+    min_event: datetime | None = None
+    max_event: datetime | None = None
+
+
+def _widen(low: datetime | None, high: datetime | None, column: pa.Array) -> tuple[datetime | None, datetime | None]:
+    bounds = pc.min_max(column)
+    new_low, new_high = bounds["min"].as_py(), bounds["max"].as_py()
+    if new_low is not None:
+        low = new_low if low is None else min(low, new_low)
+        high = new_high if high is None else max(high, new_high)
+    return low, high
+
+
+class WindowReader:
+    """Reads one window's landed archive into `schema.ARROW_SCHEMA` batches and per-hour ledger records.
+
+    `workers > 1` parses members in that many processes (forkserver start method); `workers <= 1` parses in
+    this process. `batch_rows` bounds both a batch and the memory each worker holds.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        window: Window,
+        *,
+        run_id: str,
+        rejects_dir: Path | None,
+        workers: int = 2,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        require_uuid: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.window = window
+        self.run_id = run_id
+        self.rejects_dir = Path(rejects_dir) if rejects_dir is not None else None
+        self.workers = workers
+        self.batch_rows = max(1, batch_rows)
+        self.require_uuid = require_uuid
+        self.rejects_total = 0
+        self.lines_total = 0
+        self.unknown_fields: set[str] = set()
+        self._members: list[ArchiveMember] = []
+        self._member_hour: list[datetime] = []
+        self._hours: dict[datetime, _HourStats] = {}
+        self._finished = False
+        self._records: list[HourRecord] | None = None
+
+    @property
+    def rejects_path(self) -> Path | None:
+        """Where this window's rejected lines go (one JSON object per line), if anywhere."""
+        return self.rejects_dir / f"{self.window.name}.jsonl" if self.rejects_dir is not None else None
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Typed batches in member order then line order; per-hour stats are complete once this is exhausted."""
+        self._members = list_members(self.path)
+        self._member_hour = [m.upload_hour or self.window.start for m in self._members]
+        self._hours = {hour: _HourStats() for hour in self.window.each_hour()}
+        seen: set[int] = set()
+        ctx = _Context(str(self.path), self.run_id, self.window.start, self.batch_rows, self.require_uuid)
+        numbered = list(enumerate(self._members))
+        if self.workers > 1 and len(numbered) > 1:
+            parts = self._parallel(ctx, numbered)
+        else:
+            parts = _read_members(ctx, numbered)
+        rejects_path = self.rejects_path
+        if rejects_path is not None:
+            rejects_path.unlink(missing_ok=True)  # a rerun replaces the window's rejects
+        rejects_file = None
+        try:
+            for part in parts:
+                member = self._members[part.member]
+                if part.member not in seen:
+                    seen.add(part.member)
+                    if member.upload_hour is None and part.batch is not None and part.batch.num_rows:
+                        self._member_hour[part.member] = part.batch.column("_upload_hour")[0].as_py()
+                    self._stats(part.member).members.append(member)
+                self._count(part)
+                if part.rejects and rejects_path is not None:
+                    if rejects_file is None:
+                        rejects_path.parent.mkdir(parents=True, exist_ok=True)
+                        rejects_file = open(rejects_path, "wb")
+                    rejects_file.writelines(_ENCODE(reject) + b"\n" for reject in part.rejects)
+                if part.batch is not None and part.batch.num_rows:
+                    yield part.batch
+        finally:
+            parts.close()  # stops worker processes at once if the consumer gave up early
+            if rejects_file is not None:
+                rejects_file.close()
+        self._finished = True
+
+    def _stats(self, member: int) -> _HourStats:
+        return self._hours.setdefault(self._member_hour[member], _HourStats())
+
+    def _count(self, part: _Part) -> None:
+        stats = self._stats(part.member)
+        stats.lines += part.lines
+        stats.rejects += len(part.rejects)
+        self.lines_total += part.lines
+        self.rejects_total += len(part.rejects)
+        for key in sorted(part.unknown - _LOGGED_UNKNOWN):
+            _LOGGED_UNKNOWN.add(key)
+            log.warning("unknown top-level field %r kept in _extra (first seen in %s)", key,
+                        self._members[part.member].name)
+        self.unknown_fields |= part.unknown
+        if part.batch is not None and part.batch.num_rows:
+            stats.min_upload, stats.max_upload = _widen(
+                stats.min_upload, stats.max_upload, part.batch.column("server_upload_time"))
+            stats.min_event, stats.max_event = _widen(stats.min_event, stats.max_event,
+                                                      part.batch.column("event_time"))
+
+    def _parallel(
+        self, ctx: _Context, numbered: list[tuple[int, ArchiveMember]]
+    ) -> Generator[_Part, None, None]:
+        """Deal members round-robin to worker processes and read their parts back in member order."""
+        mp = multiprocessing.get_context(_start_method())
+        if mp.get_start_method() == "forkserver":
+            mp.set_forkserver_preload(["amplitude_export.reader"])
+        count = min(self.workers, len(numbered))
+        queues = [mp.Queue(maxsize=_QUEUE_PARTS) for _ in range(count)]
+        processes = [
+            mp.Process(target=_worker, args=(ctx, numbered[k::count], queues[k]), daemon=True)
+            for k in range(count)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            for index, member in numbered:
+                source, process = queues[index % count], processes[index % count]
+                while True:
+                    message = _receive(source, process, member)
+                    if message[0] == "end":
+                        break
+                    if message[0] == "error":
+                        raise ArchiveError(message[1], path=str(self.path), member=message[2])
+                    if message[0] == "crash":
+                        raise RuntimeError(f"reader worker failed on {member.name}: {message[1]}")
+                    _, payload, lines, rejects, unknown = message
+                    batch = None
+                    if payload is not None:
+                        batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema.ARROW_SCHEMA)
+                    yield _Part(index, batch, lines, rejects, unknown)
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in processes:
+                process.join(timeout=5)
+            for q in queues:
+                q.close()
+                q.cancel_join_thread()
+
+    def hour_records(self) -> list[HourRecord]:
+        """One ledger record per hour of the window (and any other hour a member named), once batches are read."""
+        if not self._finished:
+            raise RuntimeError("hour_records() is only valid after batches() is exhausted")
+        if self._records is None:
+            self._records = [self._record(hour, stats) for hour, stats in sorted(self._hours.items())]
+        return self._records
+
+    def _record(self, hour: datetime, stats: _HourStats) -> HourRecord:
+        if not stats.members:
+            return HourRecord(hour=hour, status=EMPTY, run_id=self.run_id)
+        return HourRecord(
+            hour=hour,
+            status=LOADED,
+            members=[MemberInfo(m.name, m.size, m.crc) for m in stats.members],
+            content_hash=content_hash(self.path, stats.members),
+            lines_read=stats.lines,
+            rejects=stats.rejects,
+            bytes=sum(m.size for m in stats.members),
+            min_server_upload_time=stats.min_upload,
+            max_server_upload_time=stats.max_upload,
+            min_event_time=stats.min_event,
+            max_event_time=stats.max_event,
+            run_id=self.run_id,
+        )

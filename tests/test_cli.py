@@ -1,0 +1,88 @@
+"""The command line, as a user runs it: exit codes, one-line errors, no secret ever printed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from amplitude_export.cli import cli
+from amplitude_export.fake_server import FakeExportServer
+
+SECRET = "top-secret-value-123"
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script's module as a subprocess, with a clean AMP_* environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", "from amplitude_export.cli import main; main()", *args],
+        cwd=cwd, env=base, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    runner = CliRunner()
+    for name, command in cli.commands.items():
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example" in result.output, f"{name} --help has no example"
+        assert "Exit codes" in result.output, name
+        assert SECRET not in result.output
+
+
+@pytest.mark.parametrize(
+    "dates",
+    [["--start", "2024-13-01"], ["--start", "yesterday"], ["--start", "2024-03-02", "--end", "2024-03-01"]],
+)
+def test_bad_dates_exit_2_with_one_line(tmp_path: Path, dates: list[str]) -> None:
+    result = run_cli("extract", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
+                     *dates, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_missing_credentials_exit_2(tmp_path: Path) -> None:
+    result = run_cli("extract", "--start", "2024-03-01", cwd=tmp_path)
+    assert result.returncode == 2 and "AMP_API_KEY" in result.stderr
+
+
+def test_wrong_secret_exits_3_without_printing_it(tmp_path: Path) -> None:
+    with FakeExportServer(secret_key="the-right-one") as server:
+        result = run_cli("extract", "--start", "2024-03-01", "--end", "2024-03-01", "--no-progress",
+                         cwd=tmp_path, env={"AMP_API_KEY": server.api_key, "AMP_SECRET_KEY": SECRET,
+                                            "AMP_BASE_URL": server.url})
+    assert result.returncode == 3, result.stderr
+    assert "region" in result.stderr and "credentials" in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+    for log_file in (tmp_path / "logs").glob("*.log"):
+        assert SECRET not in log_file.read_text()
+
+
+def test_extract_with_transient_faults_leaves_valid_archives(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("AMP_API_KEY=demo-key\nAMP_SECRET_KEY=demo-secret\n")
+    with FakeExportServer(fault_rate=0.3, seed=11) as server:
+        result = run_cli("extract", "--base-url", server.url, "--start", "2024-03-01", "--end", "2024-03-02",
+                         "--max-attempts", "6", "--retry-wait", "0.01", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    archives = sorted(p.name for p in (tmp_path / "data" / "raw").glob("*.zip"))
+    assert archives == ["20240301T00_20240301T23.zip", "20240302T00_20240302T23.zip"]
+    logs = list((tmp_path / "logs").glob("*.log"))
+    assert len(logs) == 1 and "landed" in logs[0].read_text()
+    assert "demo-secret" not in logs[0].read_text() + result.stderr + result.stdout
+
+
+def test_range_not_ready_yet_says_so(tmp_path: Path) -> None:
+    with FakeExportServer() as server:
+        result = run_cli("extract", "--base-url", server.url, "--api-key", "demo-key", "--secret-key", "demo-secret",
+                         "--start", "2999-01-01", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "exportable yet" in result.stdout + result.stderr
