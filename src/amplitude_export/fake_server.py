@@ -182,7 +182,7 @@ class FakeExportServer:
         if self._httpd is None:
             raise RuntimeError("the fake server is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def _bind(self) -> ThreadingHTTPServer:
         if self._cache_dir is None:
@@ -365,7 +365,7 @@ class FakeExportServer:
         with target.open("rb") as handle:
             handle.seek(infos[0].header_offset)
             header = handle.read(30)
-        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        name_length, extra_length = (int(value) for value in struct.unpack("<HH", header[26:30]))
         return infos[0].header_offset + 30 + name_length + extra_length + infos[0].compress_size // 2
 
     # -- faults ----------------------------------------------------------------------------------------------

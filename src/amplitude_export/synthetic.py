@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -413,7 +413,7 @@ def _uuids(
             yield _uuid_hex(digest)
 
 
-_DATA_SHAPES = (
+_DATA_SHAPES: tuple[Callable[[], dict[str, Any]], ...] = (
     lambda: {"path": "/2/httpapi", "user_properties_updated": True, "group_first_event": {}, "group_ids": {}},
     lambda: {"path": "/2/httpapi", "group_first_event": {}, "group_ids": {}},
     lambda: {"group_ids": {}, "group_first_event": {}},

@@ -1,0 +1,30 @@
+"""Shared fixtures. Keep each small and documented; helpers for one module belong in its test file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from amplitude_export.fake_server import FakeExportServer
+
+API_KEY = "demo-key"
+SECRET_KEY = "demo-secret"
+DAY = datetime(2024, 3, 1, tzinfo=UTC)  # the fake server's default test data: 2024-03-01 00..23 UTC
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeExportServer]:
+    """A fake Export API on loopback with one day of data (2024-03-01, 20 events an hour, one member each).
+
+    Tests that need other options build their own: `with FakeExportServer(...) as srv:`.
+    """
+    with FakeExportServer(
+        api_key=API_KEY,
+        secret_key=SECRET_KEY,
+        events_per_hour=20,
+        data_start=DAY,
+        data_end=DAY.replace(hour=23),
+    ) as server:
+        yield server
