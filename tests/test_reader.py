@@ -1,0 +1,238 @@
+"""WindowReader on archives built in the test: fidelity on the real lines, `_extra`, rejects, errors, ledger."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from amplitude_export import reader as reader_module
+from amplitude_export import schema
+from amplitude_export.errors import ArchiveError
+from amplitude_export.ledger import EMPTY, LOADED
+from amplitude_export.reader import WindowReader
+from amplitude_export.windows import Window
+
+# shared/ sits beside the repository's clone (in CI too)
+REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real-export-events.jsonl"
+HOUR = datetime(2025, 7, 1, 17, tzinfo=UTC)
+WINDOW = Window(HOUR, HOUR)
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, body in members.items():
+            archive.writestr(name, gzip.compress(body, mtime=0))
+    return path
+
+
+def member(hour: int, n: int = 0, day: str = "2025-07-01") -> str:
+    return f"7/7_{day}_{hour}#{n}.json.gz"
+
+
+def read(path: Path, window: Window = WINDOW, **options: Any) -> tuple[WindowReader, pa.Table]:
+    options.setdefault("workers", 1)
+    options.setdefault("rejects_dir", path.parent / "rejects")
+    reader = WindowReader(path, window, run_id="run-1", **options)
+    batches = list(reader.batches())
+    for batch in batches:
+        assert batch.schema == schema.ARROW_SCHEMA
+    return reader, pa.Table.from_batches(batches, schema=schema.ARROW_SCHEMA)
+
+
+def event(uuid: str, **fields: Any) -> bytes:
+    base = {"uuid": uuid, "event_type": "x", "event_time": "2025-07-01 17:00:00.000001",
+            "server_upload_time": "2025-07-01 17:30:00.123456"}
+    return json.dumps({**base, **fields}).encode()
+
+
+def expected_time(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def test_the_real_lines_load_with_every_value_exact(tmp_path: Path) -> None:
+    lines = REAL.read_bytes().splitlines()
+    path = make_zip(tmp_path / "a.zip", {member(17): b"\n".join(lines) + b"\n"})
+    reader, table = read(path)
+    rows = table.to_pylist()
+    assert len(rows) == len(lines) == 7 and reader.rejects_total == 0 and reader.lines_total == 7
+    for number, (line, row) in enumerate(zip(lines, rows, strict=True), 1):
+        source = json.loads(line)
+        for column in schema.EXPORT_COLUMNS:
+            got, want = row[column.name], source.get(column.source)
+            if want is None:
+                assert got is None, column.name
+            elif column.kind == schema.JSON:
+                assert json.loads(got) == want, column.name
+            elif column.kind == schema.TIMESTAMP:
+                assert got == expected_time(want), column.name
+            else:
+                assert got == want and type(got) is type(want), column.name
+        assert set(source) <= schema.KNOWN_SOURCES
+        assert row["_extra"] is None
+        assert (row["_member"], row["_line"], row["_run_id"]) == (member(17), number, "run-1")
+        assert row["_upload_hour"] == HOUR
+    assert rows[0]["insert_id"] == "523095E5-3F1F-424F-BDFF-514DF8CBC53E"  # `$insert_id` renamed
+    assert rows[6]["uuid"] is None and rows[6]["city"] is None  # the trimmed 7th line still loads
+
+
+def test_unicode_and_microseconds_survive(tmp_path: Path) -> None:
+    line = event("u1", city="東京 Zürich 🎵", event_time="2025-07-01 17:00:00.999999",
+                 client_event_time="2025-07-01 17:00:00", user_properties={"名前": "Łódź", "n": [1, 2.5, None]})
+    path = make_zip(tmp_path / "a.zip", {member(17): line + b"\n"})
+    row = read(path)[1].to_pylist()[0]
+    assert row["city"] == "東京 Zürich 🎵"
+    assert row["event_time"] == datetime(2025, 7, 1, 17, 0, 0, 999999, tzinfo=UTC)
+    assert row["client_event_time"] == datetime(2025, 7, 1, 17, tzinfo=UTC)
+    assert json.loads(row["user_properties"]) == {"名前": "Łódź", "n": [1, 2.5, None]}
+
+
+def test_unknown_keys_and_mistyped_values_land_in_extra(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reader_module._LOGGED_UNKNOWN.discard("brand_new_key")
+    lines = [
+        event("a", event_id="abc", brand_new_key={"x": 1}),
+        event("b", event_id=12.0, session_id=1.5, location_lat=3, is_attribution_event="yes"),
+        event("c", event_time="2025-13-45 99:00:00", processed_time="yesterday", brand_new_key=2),
+        event("d", amplitude_id=2**70, paying=5),
+    ]
+    path = make_zip(tmp_path / "a.zip", {member(17): b"\n".join(lines)})
+    with caplog.at_level(logging.INFO, logger="amplitude_export.reader"):
+        reader, table = read(path)
+    rows = table.to_pylist()
+    assert [json.loads(r["_extra"]) if r["_extra"] else None for r in rows] == [
+        {"event_id": "abc", "brand_new_key": {"x": 1}},
+        {"session_id": 1.5, "is_attribution_event": "yes"},
+        {"event_time": "2025-13-45 99:00:00", "processed_time": "yesterday", "brand_new_key": 2},
+        {"amplitude_id": 2**70, "paying": 5},
+    ]
+    assert rows[0]["event_id"] is None and rows[1]["event_id"] == 12  # an integral float fits an int column
+    assert rows[1]["session_id"] is None and rows[1]["location_lat"] == 3.0
+    assert rows[2]["event_time"] is None and rows[2]["server_upload_time"] is not None
+    assert rows[3]["amplitude_id"] is None and rows[3]["paying"] is None
+    assert reader.unknown_fields == {"brand_new_key"}
+    logged = [r for r in caplog.records if "brand_new_key" in r.getMessage()]
+    assert len(logged) == 1
+
+
+def test_rejects_are_written_with_member_and_line(tmp_path: Path) -> None:
+    body = b"\n".join([event("a"), b"not json {", b"", b"[1, 2]", b"\xff\xfe garbage", event("b"), b"", b"",
+                       b'{"uuid": "c", "data": {"k": "\xff"}}'])
+    path = make_zip(tmp_path / "a.zip", {member(17, 0): event("z"), member(17, 1): body})
+    reader, table = read(path)
+    assert table.column("uuid").to_pylist() == ["z", "a", "b"]
+    assert table.column("_line").to_pylist() == [1, 1, 6]
+    assert reader.rejects_total == 4 and reader.lines_total == 7
+    rejects = [json.loads(line) for line in (tmp_path / "rejects" / f"{WINDOW.name}.jsonl").read_text().splitlines()]
+    assert [(r["member"], r["line"]) for r in rejects] == [(member(17, 1), n) for n in (2, 4, 5, 9)]
+    assert rejects[0]["text"] == "not json {" and "invalid JSON" in rejects[0]["error"]
+    assert rejects[1]["error"] == "not a JSON object"
+    assert rejects[2]["text"].endswith(" garbage")
+    assert rejects[3]["error"] == "invalid UTF-8"  # a nested value no text column can hold
+    record = reader.hour_records()[0]
+    assert (record.lines_read, record.rejects) == (7, 4)
+
+
+def test_no_rejects_file_without_rejects_and_require_uuid(tmp_path: Path) -> None:
+    path = make_zip(tmp_path / "a.zip", {member(17): REAL.read_bytes()})
+    stale = tmp_path / "rejects" / f"{WINDOW.name}.jsonl"
+    stale.parent.mkdir()
+    stale.write_text("from an earlier run\n")
+    read(path)
+    assert not stale.exists()
+    reader, table = read(path, require_uuid=True)
+    assert table.num_rows == 6 and reader.rejects_total == 1
+    assert json.loads(stale.read_text())["error"] == "no string uuid"
+
+
+def test_a_broken_crc_names_the_member(tmp_path: Path) -> None:
+    body = b"\n".join(event(str(i)) for i in range(3000))
+    path = make_zip(tmp_path / "a.zip", {member(17, 0): body, member(17, 1): body})
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member(17, 1))
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError) as caught:
+        read(path)
+    assert caught.value.member == member(17, 1)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_a_truncated_gzip_names_the_member(tmp_path: Path, cut: float) -> None:
+    body = gzip.compress(b"\n".join(event(str(i)) for i in range(500)))
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member(17, 0), gzip.compress(event("ok")))
+        archive.writestr(member(17, 1), body[: int(len(body) * cut)])  # the zip CRC is right, the gzip is short
+    with pytest.raises(ArchiveError) as caught:
+        read(path)
+    assert caught.value.member == member(17, 1)
+
+
+def test_rows_follow_member_order(tmp_path: Path) -> None:
+    window = Window(datetime(2025, 7, 1, 2, tzinfo=UTC), datetime(2025, 7, 1, 10, tzinfo=UTC))
+    members = {member(10, 0): event("h10"), member(2, 1): event("h2n1"), member(2, 0): event("h2n0"),
+               "elsewhere.json.gz": event("odd", server_upload_time="2025-07-01 05:59:59.999999")}
+    path = make_zip(tmp_path / "a.zip", members)
+    table = read(path, window)[1]
+    assert table.column("uuid").to_pylist() == ["h2n0", "h2n1", "h10", "odd"]
+    # a member whose name does not parse takes its rows' hour from server_upload_time
+    assert table.column("_upload_hour").to_pylist()[3] == datetime(2025, 7, 1, 5, tzinfo=UTC)
+
+
+def test_hour_records_cover_every_hour_of_the_window(tmp_path: Path) -> None:
+    window = Window(datetime(2025, 7, 1, 0, tzinfo=UTC), datetime(2025, 7, 1, 3, tzinfo=UTC))
+    path = make_zip(tmp_path / "a.zip", {
+        member(1, 0): b"\n".join([event("a", event_time="2025-06-30 01:00:00", server_upload_time="2025-07-01 01:10:00"),
+                                  b"oops"]) + b"\n",
+        member(1, 1): event("b", event_time="2025-07-01 01:05:00", server_upload_time="2025-07-01 01:50:00.5"),
+        member(3, 0): event("c"),
+    })
+    reader, table = read(path, window)
+    records = reader.hour_records()
+    assert [r.hour.hour for r in records] == [0, 1, 2, 3]
+    assert [r.status for r in records] == [EMPTY, LOADED, EMPTY, LOADED]
+    one = records[1]
+    assert [m.name for m in one.members] == [member(1, 0), member(1, 1)]
+    assert (one.lines_read, one.rejects, one.events_loaded, one.run_id) == (3, 1, 0, "run-1")
+    assert one.bytes == sum(m.size for m in one.members) > 0
+    assert one.min_event_time == datetime(2025, 6, 30, 1, tzinfo=UTC)
+    assert one.max_event_time == datetime(2025, 7, 1, 1, 5, tzinfo=UTC)
+    assert one.min_server_upload_time == datetime(2025, 7, 1, 1, 10, tzinfo=UTC)
+    assert one.max_server_upload_time == datetime(2025, 7, 1, 1, 50, 0, 500000, tzinfo=UTC)
+    assert one.content_hash and one.content_hash != records[3].content_hash
+    assert records[0].content_hash is None and records[0].members == []
+
+
+def test_worker_processes_give_the_same_rows(tmp_path: Path) -> None:
+    members = {}
+    for hour in range(3):
+        for n in range(2):
+            lines = [event(f"{hour}-{n}-{i}", event_id=i, event_properties={"i": i}) for i in range(300)]
+            lines.insert(7, b"not json")
+            members[member(hour, n)] = b"\n".join(lines)
+    path = make_zip(tmp_path / "a.zip", members)
+    window = Window(datetime(2025, 7, 1, 0, tzinfo=UTC), datetime(2025, 7, 1, 2, tzinfo=UTC))
+    one, single = read(path, window, workers=1, batch_rows=128, rejects_dir=tmp_path / "r1")
+    two, multi = read(path, window, workers=2, batch_rows=128, rejects_dir=tmp_path / "r2")
+    assert single.num_rows == 1800 and multi.equals(single)
+    assert [r.to_dict() for r in one.hour_records()] == [r.to_dict() for r in two.hour_records()]
+    name = f"{window.name}.jsonl"
+    assert (tmp_path / "r1" / name).read_text() == (tmp_path / "r2" / name).read_text()
+
+
+def test_a_worker_reports_a_broken_member(tmp_path: Path) -> None:
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member(17, 0), gzip.compress(event("ok")))
+        archive.writestr(member(17, 1), gzip.compress(event("x"))[:-6])
+    with pytest.raises(ArchiveError) as caught:
+        read(path, workers=2)
+    assert caught.value.member == member(17, 1)
