@@ -6,7 +6,7 @@ Shared read-only by every sink's tests (DuckDB, Parquet, PostgreSQL) so they all
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -74,8 +74,10 @@ def hour_events(upload_hour: datetime, uuids: list[str], *, part: int = 0) -> li
     return [event(uuid, upload_hour, line, part=part) for line, uuid in enumerate(uuids, start=1)]
 
 
-def finisher(win: Window, rows: list[dict[str, Any]] | None = None, **fields: Any) -> Callable[[], list[HourRecord]]:
-    """A `finish` callable returning one loaded HourRecord per hour of `win` (lines_read counted from `rows`)."""
+def finisher(
+    win: Window, rows: list[dict[str, Any]] | None = None, **fields: Any
+) -> Callable[[], list[HourRecord]]:
+    """A `finish` callable: one loaded HourRecord per hour of `win`, lines_read counted from `rows`."""
     calls: list[int] = []
 
     def finish() -> list[HourRecord]:
@@ -139,3 +141,62 @@ def synthetic_batches(
 def uuids(table: pa.Table) -> list[str]:
     """The uuid column as a sorted list."""
     return sorted(table.column("uuid").to_pylist())
+
+
+def two_windows() -> list[tuple[Window, list[dict[str, Any]]]]:
+    """Two windows of a few events with duplicates inside an hour, across hours and across the windows."""
+    first = window(0, 1)
+    rows1 = hour_events(hour(0), ["u1", "u2", "u1", "u3"]) + hour_events(hour(1), ["u4", "u2", "u5"])
+    second = window(2, 3)
+    rows2 = hour_events(hour(2), ["u6", "u1", "u7"]) + hour_events(hour(3), ["u8", "u6", "u9", "u9"])
+    return [(first, rows1), (second, rows2)]
+
+
+EXPECTED_UUIDS = [f"u{i}" for i in range(1, 10)]  # what `two_windows` leaves, each exactly once
+
+
+def kill_writer(dest: str, point: str, marker: str) -> None:
+    """Subprocess body for kill -9 tests: commit the first window, then stall inside the second one.
+
+    `point` says where: "batches" (mid-iterator), "finish" (rows staged and inserted, not committed) or
+    "commit" (Parquet: files renamed into place, state not yet written). The marker file appears when stalled.
+    """
+    import time
+    from pathlib import Path
+
+    from amplitude_export.sinks import open_sink
+
+    sink = open_sink(dest)
+    (w1, rows1), (w2, rows2) = two_windows()
+    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+
+    def stall() -> None:
+        Path(marker).write_text(point)
+        time.sleep(60)
+
+    def stalling_batches() -> Iterator[pa.RecordBatch]:
+        yield batch(rows2[:3])
+        stall()
+        yield batch(rows2[3:])
+
+    finish = finisher(w2, rows2)
+    batches: Iterable[pa.RecordBatch] = [batch(rows2[:3]), batch(rows2[3:])]
+    if point == "batches":
+        batches = stalling_batches()
+    elif point == "finish":
+
+        def finish_then_stall() -> list[HourRecord]:
+            stall()
+            return finish()
+
+        finish = finish_then_stall  # type: ignore[assignment]
+    elif point == "commit":
+        sink._save_state = lambda *args: stall()  # type: ignore[attr-defined]
+    sink.write_window("p", w2, batches, finish)
+    Path(marker).write_text("finished without stalling")
+
+
+if __name__ == "__main__":
+    import sys
+
+    kill_writer(*sys.argv[1:4])

@@ -1,10 +1,11 @@
-"""The DuckDB sink, the default destination: table `events` plus the ledger table `_amplitude_ledger`, one file.
+"""The DuckDB sink, the default destination: `events` and the ledger `_amplitude_ledger` in one file.
 
 A window is one transaction: its hours' old rows are deleted, its batches are staged in a TEMP table (which
-spills to `temp_directory` beyond `memory_limit`, so a 24-hour window does not have to fit in RAM), the first row
-of each uuid that no other hour already holds is inserted, and the window's ledger rows are upserted. A crash at
-any point leaves the file as it was before the window. `events` has no primary key on purpose: an index over
-every uuid would cost memory on every open and slow inserts; the anti-join keeps uuids unique instead.
+spills to `temp_directory` beyond `memory_limit`, so a 24-hour window does not have to fit in RAM), the first
+row of each uuid that no other hour already holds is inserted, and the window's ledger rows are upserted. A
+crash at any point leaves the file as it was before the window. `events` has no primary key on purpose: an
+index over every uuid would cost memory on every open and slow inserts; the anti-join keeps uuids unique
+instead.
 
 The staging helpers here are shared with the Parquet sink, which runs the same SQL on an in-memory DuckDB.
 """
@@ -71,7 +72,7 @@ _LEDGER_ARROW: pa.Schema = pa.schema(
 
 
 def events_ddl(table: str, *, json_type: str = "JSON", temp: bool = False, seq: bool = False) -> str:
-    """CREATE TABLE for the events columns; the stage keeps JSON as VARCHAR (validated once, on the final insert)."""
+    """CREATE TABLE for the events columns; the stage keeps JSON as VARCHAR (validated once, on insert)."""
     columns = [
         f"{quote(c.name)} {json_type if c.kind == JSON else DUCKDB_TYPES[c.kind]}" for c in ALL_COLUMNS
     ]
@@ -126,7 +127,7 @@ def stage_batches(
 
 
 def winners_sql(taken: str | None) -> str:
-    """A WHERE clause over the stage keeping the first row of each uuid, minus the uuids of relation `taken`."""
+    """A WHERE clause over the stage: the first row of each uuid, minus the uuids of relation `taken`."""
     first = f"{SEQ} IN (SELECT min({SEQ}) FROM {STAGE} GROUP BY uuid)"
     if taken is None:
         return first
@@ -134,8 +135,10 @@ def winners_sql(taken: str | None) -> str:
     return f"{first} AND NOT EXISTS (SELECT 1 FROM {taken} AS t WHERE t.uuid = {STAGE}.uuid)"
 
 
-def hour_counts(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> dict[datetime, int]:
-    """{hour: n} from a query yielding (hour, n); read through Arrow because fetchall() on TIMESTAMPTZ needs pytz."""
+def hour_counts(
+    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None
+) -> dict[datetime, int]:
+    """{hour: n} from a query yielding (hour, n); via Arrow, as fetchall() on TIMESTAMPTZ needs pytz."""
     table = con.sql(sql, params=params).to_arrow_table()
     return {row["hour"].astimezone(UTC): row["n"] for row in table.to_pylist()}
 
@@ -169,7 +172,9 @@ def records_table(project: str, records: list[HourRecord]) -> pa.Table:
 
 def record_from_row(row: dict[str, Any]) -> HourRecord:
     """A ledger row (from Arrow) back as an HourRecord, datetimes in `datetime.UTC`."""
-    values = {k: v.astimezone(UTC) if isinstance(v, datetime) else v for k, v in row.items() if k != "project"}
+    values: dict[str, Any] = {
+        k: v.astimezone(UTC) if isinstance(v, datetime) else v for k, v in row.items() if k != "project"
+    }
     values["members"] = [MemberInfo(**m) for m in json.loads(values["members"] or "[]")]
     return HourRecord(**values)
 
@@ -214,7 +219,9 @@ class DuckDBSink:
     def _create_tables(self) -> None:
         columns = ", ".join(f"{name} {sql}" for name, sql in LEDGER_COLUMNS.items())
         self.connection.execute(events_ddl(EVENTS))
-        self.connection.execute(f"CREATE TABLE IF NOT EXISTS {LEDGER} ({columns}, PRIMARY KEY (project, hour))")
+        self.connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {LEDGER} ({columns}, PRIMARY KEY (project, hour))"
+        )
 
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""
@@ -234,16 +241,15 @@ class DuckDBSink:
         batches: Iterable[pa.RecordBatch],
         finish: Callable[[], list[HourRecord]],
     ) -> list[HourRecord]:
-        """Replace the window's hours with `batches`, once per uuid, and upsert its ledger rows: one transaction."""
+        """Replace the window's hours with `batches`, once per uuid, and upsert the ledger, atomically."""
         con = self.connection
         con.begin()
         try:
-            con.execute(f"DELETE FROM {EVENTS} WHERE _upload_hour BETWEEN ? AND ?", [window.start, window.end])
-            staged = stage_batches(con, window, batches)
             con.execute(
-                f"INSERT INTO {EVENTS} SELECT {COLUMNS_SQL} FROM {STAGE} "
-                f"WHERE {winners_sql(EVENTS)}"
+                f"DELETE FROM {EVENTS} WHERE _upload_hour BETWEEN ? AND ?", [window.start, window.end]
             )
+            staged = stage_batches(con, window, batches)
+            con.execute(f"INSERT INTO {EVENTS} SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {winners_sql(EVENTS)}")
             # the window's hours were emptied above, so what they hold now is exactly what was inserted
             loaded = hour_counts(
                 con,

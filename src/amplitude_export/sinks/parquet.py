@@ -1,0 +1,497 @@
+"""The Parquet sink: a Hive-partitioned dataset `DIR/upload_date=YYYY-MM-DD/<hours>.parquet` plus
+`DIR/_state/`.
+
+Partitioned by upload date, not event date: late events would scatter one window over many event dates, while
+a window covers one upload date (two if it crosses midnight, then one file per date). Each file is named for
+the upload hours it covers (`20240301T00_20240301T23.parquet`), so replacing a window means replacing its
+files.
+
+Crash safety rests on one rule: `_state/ledger.json` names every live data file and is rewritten atomically
+(temp file, fsync, `os.replace`) only after the new data files are complete and renamed into place. A
+`.parquet` file the state does not name is an orphan of a crash and is deleted on open, as are temp files
+(`.tmp-*`, never ending in `.parquet`, so readers' globs never see them). A kill at any point therefore leaves
+either the old window or the new one, and the same run again finishes the job.
+
+Exactly once across windows: a window's rows are deduplicated by an in-memory DuckDB against the `uuid` column
+of the files holding other hours. The files are the only copy of the data; the state is small and holds the
+ledger. All file access goes through `LocalDirectory`, the seam where an fsspec-backed store (s3://,
+memory://) would go.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid as uuid_module
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..ledger import HourRecord
+from ..schema import ARROW_SCHEMA
+from ..windows import HOUR, Window
+from .duckdb import (
+    COLUMNS_SQL,
+    STAGE,
+    configure,
+    fill_counts,
+    hour_counts,
+    stage_batches,
+    time_filter,
+    winners_sql,
+)
+
+STATE_DIR = "_state"
+STATE_FILE = "_state/ledger.json"
+LOCK_FILE = "_state/lock"
+SPILL_DIR = "_state/spill"  # DuckDB's temp_directory while staging a window
+TEMP_PREFIX = ".tmp-"
+STATE_FORMAT = 1
+_PARTITION = re.compile(r"^upload_date=\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One live data file: its path under the root and the upload hours it covers (inclusive)."""
+
+    path: str
+    start: datetime
+    end: datetime
+    rows: int
+
+    def overlaps(self, window: Window) -> bool:
+        """Whether the file covers any hour of `window`."""
+        return self.start <= window.end and self.end >= window.start
+
+
+class LocalDirectory:
+    """The file operations the sink needs, on a local directory. Paths are relative to the root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock: IO[str] | None = None
+
+    def abs(self, rel: str) -> str:
+        """The absolute path DuckDB and pyarrow open."""
+        return str(self.root / rel)
+
+    def prepare(self) -> None:
+        """Create the root and `_state` (and parents)."""
+        (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> bool:
+        """Take the exclusive lock for this process; False when another holder has it."""
+        handle = open(self.root / LOCK_FILE, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._lock = handle
+        return True
+
+    def unlock(self) -> None:
+        """Release the lock (closing the descriptor drops the flock)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def state_temp_files(self) -> Iterator[str]:
+        """Temp files an interrupted state write left in `_state`."""
+        for child in (self.root / STATE_DIR).glob(f"{TEMP_PREFIX}*"):
+            yield f"{STATE_DIR}/{child.name}"
+
+    def data_files(self) -> Iterator[str]:
+        """Every file inside a partition directory (`upload_date=YYYY-MM-DD/`), temp files included."""
+        for part in sorted(self.root.iterdir()):
+            if part.is_dir() and _PARTITION.match(part.name):
+                for child in sorted(part.iterdir()):
+                    if child.is_file():
+                        yield f"{part.name}/{child.name}"
+
+    def exists(self, rel: str) -> bool:
+        """Whether `rel` exists."""
+        return (self.root / rel).exists()
+
+    def makedirs(self, rel: str) -> None:
+        """Create directory `rel`."""
+        (self.root / rel).mkdir(parents=True, exist_ok=True)
+
+    def delete(self, rel: str) -> None:
+        """Delete file `rel` if present, and its partition directory once empty."""
+        path = self.root / rel
+        path.unlink(missing_ok=True)
+        if path.parent != self.root and path.parent.name != STATE_DIR:
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass  # not empty
+
+    def clear_dir(self, rel: str) -> None:
+        """Remove directory `rel` and everything in it."""
+        shutil.rmtree(self.root / rel, ignore_errors=True)
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
+        """A new file for writing, fsynced on a clean exit so a later rename never exposes unwritten bytes."""
+        with open(self.root / rel, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename within a directory, then fsync the directory so the rename survives a power cut."""
+        os.replace(self.root / src, self.root / dst)
+        self._sync_dir(str(Path(dst).parent))
+
+    def read_text(self, rel: str) -> str | None:
+        """The text of `rel`, or None if it does not exist."""
+        try:
+            return (self.root / rel).read_text()
+        except FileNotFoundError:
+            return None
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        """Replace `rel` with `text` atomically: temp file, fsync, os.replace, fsync the directory."""
+        target = self.root / rel
+        temp = target.with_name(f"{TEMP_PREFIX}{target.name}-{uuid_module.uuid4().hex[:8]}")
+        with open(temp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+        self._sync_dir(str(Path(rel).parent))
+
+    def _sync_dir(self, rel: str) -> None:
+        fd = os.open(self.root / rel, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ParquetSink:
+    """Events as Parquet files under `root`, the ledger in `root/_state/ledger.json`; see the module."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        memory_limit: str = "512MB",
+        threads: int = 2,
+        row_group_size: int = 16_384,
+        read_only: bool = False,
+    ) -> None:
+        """Open (creating it unless `read_only`) and lock the dataset, then delete what a crash left behind.
+
+        A read-only open takes no lock and cleans nothing: it reads only the files the state names, so a run
+        writing meanwhile does not disturb it.
+        """
+        if "://" in root:
+            raise UsageError(f"parquet:{root}: only local directories are supported so far")
+        self.root = Path(root).expanduser()
+        self.description = f"parquet:{self.root}"
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self.row_group_size = row_group_size
+        self.store = LocalDirectory(self.root)
+        self.read_only = read_only
+        if read_only:
+            if not (self.root / STATE_FILE).exists():
+                raise DestinationError(f"{self.root} is not a Parquet dataset written by amplitude-export")
+            self.files, self.state_ledger = self._load_state()
+            return
+        try:
+            self.store.prepare()
+            locked = self.store.lock()
+        except OSError as exc:
+            raise DestinationError(
+                f"cannot open Parquet directory {self.root}: {exc.strerror or exc}"
+            ) from None
+        if not locked:
+            raise DestinationBusyError(
+                f"Parquet directory {self.root} is in use by another run ({LOCK_FILE})"
+            )
+        try:
+            self.files, self.state_ledger = self._load_state()
+            self._remove_orphans()
+        except BaseException:
+            self.store.unlock()
+            raise
+
+    # -- state --
+
+    def _load_state(self) -> tuple[dict[str, DataFile], dict[str, dict[str, dict[str, Any]]]]:
+        text = self.store.read_text(STATE_FILE)
+        if text is None:
+            if any(rel.endswith(".parquet") for rel in self.store.data_files()):
+                raise DestinationError(
+                    f"{self.root} holds Parquet files but no {STATE_FILE}: not written by amplitude-export, "
+                    "or its state was lost; use an empty directory"
+                )
+            self._save_state({}, {})
+            return {}, {}
+        try:
+            state = json.loads(text)
+            files = {
+                rel: DataFile(
+                    rel, datetime.fromisoformat(f["start"]), datetime.fromisoformat(f["end"]), f["rows"]
+                )
+                for rel, f in state["files"].items()
+            }
+            return files, state["ledger"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DestinationError(f"cannot read {self.root / STATE_FILE}: {exc}") from None
+
+    def _save_state(self, files: dict[str, DataFile], ledger: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Commit point: after this returns, `files` and `ledger` are what the directory holds."""
+        state = {
+            "format": STATE_FORMAT,
+            "files": {
+                rel: {"start": f.start.isoformat(), "end": f.end.isoformat(), "rows": f.rows}
+                for rel, f in sorted(files.items())
+            },
+            "ledger": ledger,
+        }
+        self.store.write_text_atomic(STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+
+    def _remove_orphans(self) -> None:
+        """Delete what a crash left behind: temp files, Parquet files the state does not name, spill files."""
+        on_disk = set()
+        for rel in self.store.data_files():
+            name = rel.rsplit("/", 1)[1]
+            if name.startswith(TEMP_PREFIX) or (name.endswith(".parquet") and rel not in self.files):
+                self.store.delete(rel)
+            else:
+                on_disk.add(rel)
+        for rel in self.store.state_temp_files():
+            self.store.delete(rel)
+        self.store.clear_dir(SPILL_DIR)
+        missing = sorted(set(self.files) - on_disk)
+        if missing:
+            raise DestinationError(
+                f"{self.root}: {len(missing)} data files named in {STATE_FILE} are missing, e.g. {missing[0]}"
+            )
+
+    # -- the Sink protocol --
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every ledger row of `project`, by hour."""
+        records = [HourRecord.from_dict(d) for d in self.state_ledger.get(project, {}).values()]
+        return {record.hour: record for record in sorted(records, key=lambda r: r.hour)}
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's files with `batches`, once per uuid, then commit the state and its ledger."""
+        self._check_writable()
+        # temp and renamed files of this attempt, removed if it fails before the commit
+        written: list[str] = []
+        committing = False
+        con = self._connect()
+        try:
+            con.begin()  # one transaction: committing each staged batch on its own costs 4x the CPU
+            staged = stage_batches(con, window, batches)
+            overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window)}
+            others = [self.store.abs(rel) for rel, f in self.files.items() if not _inside(f, window)]
+            taken = None
+            if others:
+                # rows of other hours, including those of partly replaced files outside the window
+                taken = (
+                    f"(SELECT uuid FROM read_parquet({_sql_list(others)}) "
+                    f"WHERE _upload_hour < {_ts(window.start)} OR _upload_hour > {_ts(window.end)})"
+                )
+            con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(taken)})")
+            loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} GROUP BY 1")
+            records = fill_counts(finish(), staged, loaded, datetime.now(UTC))
+
+            new_files: dict[str, DataFile] = {}
+            for part in _by_date(window):
+                source = f"SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {_between(part)}"
+                self._copy(con, source, part, new_files, written)
+            for old in overlapping.values():  # keep the hours of a replaced file that lie outside the window
+                for part in _outside(old, window):
+                    path = _sql_list([self.store.abs(old.path)])
+                    source = f"SELECT {COLUMNS_SQL} FROM read_parquet({path}) WHERE {_between(part)}"
+                    self._copy(con, source, part, new_files, written)
+            con.close()
+
+            files = {rel: f for rel, f in self.files.items() if rel not in overlapping} | new_files
+            ledger = {**self.state_ledger, project: dict(self.state_ledger.get(project, {}))}
+            for record in records:
+                ledger[project][record.hour.astimezone(UTC).isoformat()] = record.to_dict()
+            committing = True
+            self._save_state(files, ledger)
+        except BaseException as exc:
+            con.close()
+            if not committing:  # otherwise the state may name them; the next open sorts out which are orphans
+                for rel in written:
+                    self.store.delete(rel)
+            if isinstance(exc, (duckdb.Error, OSError)):
+                raise DestinationError(f"cannot write {window} to {self.root}: {_first_line(exc)}") from exc
+            raise
+        self.files, self.state_ledger = files, ledger
+        for rel in overlapping:
+            self.store.delete(rel)
+        return records
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Store ledger rows for hours without events (empty, failed, too large); data files stay."""
+        self._check_writable()
+        now = datetime.now(UTC)
+        ledger = {**self.state_ledger, project: dict(self.state_ledger.get(project, {}))}
+        for record in records:
+            data = record.to_dict()
+            data["updated_at"] = data["updated_at"] or now.isoformat()
+            ledger[project][record.hour.astimezone(UTC).isoformat()] = data
+        try:
+            self._save_state(self.files, ledger)
+        except OSError as exc:
+            raise DestinationError(f"cannot write {self.root / STATE_FILE}: {exc}") from exc
+        self.state_ledger = ledger
+
+    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+        """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
+        if not self.files:
+            return ARROW_SCHEMA.empty_table()
+        where, params = time_filter(start, end)
+        paths = _sql_list([self.store.abs(rel) for rel in sorted(self.files)])
+        con = self._connect()
+        try:
+            table = con.sql(
+                f"SELECT {COLUMNS_SQL} FROM read_parquet({paths}){where} "
+                "ORDER BY _upload_hour, _member, _line",
+                params=params,
+            ).to_arrow_table()
+        finally:
+            con.close()
+        return table.cast(ARROW_SCHEMA)
+
+    def close(self) -> None:
+        """Release the directory's lock."""
+        self.store.unlock()
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers --
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise DestinationError(f"{self.description} was opened read-only")
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A private in-memory DuckDB spilling to `_state/spill`; insertion order is kept, for files."""
+        self.store.makedirs(SPILL_DIR)
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": self.memory_limit,
+            "threads": self.threads,
+            "temp_directory": self.store.abs(SPILL_DIR),
+        }
+        con = duckdb.connect(":memory:", config=config)
+        configure(con)
+        return con
+
+    def _copy(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        source: str,
+        part: Window,
+        new_files: dict[str, DataFile],
+        written: list[str],
+    ) -> None:
+        """Write `source`'s rows for `part` (one date) to a temp file, fsync it, rename it to its final name.
+
+        Written by pyarrow rather than DuckDB's COPY so every file has exactly ARROW_SCHEMA (COPY marks
+        columns without nulls as required, so files of one dataset would disagree).
+        """
+        partition = f"upload_date={part.start:%Y-%m-%d}"
+        reader = con.sql(source).to_arrow_reader(self.row_group_size)
+        rows = 0
+        writer: pq.ParquetWriter | None = None
+        temp = f"{partition}/{TEMP_PREFIX}{uuid_module.uuid4().hex}"
+        with ExitStack() as stack:
+            for batch in reader:
+                if batch.num_rows == 0:
+                    continue
+                if writer is None:
+                    self.store.makedirs(partition)
+                    written.append(temp)
+                    handle = stack.enter_context(self.store.open_write(temp))
+                    writer = stack.enter_context(pq.ParquetWriter(handle, ARROW_SCHEMA, compression="zstd"))
+                writer.write_batch(batch.cast(ARROW_SCHEMA))
+                rows += batch.num_rows
+        if not rows:
+            return
+        final = self._free_name(partition, part)
+        self.store.rename(temp, final)
+        written.append(final)
+        new_files[final] = DataFile(final, part.start, part.end, rows)
+
+    def _free_name(self, partition: str, part: Window) -> str:
+        """`<hours>.parquet`, or `<hours>.N.parquet` while a live file has that name (being replaced)."""
+        name, n = f"{partition}/{part.name}.parquet", 0
+        while name in self.files or self.store.exists(name):
+            n += 1
+            name = f"{partition}/{part.name}.{n}.parquet"
+        return name
+
+
+def _by_date(window: Window) -> Iterator[Window]:
+    """The window cut at UTC midnights: one piece per upload date."""
+    start = window.start
+    while start <= window.end:
+        day_end = start.replace(hour=23)
+        yield Window(start, min(day_end, window.end))
+        start = day_end + HOUR
+
+
+def _inside(f: DataFile, window: Window) -> bool:
+    return window.start <= f.start and f.end <= window.end
+
+
+def _outside(f: DataFile, window: Window) -> Iterator[Window]:
+    """The runs of `f`'s hours that `window` does not cover."""
+    if f.start < window.start:
+        yield Window(f.start, min(f.end, window.start - HOUR))
+    if f.end > window.end:
+        yield Window(max(f.start, window.end + HOUR), f.end)
+
+
+def _between(part: Window) -> str:
+    return f"_upload_hour BETWEEN {_ts(part.start)} AND {_ts(part.end)}"
+
+
+def _ts(moment: datetime) -> str:
+    """A TIMESTAMPTZ literal; COPY cannot take prepared parameters."""
+    return f"TIMESTAMPTZ '{moment.astimezone(UTC).isoformat()}'"
+
+
+def _escape(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join(f"'{_escape(p)}'" for p in paths) + "]"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

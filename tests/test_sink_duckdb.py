@@ -1,0 +1,247 @@
+"""The DuckDB sink on real files in tmp_path: types, exactly once, atomic windows, locking, kill -9."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sink_helpers import (
+    EXPECTED_UUIDS,
+    Crash,
+    batch,
+    crashing,
+    event,
+    finisher,
+    hour,
+    hour_events,
+    synthetic_batches,
+    two_windows,
+    uuids,
+    window,
+)
+
+from amplitude_export.errors import DestinationBusyError, DestinationError
+from amplitude_export.ledger import EMPTY, FAILED, HourRecord
+from amplitude_export.schema import ALL_COLUMNS, ARROW_SCHEMA, DUCKDB_TYPES
+from amplitude_export.sinks import open_sink
+from amplitude_export.sinks.duckdb import DuckDBSink
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> DuckDBSink:
+    with DuckDBSink(tmp_path / "sub" / "events.duckdb") as s:
+        yield s  # type: ignore[misc]
+
+
+def count(s: DuckDBSink) -> int:
+    return s.connection.sql("SELECT count(*) FROM events").fetchall()[0][0]
+
+
+def test_write_window_types_rows_and_ledger(sink: DuckDBSink) -> None:
+    w = window(0, 1)
+    rows = hour_events(hour(0), ["a", "b"]) + hour_events(hour(1), ["c"])
+    finish = finisher(w, rows)
+
+    records = sink.write_window("p", w, [batch(rows)], finish)
+
+    described = {name: kind for name, kind, *_ in sink.connection.sql("DESCRIBE events").fetchall()}
+    expected = {
+        c.name: DUCKDB_TYPES[c.kind].replace("TIMESTAMPTZ", "TIMESTAMP WITH TIME ZONE") for c in ALL_COLUMNS
+    }
+    assert described == expected
+    table = sink.read_arrow()
+    assert table.schema.equals(ARROW_SCHEMA)
+    assert uuids(table) == ["a", "b", "c"]
+    first = table.to_pylist()[0]
+    assert first["amplitude_id"] == rows[0]["amplitude_id"] > 2**32
+    assert first["event_time"] == rows[0]["event_time"]
+    assert sink.connection.sql(
+        "SELECT event_properties->>'page' FROM events WHERE uuid = 'a'"
+    ).fetchall() == [("/p/1",)]
+
+    assert [(r.events_loaded, r.duplicates, r.lines_read) for r in records] == [(2, 0, 2), (1, 0, 1)]
+    assert all(r.updated_at is not None for r in records)
+    assert sink.ledger("p") == {r.hour: r for r in records}
+    assert sink.ledger("other") == {}
+    assert finish.calls == [1]  # type: ignore[attr-defined]
+    ledger_columns = {row[0] for row in sink.connection.sql("DESCRIBE _amplitude_ledger").fetchall()}
+    assert ledger_columns == {"project"} | {f.name for f in dataclasses.fields(HourRecord)}
+
+
+def test_duplicates_within_and_across_windows_are_loaded_once_and_counted(sink: DuckDBSink) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+
+    r1 = sink.write_window("p", w1, [batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1))
+    r2 = sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+
+    assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
+    assert [(r.events_loaded, r.duplicates) for r in r1 + r2] == [(3, 1), (2, 1), (2, 1), (2, 2)]
+    # the first row of a uuid wins: u1 stays at hour 0 line 1, not line 3 nor hour 2
+    assert sink.connection.sql(
+        "SELECT _upload_hour, _line FROM events WHERE uuid = 'u1'"
+    ).to_arrow_table().to_pylist() == [{"_upload_hour": hour(0), "_line": 1}]
+
+
+def test_rewriting_a_window_replaces_its_rows(sink: DuckDBSink) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+
+    changed = [dict(r, event_type="changed") for r in rows1 if r["uuid"] != "u3"]
+    records = sink.write_window("p", w1, [batch(changed)], finisher(w1, changed))
+
+    table = sink.read_arrow()
+    assert uuids(table) == [u for u in EXPECTED_UUIDS if u != "u3"]
+    by_uuid = {r["uuid"]: r for r in table.to_pylist()}
+    assert by_uuid["u1"]["event_type"] == "changed" and by_uuid["u6"]["event_type"] == "page_view"
+    assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 1), (2, 1)]
+    assert sink.ledger("p")[hour(0)].events_loaded == 2
+
+
+def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(sink: DuckDBSink) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    finish = finisher(w2, rows2)
+
+    with pytest.raises(Crash):
+        sink.write_window("p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finish)
+
+    assert finish.calls == []  # type: ignore[attr-defined]
+    assert uuids(sink.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
+    assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
+    # the connection is usable again and the same window then loads normally
+    sink.write_window("p", w2, [batch(rows2)], finish)
+    assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
+
+
+def test_a_failure_in_finish_or_a_bad_batch_rolls_back(sink: DuckDBSink) -> None:
+    (w1, rows1), _ = two_windows()
+
+    def broken_finish() -> list[HourRecord]:
+        raise Crash("reader could not total the hours")
+
+    with pytest.raises(Crash):
+        sink.write_window("p", w1, [batch(rows1)], broken_finish)
+    stray = [event("x", hour(5))]
+    with pytest.raises(ValueError, match="outside the window"):
+        sink.write_window("p", w1, [batch(stray)], finisher(w1))
+    assert count(sink) == 0
+    assert sink.ledger("p") == {}
+
+
+def test_record_hours_upserts_the_ledger_without_touching_events(sink: DuckDBSink) -> None:
+    (w1, rows1), _ = two_windows()
+    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+
+    sink.record_hours(
+        "p", [HourRecord(hour=hour(5), status=EMPTY), HourRecord(hour=hour(6), status=FAILED, reason="x")]
+    )
+    sink.record_hours("p", [HourRecord(hour=hour(6), status=FAILED, reason="still 503", attempts=2)])
+
+    ledger = sink.ledger("p")
+    assert sorted(ledger) == [hour(0), hour(1), hour(5), hour(6)]
+    assert ledger[hour(5)].status == EMPTY and ledger[hour(5)].updated_at is not None
+    assert (ledger[hour(6)].reason, ledger[hour(6)].attempts) == ("still 503", 2)
+    assert count(sink) == 5
+
+
+def test_read_arrow_filters_on_server_upload_time(sink: DuckDBSink) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+
+    assert uuids(sink.read_arrow(hour(1), hour(2))) == ["u4", "u5"]  # hour 2's events are after 02:00
+    assert uuids(sink.read_arrow(start=hour(3))) == ["u8", "u9"]
+    assert sink.read_arrow(end=hour(0)).num_rows == 0
+
+
+def test_a_wide_window_loads_under_a_small_memory_limit(tmp_path: Path) -> None:
+    with DuckDBSink(tmp_path / "big.duckdb", memory_limit="64MB", threads=1) as s:
+        w = window(0, 1)
+        records = s.write_window("p", w, synthetic_batches(w, 5_000, batch_rows=2048), finisher(w))
+        assert sum(r.events_loaded for r in records) == count(s) == 9_980
+        assert sum(r.duplicates for r in records) == 20
+
+
+def test_open_sink_and_open_errors_name_the_path(tmp_path: Path) -> None:
+    s = open_sink(f"duckdb:{tmp_path / 'a' / 'b.duckdb'}")
+    assert s.description == f"duckdb:{tmp_path / 'a' / 'b.duckdb'}"
+    s.close()
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "garbage.duckdb").write_text("not a database" * 1000)
+    for bad in (tmp_path / "file" / "x.duckdb", tmp_path, tmp_path / "garbage.duckdb"):
+        with pytest.raises(DestinationError) as info:
+            DuckDBSink(bad)
+        assert str(bad) in str(info.value) and "\n" not in str(info.value)
+        assert type(info.value) is DestinationError
+
+
+def _spawn(code: str, marker: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert proc.poll() is None, "the writer process died early"
+        assert time.monotonic() < deadline, "the writer process never got ready"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_process_holding_the_file_makes_it_busy(tmp_path: Path) -> None:
+    path, marker = tmp_path / "events.duckdb", tmp_path / "ready"
+    code = (
+        "import sys, time, pathlib\nfrom amplitude_export.sinks.duckdb import DuckDBSink\n"
+        f"s = DuckDBSink(pathlib.Path({str(path)!r}))\n"
+        f"pathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(60)\n"
+    )
+    proc = _spawn(code, marker)
+    try:
+        with pytest.raises(DestinationBusyError, match=str(path)):
+            DuckDBSink(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    DuckDBSink(path).close()  # the lock dies with its process
+
+
+@pytest.mark.parametrize("point", ["batches", "finish"])
+def test_kill_9_mid_window_then_the_same_run_leaves_exact_rows(tmp_path: Path, point: str) -> None:
+    dest, marker = f"duckdb:{tmp_path / 'events.duckdb'}", tmp_path / "stalled"
+    code = f"from sink_helpers import kill_writer\nkill_writer({dest!r}, {point!r}, {str(marker)!r})\n"
+    proc = _spawn(code, marker)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    (w1, rows1), (w2, rows2) = two_windows()
+    with DuckDBSink(tmp_path / "events.duckdb") as s:
+        assert uuids(s.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
+        assert sorted(s.ledger("p")) == [hour(0), hour(1)]
+        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        assert uuids(s.read_arrow()) == EXPECTED_UUIDS
+        assert sorted(s.ledger("p")) == [hour(0), hour(1), hour(2), hour(3)]
+
+
+def test_docs_schema_names_every_column() -> None:
+    doc = (TESTS.parent / "docs" / "SCHEMA.md").read_text()
+    for name in [c.name for c in ALL_COLUMNS] + [f.name for f in dataclasses.fields(HourRecord)]:
+        assert f"`{name}`" in doc, f"docs/SCHEMA.md does not mention `{name}`"
+
+
+def test_a_read_only_open_reads_rows_and_ledger(tmp_path: Path) -> None:
+    (w1, rows1), _ = two_windows()
+    with DuckDBSink(tmp_path / "e.duckdb") as s:
+        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    with open_sink(f"duckdb:{tmp_path / 'e.duckdb'}", read_only=True) as s:  # type: ignore[attr-defined]
+        assert uuids(s.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
+        assert sorted(s.ledger("p")) == [hour(0), hour(1)]
+    with pytest.raises(DestinationError, match="missing.duckdb"):
+        DuckDBSink(tmp_path / "missing.duckdb", read_only=True)
