@@ -184,3 +184,24 @@ def test_status_table(status: int, error: type[Exception]) -> None:
     assert "s3cret" not in str(info.value)
     for ok in (200, 404):
         classify(httpx.Response(ok), DAY, credentials)
+
+
+def test_401_probes_the_other_region_and_names_it(tmp_path: Path) -> None:
+    with FakeExportServer(secret_key="other") as us, FakeExportServer() as eu:
+        credentials = Credentials("demo-key", Secret("demo-secret"), "us", us.url)
+        with ExportClient(credentials, region_hosts={"us": us.url, "eu": eu.url}) as client:
+            with pytest.raises(AuthError) as info:
+                client.fetch(DAY, tmp_path)
+        assert len(eu.requests) == 1 and eu.requests[0][2] != 401
+    assert "use --region eu" in str(info.value) and "EU project" in str(info.value)
+    assert info.value.region_hint == "eu" and info.value.exit_code == 3
+
+
+def test_401_everywhere_keeps_the_plain_message(tmp_path: Path) -> None:
+    with FakeExportServer(secret_key="x") as us, FakeExportServer(secret_key="y") as eu:
+        credentials = Credentials("demo-key", Secret("demo-secret"), "eu", eu.url)
+        with ExportClient(credentials, region_hosts={"us": us.url, "eu": eu.url}) as client:
+            with pytest.raises(AuthError) as info:
+                client.fetch(DAY, tmp_path)
+        assert len(us.requests) == 1
+    assert info.value.region_hint is None and "check AMP_API_KEY" in str(info.value)

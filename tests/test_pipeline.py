@@ -109,12 +109,15 @@ def test_incremental_runs_continue_from_the_last_loaded_hour(tmp_path: Path) -> 
     database = tmp_path / "a.duckdb"
     with FakeExportServer(events_per_hour=5) as server:
         # the first run ever takes yesterday
-        first = run_into(server, f"duckdb:{database}", tmp_path, now=datetime(2024, 3, 2, 10, 30, tzinfo=UTC))
+        first = run_into(server, f"duckdb:{database}", tmp_path, now=datetime(2024, 3, 2, 10, 30, tzinfo=UTC),
+                         lookback_hours=0)
         assert [str(o.window) for o in first.outcomes] == ["2024-03-01T00..2024-03-01T23"]
         # later the same day: continue from 2024-03-02T00 up to the last ready hour (07 at 10:30 with lag 2)
-        second = run_into(server, f"duckdb:{database}", tmp_path, now=datetime(2024, 3, 2, 10, 30, tzinfo=UTC))
+        second = run_into(server, f"duckdb:{database}", tmp_path, now=datetime(2024, 3, 2, 10, 30, tzinfo=UTC),
+                          lookback_hours=0)
         assert [str(o.window) for o in second.outcomes] == ["2024-03-02T00..2024-03-02T07"]
-        third = run_into(server, f"duckdb:{database}", tmp_path, now=datetime(2024, 3, 3, 2, 30, tzinfo=UTC))
+        third = run_into(server, f"duckdb:{database}", tmp_path, now=datetime(2024, 3, 3, 2, 30, tzinfo=UTC),
+                         lookback_hours=0)
         assert [str(o.window) for o in third.outcomes] == ["2024-03-02T08..2024-03-02T23"]
         expected = server.expected_uuids(START, START + timedelta(hours=47))
     assert sorted(uuids_in(database)) == sorted(expected)

@@ -188,13 +188,18 @@ def _project(project: str | None, api_key: str | None) -> str:
 @dest_options
 @click.option("--keep-raw/--no-keep-raw", default=True, show_default=True, help="Keep archives after loading.")
 @click.option("--refresh", is_flag=True, help="Load windows again even if loaded (their rows are replaced).")
+@click.option("--lookback-hours", type=click.IntRange(0, 24 * 60), default=72, show_default=True,
+              help="Incremental runs re-check this many loaded hours before the end and reload those that changed.")
+@click.option("--size-budget-mb", type=click.IntRange(1, 4000), default=1024, show_default=True,
+              help="Plan windows whose archives (as learned from earlier runs) stay under this size.")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Processes that parse events.")
 @reports_errors
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
         start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
         retry_wait: float, concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool,
-        dest: str | None, project: str | None, keep_raw: bool, refresh: bool, workers: int) -> None:
+        dest: str | None, project: str | None, keep_raw: bool, refresh: bool, lookback_hours: int,
+        size_budget_mb: int, workers: int) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
     With no --start, continue after the last loaded hour up to the last ready hour (the first run takes
@@ -219,6 +224,7 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
                 report = do_run(client, sink, project=project or client.credentials.api_key, start=start, end=end,
                                 data_dir=data_dir, window_hours=window_hours, lag_hours=lag_hours,
                                 concurrency=concurrency, workers=workers, keep_raw=keep_raw, refresh=refresh,
+                                lookback_hours=lookback_hours, size_budget=size_budget_mb << 20,
                                 reporter=reporter, run_id=run_id)
         finally:
             sink.close()
@@ -282,7 +288,7 @@ def status(dest: str | None, project: str | None, api_key: str | None, data_dir:
     from .status import render_status, status_data
     from .sinks import open_sink
 
-    sink = open_sink(_dest(dest, data_dir))
+    sink = open_sink(_dest(dest, data_dir), read_only=True)
     try:
         data = status_data(sink, _project(project, api_key))
     finally:
@@ -291,6 +297,73 @@ def status(dest: str | None, project: str | None, api_key: str | None, data_dir:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
         render_status(data)
+
+
+@cli.command(epilog=EXIT_CODES)
+@dest_options
+@click.option("--api-key", help="Only to name the project (default project name). Env: AMP_API_KEY.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="With --deep, the archives kept under DATA_DIR/raw are hashed again.")
+@click.option("--deep", is_flag=True, help="Also re-read the kept archives and compare their hashes.")
+@reports_errors
+def verify(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, deep: bool) -> None:
+    """Prove the destination is complete: every hour from the first to the last loaded is present and whole.
+
+    Compares the ledger with the rows of `events` per upload hour; exit 0 when complete, 1 naming each bad hour.
+
+    \b
+    Example:
+      amplitude-export verify
+      amplitude-export verify --dest parquet:events/ --deep
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from .sinks import open_sink
+    from .verify import verify as do_verify
+
+    sink = open_sink(_dest(dest, data_dir), read_only=True)
+    try:
+        result = do_verify(sink, _project(project, api_key), deep=deep, raw_dir=data_dir / "raw")
+    finally:
+        sink.close()
+    console = Console()
+    if result.problems:
+        table = Table(title=f"{len(result.problems)} problems")
+        for name in ("hour", "problem", "detail"):
+            table.add_column(name)
+        for problem in result.problems:
+            table.add_row(problem.label, problem.kind, problem.detail)
+        console.print(table)
+    span = f"{result.first:%Y-%m-%dT%H}..{result.last:%Y-%m-%dT%H}" if result.first and result.last else "nothing"
+    verdict = "complete" if result.complete else "NOT complete"
+    console.print(f"{span}: {result.hours_checked} hours checked, {result.archives_hashed} archive hours hashed: "
+                  f"{verdict}")
+    sys.exit(0 if result.complete else 1)
+
+
+@cli.command(epilog=EXIT_CODES)
+@dest_options
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--start", help="First UTC upload hour (default: the first the destination holds).")
+@click.option("--end", help="Last UTC upload hour, inclusive (default: the last).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True)
+@reports_errors
+def report(dest: str | None, project: str | None, data_dir: Path, start: str | None, end: str | None,
+           out: Path) -> None:
+    """Write one self-contained HTML report (charts, data health, windows) that opens offline.
+
+    \b
+    Example:
+      amplitude-export report --out report.html
+      amplitude-export report --dest parquet:events/ --start 2024-03-01 --end 2024-03-07
+    """
+    from .report import write_report
+    from .windows import parse_hour
+
+    path = write_report(_dest(dest, data_dir), out, start=parse_hour(start) if start else None,
+                        end=parse_hour(end, is_end=True) if end else None, project=project)
+    click.echo(f"report written to {path}")
 
 
 @cli.command("fake-server", epilog=EXIT_CODES)

@@ -13,14 +13,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import stamina
 
 from . import __version__
-from .config import Credentials
+from .config import REGION_HOSTS, Credentials, other_region
 from .errors import (
     AmplitudeExportError,
     ArchiveError,
@@ -28,7 +28,7 @@ from .errors import (
     TransientError,
     WindowTooLargeError,
 )
-from .windows import Window
+from .windows import Window, floor_hour
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,12 @@ class ExportClient:
         wait_max: float = 120.0,
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
+        region_hosts: dict[str, str] | None = None,
     ) -> None:
         self.credentials = credentials
+        self.region_hosts = dict(region_hosts or REGION_HOSTS)
+        self._transport = transport
+        self._region_hint: str | None | bool = False  # False: not probed yet
         self.max_attempts = max_attempts
         self.wait_initial = wait_initial
         self.wait_max = wait_max
@@ -132,16 +136,25 @@ class ExportClient:
         raw_dir: Path,
         *,
         on_bytes: Callable[[int], None] | None = None,
+        fresh: bool = False,
     ) -> Download:
-        """Land `window` as `raw_dir/<name>.zip`, retrying transient failures.
+        """Land `window` as `raw_dir/<name>.zip`, retrying transient failures; `fresh` ignores a landed copy.
 
         Raises AuthError (stop), WindowTooLargeError (400 at once, or 504 after every retry: split the window),
         or TransientError once the attempts are spent.
         """
         final = raw_dir / f"{window.name}.zip"
-        if final.exists():
+        if final.exists() and not fresh:
             return Download(window, CACHED, final, final.stat().st_size, 0)
         raw_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._fetch_with_retries(window, final, on_bytes)
+        except AuthError as exc:
+            raise self._diagnose(exc) from None
+
+    def _fetch_with_retries(
+        self, window: Window, final: Path, on_bytes: Callable[[int], None] | None
+    ) -> Download:
         attempt_no = 0
 
         def retriable(exc: Exception) -> bool | float:
@@ -204,6 +217,46 @@ class ExportClient:
         os.replace(part, final)
         log.info("%s: landed %s (%d bytes, attempt %d)", window, final.name, received, attempt_no)
         return Download(window, OK, final, received, attempt_no)
+
+    def probe_region(self) -> str | None:
+        """After a 401/403, ask the other region's host once with the same credentials.
+
+        Returns that region if it accepts them (any answer but 401/403), else None. A wrong region is the usual
+        cause of a 401: EU projects live on analytics.eu.amplitude.com and the US host refuses their keys.
+        """
+        if self.credentials.base_url not in self.region_hosts.values():
+            return None  # a custom host (proxy, fake server): there is no "other region" to ask
+        other = other_region(self.credentials.region)
+        host = self.region_hosts.get(other)
+        if not host or host == self.credentials.base_url:
+            return None
+        yesterday = floor_hour(datetime.now(UTC)) - timedelta(days=1)
+        try:
+            with httpx.Client(
+                auth=httpx.BasicAuth(self.credentials.api_key, self.credentials.secret_key.reveal()),
+                timeout=httpx.Timeout(30.0), transport=self._transport, follow_redirects=True,
+            ) as http, http.stream("GET", host + EXPORT_PATH, params=Window(yesterday, yesterday).params()) as answer:
+                status = answer.status_code
+        except httpx.HTTPError as exc:
+            log.info("region probe of %s failed: %s", host, exc)
+            return None
+        log.info("region probe: %s answered %d", host, status)
+        return other if status not in (401, 403) else None
+
+    def _diagnose(self, exc: AuthError) -> AuthError:
+        """The AuthError, with the region that accepts these credentials when the probe finds one (probed once)."""
+        if self._region_hint is False:
+            self._region_hint = self.probe_region()
+        hint = self._region_hint
+        if not hint or not isinstance(hint, str):
+            return exc
+        return AuthError(
+            f"Amplitude refused the credentials ({exc.status}) on the {self.credentials.host_label}, but the "
+            f"{hint.upper()} host accepts them: these credentials belong to an {hint.upper()} project: "
+            f"use --region {hint}",
+            status=exc.status,
+            region_hint=hint,
+        )
 
     @staticmethod
     def _verify(part: Path, window: Window) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .fake_server import FakeExportServer
 from .logs import setup_logging
 from .pipeline import new_run_id, run
 from .progress import make_reporter
+from .report import write_report
 from .sinks import open_sink
 
 DEMO_START = datetime(2024, 3, 1, tzinfo=UTC)
@@ -29,6 +31,7 @@ def run_demo(data_dir: Path, *, days: int = 7, progress: bool | None = None) -> 
     reporter = make_reporter(progress)
     log_path = setup_logging(data_dir / "logs", run_id, reporter=reporter)
     database = data_dir / "amplitude.duckdb"
+    logging.getLogger("amplitude_export.fake_server").setLevel(logging.WARNING)  # its request log is noise here
     with FakeExportServer(api_key="demo-key", secret_key="demo-secret", seed=7, fault_rate=0.15) as server:
         credentials = Credentials("demo-key", Secret("demo-secret"), "us", server.url)
         console.print(f"fake Amplitude Export API at {server.url} (15% transient faults)")
@@ -43,7 +46,8 @@ def run_demo(data_dir: Path, *, days: int = 7, progress: bool | None = None) -> 
                 sink.close()
     console.print(report.summary())
     print_summary(database, console)
-    console.print(f"database: {database}   log: {log_path}")
+    report_path = write_report(f"duckdb:{database}", data_dir / "report.html")
+    console.print(f"database: {database}\nlog: {log_path}\nreport: {report_path}")
     return report.exit_code
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MAX_SAFE_CONCURRENCY = 5  # Amplitude allows 5 concurrent REST requests per project
 DONE_STATUSES = (LOADED, LEDGER_EMPTY)
+SKIPPED_STATUSES = (LOADED, LEDGER_EMPTY, TOO_LARGE)  # not asked again unless --refresh
+DEFAULT_SIZE_BUDGET = 1 << 30  # plan windows under 1 GiB of archive: far from the Export API's 4 GB limit
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -77,6 +79,7 @@ class RunReport:
     outcomes: list[WindowOutcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     log_path: Path | None = None
+    changed_hours: list[datetime] = field(default_factory=list)
 
     @property
     def failed(self) -> list[WindowOutcome]:
@@ -128,13 +131,16 @@ def fetch_windows(
     *,
     concurrency: int = 2,
     reporter: Reporter | None = None,
+    fresh: set[Window] | None = None,
 ) -> Iterator[tuple[Window, Download | Failure]]:
     """Fetch windows a few at a time and yield each result as it completes.
 
     A window that is too large (400, or a 504 that persisted) is replaced by its halves, down to one hour; an
     hour that still fails is yielded as a `Failure`. An AuthError stops everything at once. The generator only
     starts new downloads when its consumer asks for the next result, so a slow loader bounds the disk used.
+    Windows in `fresh` (and their halves, which are added to it) are downloaded even if a copy is on disk.
     """
+    fresh = fresh if fresh is not None else set()
     reporter = reporter or Reporter()
     queue = list(windows)
     queue.reverse()  # pop() from the end keeps the planned order
@@ -144,7 +150,8 @@ def fetch_windows(
             while queue or running:
                 while queue and len(running) < concurrency:
                     window = queue.pop()
-                    running[pool.submit(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes)] = window
+                    running[pool.submit(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes,
+                                       fresh=window in fresh)] = window
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in sorted(done, key=lambda f: running[f]):
                     window = running.pop(future)
@@ -156,10 +163,15 @@ def fetch_windows(
                             log.warning("%s: %s; splitting into %s and %s", window, exc.reason, *halves)
                             reporter.add_windows(2)
                             reporter.window_done(f"{window}: split ({exc.reason})")
+                            if window in fresh:
+                                fresh.update(halves)
                             queue.extend(reversed(halves))
                         else:
-                            status = TOO_LARGE if exc.status == 400 else FAILED
-                            yield window, Failure(status, exc.reason)
+                            if exc.status == 400:
+                                yield window, Failure(TOO_LARGE, "over 4 GB even for one hour: this hour needs "
+                                                                 "Amplitude's S3 export")
+                            else:
+                                yield window, Failure(FAILED, exc.reason)
                     except TransientError as exc:
                         yield window, Failure(FAILED, f"gave up after {client.max_attempts} attempts: {exc.reason}")
         finally:
@@ -252,7 +264,7 @@ def pending_windows(
     run_start: datetime | None = None
     hour = first
     while hour <= last + HOUR:
-        done = hour > last or (not refresh and hour in ledger and ledger[hour].status in DONE_STATUSES)
+        done = hour > last or (not refresh and hour in ledger and ledger[hour].status in SKIPPED_STATUSES)
         if not done and run_start is None:
             run_start = hour
         if done and run_start is not None:
@@ -357,6 +369,8 @@ def run(
     data_dir: Path = Path("data"),
     window_hours: int = 24,
     lag_hours: float = 2,
+    lookback_hours: int = 72,
+    size_budget: int = DEFAULT_SIZE_BUDGET,
     concurrency: int = 2,
     workers: int = 2,
     keep_raw: bool = True,
@@ -368,7 +382,8 @@ def run(
     """Extract and load start..end into `sink`, downloading the next windows while one loads.
 
     With no `start`, continue from the hour after the last one loaded (the first run takes yesterday), up to
-    the last ready hour; hours failed by earlier runs are tried again.
+    the last ready hour (or `end`); hours failed by earlier runs are tried again, and the loaded hours among
+    the `lookback_hours` before the run's end are fetched again and reloaded only if Amplitude changed them.
     """
     reporter = reporter or Reporter()
     moment = now or datetime.now(UTC)
@@ -392,25 +407,145 @@ def run(
         windows = pending_windows(ledger, first, ready, window_hours, refresh=refresh)
     elif start is None:
         report.notes.append(f"the destination is up to date (loaded through {label_hour(first - HOUR)})")
-    retry = [Window(h, h) for h in retry_hours if not any(w.start <= h <= w.end for w in windows)]
-    windows = sorted(windows + retry)
-    reporter.add_windows(len(windows))
+    windows += [Window(h, h) for h in retry_hours if not any(w.start <= h <= w.end for w in windows)]
+    recheck: list[Window] = []
+    if start is None and lookback_hours > 0:
+        recheck = lookback_windows(ledger, min(ready, last), lookback_hours, window_hours, exclude=windows)
+    too_large = sorted(h for h, r in ledger.items() if r.status == TOO_LARGE and first <= h <= ready)
+    if too_large and not refresh:
+        report.notes.append(
+            f"{len(too_large)} hours are over the Export API's 4 GB limit and need Amplitude's S3 export: "
+            + ", ".join(label_hour(h) for h in too_large[:10]))
+    estimate = hour_size_estimator(ledger)
+    windows = fit_budget(sorted(windows), estimate, size_budget)
+    recheck = fit_budget(recheck, estimate, size_budget)
+    reporter.add_windows(len(windows) + len(recheck))
     raw_dir = data_dir / "raw"
-    for window, result in fetch_windows(client, windows, raw_dir, concurrency=concurrency, reporter=reporter):
+    fresh = set(recheck)
+    changed: list[datetime] = []
+    for window, result in fetch_windows(client, sorted(windows + recheck), raw_dir, concurrency=concurrency,
+                                        reporter=reporter, fresh=fresh):
         if isinstance(result, Failure):
-            _record_failure(sink, project, window, result.status, result.reason, report.run_id)
-            outcome = WindowOutcome(window, result.status, reason=result.reason)
+            if window in fresh:  # a failed re-check leaves the loaded rows as they are
+                outcome = WindowOutcome(window, "recheck_failed", reason=result.reason)
+            else:
+                _record_failure(sink, project, window, result.status, result.reason, report.run_id)
+                outcome = WindowOutcome(window, result.status, reason=result.reason)
         elif result.status == EMPTY:
-            _record_empty(sink, project, window, report.run_id)
-            outcome = WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
+            if window in fresh:
+                outcome = WindowOutcome(window, "unchanged", reason="404 on re-check; rows kept")
+            else:
+                _record_empty(sink, project, window, report.run_id)
+                outcome = WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
+        elif window in fresh:
+            assert result.path is not None
+            outcome, hours = _recheck_window(sink, project, ledger, window, result.path, run_id=report.run_id,
+                                             data_dir=data_dir, workers=workers, keep_raw=keep_raw)
+            changed += hours
         else:
             assert result.path is not None
             outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
                                   workers=workers, keep_raw=keep_raw, attempts=max(1, result.attempts))
         report.outcomes.append(outcome)
         reporter.window_done(outcome.describe())
+    if recheck:
+        report.changed_hours = sorted(changed)
+        if changed:
+            note = (f"{len(changed)} hours changed since last run: " + ", ".join(label_hour(h) for h in sorted(changed))
+                    + " (reloaded)")
+        else:
+            note = f"lookback: the {sum(w.hours for w in recheck)} loaded hours re-checked are unchanged"
+        log.info(note)
+        report.notes.append(note)
     report.outcomes.sort(key=lambda o: o.window)
     return report
+
+
+def lookback_windows(
+    ledger: dict[datetime, HourRecord], end: datetime, lookback_hours: int, window_hours: int,
+    *, exclude: list[Window],
+) -> list[Window]:
+    """Windows over the loaded hours among the `lookback_hours` up to `end` that this run does not load anyway."""
+    windows: list[Window] = []
+    run_start: datetime | None = None
+    hour = end - HOUR * (lookback_hours - 1)
+    while hour <= end + HOUR:
+        record = ledger.get(hour)
+        wanted = (hour <= end and record is not None and record.status == LOADED
+                  and not any(w.start <= hour <= w.end for w in exclude))
+        if wanted and run_start is None:
+            run_start = hour
+        if not wanted and run_start is not None:
+            windows.extend(plan_windows(run_start, hour - HOUR, window_hours))
+            run_start = None
+        hour += HOUR
+    return windows
+
+
+def _recheck_window(
+    sink: Sink, project: str, ledger: dict[datetime, HourRecord], window: Window, archive: Path, *,
+    run_id: str, data_dir: Path, workers: int, keep_raw: bool,
+) -> tuple[WindowOutcome, list[datetime]]:
+    """Compare each hour's content hash with the ledger; reload only the runs of hours that changed."""
+    from .archive import content_hash, list_members
+
+    members = list_members(archive)
+    changed = []
+    for hour in window.each_hour():
+        record = ledger.get(hour)
+        digest = content_hash(archive, [m for m in members if m.upload_hour == hour])
+        if record is None or record.content_hash != digest:
+            changed.append(hour)
+    outcome = WindowOutcome(window, "unchanged", bytes=archive.stat().st_size)
+    for run_window in _runs(changed):
+        loaded = load_window(sink, project, run_window, archive, run_id=run_id, data_dir=data_dir,
+                             workers=workers, keep_raw=True)
+        outcome.events += loaded.events
+        outcome.duplicates += loaded.duplicates
+        outcome.rejects += loaded.rejects
+        if loaded.status != "loaded":
+            outcome.status, outcome.reason = loaded.status, loaded.reason
+    if changed and outcome.status == "unchanged":
+        outcome.status = "reloaded"
+        outcome.reason = f"{len(changed)} hours changed: " + ", ".join(label_hour(h) for h in changed)
+    if not keep_raw:
+        archive.unlink(missing_ok=True)
+    return outcome, changed
+
+
+def _runs(hours: list[datetime]) -> list[Window]:
+    """Consecutive hours as windows."""
+    windows: list[Window] = []
+    for hour in sorted(hours):
+        if windows and windows[-1].end + HOUR == hour:
+            windows[-1] = Window(windows[-1].start, hour)
+        else:
+            windows.append(Window(hour, hour))
+    return windows
+
+
+def hour_size_estimator(ledger: dict[datetime, HourRecord]) -> Callable[[datetime], int]:
+    """Each hour's archive bytes as last seen; an hour never seen is guessed from the recent loaded hours."""
+    known = {h: r.bytes for h, r in ledger.items() if r.status == LOADED and r.bytes}
+    recent = [known[h] for h in sorted(known)[-48:]]
+    guess = int(sum(recent) / len(recent)) if recent else 0
+    return lambda hour: known.get(hour, guess)
+
+
+def fit_budget(windows: list[Window], estimate: Callable[[datetime], int], budget: int) -> list[Window]:
+    """Cut windows whose estimated archive would exceed `budget` bytes, so large days never hit a 400 first."""
+    out: list[Window] = []
+    for window in windows:
+        start = window.start
+        total = 0
+        for hour in window.each_hour():
+            size = estimate(hour)
+            if hour > start and total + size > budget:
+                out.append(Window(start, hour - HOUR))
+                start, total = hour, 0
+            total += size
+        out.append(Window(start, window.end))
+    return out
 
 
 def load(

@@ -440,7 +440,11 @@ class WindowReader:
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Typed batches in member order then line order; per-hour stats are complete once this is exhausted."""
-        self._members = list_members(self.path)
+        # an archive may cover more hours than this window (a lookback reloads only the hours that changed)
+        self._members = [
+            m for m in list_members(self.path)
+            if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end
+        ]
         self._member_hour = [m.upload_hour or self.window.start for m in self._members]
         self._hours = {hour: _HourStats() for hour in self.window.each_hour()}
         seen: set[int] = set()

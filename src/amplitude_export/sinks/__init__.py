@@ -53,6 +53,10 @@ class Sink(Protocol):
         """The stored events, optionally those with `server_upload_time` in [start, end], as an Arrow table."""
         ...
 
+    def count_by_hour(self) -> dict[datetime, int]:
+        """How many rows `events` holds per `_upload_hour` (for `verify`)."""
+        ...
+
     def close(self) -> None:
         """Release connections and locks."""
         ...

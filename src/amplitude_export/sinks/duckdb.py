@@ -294,6 +294,10 @@ class DuckDBSink:
         ).to_arrow_table()
         return table.cast(ARROW_SCHEMA)
 
+    def count_by_hour(self) -> dict[datetime, int]:
+        """Rows stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        return hour_counts(self.connection, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} GROUP BY 1")
+
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock."""
         self.connection.close()

@@ -382,6 +382,17 @@ class ParquetSink:
             con.close()
         return table.cast(ARROW_SCHEMA)
 
+    def count_by_hour(self) -> dict[datetime, int]:
+        """Rows stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        if not self.files:
+            return {}
+        paths = _sql_list([self.store.abs(rel) for rel in sorted(self.files)])
+        con = self._connect()
+        try:
+            return hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM read_parquet({paths}) GROUP BY 1")
+        finally:
+            con.close()
+
     def close(self) -> None:
         """Release the directory's lock."""
         self.store.unlock()

@@ -1,0 +1,245 @@
+"""`report`: figures checked against SQL over the same destination, and the page drawn by a real headless Chromium.
+
+The destination is built the way users build theirs: the fake Export API (with transient faults, malformed lines,
+empty hours and one hour too large to export) through `pipeline.run` into DuckDB and Parquet; then one more hour
+is written with fields the schema does not know, as a newer SDK would send them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+import stamina
+from sink_helpers import batch, event, finisher
+
+from amplitude_export.client import ExportClient
+from amplitude_export.config import Credentials, Secret
+from amplitude_export.errors import UsageError
+from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.ledger import TOO_LARGE
+from amplitude_export.pipeline import run
+from amplitude_export.report import TOP, write_report
+from amplitude_export.sinks import open_sink
+from amplitude_export.sinks.duckdb import DuckDBSink, record_from_row
+from amplitude_export.status import spans
+from amplitude_export.windows import HOUR, Window
+
+START = datetime(2024, 3, 1, tzinfo=UTC)
+LAST = START + timedelta(days=3) - HOUR  # three days of upload hours
+BIG_HOUR = START + timedelta(hours=40)  # over the archive limit on its own: too_large
+EXTRA_HOUR = LAST + HOUR  # written by hand with fields the schema does not know
+PROJECT = "demo"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def events_per_hour(hour: datetime) -> int:
+    return 3_000 if hour == BIG_HOUR else 25 + (hour.hour * 7) % 40
+
+
+@pytest.fixture(scope="module")
+def destinations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """`duckdb:` and `parquet:` destinations loaded from the same archives, plus the hand-written hour."""
+    root = tmp_path_factory.mktemp("report")
+    dests = {"duckdb": f"duckdb:{root / 'amplitude.duckdb'}", "parquet": f"parquet:{root / 'parquet'}"}
+    with stamina.set_testing(True, attempts=3, cap=True), FakeExportServer(
+        seed=11, events_per_hour=events_per_hour, data_start=START, fault_rate=0.3, malformed_lines=True,
+        empty_hours=[START + timedelta(hours=h) for h in range(26, 29)], max_archive_bytes=600_000,
+    ) as server:  # fmt: skip
+        for dest in dests.values():
+            sink = open_sink(dest)
+            try:
+                credentials = Credentials(server.api_key, Secret("demo-secret"), "us", server.url)
+                with ExportClient(credentials) as client:
+                    run(
+                        client,
+                        sink,
+                        project=PROJECT,
+                        start="2024-03-01",
+                        end="2024-03-03",
+                        window_hours=12,
+                        data_dir=root / "data",
+                        workers=1,
+                        now=datetime(2024, 4, 1, tzinfo=UTC),
+                    )
+                rows = [event(f"extra-{n}", EXTRA_HOUR, n, amplitude_id=77 + n, event_type="sdk_event",
+                              _extra=json.dumps({"new_sdk_field": n, **({"event_id": "abc"} if n == 1 else {})}))
+                        for n in (1, 2, 3)]  # fmt: skip
+                sink.write_window(
+                    PROJECT,
+                    Window(EXTRA_HOUR, EXTRA_HOUR),
+                    [batch(rows)],
+                    finisher(Window(EXTRA_HOUR, EXTRA_HOUR), rows),
+                )
+            finally:
+                sink.close()
+    return dests
+
+
+@pytest.fixture(scope="module")
+def report(destinations: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_report(destinations["duckdb"], tmp_path_factory.mktemp("html") / "report.html")
+
+
+def island(page: Path) -> dict[str, Any]:
+    """The figures the page embeds (and draws its charts from)."""
+    found = re.search(
+        r'<script type="application/json" id="report-data">(.*?)</script>', page.read_text(), re.DOTALL
+    )
+    assert found, "no report-data block"
+    return json.loads(found.group(1))  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def con(destinations: dict[str, str]) -> Iterator[duckdb.DuckDBPyConnection]:
+    with duckdb.connect(destinations["duckdb"].removeprefix("duckdb:"), read_only=True) as connection:
+        connection.execute("SET TimeZone = 'UTC'")
+        yield connection
+
+
+def sql(con: duckdb.DuckDBPyConnection, query: str) -> list[tuple[Any, ...]]:
+    return con.execute(query).fetchall()
+
+
+def test_figures_match_sql_over_the_same_file(report: Path, con: duckdb.DuckDBPyConnection) -> None:
+    data = island(report)
+    events, users = sql(con, "SELECT count(*), count(DISTINCT amplitude_id) FROM events")[0]
+    assert data["totals"]["events"] == events > 2_000 and data["totals"]["users"] == users
+    assert sum(h["events"] for h in data["hourly"]) == events
+
+    ledger = dict(sql(con, "SELECT strftime(hour, '%Y-%m-%dT%H:00:00Z'), status FROM _amplitude_ledger"))
+    assert {h["hour"]: h["status"] for h in data["hourly"]} == ledger
+    assert {h["status"] for h in data["hourly"]} >= {"loaded", "empty", TOO_LARGE}
+
+    day = "strftime(timezone('UTC', event_time), '%Y-%m-%d')"
+    per_day = {d: (n, u) for d, n, u in sql(
+        con, f"SELECT {day}, count(*), count(DISTINCT amplitude_id) FROM events "
+             "WHERE event_time >= '2024-03-01' AND event_time < '2024-03-04 01:00:00+00' GROUP BY 1")}  # fmt: skip
+    assert {d["day"]: (d["events"], d["users"]) for d in data["daily"]} == {
+        d: per_day.get(d, (0, 0)) for d in ("2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04")
+    }
+    new = dict(sql(con, f"SELECT {day}, count(*) FROM (SELECT min(event_time) AS event_time FROM events "
+                        "WHERE amplitude_id IS NOT NULL GROUP BY amplitude_id) "
+                        "WHERE event_time >= '2024-03-01' GROUP BY 1"))  # fmt: skip
+    assert {d["day"]: d["new_users"] for d in data["daily"] if d["new_users"]} == new
+
+    top = sql(con, "SELECT event_type, count(*) FROM events WHERE event_time >= '2024-03-01' "
+                   "GROUP BY 1 ORDER BY 2 DESC, 1")  # fmt: skip
+    assert [(t["value"], t["events"]) for t in data["event_types"][:TOP]] == top[:TOP]
+    assert sum(t["events"] for t in data["event_types"]) == sum(n for _, n in top)
+    platforms = dict(sql(con, "SELECT coalesce(platform, '(none)'), count(*) FROM events "
+                              "WHERE event_time >= '2024-03-01' GROUP BY 1"))  # fmt: skip
+    assert {p["value"]: p["events"] for p in data["platforms"]} == platforms
+
+
+def test_health_lateness_and_windows_match_the_ledger(report: Path, con: duckdb.DuckDBPyConnection) -> None:
+    data = island(report)
+    health = data["health"]
+    duplicates, rejects, retried, failed = sql(
+        con, "SELECT sum(duplicates), sum(rejects), count(*) FILTER (WHERE attempts > 1), "
+             "count(*) FILTER (WHERE status IN ('failed', 'too_large')) FROM _amplitude_ledger")[0]  # fmt: skip
+    assert (
+        (health["duplicates"], health["rejects"]) == (duplicates, rejects) and duplicates > 0 and rejects > 0
+    )
+    assert sum(r["hours"] for r in health["retried_hours"]) == retried > 0
+    assert sum(f["hours"] for f in health["failed"]) == failed == 1
+    assert health["failed"][0]["status"] == TOO_LARGE and health["failed"][0]["start"] == "2024-03-02T16"
+    keys = dict(
+        sql(con, "SELECT k, count(*) FROM (SELECT unnest(json_keys(_extra)) AS k FROM events) GROUP BY 1")
+    )
+    assert (
+        {f["key"]: f["events"] for f in health["unknown_fields"]}
+        == keys
+        == {"new_sdk_field": 3, "event_id": 1}
+    )
+    assert {f["key"]: f["kind"] for f in health["unknown_fields"]}["event_id"] == "value did not fit its type"
+    assert health["ledger_mismatches"] == []
+
+    lateness = data["lateness"]
+    timed, p50 = sql(con, "SELECT count(*), quantile_cont(epoch_ms(server_upload_time) - epoch_ms(event_time), "
+                          "0.5) / 1000 FROM events WHERE event_time IS NOT NULL")[0]  # fmt: skip
+    assert sum(b["events"] for b in lateness["buckets"]) == timed
+    assert lateness["quantiles"]["p50"] == pytest.approx(p50, abs=0.01)
+
+    rows = con.sql("SELECT * FROM _amplitude_ledger WHERE project = ?", params=[PROJECT]).to_arrow_table()
+    ledger = {
+        r.hour: r for r in map(record_from_row, rows.to_pylist())
+    }  # what `status` reads, as DuckDBSink does
+    assert data["windows"] == spans(ledger) and len(data["windows"]) > 3
+
+
+def test_a_range_and_a_parquet_destination(destinations: dict[str, str], tmp_path: Path) -> None:
+    day = write_report(destinations["duckdb"], tmp_path / "day.html", start=START + timedelta(days=1),
+                       end=START + timedelta(days=1, hours=23), project=PROJECT)  # fmt: skip
+    data = island(day)
+    with duckdb.connect(destinations["duckdb"].removeprefix("duckdb:"), read_only=True) as con:
+        uploaded = sql(con, "SELECT count(*) FROM events WHERE _upload_hour >= '2024-03-02 00:00:00+00' "
+                            "AND _upload_hour < '2024-03-03 00:00:00+00'")[0][0]  # fmt: skip
+    assert (data["meta"]["start"], data["meta"]["end"]) == ("2024-03-02T00", "2024-03-02T23")
+    assert data["totals"]["events"] == uploaded and len(data["hourly"]) == 24 and len(data["daily"]) == 1
+
+    # Parquet: the same ledger (attempts aside: its run found the archives landed), events checked by SQL over
+    # its own files, since which copy of a uuid repeated across hours wins depends on the order windows loaded
+    from_duckdb = island(write_report(destinations["duckdb"], tmp_path / "d.html"))
+    from_parquet = island(write_report(destinations["parquet"], tmp_path / "p.html"))
+    assert [(h["hour"], h["status"]) for h in from_parquet["hourly"]] == [
+        (h["hour"], h["status"]) for h in from_duckdb["hourly"]
+    ]
+    root = destinations["parquet"].removeprefix("parquet:")
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        files = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true)"
+        events, users = sql(con, f"SELECT count(*), count(DISTINCT amplitude_id) FROM {files}")[0]
+        types = sql(con, f"SELECT event_type, count(*) FROM {files} WHERE event_time >= '2024-03-01' "
+                         "GROUP BY 1 ORDER BY 2 DESC, 1")  # fmt: skip
+    assert (from_parquet["totals"]["events"], from_parquet["totals"]["users"]) == (events, users)
+    assert [(t["value"], t["events"]) for t in from_parquet["event_types"][:TOP]] == types[:TOP]
+    assert from_parquet["health"]["unknown_fields"] == from_duckdb["health"]["unknown_fields"]
+
+
+def test_empty_destination_and_unknown_project(tmp_path: Path, destinations: dict[str, str]) -> None:
+    DuckDBSink(tmp_path / "empty.duckdb").close()
+    data = island(write_report(f"duckdb:{tmp_path / 'empty.duckdb'}", tmp_path / "empty.html"))
+    assert data["totals"]["events"] == 0 and data["hourly"] == [] and data["meta"]["start"] is None
+    with pytest.raises(UsageError, match="no project 'nope'"):
+        write_report(destinations["duckdb"], tmp_path / "x.html", project="nope")
+
+
+def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> None:
+    """CI installs Debian's chromium: a missing browser fails here rather than skipping."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    problems: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
+            page = context.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri())
+            page.wait_for_function("document.body.dataset.rendered !== undefined", timeout=20_000)
+            charts = page.evaluate(
+                "[...document.querySelectorAll('.chart')].map(c => [c.id, c.querySelectorAll('svg .mark-rect, "
+                "svg .mark-line, svg path, svg rect').length])"
+            )
+            rendered = page.evaluate("document.body.dataset.rendered")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(charts) == 7 and rendered == "7/7", charts
+    assert all(count > 0 for _, count in charts), charts
+    assert problems == []
+    assert requests == [report.as_uri()]  # nothing but the file itself: no CDN, no fonts
+    assert (tmp_path / "report.png").stat().st_size > 10_000
