@@ -97,26 +97,44 @@ def check_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         raise ValueError(f"batch does not match schema.ARROW_SCHEMA: {exc}") from exc
 
 
+STAGE_ROWS = 16_384  # rows per INSERT into the stage: each statement costs ~25 ms whatever its size
+
+
 def stage_batches(
     con: duckdb.DuckDBPyConnection, window: Window, batches: Iterable[pa.RecordBatch]
 ) -> dict[datetime, int]:
     """Stage every batch in TEMP table `_amplitude_stage`, numbered in arrival order; rows staged per hour.
 
-    Each batch is registered and inserted on its own, so only one batch is ever held in Python at a time.
+    Batches are inserted a few at a time (about `STAGE_ROWS` rows per statement), so at most that many rows are
+    held in Python at once; one INSERT per small batch costs twice the CPU (docs/PARSE_PATH.md).
     """
     con.execute(events_ddl(STAGE, json_type="VARCHAR", temp=True, seq=True))
     offset = 0
-    for batch in batches:
-        batch = check_batch(batch)
-        if batch.num_rows == 0:
-            continue
-        seq = pa.array(range(offset, offset + batch.num_rows), pa.int64())
-        con.register("_amplitude_batch", batch.append_column(SEQ, seq))
+    pending: list[pa.RecordBatch] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal offset, pending, held
+        table = pa.Table.from_batches(pending, schema=ARROW_SCHEMA)
+        seq = pa.array(range(offset, offset + table.num_rows), pa.int64())
+        con.register("_amplitude_batch", table.append_column(SEQ, seq))
         try:
             con.execute(f"INSERT INTO {STAGE} SELECT * FROM _amplitude_batch")
         finally:
             con.unregister("_amplitude_batch")
-        offset += batch.num_rows
+        offset += table.num_rows
+        pending, held = [], 0
+
+    for batch in batches:
+        batch = check_batch(batch)
+        if batch.num_rows == 0:
+            continue
+        pending.append(batch)
+        held += batch.num_rows
+        if held >= STAGE_ROWS:
+            flush()
+    if pending:
+        flush()
     outside = con.execute(
         f"SELECT count(*) FROM {STAGE} WHERE _upload_hour IS NULL OR _upload_hour < ? OR _upload_hour > ?",
         [window.start, window.end],

@@ -14,8 +14,13 @@ either the old window or the new one, and the same run again finishes the job.
 
 Exactly once across windows: a window's rows are deduplicated by an in-memory DuckDB against the `uuid` column
 of the files holding other hours. The files are the only copy of the data; the state is small and holds the
-ledger. All file access goes through `LocalDirectory`, the seam where an fsspec-backed store (s3://,
-memory://) would go.
+ledger.
+
+All file access goes through a store: `LocalDirectory` for a path (or a `file://` URL), `FsspecDirectory` for any
+other fsspec URL (`s3://`, `gs://`, `az://`, `memory://`, ...). Object stores have no atomic rename and no
+flock, so there the rules are: a data file is complete before the state names it (a half-moved file is an orphan
+like any other), the state is one object written with a single PUT (which object stores apply whole or not at
+all), and the lock is a best-effort object `_state/lock` (see `FsspecDirectory`). See docs/WAREHOUSES.md.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ import json
 import os
 import re
 import shutil
+import socket
+import tempfile
 import uuid as uuid_module
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -52,6 +59,10 @@ from .duckdb import (
     winners_sql,
 )
 
+if TYPE_CHECKING:
+    import pyarrow.dataset as pa_dataset
+    from fsspec import AbstractFileSystem
+
 STATE_DIR = "_state"
 STATE_FILE = "_state/ledger.json"
 LOCK_FILE = "_state/lock"
@@ -59,6 +70,10 @@ SPILL_DIR = "_state/spill"  # DuckDB's temp_directory while staging a window
 TEMP_PREFIX = ".tmp-"
 STATE_FORMAT = 1
 _PARTITION = re.compile(r"^upload_date=\d{4}-\d{2}-\d{2}$")
+LOCK_STALE_AFTER = timedelta(hours=1)  # an object-store lock not refreshed for this long belongs to a dead run
+# which extra provides an fsspec protocol's implementation
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+          "adl": "azure"}
 
 
 @dataclass(frozen=True)
@@ -80,11 +95,28 @@ class LocalDirectory:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.label = str(root)
         self._lock: IO[str] | None = None
 
     def abs(self, rel: str) -> str:
         """The absolute path DuckDB and pyarrow open."""
         return str(self.root / rel)
+
+    def scan(self, con: duckdb.DuckDBPyConnection, rels: list[str]) -> str:
+        """A SQL table expression over the data files `rels` (DuckDB reads local files itself)."""
+        return f"read_parquet({_sql_list([self.abs(rel) for rel in rels])})"
+
+    def spill_dir(self) -> str:
+        """Where DuckDB spills while a window is staged: `_state/spill`."""
+        self.makedirs(SPILL_DIR)
+        return self.abs(SPILL_DIR)
+
+    def clear_spill(self) -> None:
+        """Remove what a crashed run spilled."""
+        self.clear_dir(SPILL_DIR)
+
+    def refresh_lock(self) -> None:
+        """Nothing to do: a flock lasts as long as the descriptor."""
 
     def prepare(self) -> None:
         """Create the root and `_state` (and parents)."""
@@ -181,6 +213,292 @@ class LocalDirectory:
             os.close(fd)
 
 
+class FsspecDirectory:
+    """The same operations on any fsspec filesystem (`s3://`, `gs://`, `az://`, `memory://`, ...).
+
+    What differs from a local directory, and why it stays correct:
+
+    - `rename` is `fs.mv`: a copy then a delete on object stores, not atomic. It happens before the state names
+      the file, so a crash mid-move leaves at most an orphan (temp or final name) that the next open deletes.
+    - The state is written with one `pipe_file` (a single PUT): object stores make an object visible whole or not
+      at all, so there is no temp file and no rename to trust.
+    - There is no flock. The lock is an object `_state/lock` (owner token, host, pid, times), created with mode
+      `xb` where the filesystem supports exclusive create, refused while fresh, refreshed at every window and
+      checked again just before each commit. It is best effort: two runs starting in the same instant on a
+      filesystem without exclusive create can both get it. Running one writer at a time is the user's job.
+    - Reads go through pyarrow datasets over the fsspec filesystem, registered in DuckDB; DuckDB's own httpfs
+      never sees the URL (so it never needs credentials of its own). Spill files stay on local disk.
+    """
+
+    def __init__(self, fs: AbstractFileSystem, root: str, url: str, *, stale_after: timedelta) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.label = url
+        self.stale_after = stale_after
+        self._token: str | None = None
+        self._spill: str | None = None
+        self._scans = 0
+        self._arrow_fs: Any = None
+
+    def abs(self, rel: str) -> str:
+        """The path of `rel` on the filesystem (without the protocol)."""
+        return f"{self.root}/{rel}"
+
+    def dataset(self, rels: list[str]) -> pa_dataset.Dataset:
+        """A pyarrow dataset over the data files `rels`, read through fsspec."""
+        import pyarrow.dataset as ds
+        import pyarrow.fs as pafs
+
+        if self._arrow_fs is None:
+            self._arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+        return ds.dataset([self.abs(rel) for rel in rels], schema=ARROW_SCHEMA, format="parquet",
+                          filesystem=self._arrow_fs)
+
+    def scan(self, con: duckdb.DuckDBPyConnection, rels: list[str]) -> str:
+        """Register a dataset over `rels` in `con` and return its name (DuckDB pushes columns and filters down)."""
+        self._scans += 1
+        name = f"_amplitude_files_{self._scans}"
+        con.register(name, self.dataset(rels))
+        return name
+
+    def spill_dir(self) -> str:
+        """A local temporary directory: spilling to an object store would be slow and is never needed."""
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
+        return self._spill
+
+    def clear_spill(self) -> None:
+        """Nothing is ever spilled to the filesystem itself."""
+
+    def prepare(self) -> None:
+        """Create the root and `_state` where the filesystem has directories (a no-op on object stores)."""
+        self.fs.invalidate_cache()  # listings cached by an earlier sink in this process may be stale
+        self.fs.makedirs(self.abs(STATE_DIR), exist_ok=True)
+
+    # -- the lock --
+
+    def lock(self) -> bool:
+        """Create `_state/lock` unless a fresh one exists; a stale one (dead run) is taken over."""
+        for _ in range(2):
+            if self._create_lock():
+                return True
+            holder = self._read_lock()
+            if holder is not None and not self._stale(holder):
+                return False
+            self._delete_quietly(self.abs(LOCK_FILE))
+        return False
+
+    def lock_holder(self) -> str:
+        """Who holds the lock, for the busy message."""
+        holder = self._read_lock() or {}
+        return f"pid {holder.get('pid')} on {holder.get('host')}, refreshed {holder.get('refreshed')}"
+
+    def refresh_lock(self) -> None:
+        """Check the lock is still ours (a run that found it stale may have taken it) and renew its time."""
+        if self._token is None:
+            return
+        holder = self._read_lock()
+        if holder is None or holder.get("token") != self._token:
+            self._token = None
+            raise DestinationBusyError(
+                f"{self.label}: another run took over {LOCK_FILE} (it looked stale); this run stops before "
+                "committing, so nothing of it is kept"
+            )
+        self.fs.pipe_file(self.abs(LOCK_FILE), self._lock_body(holder.get("acquired")))
+
+    def unlock(self) -> None:
+        """Delete the lock if it is still ours; clean the local spill directory."""
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+        if self._token is None:
+            return
+        holder = self._read_lock()
+        if holder is not None and holder.get("token") == self._token:
+            self._delete_quietly(self.abs(LOCK_FILE))
+        self._token = None
+
+    def _lock_body(self, acquired: str | None = None) -> bytes:
+        now = datetime.now(UTC).isoformat()
+        body = {"token": self._token, "host": socket.gethostname(), "pid": os.getpid(),
+                "acquired": acquired or now, "refreshed": now}
+        return json.dumps(body).encode()
+
+    def _create_lock(self) -> bool:
+        """Create the lock object; True if it now holds our token.
+
+        Exclusive create (`xb`) where the filesystem has it; where it is not implemented, or an implementation
+        ignores the `x`, the existence check before and the read back after still catch all but a true race.
+        """
+        path = self.abs(LOCK_FILE)
+        if self.fs.exists(path):
+            return False
+        previous, self._token = self._token, uuid_module.uuid4().hex
+        body = self._lock_body()
+        try:
+            with self.fs.open(path, "xb") as handle:
+                handle.write(body)
+        except FileExistsError:
+            self._token = previous
+            return False
+        except (NotImplementedError, ValueError):
+            self.fs.pipe_file(path, body)
+        holder = self._read_lock()
+        if holder is None or holder.get("token") != self._token:
+            self._token = previous
+            return False
+        return True
+
+    def _read_lock(self) -> dict[str, Any] | None:
+        text = self.read_text(LOCK_FILE)
+        if text is None:
+            return None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            return {}  # half-written or foreign: stale unless its age says otherwise (it has none)
+        return holder if isinstance(holder, dict) else {}
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        """A lock is stale when not refreshed for `stale_after`, or its process on this host is gone."""
+        try:
+            refreshed = datetime.fromisoformat(holder["refreshed"])
+        except (KeyError, TypeError, ValueError):
+            return True
+        if datetime.now(UTC) - refreshed > self.stale_after:
+            return True
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            return not _pid_alive(holder["pid"])
+        return False
+
+    # -- files --
+
+    def state_temp_files(self) -> Iterator[str]:
+        """Temp files in `_state` (only an older version or another tool leaves them: the state is one PUT)."""
+        for path in self._find(self.abs(STATE_DIR), maxdepth=1):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(TEMP_PREFIX):
+                yield f"{STATE_DIR}/{name}"
+
+    def data_files(self) -> Iterator[str]:
+        """Every file inside a partition (`upload_date=YYYY-MM-DD/`), temp files included, in one listing."""
+        prefix = self.root + "/"
+        rels = []
+        for path in self._find(self.root, maxdepth=2):
+            rel = path.removeprefix(prefix)
+            parts = rel.split("/")
+            if len(parts) == 2 and _PARTITION.match(parts[0]):
+                rels.append(rel)
+        yield from sorted(rels)
+
+    def _find(self, path: str, maxdepth: int) -> list[str]:
+        try:
+            return [p.rstrip("/") for p in self.fs.find(path, maxdepth=maxdepth, withdirs=False)]
+        except FileNotFoundError:
+            return []
+
+    def exists(self, rel: str) -> bool:
+        """Whether `rel` exists."""
+        return bool(self.fs.exists(self.abs(rel)))
+
+    def makedirs(self, rel: str) -> None:
+        """Create directory `rel` where the filesystem has directories."""
+        self.fs.makedirs(self.abs(rel), exist_ok=True)
+
+    def delete(self, rel: str) -> None:
+        """Delete file `rel` if present, and its partition directory once empty (where directories exist)."""
+        self._delete_quietly(self.abs(rel))
+        parent = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        if parent and parent != STATE_DIR:
+            try:
+                if not self.fs.ls(self.abs(parent)):
+                    self.fs.rmdir(self.abs(parent))
+            except OSError:
+                pass  # not empty, or an object store's prefix that vanished with its last object
+
+    def _delete_quietly(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def clear_dir(self, rel: str) -> None:
+        """Remove directory `rel` and everything in it."""
+        try:
+            self.fs.rm(self.abs(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    @contextmanager
+    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
+        """A new file for writing; a failed write is discarded (an aborted multipart upload) where supported."""
+        handle = self.fs.open(self.abs(rel), "wb")
+        try:
+            yield handle
+        except BaseException:
+            discard = getattr(handle, "discard", None)
+            if discard is not None:
+                discard()
+            else:
+                handle.close()
+            raise
+        handle.close()
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move `src` to `dst`: a copy and a delete on object stores, which is why the state commits, not this."""
+        self.fs.mv(self.abs(src), self.abs(dst))
+
+    def read_text(self, rel: str) -> str | None:
+        """The text of `rel`, or None if it does not exist."""
+        try:
+            return bytes(self.fs.cat_file(self.abs(rel))).decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        """Replace `rel` with one PUT, which an object store applies whole or not at all."""
+        self.fs.pipe_file(self.abs(rel), text.encode())
+
+
+def open_store(root: str, storage_options: dict[str, Any] | None = None,
+               stale_after: timedelta = LOCK_STALE_AFTER) -> LocalDirectory | FsspecDirectory:
+    """The store for `root`: a local path or `file://` URL, else an fsspec URL (`s3://bucket/prefix`, ...).
+
+    A missing fsspec, or a protocol whose implementation is not installed, is a UsageError naming the
+    `pip install` line that fixes it.
+    """
+    protocol, sep, rest = root.partition("://")
+    if not sep:
+        return LocalDirectory(Path(root).expanduser())
+    protocol = protocol.lower()
+    if protocol in ("file", "local"):
+        return LocalDirectory(Path(rest).expanduser())
+    extra = EXTRAS.get(protocol.split("::")[-1])
+    install = f"pip install 'amplitude-export[{extra}]'" if extra else "pip install fsspec"
+    try:
+        import fsspec
+    except ImportError:
+        raise UsageError(f"parquet:{root} needs fsspec: {install}") from None
+    try:
+        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    except ImportError as exc:
+        hint = install if extra else f"{exc} (pip install the package it names)"
+        raise UsageError(f"parquet:{root}: the {protocol}:// filesystem is not installed: {hint}") from None
+    except ValueError as exc:
+        raise UsageError(f"parquet:{root}: {exc}") from None
+    return FsspecDirectory(fs, path, root, stale_after=stale_after)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 class ParquetSink:
     """Events as Parquet files under `root`, the ledger in `root/_state/ledger.json`; see the module."""
 
@@ -192,23 +510,29 @@ class ParquetSink:
         threads: int = 2,
         row_group_size: int = 16_384,
         read_only: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        lock_stale_after: float = LOCK_STALE_AFTER.total_seconds(),
     ) -> None:
         """Open (creating it unless `read_only`) and lock the dataset, then delete what a crash left behind.
 
-        A read-only open takes no lock and cleans nothing: it reads only the files the state names, so a run
-        writing meanwhile does not disturb it.
+        `root` is a local directory or an fsspec URL (`s3://bucket/prefix`, `memory://x`); `storage_options`
+        go to fsspec (credentials, endpoint). `lock_stale_after` (seconds) is when an object store's lock left
+        by a dead run may be taken over. A read-only open takes no lock and cleans nothing: it reads only the
+        files the state names, so a run writing meanwhile does not disturb it.
         """
-        if "://" in root:
-            raise UsageError(f"parquet:{root}: only local directories are supported so far")
-        self.root = Path(root).expanduser()
+        self.store = open_store(root, storage_options, timedelta(seconds=lock_stale_after))
+        self.root: Path | str = self.store.root if isinstance(self.store, LocalDirectory) else self.store.label
         self.description = f"parquet:{self.root}"
         self.memory_limit = memory_limit
         self.threads = threads
         self.row_group_size = row_group_size
-        self.store = LocalDirectory(self.root)
         self.read_only = read_only
         if read_only:
-            if not (self.root / STATE_FILE).exists():
+            try:
+                present = self.store.exists(STATE_FILE)
+            except OSError as exc:
+                raise DestinationError(f"cannot open Parquet dataset {self.root}: {_first_line(exc)}") from None
+            if not present:
                 raise DestinationError(f"{self.root} is not a Parquet dataset written by amplitude-export")
             self.files, self.state_ledger = self._load_state()
             return
@@ -217,9 +541,14 @@ class ParquetSink:
             locked = self.store.lock()
         except OSError as exc:
             raise DestinationError(
-                f"cannot open Parquet directory {self.root}: {exc.strerror or exc}"
+                f"cannot open Parquet directory {self.root}: {exc.strerror or _first_line(exc)}"
             ) from None
         if not locked:
+            if isinstance(self.store, FsspecDirectory):
+                raise DestinationBusyError(
+                    f"Parquet dataset {self.root} is in use by another run ({LOCK_FILE}: "
+                    f"{self.store.lock_holder()}); if no run is active, delete {self.root}/{LOCK_FILE}"
+                )
             raise DestinationBusyError(
                 f"Parquet directory {self.root} is in use by another run ({LOCK_FILE})"
             )
@@ -252,7 +581,7 @@ class ParquetSink:
             }
             return files, state["ledger"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise DestinationError(f"cannot read {self.root / STATE_FILE}: {exc}") from None
+            raise DestinationError(f"cannot read {self.root}/{STATE_FILE}: {exc}") from None
 
     def _save_state(self, files: dict[str, DataFile], ledger: dict[str, dict[str, dict[str, Any]]]) -> None:
         """Commit point: after this returns, `files` and `ledger` are what the directory holds."""
@@ -277,7 +606,7 @@ class ParquetSink:
                 on_disk.add(rel)
         for rel in self.store.state_temp_files():
             self.store.delete(rel)
-        self.store.clear_dir(SPILL_DIR)
+        self.store.clear_spill()
         missing = sorted(set(self.files) - on_disk)
         if missing:
             raise DestinationError(
@@ -300,6 +629,7 @@ class ParquetSink:
     ) -> list[HourRecord]:
         """Replace the window's files with `batches`, once per uuid, then commit the state and its ledger."""
         self._check_writable()
+        self.store.refresh_lock()
         # temp and renamed files of this attempt, removed if it fails before the commit
         written: list[str] = []
         committing = False
@@ -308,12 +638,12 @@ class ParquetSink:
             con.begin()  # one transaction: committing each staged batch on its own costs 4x the CPU
             staged = stage_batches(con, window, batches)
             overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window)}
-            others = [self.store.abs(rel) for rel, f in self.files.items() if not _inside(f, window)]
+            others = [rel for rel, f in self.files.items() if not _inside(f, window)]
             taken = None
             if others:
                 # rows of other hours, including those of partly replaced files outside the window
                 taken = (
-                    f"(SELECT uuid FROM read_parquet({_sql_list(others)}) "
+                    f"(SELECT uuid FROM {self.store.scan(con, others)} "
                     f"WHERE _upload_hour < {_ts(window.start)} OR _upload_hour > {_ts(window.end)})"
                 )
             con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(taken)})")
@@ -326,8 +656,8 @@ class ParquetSink:
                 self._copy(con, source, part, new_files, written)
             for old in overlapping.values():  # keep the hours of a replaced file that lie outside the window
                 for part in _outside(old, window):
-                    path = _sql_list([self.store.abs(old.path)])
-                    source = f"SELECT {COLUMNS_SQL} FROM read_parquet({path}) WHERE {_between(part)}"
+                    scan = self.store.scan(con, [old.path])
+                    source = f"SELECT {COLUMNS_SQL} FROM {scan} WHERE {_between(part)}"
                     self._copy(con, source, part, new_files, written)
             con.close()
 
@@ -335,6 +665,7 @@ class ParquetSink:
             ledger = {**self.state_ledger, project: dict(self.state_ledger.get(project, {}))}
             for record in records:
                 ledger[project][record.hour.astimezone(UTC).isoformat()] = record.to_dict()
+            self.store.refresh_lock()  # on an object store: still ours? (a run may have found it stale)
             committing = True
             self._save_state(files, ledger)
         except BaseException as exc:
@@ -343,6 +674,8 @@ class ParquetSink:
                 for rel in written:
                     self.store.delete(rel)
             if isinstance(exc, (duckdb.Error, OSError)):
+                raise DestinationError(f"cannot write {window} to {self.root}: {_first_line(exc)}") from exc
+            if isinstance(exc, pa.ArrowException):  # pyarrow reading through fsspec
                 raise DestinationError(f"cannot write {window} to {self.root}: {_first_line(exc)}") from exc
             raise
         self.files, self.state_ledger = files, ledger
@@ -360,9 +693,10 @@ class ParquetSink:
             data["updated_at"] = data["updated_at"] or now.isoformat()
             ledger[project][record.hour.astimezone(UTC).isoformat()] = data
         try:
+            self.store.refresh_lock()
             self._save_state(self.files, ledger)
         except OSError as exc:
-            raise DestinationError(f"cannot write {self.root / STATE_FILE}: {exc}") from exc
+            raise DestinationError(f"cannot write {self.root}/{STATE_FILE}: {exc}") from exc
         self.state_ledger = ledger
 
     def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
@@ -370,11 +704,10 @@ class ParquetSink:
         if not self.files:
             return ARROW_SCHEMA.empty_table()
         where, params = time_filter(start, end)
-        paths = _sql_list([self.store.abs(rel) for rel in sorted(self.files)])
         con = self._connect()
         try:
             table = con.sql(
-                f"SELECT {COLUMNS_SQL} FROM read_parquet({paths}){where} "
+                f"SELECT {COLUMNS_SQL} FROM {self.store.scan(con, sorted(self.files))}{where} "
                 "ORDER BY _upload_hour, _member, _line",
                 params=params,
             ).to_arrow_table()
@@ -386,15 +719,15 @@ class ParquetSink:
         """Rows stored per `_upload_hour` (what `verify` compares with the ledger)."""
         if not self.files:
             return {}
-        paths = _sql_list([self.store.abs(rel) for rel in sorted(self.files)])
         con = self._connect()
         try:
-            return hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM read_parquet({paths}) GROUP BY 1")
+            scan = self.store.scan(con, sorted(self.files))
+            return hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {scan} GROUP BY 1")
         finally:
             con.close()
 
     def close(self) -> None:
-        """Release the directory's lock."""
+        """Release the directory's lock (and, for fsspec, the local spill directory)."""
         self.store.unlock()
 
     def __enter__(self) -> ParquetSink:
@@ -410,12 +743,12 @@ class ParquetSink:
             raise DestinationError(f"{self.description} was opened read-only")
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
-        """A private in-memory DuckDB spilling to `_state/spill`; insertion order is kept, for files."""
-        self.store.makedirs(SPILL_DIR)
+        """A private in-memory DuckDB spilling to `_state/spill` (a local temp dir for fsspec); insertion order
+        is kept, for files."""
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": self.memory_limit,
             "threads": self.threads,
-            "temp_directory": self.store.abs(SPILL_DIR),
+            "temp_directory": self.store.spill_dir(),
         }
         con = duckdb.connect(":memory:", config=config)
         configure(con)
@@ -453,8 +786,8 @@ class ParquetSink:
         if not rows:
             return
         final = self._free_name(partition, part)
+        written.append(final)  # before the move: an object store's mv can fail after the copy
         self.store.rename(temp, final)
-        written.append(final)
         new_files[final] = DataFile(final, part.start, part.end, rows)
 
     def _free_name(self, partition: str, part: Window) -> str:
