@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -28,3 +30,18 @@ def fake_server() -> Iterator[FakeExportServer]:
         data_end=DAY.replace(hour=23),
     ) as server:
         yield server
+
+
+POSTGRES_URL = os.environ.get("AMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema name on POSTGRES_URL, dropped afterwards. The server must be reachable: tests
+    that use it fail, never skip, without it (CI must not pass without PostgreSQL)."""
+    import psycopg
+
+    name = f"amp_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')

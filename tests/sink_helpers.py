@@ -59,6 +59,7 @@ def event(uuid: str, upload_hour: datetime, line: int = 1, *, part: int = 0, **f
         _member=member_name(upload_hour, part),
         _line=line,
         _run_id="run-1",
+        _project="p",  # what the sink tests write as
     )
     row.update(fields)
     return row

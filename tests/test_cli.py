@@ -86,3 +86,21 @@ def test_range_not_ready_yet_says_so(tmp_path: Path) -> None:
                          "--start", "2999-01-01", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "exportable yet" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["status", "--dest", "duckdb:x.duckdb", "--schema", "s"], 2, "postgresql:// destinations only"),
+        (["status", "--dest", "bogus"], 2, "cannot read destination"),
+        (["status", "--dest", "mysql://x/y"], 2, "unknown destination scheme"),
+        (["status", "--dest", "postgresql://postgres:pw-123@127.0.0.1:9/test"], 4, "cannot open"),
+        (["status", "--dest", "parquet:nowhere"], 4, "not a Parquet dataset"),
+    ],
+)
+def test_bad_destinations_exit_with_one_line(tmp_path: Path, args: list[str], code: int, words: str) -> None:
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
+    assert "pw-123" not in result.stderr + result.stdout

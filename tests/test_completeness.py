@@ -15,7 +15,7 @@ from amplitude_export.cli import cli
 from amplitude_export.client import ExportClient
 from amplitude_export.config import Credentials, Secret
 from amplitude_export.fake_server import FakeExportServer
-from amplitude_export.ledger import HourRecord, LOADED
+from amplitude_export.ledger import LOADED, HourRecord
 from amplitude_export.pipeline import fit_budget, hour_size_estimator, run
 from amplitude_export.sinks import open_sink
 from amplitude_export.verify import verify

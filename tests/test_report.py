@@ -8,13 +8,16 @@ is written with fields the schema does not know, as a newer SDK would send them.
 from __future__ import annotations
 
 import json
+import os
 import re
+import uuid as uuid_module
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import psycopg
 import pytest
 import stamina
 from sink_helpers import batch, event, finisher
@@ -243,3 +246,32 @@ def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> Non
     assert problems == []
     assert requests == [report.as_uri()]  # nothing but the file itself: no CDN, no fonts
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_postgresql_destination(tmp_path: Path) -> None:
+    """The report over PostgreSQL: figures checked by SQL in PostgreSQL itself."""
+    url = os.environ.get("AMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    schema = f"amp_test_{uuid_module.uuid4().hex[:12]}"
+    dest = f"{url}?schema={schema}"
+    try:
+        with stamina.set_testing(True, attempts=3, cap=True), FakeExportServer(seed=5, data_start=START) as server:
+            credentials = Credentials(server.api_key, Secret("demo-secret"), "us", server.url)
+            with ExportClient(credentials) as client, open_sink(dest) as sink:
+                run(client, sink, project=PROJECT, start="2024-03-01", end="2024-03-01", data_dir=tmp_path / "d",
+                    workers=1, now=datetime(2024, 4, 1, tzinfo=UTC))  # fmt: skip
+        data = island(write_report(dest, tmp_path / "pg.html"))
+        with psycopg.connect(url, autocommit=True) as conn:
+            table = f'"{schema}".events'
+            row = conn.execute(f"SELECT count(*), count(DISTINCT amplitude_id) FROM {table}").fetchone()
+            assert row is not None
+            events, users = row
+            types = conn.execute(
+                f"SELECT event_type, count(*) FROM {table} WHERE event_time >= '2024-03-01 00:00+00' "
+                "AND event_time < '2024-03-02 00:00+00' GROUP BY 1 ORDER BY 2 DESC, event_type COLLATE \"C\""
+            ).fetchall()
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    assert events > 1_000 and (data["totals"]["events"], data["totals"]["users"]) == (events, users)
+    assert [h["status"] for h in data["hourly"]] == ["loaded"] * 24
+    assert [(t["value"], t["events"]) for t in data["event_types"][:TOP]] == types[:TOP]

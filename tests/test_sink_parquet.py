@@ -32,9 +32,10 @@ from amplitude_export.ledger import EMPTY, HourRecord
 from amplitude_export.schema import ARROW_SCHEMA, COLUMN_NAMES
 from amplitude_export.sinks import open_sink
 from amplitude_export.sinks.duckdb import DuckDBSink
-from amplitude_export.sinks.parquet import ParquetSink
+from amplitude_export.sinks.parquet import ParquetSink, project_tag
 
 TESTS = Path(__file__).parent
+TAG = project_tag("p")  # the tests write as project "p"
 
 
 @pytest.fixture
@@ -70,8 +71,8 @@ def test_layout_types_and_ledger(sink: ParquetSink, root: Path) -> None:
     records = sink.write_window("p", w, [batch(rows)], finisher(w, rows))
 
     assert data_files(root) == [
-        "upload_date=2024-03-01/20240301T22_20240301T23.parquet",
-        "upload_date=2024-03-02/20240302T00_20240302T01.parquet",
+        f"upload_date=2024-03-01/20240301T22_20240301T23-{TAG}.parquet",
+        f"upload_date=2024-03-02/20240302T00_20240302T01-{TAG}.parquet",
     ]
     for path in root.glob("upload_date=*/*.parquet"):
         assert pq.read_schema(path).remove_metadata().equals(ARROW_SCHEMA)
@@ -138,9 +139,9 @@ def test_a_window_inside_an_older_file_keeps_that_files_other_hours(sink: Parque
 
     assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 1)]
     assert data_files(root) == [
-        "upload_date=2024-03-01/20240301T00_20240301T00.parquet",
-        "upload_date=2024-03-01/20240301T01_20240301T01.parquet",
-        "upload_date=2024-03-01/20240301T02_20240301T03.parquet",
+        f"upload_date=2024-03-01/20240301T00_20240301T00-{TAG}.parquet",
+        f"upload_date=2024-03-01/20240301T01_20240301T01-{TAG}.parquet",
+        f"upload_date=2024-03-01/20240301T02_20240301T03-{TAG}.parquet",
     ]
     assert [r["uuid"] for r in hive(root)] == sorted(["u1", "u2", "u3", "u4", "n1", "u6", "u7", "u8", "u9"])
 
@@ -167,19 +168,19 @@ def test_orphans_of_a_crash_are_removed_on_open(root: Path) -> None:
         s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
         s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
     # a crash after a data file was renamed into place but before the state named it, plus a half-written temp
-    live = root / "upload_date=2024-03-01" / "20240301T00_20240301T01.parquet"
-    shutil.copy(live, live.with_name("20240301T00_20240301T01.1.parquet"))
+    live = root / "upload_date=2024-03-01" / f"20240301T00_20240301T01-{TAG}.parquet"
+    shutil.copy(live, live.with_name(f"20240301T00_20240301T01-{TAG}.1.parquet"))
     (live.parent / ".tmp-0123abcd").write_bytes(b"PAR1 half")
     (root / "upload_date=2024-03-05").mkdir()
-    shutil.copy(live, root / "upload_date=2024-03-05" / "20240305T00_20240305T00.parquet")
+    shutil.copy(live, root / "upload_date=2024-03-05" / f"20240305T00_20240305T00-{TAG}.parquet")
     (root / "_state" / ".tmp-ledger.json-deadbeef").write_text("{")
     assert len(hive(root)) > len(EXPECTED_UUIDS)
 
     with ParquetSink(str(root)) as s:
         assert [r["uuid"] for r in hive(root)] == EXPECTED_UUIDS
         assert data_files(root) == [
-            "upload_date=2024-03-01/20240301T00_20240301T01.parquet",
-            "upload_date=2024-03-01/20240301T02_20240301T03.parquet",
+            f"upload_date=2024-03-01/20240301T00_20240301T01-{TAG}.parquet",
+            f"upload_date=2024-03-01/20240301T02_20240301T03-{TAG}.parquet",
         ]
         assert not (root / "upload_date=2024-03-05").exists()
         assert [p.name for p in (root / "_state").glob(".tmp-*")] == []

@@ -95,7 +95,7 @@ def test_a_url_holds_the_same_files_rows_and_ledger_as_a_local_directory(url: st
         write_scenario(local)
         assert remote.read_arrow().equals(local.read_arrow())
         assert comparable(remote.ledger("p")) == comparable(local.ledger("p"))
-        assert remote.count_by_hour() == local.count_by_hour()
+        assert remote.count_by_hour("p") == local.count_by_hour("p")
     assert files_at(url) == local_files(tmp_path / "lake")
     assert state_at(url)["files"] == json.loads((tmp_path / "lake" / "_state" / "ledger.json").read_text())["files"]
     assert not MEMORY.exists(url.removeprefix("memory://") + "/_state/lock")  # released on close

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pytest
+from conftest import POSTGRES_URL as URL
 
 from amplitude_export.errors import DestinationBusyError, DestinationError
 from amplitude_export.ledger import LOADED, HourRecord, MemberInfo
@@ -31,7 +32,6 @@ from amplitude_export.sinks.postgres import PostgresSink, escape_json_text, reda
 from amplitude_export.synthetic import generate_hour
 from amplitude_export.windows import HOUR, Window
 
-URL = os.environ.get("AMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 H0 = datetime(2024, 3, 1, 0, tzinfo=UTC)
 
 
@@ -55,6 +55,7 @@ def event_rows(
             _member=member or f"1_{hour:%Y-%m-%d_%H}#0.json.gz",
             _line=line,
             _run_id="run-1",
+            _project="p1",  # what `write` loads them as
         )
         rows.append(row)
     return rows
@@ -93,11 +94,8 @@ def stored(sink: PostgresSink) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture()
-def schema() -> Iterator[str]:
-    name = f"amp_test_{uuid_module.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(URL, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+def schema(pg_schema: str) -> str:
+    return pg_schema
 
 
 @pytest.fixture()
@@ -121,10 +119,10 @@ def test_tables_are_created_with_postgres_types(sink: PostgresSink, schema: str)
     assert types["location_lat"] == "double precision" and types["is_attribution_event"] == "boolean"
     key = sink.conn.execute(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
-        " WHERE i.indrelid = %s::regclass AND i.indisprimary",
+        " WHERE i.indrelid = %s::regclass AND i.indisunique",
         [f'"{schema}".events'],
     ).fetchall()
-    assert key == [("uuid",)]
+    assert key == [("uuid",)]  # unique, not primary: events without a uuid are kept
     ledger = dict(
         sink.conn.execute(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s"
@@ -261,7 +259,7 @@ def test_binary_copy_edge_values_round_trip(sink: PostgresSink) -> None:
         event_properties='"just a string"',
         groups="null",
     )
-    rows[2].update(**{name: None for name in COLUMN_NAMES if name not in ("uuid", "_upload_hour")})
+    rows[2].update(**{name: None for name in COLUMN_NAMES if name not in ("uuid", "_upload_hour", "_project")})
     table = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
     sliced = table.slice(1).to_batches()  # arrays with a non-zero offset
     window = Window(H0, H0)
@@ -280,7 +278,7 @@ def test_binary_copy_edge_values_round_trip(sink: PostgresSink) -> None:
         "null",
     )
     empty = got[rows[2]["uuid"]]
-    assert all(empty[name] is None for name in COLUMN_NAMES if name not in ("uuid", "_upload_hour"))
+    assert all(empty[name] is None for name in COLUMN_NAMES if name not in ("uuid", "_upload_hour", "_project"))
 
 
 def test_rows_outside_the_window_are_refused(sink: PostgresSink) -> None:

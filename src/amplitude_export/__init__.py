@@ -32,18 +32,31 @@ def _hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
     return hour
 
 
-def read_arrow(dest: str, start: str | datetime | None = None, end: str | datetime | None = None) -> pa.Table:
+def read_arrow(
+    dest: str,
+    start: str | datetime | None = None,
+    end: str | datetime | None = None,
+    *,
+    project: str | None = None,
+) -> pa.Table:
     """The loaded events of `dest` (`duckdb:PATH`, `parquet:DIR`, `postgresql://...`) as an Arrow table,
-    optionally only those whose `server_upload_time` falls in the UTC hours start..end (inclusive)."""
+    optionally only those whose `server_upload_time` falls in the UTC hours start..end (inclusive), and only
+    those of `project` (the `--project` they were loaded under; all projects when None)."""
     from .sinks import open_sink
 
     sink = open_sink(dest, read_only=True)
     try:
-        return sink.read_arrow(_hour(start, is_end=False), _hour(end, is_end=True))
+        return sink.read_arrow(_hour(start, is_end=False), _hour(end, is_end=True), project)
     finally:
         sink.close()
 
 
-def read_events(dest: str, start: str | datetime | None = None, end: str | datetime | None = None) -> pd.DataFrame:
+def read_events(
+    dest: str,
+    start: str | datetime | None = None,
+    end: str | datetime | None = None,
+    *,
+    project: str | None = None,
+) -> pd.DataFrame:
     """Like `read_arrow`, as a pandas DataFrame (timestamps UTC-aware, JSON columns as text)."""
-    return read_arrow(dest, start, end).to_pandas()
+    return read_arrow(dest, start, end, project=project).to_pandas()

@@ -12,9 +12,11 @@ import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import click
 
@@ -22,9 +24,13 @@ from . import __version__
 from .config import REGION_HOSTS, load_credentials
 from .errors import EXIT_INTERRUPTED, AmplitudeExportError, UsageError
 
+if TYPE_CHECKING:
+    from .sinks import Sink
+
 log = logging.getLogger("amplitude_export")
 
 F = TypeVar("F", bound=Callable[..., Any])
+WAIT_POLL_SECONDS = 1.0  # how often --wait tries the destination's lock again
 
 EXIT_CODES = """\b
 Exit codes:
@@ -157,8 +163,16 @@ def extract(api_key: str | None, secret_key: str | None, region: str | None, bas
     sys.exit(report.exit_code)
 
 
+def _keep_schema(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta["amplitude_export.schema"] = value
+
+
 def dest_options(func: F) -> F:
-    """--dest and --project."""
+    """--dest, --schema and --project."""
+    func = click.option(
+        "--schema", envvar="AMP_PG_SCHEMA", expose_value=False, callback=_keep_schema,
+        help="PostgreSQL schema for the tables (default amplitude; also ?schema=NAME in the URL). Env: AMP_PG_SCHEMA.",
+    )(func)
     func = click.option(
         "--project", help="Name that keeps several Amplitude projects apart in one destination "
         "(default: the API key)."
@@ -170,7 +184,32 @@ def dest_options(func: F) -> F:
 
 
 def _dest(dest: str | None, data_dir: Path) -> str:
-    return dest or f"duckdb:{data_dir / 'amplitude.duckdb'}"
+    """The destination URL, with --schema carried as its `schema` parameter (PostgreSQL only)."""
+    url = dest or f"duckdb:{data_dir / 'amplitude.duckdb'}"
+    schema = click.get_current_context().meta.get("amplitude_export.schema")
+    if schema:
+        if not url.lower().startswith(("postgresql:", "postgres:")):
+            raise UsageError("--schema applies to postgresql:// destinations only")
+        url += ("&" if "?" in url else "?") + "schema=" + quote(schema, safe="")
+    return url
+
+
+def _open_for_writing(url: str, wait: bool) -> Sink:
+    """Open the destination for a run; with `wait`, poll while another run holds it (orchestrators queue runs)."""
+    from .errors import DestinationBusyError
+    from .sinks import open_sink
+
+    announced = False
+    while True:
+        try:
+            return open_sink(url)
+        except DestinationBusyError as exc:
+            if not wait:
+                raise
+            if not announced:
+                log.warning("%s; waiting for it (--wait)", exc)
+                announced = True
+            time.sleep(WAIT_POLL_SECONDS)
 
 
 def _project(project: str | None, api_key: str | None) -> str:
@@ -194,12 +233,13 @@ def _project(project: str | None, api_key: str | None) -> str:
               help="Plan windows whose archives (as learned from earlier runs) stay under this size.")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Processes that parse events.")
+@click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
 @reports_errors
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
         start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
         retry_wait: float, concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool,
         dest: str | None, project: str | None, keep_raw: bool, refresh: bool, lookback_hours: int,
-        size_budget_mb: int, workers: int) -> None:
+        size_budget_mb: int, workers: int, wait: bool) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
     With no --start, continue after the last loaded hour up to the last ready hour (the first run takes
@@ -213,12 +253,11 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
     """
     from .pipeline import new_run_id
     from .pipeline import run as do_run
-    from .sinks import open_sink
 
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
     with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client:
-        sink = open_sink(_dest(dest, data_dir))
+        sink = _open_for_writing(_dest(dest, data_dir), wait)
         try:
             with reporter:
                 report = do_run(client, sink, project=project or client.credentials.api_key, start=start, end=end,
@@ -244,9 +283,10 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
 @click.option("--progress/--no-progress", default=None)
 @click.option("-v", "--verbose", is_flag=True)
+@click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
 @reports_errors
 def load(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, log_dir: Path,
-         keep_raw: bool, refresh: bool, workers: int, progress: bool | None, verbose: bool) -> None:
+         keep_raw: bool, refresh: bool, workers: int, progress: bool | None, verbose: bool, wait: bool) -> None:
     """Load archives already under DATA_DIR/raw (from `extract`) into the destination.
 
     \b
@@ -256,11 +296,10 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     """
     from .pipeline import load as do_load
     from .pipeline import new_run_id
-    from .sinks import open_sink
 
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
-    sink = open_sink(_dest(dest, data_dir))
+    sink = _open_for_writing(_dest(dest, data_dir), wait)
     try:
         with reporter:
             report = do_load(sink, project=_project(project, api_key), data_dir=data_dir, workers=workers,
@@ -285,8 +324,8 @@ def status(dest: str | None, project: str | None, api_key: str | None, data_dir:
       amplitude-export status
       amplitude-export status --dest parquet:events/ --json
     """
-    from .status import render_status, status_data
     from .sinks import open_sink
+    from .status import render_status, status_data
 
     sink = open_sink(_dest(dest, data_dir), read_only=True)
     try:

@@ -293,7 +293,9 @@ def load_window(
     from .reader import WindowReader
 
     size = archive.stat().st_size
-    reader = WindowReader(archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers)
+    reader = WindowReader(
+        archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers, project=project
+    )
 
     def finish() -> list[HourRecord]:
         records = reader.hour_records()

@@ -90,6 +90,7 @@ class _Context:
 
     path: str
     run_id: str
+    project: str
     window_start: datetime
     batch_rows: int
     require_uuid: bool
@@ -280,6 +281,7 @@ def _parse(lines: list[bytes], first: int, member: ArchiveMember, index: int, ct
         pa.repeat(pa.scalar(member.name, pa.string()), rows),
         pa.array(numbers, pa.int64()),
         pa.repeat(pa.scalar(ctx.run_id, pa.string()), rows),
+        pa.repeat(pa.scalar(ctx.project, pa.string()), rows),
     ]
     batch = pa.RecordBatch.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
     return _Part(index, batch, nonblank, rejects, unknown)
@@ -441,10 +443,12 @@ class WindowReader:
         workers: int = 2,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         require_uuid: bool = False,
+        project: str = "default",
     ) -> None:
         self.path = Path(path)
         self.window = window
         self.run_id = run_id
+        self.project = project
         self.rejects_dir = Path(rejects_dir) if rejects_dir is not None else None
         self.workers = workers
         self.batch_rows = max(1, batch_rows)
@@ -473,7 +477,9 @@ class WindowReader:
         self._member_hour = [m.upload_hour or self.window.start for m in self._members]
         self._hours = {hour: _HourStats() for hour in self.window.each_hour()}
         seen: set[int] = set()
-        ctx = _Context(str(self.path), self.run_id, self.window.start, self.batch_rows, self.require_uuid)
+        ctx = _Context(
+            str(self.path), self.run_id, self.project, self.window.start, self.batch_rows, self.require_uuid
+        )
         numbered = list(enumerate(self._members))
         if self.workers > 1 and len(numbered) > 1:
             parts = self._parallel(ctx, numbered)

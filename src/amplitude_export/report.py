@@ -1,8 +1,10 @@
 """`amplitude-export report`: one self-contained HTML page about what a destination holds.
 
-Figures are gathered by SQL over a DuckDB connection on which the destination appears as two views, `events`
-(the events table) and `ledger` (the per-hour ledger with a `project` column), so adding a destination means
-adding the two views, nothing else. Only aggregates leave the database: the page's size grows with the number of
+Figures are gathered by SQL over a DuckDB connection on which the destination appears as two views,
+`all_events` (the events table) and `ledger` (the per-hour ledger with a `project` column), so adding a
+destination means adding the two views, nothing else; `gather` narrows `all_events` to one project's `events`.
+PostgreSQL is the exception that proves it: the columns the figures need are streamed by COPY into a DuckDB
+file in a temporary directory (bounded memory), as DuckDB's postgres extension would need a download. Only aggregates leave the database: the page's size grows with the number of
 days and hours in the range, not with the number of events.
 
 The page embeds its figures once, as JSON (`<script type="application/json" id="report-data">`), and draws them
@@ -16,6 +18,7 @@ import html
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -77,10 +80,20 @@ def write_report(
 
 @contextmanager
 def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An in-memory DuckDB connection on which `dest` appears as views `events` and `ledger`, read-only."""
+    """An in-memory DuckDB connection on which `dest` appears as views `all_events` and `ledger`, read-only."""
     scheme, sep, rest = dest.partition(":")
     if not sep or not rest:
-        raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH or parquet:DIR")
+        raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
+    if scheme.lower() in ("postgresql", "postgres"):
+        with tempfile.TemporaryDirectory(prefix="amplitude-report-") as scratch:
+            con = duckdb.connect(str(Path(scratch) / "copy.duckdb"), config={"threads": 2, "memory_limit": "1GB"})
+            try:
+                con.execute("SET TimeZone = 'UTC'")
+                _postgres_views(con, dest, Path(scratch))
+                yield con
+            finally:
+                con.close()
+        return
     con = duckdb.connect(":memory:", config={"threads": 2, "memory_limit": "1GB"})
     try:
         con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ shown and cast as UTC whatever the machine's zone
@@ -114,10 +127,55 @@ def _duckdb_views(con: duckdb.DuckDBPyConnection, path: Path) -> None:
             ) from None
         raise DestinationError(f"cannot open DuckDB database {path}: {_first_line(exc)}") from None
     try:
-        con.execute(f"CREATE VIEW events AS SELECT * FROM src.{EVENTS}")
+        con.execute(f"CREATE VIEW all_events AS SELECT * FROM src.{EVENTS}")
         con.execute(f"CREATE VIEW ledger AS SELECT * FROM src.{LEDGER}")
     except duckdb.CatalogException:
         raise DestinationError(f"{path} holds no amplitude-export tables (events, {LEDGER})") from None
+
+
+# the columns the figures read, and all a PostgreSQL destination has to copy out
+REPORT_COLUMNS = (
+    "_project", "_upload_hour", "_extra", "amplitude_id", "event_time", "server_upload_time", "event_type",
+    "platform", "country",
+)
+
+
+def _postgres_views(con: duckdb.DuckDBPyConnection, url: str, scratch: Path) -> None:
+    """Copy the report's columns out of PostgreSQL (CSV by COPY, to a file) and its ledger into `con`."""
+    import psycopg
+    from psycopg import sql
+
+    from .schema import ALL_COLUMNS, DUCKDB_TYPES
+    from .sinks.duckdb import records_table
+    from .sinks.postgres import PostgresSink
+
+    with PostgresSink(url, read_only=True) as sink:
+        projects = [row[0] for row in sink.conn.execute(
+            sql.SQL("SELECT DISTINCT project FROM {}").format(sink._ledger)
+        ).fetchall()]
+        ledger = pa.concat_tables([records_table("", [])] + [
+            records_table(project, list(sink.ledger(project).values())) for project in projects
+        ])
+        csv_path = scratch / "events.csv"
+        query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(
+            sql.SQL(", ").join(map(sql.Identifier, REPORT_COLUMNS)), sink._events
+        )
+        try:
+            with csv_path.open("wb") as out, sink.conn.cursor().copy(query) as copy:
+                for chunk in copy:
+                    out.write(chunk)
+        except psycopg.Error as exc:
+            raise DestinationError(f"{sink.description}: cannot read events: {_first_line(exc)}") from None
+    kinds = {column.name: DUCKDB_TYPES[column.kind] for column in ALL_COLUMNS}
+    columns = ", ".join(f"{_literal(name)}: {_literal(kinds[name])}" for name in REPORT_COLUMNS)
+    con.execute(
+        f"CREATE TABLE all_events AS SELECT * FROM read_csv({_literal(str(csv_path))}, header = false, "
+        f"columns = {{{columns}}}, quote = '\"', escape = '\"', nullstr = '', allow_quoted_nulls = false)"
+    )
+    csv_path.unlink()
+    con.register("_ledger_arrow", ledger)
+    con.execute("CREATE TABLE ledger AS SELECT * FROM _ledger_arrow")
+    con.unregister("_ledger_arrow")
 
 
 def _parquet_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
@@ -138,11 +196,11 @@ def _parquet_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
         raise DestinationError(f"cannot read {state_path}: {exc}") from None
     if files:
         con.execute(
-            "CREATE VIEW events AS SELECT * FROM read_parquet("
+            "CREATE VIEW all_events AS SELECT * FROM read_parquet("
             f"[{', '.join(_literal(f) for f in files)}], hive_partitioning = true, union_by_name = true)"
         )
     else:
-        con.execute(events_ddl("events"))
+        con.execute(events_ddl("all_events"))
     tables = [
         records_table(name, [HourRecord.from_dict(d) for d in hours.values()])
         for name, hours in ledgers.items()
@@ -214,6 +272,9 @@ def gather(
     event-time figures (daily, users, types, platforms, countries) cover events whose `event_time` is in it.
     """
     project = _resolve_project(con, project)
+    # the figures read `events`: the rows of this project only (one destination may hold several)
+    where = "" if project is None else f" WHERE _project = {_literal(project)}"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM all_events{where}")
     meta: dict[str, Any] = {
         "project": project,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

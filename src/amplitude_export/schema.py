@@ -100,8 +100,9 @@ UPLOAD_HOUR = Column("_upload_hour", "", TIMESTAMP)  # the UTC upload hour the a
 MEMBER = Column("_member", "", STRING)  # archive member the line came from
 LINE = Column("_line", "", INTEGER)  # 1-based line number inside that member
 RUN_ID = Column("_run_id", "", STRING)  # the run that loaded the row
+PROJECT = Column("_project", "", STRING)  # the project (ledger key) the row belongs to: keeps projects apart
 
-PROVENANCE_COLUMNS: tuple[Column, ...] = (EXTRA, UPLOAD_HOUR, MEMBER, LINE, RUN_ID)
+PROVENANCE_COLUMNS: tuple[Column, ...] = (EXTRA, UPLOAD_HOUR, MEMBER, LINE, RUN_ID, PROJECT)
 ALL_COLUMNS: tuple[Column, ...] = EXPORT_COLUMNS + PROVENANCE_COLUMNS
 COLUMN_NAMES: tuple[str, ...] = tuple(column.name for column in ALL_COLUMNS)
 KNOWN_SOURCES: frozenset[str] = frozenset(column.source for column in EXPORT_COLUMNS)

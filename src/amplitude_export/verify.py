@@ -50,7 +50,7 @@ class Verification:
 def verify(sink: Sink, project: str, *, deep: bool = False, raw_dir: Path | None = None) -> Verification:
     """Check the ledger against the events table (and, with `deep`, against the archives in `raw_dir`)."""
     ledger = sink.ledger(project)
-    counts = sink.count_by_hour()
+    counts = sink.count_by_hour(project)
     problems: list[Problem] = []
     if not ledger:
         problems.append(Problem(None, "missing", f"nothing loaded for project {project!r} yet"))

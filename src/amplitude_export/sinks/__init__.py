@@ -7,7 +7,7 @@ together, so the destination is the only record of progress.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -37,7 +37,7 @@ class Sink(Protocol):
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, exactly once per uuid, and record them, atomically.
 
-        In one transaction: drop the rows of the window's upload hours (a reload replaces them), insert the new
+        In one transaction: drop the project's rows of the window's upload hours (a reload replaces them; other projects' rows stay), insert the new
         rows keeping the first row of each uuid (by member order, then line) and skipping uuids already stored
         under other hours, then call `finish()` for the per-hour records the reader built while the batches
         were consumed, fill in `events_loaded` and `duplicates` per hour, store them in the ledger and commit.
@@ -49,17 +49,31 @@ class Sink(Protocol):
         """Store ledger rows for hours that have no events (empty, failed, too large), without touching rows."""
         ...
 
-    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
-        """The stored events, optionally those with `server_upload_time` in [start, end], as an Arrow table."""
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
+        """The stored events (of one project, or all), optionally those with `server_upload_time` in
+        [start, end], as an Arrow table."""
         ...
 
-    def count_by_hour(self) -> dict[datetime, int]:
-        """How many rows `events` holds per `_upload_hour` (for `verify`)."""
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """How many rows of `project` `events` holds per `_upload_hour` (for `verify`)."""
         ...
 
     def close(self) -> None:
         """Release connections and locks."""
         ...
+
+
+def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa.RecordBatch]:
+    """The batches with `_project` set to `project`: the column a window's reload deletes by must hold the
+    project the window is written for, whoever built the batches."""
+    for batch in batches:
+        index = batch.schema.get_field_index("_project")
+        column = pa.repeat(pa.scalar(project, pa.string()), batch.num_rows)
+        arrays = batch.columns
+        arrays[index] = column
+        yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
 def open_sink(dest: str, **options: object) -> Sink:
@@ -77,7 +91,14 @@ def open_sink(dest: str, **options: object) -> Sink:
 
         return ParquetSink(rest, **options)  # type: ignore[arg-type]
     if scheme in ("postgresql", "postgres"):
-        from .postgres import PostgresSink
+        try:
+            from .postgres import PostgresSink
+        except ModuleNotFoundError as exc:
+            if exc.name != "psycopg" and not (exc.name or "").startswith("psycopg"):
+                raise
+            raise UsageError(
+                "PostgreSQL destinations need psycopg: pip install 'amplitude-export[postgres]'"
+            ) from None
 
         return PostgresSink(dest, **options)  # type: ignore[arg-type]
     raise UsageError(f"unknown destination scheme {scheme!r} in {dest!r}: use duckdb:, parquet: or postgresql://")

@@ -26,6 +26,7 @@ from ..errors import DestinationBusyError, DestinationError
 from ..ledger import HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, quote
 from ..windows import Window
+from . import with_project
 
 EVENTS = "events"
 LEDGER = "_amplitude_ledger"
@@ -146,7 +147,8 @@ def stage_batches(
 
 def winners_sql(taken: str | None) -> str:
     """A WHERE clause over the stage: the first row of each uuid, minus the uuids of relation `taken`."""
-    first = f"{SEQ} IN (SELECT min({SEQ}) FROM {STAGE} GROUP BY uuid)"
+    # a row without a uuid cannot be a duplicate of anything: every one is kept
+    first = f"(uuid IS NULL OR {SEQ} IN (SELECT min({SEQ}) FROM {STAGE} WHERE uuid IS NOT NULL GROUP BY uuid))"
     if taken is None:
         return first
     # NOT EXISTS rather than NOT IN: one NULL uuid in `taken` would make NOT IN reject every row
@@ -264,16 +266,17 @@ class DuckDBSink:
         con.begin()
         try:
             con.execute(
-                f"DELETE FROM {EVENTS} WHERE _upload_hour BETWEEN ? AND ?", [window.start, window.end]
+                f"DELETE FROM {EVENTS} WHERE _project = ? AND _upload_hour BETWEEN ? AND ?",
+                [project, window.start, window.end],
             )
-            staged = stage_batches(con, window, batches)
+            staged = stage_batches(con, window, with_project(batches, project))
             con.execute(f"INSERT INTO {EVENTS} SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {winners_sql(EVENTS)}")
             # the window's hours were emptied above, so what they hold now is exactly what was inserted
             loaded = hour_counts(
                 con,
                 f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} "
-                "WHERE _upload_hour BETWEEN ? AND ? GROUP BY 1",
-                [window.start, window.end],
+                "WHERE _project = ? AND _upload_hour BETWEEN ? AND ? GROUP BY 1",
+                [project, window.start, window.end],
             )
             con.execute(f"DROP TABLE {STAGE}")
             records = fill_counts(finish(), staged, loaded, datetime.now(UTC))
@@ -304,17 +307,23 @@ class DuckDBSink:
         finally:
             self.connection.unregister("_amplitude_records")
 
-    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
         """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
-        where, params = time_filter(start, end)
+        where, params = time_filter(start, end, project)
         table = self.connection.sql(
             f"SELECT {COLUMNS_SQL} FROM {EVENTS}{where} ORDER BY _upload_hour, _member, _line", params=params
         ).to_arrow_table()
         return table.cast(ARROW_SCHEMA)
 
-    def count_by_hour(self) -> dict[datetime, int]:
-        """Rows stored per `_upload_hour` (what `verify` compares with the ledger)."""
-        return hour_counts(self.connection, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} GROUP BY 1")
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        return hour_counts(
+            self.connection,
+            f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} WHERE _project = ? GROUP BY 1",
+            [project],
+        )
 
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock."""
@@ -327,9 +336,15 @@ class DuckDBSink:
         self.close()
 
 
-def time_filter(start: datetime | None, end: datetime | None) -> tuple[str, list[Any]]:
-    """A WHERE clause (with its parameters) on `server_upload_time`, both ends inclusive."""
-    clauses, params = [], []
+def time_filter(
+    start: datetime | None, end: datetime | None, project: str | None = None
+) -> tuple[str, list[Any]]:
+    """A WHERE clause (with its parameters) on `server_upload_time`, both ends inclusive, and `_project`."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if project is not None:
+        clauses.append("_project = ?")
+        params.append(project)
     if start is not None:
         clauses.append("server_upload_time >= ?")
         params.append(start)

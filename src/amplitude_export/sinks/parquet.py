@@ -1,10 +1,10 @@
-"""The Parquet sink: a Hive-partitioned dataset `DIR/upload_date=YYYY-MM-DD/<hours>.parquet` plus
+"""The Parquet sink: a Hive-partitioned dataset `DIR/upload_date=YYYY-MM-DD/<hours>-<project tag>.parquet` plus
 `DIR/_state/`.
 
 Partitioned by upload date, not event date: late events would scatter one window over many event dates, while
 a window covers one upload date (two if it crosses midnight, then one file per date). Each file is named for
-the upload hours it covers (`20240301T00_20240301T23.parquet`), so replacing a window means replacing its
-files.
+the upload hours it covers and its project (`20240301T00_20240301T23-1a2b3c4d.parquet`, the tag a hash of the
+project name), so replacing a window means replacing its files.
 
 Crash safety rests on one rule: `_state/ledger.json` names every live data file and is rewritten atomically
 (temp file, fsync, `os.replace`) only after the new data files are complete and renamed into place. A
@@ -26,6 +26,7 @@ all), and the lock is a best-effort object `_state/lock` (see `FsspecDirectory`)
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..schema import ARROW_SCHEMA
 from ..windows import HOUR, Window
+from . import with_project
 from .duckdb import (
     COLUMNS_SQL,
     STAGE,
@@ -84,10 +86,11 @@ class DataFile:
     start: datetime
     end: datetime
     rows: int
+    project: str = "default"  # whose rows: a window of one project never replaces another's files
 
-    def overlaps(self, window: Window) -> bool:
-        """Whether the file covers any hour of `window`."""
-        return self.start <= window.end and self.end >= window.start
+    def overlaps(self, window: Window, project: str) -> bool:
+        """Whether the file holds rows of `project` in any hour of `window`."""
+        return self.project == project and self.start <= window.end and self.end >= window.start
 
 
 class LocalDirectory:
@@ -575,7 +578,11 @@ class ParquetSink:
             state = json.loads(text)
             files = {
                 rel: DataFile(
-                    rel, datetime.fromisoformat(f["start"]), datetime.fromisoformat(f["end"]), f["rows"]
+                    rel,
+                    datetime.fromisoformat(f["start"]),
+                    datetime.fromisoformat(f["end"]),
+                    f["rows"],
+                    f.get("project", "default"),
                 )
                 for rel, f in state["files"].items()
             }
@@ -588,7 +595,7 @@ class ParquetSink:
         state = {
             "format": STATE_FORMAT,
             "files": {
-                rel: {"start": f.start.isoformat(), "end": f.end.isoformat(), "rows": f.rows}
+                rel: {"start": f.start.isoformat(), "end": f.end.isoformat(), "rows": f.rows, "project": f.project}
                 for rel, f in sorted(files.items())
             },
             "ledger": ledger,
@@ -636,15 +643,17 @@ class ParquetSink:
         con = self._connect()
         try:
             con.begin()  # one transaction: committing each staged batch on its own costs 4x the CPU
-            staged = stage_batches(con, window, batches)
-            overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window)}
-            others = [rel for rel, f in self.files.items() if not _inside(f, window)]
+            staged = stage_batches(con, window, with_project(batches, project))
+            overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window, project)}
+            # every other file's uuids count as taken: uuids are unique across projects too
+            others = [rel for rel, f in self.files.items() if rel not in overlapping or not _inside(f, window)]
             taken = None
             if others:
                 # rows of other hours, including those of partly replaced files outside the window
                 taken = (
                     f"(SELECT uuid FROM {self.store.scan(con, others)} "
-                    f"WHERE _upload_hour < {_ts(window.start)} OR _upload_hour > {_ts(window.end)})"
+                    f"WHERE _project <> {_literal(project)} "
+                    f"OR _upload_hour < {_ts(window.start)} OR _upload_hour > {_ts(window.end)})"
                 )
             con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(taken)})")
             loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} GROUP BY 1")
@@ -653,12 +662,12 @@ class ParquetSink:
             new_files: dict[str, DataFile] = {}
             for part in _by_date(window):
                 source = f"SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {_between(part)}"
-                self._copy(con, source, part, new_files, written)
+                self._copy(con, source, part, project, new_files, written)
             for old in overlapping.values():  # keep the hours of a replaced file that lie outside the window
                 for part in _outside(old, window):
                     scan = self.store.scan(con, [old.path])
                     source = f"SELECT {COLUMNS_SQL} FROM {scan} WHERE {_between(part)}"
-                    self._copy(con, source, part, new_files, written)
+                    self._copy(con, source, part, project, new_files, written)
             con.close()
 
             files = {rel: f for rel, f in self.files.items() if rel not in overlapping} | new_files
@@ -699,11 +708,13 @@ class ParquetSink:
             raise DestinationError(f"cannot write {self.root}/{STATE_FILE}: {exc}") from exc
         self.state_ledger = ledger
 
-    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
         """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
         if not self.files:
             return ARROW_SCHEMA.empty_table()
-        where, params = time_filter(start, end)
+        where, params = time_filter(start, end, project)
         con = self._connect()
         try:
             table = con.sql(
@@ -715,14 +726,19 @@ class ParquetSink:
             con.close()
         return table.cast(ARROW_SCHEMA)
 
-    def count_by_hour(self) -> dict[datetime, int]:
-        """Rows stored per `_upload_hour` (what `verify` compares with the ledger)."""
-        if not self.files:
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        files = sorted(rel for rel, f in self.files.items() if f.project == project)
+        if not files:
             return {}
         con = self._connect()
         try:
-            scan = self.store.scan(con, sorted(self.files))
-            return hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {scan} GROUP BY 1")
+            scan = self.store.scan(con, files)
+            return hour_counts(
+                con,
+                f"SELECT _upload_hour AS hour, count(*) AS n FROM {scan} WHERE _project = ? GROUP BY 1",
+                [project],
+            )
         finally:
             con.close()
 
@@ -759,6 +775,7 @@ class ParquetSink:
         con: duckdb.DuckDBPyConnection,
         source: str,
         part: Window,
+        project: str,
         new_files: dict[str, DataFile],
         written: list[str],
     ) -> None:
@@ -785,18 +802,26 @@ class ParquetSink:
                 rows += batch.num_rows
         if not rows:
             return
-        final = self._free_name(partition, part)
+        final = self._free_name(partition, part, project)
         written.append(final)  # before the move: an object store's mv can fail after the copy
         self.store.rename(temp, final)
-        new_files[final] = DataFile(final, part.start, part.end, rows)
+        new_files[final] = DataFile(final, part.start, part.end, rows, project)
 
-    def _free_name(self, partition: str, part: Window) -> str:
-        """`<hours>.parquet`, or `<hours>.N.parquet` while a live file has that name (being replaced)."""
-        name, n = f"{partition}/{part.name}.parquet", 0
+    def _free_name(self, partition: str, part: Window, project: str) -> str:
+        """`<hours>-<project tag>.parquet`, or `....N.parquet` while a live file has that name (being replaced).
+
+        The tag is a hash of the project name, so names stay short and never show an API key."""
+        stem = f"{partition}/{part.name}-{project_tag(project)}"
+        name, n = f"{stem}.parquet", 0
         while name in self.files or self.store.exists(name):
             n += 1
-            name = f"{partition}/{part.name}.{n}.parquet"
+            name = f"{stem}.{n}.parquet"
         return name
+
+
+def project_tag(project: str) -> str:
+    """The short hash of a project name that its data files carry (`<hours>-<tag>.parquet`)."""
+    return hashlib.sha256(project.encode()).hexdigest()[:8]
 
 
 def _by_date(window: Window) -> Iterator[Window]:
@@ -827,6 +852,10 @@ def _between(part: Window) -> str:
 def _ts(moment: datetime) -> str:
     """A TIMESTAMPTZ literal; COPY cannot take prepared parameters."""
     return f"TIMESTAMPTZ '{moment.astimezone(UTC).isoformat()}'"
+
+
+def _literal(text: str) -> str:
+    return f"'{_escape(text)}'"
 
 
 def _escape(text: str) -> str:

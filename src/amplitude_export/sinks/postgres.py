@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any, Self
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
@@ -34,7 +34,9 @@ from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, JSON_COLUMNS, POSTGRES_TYPES, quote
 from ..windows import Window
+from . import with_project
 
+DEFAULT_SCHEMA = "amplitude"
 LEDGER_TABLE = "_amplitude_ledger"
 _STAGE = "_amplitude_stage"
 _LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -74,6 +76,22 @@ _EMPTY = pa.scalar(b"", pa.binary())
 _JSONB_VERSION = pa.scalar(b"\x01", pa.binary())
 _COLLATE = {"uuid": ' COLLATE "C"'}  # byte order: uuids need no locale, and sorts and the key get faster
 _ZONED = pa.timestamp("us", tz="UTC")
+
+
+def split_schema(url: str) -> tuple[str, str | None]:
+    """`url` without our own `schema=` query parameter (libpq would refuse it), and that parameter's value."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, None  # libpq says what is wrong with it
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in params if key == "schema"]
+    if not schemas:
+        return url, None
+    if not schemas[-1]:
+        raise UsageError("the destination's schema= parameter is empty")
+    query = urlencode([(key, value) for key, value in params if key != "schema"])
+    return urlunsplit(parts._replace(query=query)), schemas[-1]
 
 
 def redact(url: str) -> str:
@@ -197,7 +215,7 @@ class PostgresSink:
         self,
         url: str,
         *,
-        schema: str = "amplitude",
+        schema: str | None = None,
         wait: bool = False,
         connect_timeout: int = 10,
         work_mem: str = "256MB",
@@ -207,6 +225,8 @@ class PostgresSink:
     ) -> None:
         if options:
             raise UsageError(f"unknown PostgreSQL destination option(s): {', '.join(sorted(options))}")
+        url, url_schema = split_schema(url)
+        schema = schema or url_schema or DEFAULT_SCHEMA
         self.schema = schema
         self.description = f"{redact(url)} (schema {schema})"
         self._secrets = _secrets(url)
@@ -282,13 +302,15 @@ class PostgresSink:
         with self.conn.transaction():
             self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             self.conn.execute(
-                sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY (uuid))").format(
+                # UNIQUE rather than PRIMARY KEY: a primary key forbids NULL, and real exports have events
+                # without a uuid (kept, not dropped; see docs/SCHEMA.md). ON CONFLICT (uuid) works the same.
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, UNIQUE (uuid))").format(
                     self._events, event_columns
                 )
             )
             # a window's reload deletes by upload hour
             self.conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS events_upload_hour ON {} (_upload_hour)").format(
+                sql.SQL("CREATE INDEX IF NOT EXISTS events_upload_hour ON {} (_project, _upload_hour)").format(
                     self._events
                 )
             )
@@ -332,15 +354,17 @@ class PostgresSink:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
                 conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(self._work_mem)))
                 conn.execute(
-                    sql.SQL("DELETE FROM {} WHERE _upload_hour BETWEEN %s AND %s").format(self._events),
-                    [window.start, window.end],
+                    sql.SQL("DELETE FROM {} WHERE _project = %s AND _upload_hour BETWEEN %s AND %s").format(
+                        self._events
+                    ),
+                    [project, window.start, window.end],
                 )
                 conn.execute(
                     sql.SQL("CREATE TEMP TABLE {} (LIKE {}, _seq bigint) ON COMMIT DROP").format(
                         sql.Identifier(_STAGE), self._events
                     )
                 )
-                self._copy(conn, batches, staged)
+                self._copy(conn, with_project(batches, project), staged)
                 inserted = self._insert(conn)
                 records = finish()
                 self._check_hours(window, staged, records)
@@ -386,7 +410,9 @@ class PostgresSink:
         statement = sql.SQL(
             "WITH inserted AS ("
             " INSERT INTO {events} ({columns})"
-            " SELECT DISTINCT ON (uuid) {columns} FROM {stage} ORDER BY uuid, _seq"
+            # NULL uuids are one group to DISTINCT ON: give each its own, as each is an event
+            " SELECT DISTINCT ON (uuid, CASE WHEN uuid IS NULL THEN _seq END) {columns} FROM {stage}"
+            " ORDER BY uuid, CASE WHEN uuid IS NULL THEN _seq END, _seq"
             " ON CONFLICT (uuid) DO NOTHING RETURNING _upload_hour)"
             " SELECT _upload_hour, count(*) FROM inserted GROUP BY _upload_hour"
         ).format(events=self._events, columns=columns, stage=sql.Identifier(_STAGE))
@@ -433,12 +459,15 @@ class PostgresSink:
         except psycopg.Error as exc:
             raise DestinationError(f"{self.description}: cannot record hours: {self._message(exc)}") from None
 
-    def read_arrow(self, start: datetime | None = None, end: datetime | None = None) -> pa.Table:
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
         """Stored events with `server_upload_time` in [start, end], typed as ARROW_SCHEMA, in load order."""
         where = sql.SQL(
             "WHERE ({start}::timestamptz IS NULL OR server_upload_time >= {start})"
             " AND ({end}::timestamptz IS NULL OR server_upload_time <= {end})"
-        ).format(start=sql.Literal(start), end=sql.Literal(end))
+            " AND ({project}::text IS NULL OR _project = {project})"
+        ).format(start=sql.Literal(start), end=sql.Literal(end), project=sql.Literal(project))
         query = sql.SQL(
             "COPY (SELECT {} FROM {} {} ORDER BY _upload_hour, _member, _line, uuid) TO STDOUT (FORMAT csv)"
         ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMN_NAMES)), self._events, where)
@@ -466,11 +495,13 @@ class PostgresSink:
             ),
         ).cast(ARROW_SCHEMA)
 
-    def count_by_hour(self) -> dict[datetime, int]:
-        """Rows stored per `_upload_hour` (what `verify` compares with the ledger)."""
-        query = sql.SQL("SELECT _upload_hour, count(*) FROM {} GROUP BY 1").format(self._events)
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        query = sql.SQL("SELECT _upload_hour, count(*) FROM {} WHERE _project = %s GROUP BY 1").format(
+            self._events
+        )
         try:
-            return {hour: n for hour, n in self.conn.execute(query).fetchall()}
+            return {hour: n for hour, n in self.conn.execute(query, [project]).fetchall()}
         except psycopg.Error as exc:
             raise DestinationError(f"{self.description}: cannot count events: {self._message(exc)}") from None
 
