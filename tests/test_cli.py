@@ -104,3 +104,29 @@ def test_bad_destinations_exit_with_one_line(tmp_path: Path, args: list[str], co
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.stderr
     assert "pw-123" not in result.stderr + result.stdout
+
+
+def test_status_and_verify_find_the_only_project_or_ask_for_one(tmp_path: Path) -> None:
+    import json
+
+    import stamina
+
+    from amplitude_export.client import ExportClient
+    from amplitude_export.config import Credentials, Secret
+    from amplitude_export.pipeline import run
+    from amplitude_export.sinks import open_sink
+
+    database = tmp_path / "a.duckdb"
+    dest = f"duckdb:{database}"
+    with stamina.set_testing(True), FakeExportServer(events_per_hour=5) as server:
+        credentials = Credentials(server.api_key, Secret("demo-secret"), "us", server.url)
+        for project in ("web", "ios"):
+            with ExportClient(credentials) as client, open_sink(dest) as sink:
+                run(client, sink, project=project, start="2024-03-01", end="2024-03-01", data_dir=tmp_path / project)
+            if project == "web":  # one project: found without --project or credentials
+                status = run_cli("status", "--dest", dest, "--json", cwd=tmp_path)
+                assert status.returncode == 0 and json.loads(status.stdout)["project"] == "web", status.stderr
+                assert run_cli("verify", "--dest", dest, cwd=tmp_path).returncode == 0
+    both = run_cli("verify", "--dest", dest, cwd=tmp_path)
+    assert both.returncode == 2 and "several projects (ios, web): pass --project" in both.stderr
+    assert run_cli("verify", "--dest", dest, "--project", "ios", cwd=tmp_path).returncode == 0

@@ -212,13 +212,23 @@ def _open_for_writing(url: str, wait: bool) -> Sink:
             time.sleep(WAIT_POLL_SECONDS)
 
 
-def _project(project: str | None, api_key: str | None) -> str:
+def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: bool = True) -> str:
+    """--project; else the API key (the default project name of `run`), when writing or when the destination
+    knows it; else, for reading, the destination's only project."""
     if project:
         return project
     try:
-        return load_credentials(api_key=api_key, secret_key="unused").api_key
+        key: str | None = load_credentials(api_key=api_key, secret_key="unused").api_key
     except UsageError:
-        return "default"
+        key = None
+    known = sink.projects()
+    if key and (not reading or key in known or not known):
+        return key
+    if len(known) == 1:
+        return known[0]
+    if known:
+        raise UsageError(f"{sink.description} holds several projects ({', '.join(known)}): pass --project")
+    return "default"
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -302,7 +312,7 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     sink = _open_for_writing(_dest(dest, data_dir), wait)
     try:
         with reporter:
-            report = do_load(sink, project=_project(project, api_key), data_dir=data_dir, workers=workers,
+            report = do_load(sink, project=_project(project, api_key, sink, reading=False), data_dir=data_dir, workers=workers,
                              keep_raw=keep_raw, refresh=refresh, reporter=reporter, run_id=run_id)
     finally:
         sink.close()
@@ -329,7 +339,7 @@ def status(dest: str | None, project: str | None, api_key: str | None, data_dir:
 
     sink = open_sink(_dest(dest, data_dir), read_only=True)
     try:
-        data = status_data(sink, _project(project, api_key))
+        data = status_data(sink, _project(project, api_key, sink))
     finally:
         sink.close()
     if as_json:
@@ -363,7 +373,7 @@ def verify(dest: str | None, project: str | None, api_key: str | None, data_dir:
 
     sink = open_sink(_dest(dest, data_dir), read_only=True)
     try:
-        result = do_verify(sink, _project(project, api_key), deep=deep, raw_dir=data_dir / "raw")
+        result = do_verify(sink, _project(project, api_key, sink), deep=deep, raw_dir=data_dir / "raw")
     finally:
         sink.close()
     console = Console()

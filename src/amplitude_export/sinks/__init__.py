@@ -28,6 +28,10 @@ class Sink(Protocol):
         """Every hour the destination has a ledger row for, for this project."""
         ...
 
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        ...
+
     def write_window(
         self,
         project: str,

@@ -243,6 +243,14 @@ class DuckDBSink:
             f"CREATE TABLE IF NOT EXISTS {LEDGER} ({columns}, PRIMARY KEY (project, hour))"
         )
 
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        try:
+            rows = self.connection.execute(f"SELECT DISTINCT project FROM {LEDGER} ORDER BY 1").fetchall()
+        except duckdb.CatalogException:
+            return []  # a read-only open of a database no run has written to
+        return [row[0] for row in rows]
+
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""
         try:

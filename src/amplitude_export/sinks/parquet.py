@@ -622,6 +622,10 @@ class ParquetSink:
 
     # -- the Sink protocol --
 
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        return sorted(project for project, hours in self.state_ledger.items() if hours)
+
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""
         records = [HourRecord.from_dict(d) for d in self.state_ledger.get(project, {}).values()]

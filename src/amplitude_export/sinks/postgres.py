@@ -320,6 +320,14 @@ class PostgresSink:
                 )
             )
 
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        query = sql.SQL("SELECT DISTINCT project FROM {} ORDER BY 1").format(self._ledger)
+        try:
+            return [row[0] for row in self.conn.execute(query).fetchall()]
+        except psycopg.Error as exc:
+            raise DestinationError(f"{self.description}: cannot read the ledger: {self._message(exc)}") from None
+
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every hour the destination has a ledger row for, for this project."""
         query = sql.SQL("SELECT {} FROM {} WHERE project = %s ORDER BY hour").format(
