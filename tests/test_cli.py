@@ -16,7 +16,9 @@ from amplitude_export.fake_server import FakeExportServer
 SECRET = "top-secret-value-123"
 
 
-def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the installed console script's module as a subprocess, with a clean AMP_* environment."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
     base.update(env or {})
@@ -28,7 +30,7 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
 
 def test_every_command_has_help_with_an_example() -> None:
     runner = CliRunner()
-    for name, command in cli.commands.items():
+    for name in cli.commands:
         result = runner.invoke(cli, [name, "--help"])
         assert result.exit_code == 0, name
         assert "Example" in result.output, f"{name} --help has no example"

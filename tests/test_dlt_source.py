@@ -8,16 +8,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dlt  # in the test extra: a missing dlt fails here rather than skipping
 import duckdb
 import pytest
 import stamina
 
+from amplitude_export.dlt import amplitude_source
 from amplitude_export.errors import UsageError
 from amplitude_export.fake_server import FakeExportServer
-
-dlt = pytest.importorskip("dlt")
-
-from amplitude_export.dlt import amplitude_source
 
 DAY = datetime(2024, 3, 1, tzinfo=UTC)
 

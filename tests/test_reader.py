@@ -190,8 +190,9 @@ def test_rows_follow_member_order(tmp_path: Path) -> None:
 def test_hour_records_cover_every_hour_of_the_window(tmp_path: Path) -> None:
     window = Window(datetime(2025, 7, 1, 0, tzinfo=UTC), datetime(2025, 7, 1, 3, tzinfo=UTC))
     path = make_zip(tmp_path / "a.zip", {
-        member(1, 0): b"\n".join([event("a", event_time="2025-06-30 01:00:00", server_upload_time="2025-07-01 01:10:00"),
-                                  b"oops"]) + b"\n",
+        member(1, 0): b"\n".join([
+            event("a", event_time="2025-06-30 01:00:00", server_upload_time="2025-07-01 01:10:00"), b"oops"
+        ]) + b"\n",
         member(1, 1): event("b", event_time="2025-07-01 01:05:00", server_upload_time="2025-07-01 01:50:00.5"),
         member(3, 0): event("c"),
     })

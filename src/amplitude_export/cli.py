@@ -312,8 +312,8 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     sink = _open_for_writing(_dest(dest, data_dir), wait)
     try:
         with reporter:
-            report = do_load(sink, project=_project(project, api_key, sink, reading=False), data_dir=data_dir, workers=workers,
-                             keep_raw=keep_raw, refresh=refresh, reporter=reporter, run_id=run_id)
+            report = do_load(sink, project=_project(project, api_key, sink, reading=False), data_dir=data_dir,
+                             workers=workers, keep_raw=keep_raw, refresh=refresh, reporter=reporter, run_id=run_id)
     finally:
         sink.close()
     click.echo(report.summary())

@@ -3,9 +3,9 @@
 Figures are gathered by SQL over a DuckDB connection on which the destination appears as two views,
 `all_events` (the events table) and `ledger` (the per-hour ledger with a `project` column), so adding a
 destination means adding the two views, nothing else; `gather` narrows `all_events` to one project's `events`.
-PostgreSQL is the exception that proves it: the columns the figures need are streamed by COPY into a DuckDB
-file in a temporary directory (bounded memory), as DuckDB's postgres extension would need a download. Only aggregates leave the database: the page's size grows with the number of
-days and hours in the range, not with the number of events.
+For PostgreSQL the columns the figures need are streamed by COPY into a DuckDB file in a temporary directory
+(bounded memory), since DuckDB's postgres extension would need a download. Only aggregates leave the database:
+the page's size grows with the number of days and hours in the range, not with the number of events.
 
 The page embeds its figures once, as JSON (`<script type="application/json" id="report-data">`), and draws them
 with Vega-Lite specs built by Altair; the Vega, Vega-Lite and vega-embed JavaScript comes inlined from the

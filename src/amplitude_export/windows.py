@@ -8,9 +8,9 @@ Always UTC: the local clock never enters.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from collections.abc import Iterator
 
 from .errors import UsageError
 
@@ -150,8 +150,9 @@ def resolve_range(
 ) -> tuple[datetime, datetime, datetime]:
     """Turn the user's --start/--end into (start, end, ready_end).
 
-    With neither, the range is yesterday 00-23 UTC; with a start alone, it runs to the last ready hour. `ready_end` is `end` clipped to the last ready hour; it is
-    before `start` when nothing in the range can be exported yet.
+    With neither, the range is yesterday 00-23 UTC; with a start alone, it runs to the last ready hour.
+    `ready_end` is `end` clipped to the last ready hour; it is before `start` when nothing in the range can be
+    exported yet.
     """
     today = floor_hour(now).replace(hour=0)
     first = parse_hour(start) if start else today - timedelta(days=1)

@@ -41,10 +41,11 @@ class Sink(Protocol):
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, exactly once per uuid, and record them, atomically.
 
-        In one transaction: drop the project's rows of the window's upload hours (a reload replaces them; other projects' rows stay), insert the new
-        rows keeping the first row of each uuid (by member order, then line) and skipping uuids already stored
-        under other hours, then call `finish()` for the per-hour records the reader built while the batches
-        were consumed, fill in `events_loaded` and `duplicates` per hour, store them in the ledger and commit.
+        In one transaction: drop the project's rows of the window's upload hours (a reload replaces them;
+        other projects' rows stay), insert the new rows keeping the first row of each uuid (by member order,
+        then line) and skipping uuids already stored under other hours, then call `finish()` for the per-hour
+        records the reader built while the batches were consumed, fill in `events_loaded` and `duplicates` per
+        hour, store them in the ledger and commit.
         Returns the stored records.
         """
         ...
