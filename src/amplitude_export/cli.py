@@ -378,7 +378,8 @@ def verify(dest: str | None, project: str | None, api_key: str | None, data_dir:
         sink.close()
     console = Console()
     if result.problems:
-        table = Table(title=f"{len(result.problems)} problems")
+        count = len(result.problems)
+        table = Table(title=f"{count} problem{'' if count == 1 else 's'}")
         for name in ("hour", "problem", "detail"):
             table.add_column(name)
         for problem in result.problems:

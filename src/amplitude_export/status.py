@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from datetime import datetime
 from typing import Any
 
@@ -59,10 +61,12 @@ def status_data(sink: Sink, project: str) -> dict[str, Any]:
 
 def render_status(data: dict[str, Any], console: Console | None = None) -> None:
     """Print `status_data` as a table."""
-    console = console or Console()
+    # off a terminal (a pipe, a log) rich assumes 80 columns: give it room rather than cut hours short
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"{data['destination']} (project {data['project']})")
     for name in ("start", "end", "status", "events", "duplicates", "rejects", "bytes", "reason"):
-        table.add_column(name, justify="right" if name in ("events", "duplicates", "rejects", "bytes") else "left")
+        numeric = name in ("events", "duplicates", "rejects", "bytes")
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=name != "reason")
     for span in data["windows"]:
         style = {"failed": "red", "too_large": "red", "empty": "dim"}.get(span["status"])
         table.add_row(span["start"], span["end"], span["status"], f"{span['events']:,}", f"{span['duplicates']:,}",
