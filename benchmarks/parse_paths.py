@@ -108,7 +108,8 @@ def run_duckdb(files: list[Path], workdir: Path) -> int:
     con.execute("SET TimeZone='UTC'")
     con.execute(
         f"INSERT INTO events SELECT {select}, NULL, NULL, filename, NULL, 'bench' FROM read_json([{names}], "
-        f"format='newline_delimited', columns={spec}, filename=true, ignore_errors=true, timestampformat='%Y-%m-%d %H:%M:%S.%f')"
+        f"format='newline_delimited', columns={spec}, filename=true, ignore_errors=true, "
+        "timestampformat='%Y-%m-%d %H:%M:%S.%f')"
     )
     rows = con.execute("SELECT count(*) FROM events").fetchone()[0]
     con.close()
@@ -205,7 +206,8 @@ def main() -> None:
 
     names = args.only.split(",")
     raw = sum(len(gzip.decompress(f.read_bytes())) for f in files[:3]) / 3 * len(files)
-    print(f"machine: nproc={os.cpu_count()} date={datetime.now(UTC):%Y-%m-%d %H:%M} UTC python={sys.version.split()[0]}")
+    print(f"machine: nproc={os.cpu_count()} date={datetime.now(UTC):%Y-%m-%d %H:%M} UTC "
+          f"python={sys.version.split()[0]}")
     print(f"archive: {archive.stat().st_size / 1e6:.1f} MB compressed, ~{raw / 1e6:.0f} MB of NDJSON, "
           f"{len(files)} members, {args.events} events (~{raw / args.events:.0f} B each)")
     results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in names}

@@ -19,9 +19,9 @@ Every round runs each candidate once, in turn (interleaved), so the machine's no
 A run downloads the day from the fake server over loopback (fresh data dir) unless `--landed`, which puts the
 archive into the data dir first (outside the timing) so only the load is measured. For each candidate: wall
 seconds, events/s, CPU seconds (user+sys of the whole process tree: the CLI, the forkserver and the parse
-workers; sampled from /proc every 50 ms, the root process's own figure exact from `wait4`) and peak RSS summed
-over the tree. Medians over rounds; peak RSS is the maximum. `--write-docs` puts the table into
-docs/BENCHMARKS.md.
+workers; sampled from /proc every 50 ms, the root process's own figure exact from `wait4`) and peak RSS and
+PSS summed over the tree (PSS counts a page shared by several processes once). Medians over rounds; peaks are
+maxima. `--write-docs` puts the table into docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -80,13 +80,15 @@ def serve(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _tree(pid: int, cpu: dict[int, float]) -> int:
-    """Resident bytes of `pid` and all its descendants; records each one's CPU seconds so far in `cpu`.
+def _tree(pid: int, cpu: dict[int, float]) -> tuple[int, int]:
+    """Resident and proportional bytes (RSS, PSS) of `pid` and all its descendants; records each one's CPU
+    seconds so far in `cpu`.
 
     Walking /proc (not RUSAGE_CHILDREN) is what counts the parse workers: they are the forkserver's children,
-    and the forkserver is never waited for.
+    and the forkserver is never waited for. PSS splits each shared page among the processes that map it, so
+    its sum is the tree's real footprint; the RSS sum counts the libraries the workers share once per process.
     """
-    total = 0
+    rss = pss = 0
     stack = [pid]
     while stack:
         current = stack.pop()
@@ -94,24 +96,32 @@ def _tree(pid: int, cpu: dict[int, float]) -> int:
             with open(f"/proc/{current}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
             cpu[current] = (int(fields[11]) + int(fields[12])) / _TICK
-            total += int(fields[21]) * _PAGE  # rss, in pages
+            rss += int(fields[21]) * _PAGE  # rss, in pages
+            with open(f"/proc/{current}/smaps_rollup") as rollup:
+                for line in rollup:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as children:
                     stack += [int(c) for c in children.read().split()]
         except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
             continue
-    return total
+    return rss, pss
 
 
-def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int, str]:
-    """Wall seconds, CPU seconds of the process tree, peak summed RSS, and stdout+stderr of `command`."""
+def measure(
+    command: list[str], env: dict[str, str] | None = None
+) -> tuple[float, float, tuple[int, int], str]:
+    """Wall seconds, CPU seconds of the process tree, peak summed (RSS, PSS), and stdout+stderr of `command`."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the process ends
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    peak = 0
+    peak = peak_pss = 0
     cpu: dict[int, float] = {}
     while True:
-        peak = max(peak, _tree(process.pid, cpu))
+        rss, pss = _tree(process.pid, cpu)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -126,7 +136,7 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[floa
     log.close()
     if process.returncode:
         raise SystemExit(f"{command[:3]}... failed with exit code {process.returncode}:\n{out[-3000:]}")
-    return wall, total, peak, out
+    return wall, total, (peak, peak_pss), out
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -240,14 +250,14 @@ def machine() -> dict[str, str]:
     }
 
 
-def table(results: dict[str, list[tuple[float, float, int, int]]]) -> str:
+def table(results: dict[str, list[tuple[float, float, tuple[int, int], int]]]) -> str:
     floor = statistics.median(w / n for w, _, _, n in results["gzip"]) if results.get("gzip") else None
     lines = [
         (
             "| candidate | events | wall s (median) | events/s | × `gzip -dc` | CPU s (median) | CPU µs/event | "
-            "peak RSS (sum, max) |"
+            "peak RSS (sum, max) | peak PSS (sum, max) |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
         if not runs:
@@ -255,11 +265,12 @@ def table(results: dict[str, list[tuple[float, float, int, int]]]) -> str:
         events = runs[0][3]
         wall = statistics.median(w for w, _, _, _ in runs)
         cpu = statistics.median(c for _, c, _, _ in runs)
-        peak = max(p for _, _, p, _ in runs)
+        peak = max(p[0] for _, _, p, _ in runs)
+        peak_pss = max(p[1] for _, _, p, _ in runs)
         ratio = f"{floor / (wall / events):.2f}" if floor else "–"
         lines.append(
             f"| {name} | {events:,} | {wall:.1f} | {events / wall:,.0f} | {ratio} | {cpu:.1f} | "
-            f"{cpu / events * 1e6:.1f} | {peak / 2**20:,.0f} MiB |"
+            f"{cpu / events * 1e6:.1f} | {peak / 2**20:,.0f} MiB | {peak_pss / 2**20:,.0f} MiB |"
         )
     return "\n".join(lines)
 
@@ -291,7 +302,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/amplitude_export_run_benchmark"))
     parser.add_argument("--only", default=",".join(CANDIDATES))
     parser.add_argument("--baseline-src", type=Path,
-                        help="also run `duckdb` with PYTHONPATH=this src dir (e.g. an older checkout), as `duckdb-base`")
+                        help="also run `duckdb` with PYTHONPATH=this src dir (an older checkout), as `duckdb-base`")
     parser.add_argument("--landed", action="store_true", help="put the archive in the data dir before each run")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -354,7 +365,7 @@ def main() -> None:
             header.append(f"`duckdb-base`: the same command with the package imported from {args.baseline_src}.")
         print("\n".join(header), flush=True)
 
-        results: dict[str, list[tuple[float, float, int, int]]] = {name: [] for name in names}
+        results: dict[str, list[tuple[float, float, tuple[int, int], int]]] = {name: [] for name in names}
         for round_ in range(args.rounds):
             for name in names:
                 data_dir = work / f"{name}-{round_}"
@@ -386,7 +397,8 @@ def main() -> None:
                 events = lines if name == "gzip" else count_events(out)
                 results[name].append((wall, cpu, peak, events))
                 print(f"round {round_ + 1} {name:8s} {wall:7.2f} s  {events / wall:9,.0f} ev/s  cpu {cpu:7.2f} s  "
-                      f"peak {peak / 2**20:6,.0f} MiB  ({events:,} events)", flush=True)
+                      f"peak {peak[0] / 2**20:6,.0f} MiB RSS {peak[1] / 2**20:6,.0f} MiB PSS  ({events:,} events)",
+                      flush=True)
                 shutil.rmtree(data_dir, ignore_errors=True)
         text = "\n\n".join(["\n".join(header), table(results)])
         print("\n" + text)

@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,9 @@ from amplitude_export.fake_server import FakeExportServer
 API_KEY = "demo-key"
 SECRET_KEY = "demo-secret"
 DAY = datetime(2024, 3, 1, tzinfo=UTC)  # the fake server's default test data: 2024-03-01 00..23 UTC
+# real Export API lines (a copy of shared/reference/real-export-events.jsonl), kept in the repository so a fresh
+# clone passes wherever it sits
+REAL_EVENTS = Path(__file__).resolve().parent / "data" / "real-export-events.jsonl"
 
 
 @pytest.fixture
@@ -45,3 +49,27 @@ def pg_schema() -> Iterator[str]:
     yield name
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def pg_role() -> Iterator[tuple[str, str]]:
+    """A fresh LOGIN role `test_<hex>` with no privileges beyond PUBLIC's (no CREATE on the database), and the
+    name of a schema `test_<hex>` (not created). Both, and anything the role owns, are dropped afterwards."""
+    import psycopg
+
+    if "postgres@" not in POSTGRES_URL:
+        pytest.fail("AMP_TEST_POSTGRES_URL must name user postgres for privilege tests")
+    token = uuid.uuid4().hex[:12]
+    role, schema = f"test_role_{token}", f"test_{token}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    yield role, schema
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+def url_for(role: str) -> str:
+    """POSTGRES_URL as `role` instead of postgres."""
+    return POSTGRES_URL.replace("postgres@", f"{role}@", 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def test_every_command_has_help_with_an_example() -> None:
 
 @pytest.mark.parametrize(
     "dates",
-    [["--start", "2024-13-01"], ["--start", "yesterday"], ["--start", "2024-03-02", "--end", "2024-03-01"]],
+    [["--start", "2024-13-01"], ["--start", "yesterday"], ["--start", "2024-03-02", "--end", "2024-03-01"],
+     ["--start", ""], ["--end", ""], ["--start", "2024-03-01", "--end", ""]],
 )
 def test_bad_dates_exit_2_with_one_line(tmp_path: Path, dates: list[str]) -> None:
     result = run_cli("extract", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
@@ -50,6 +52,60 @@ def test_bad_dates_exit_2_with_one_line(tmp_path: Path, dates: list[str]) -> Non
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert SECRET not in result.stderr + result.stdout
     assert not (tmp_path / "data" / "raw").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "run"])
+def test_a_negative_lag_is_refused(tmp_path: Path, command: str) -> None:
+    result = CliRunner().invoke(cli, [command, "--api-key", "k", "--secret-key", SECRET, "--base-url",
+                                      "http://127.0.0.1:9", "--start", "2024-03-01", "--end", "2024-03-01",
+                                      "--max-attempts", "1", "--no-progress", "--data-dir", str(tmp_path / "data"),
+                                      "--log-dir", str(tmp_path / "logs"), "--lag-hours", "-1"])
+    assert result.exit_code == 2 and "--lag-hours" in result.output and "x>=0" in result.output
+
+
+def test_an_end_before_the_default_start_says_so(tmp_path: Path) -> None:
+    result = run_cli("extract", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
+                     "--end", "2020-01-01", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "before the default start" in result.stderr and "yesterday" in result.stderr
+    assert "--start" in result.stderr
+
+
+@pytest.mark.parametrize(("option", "path"), [("--data-dir", "/proc/nope"), ("--log-dir", "/proc/nolog")])
+@pytest.mark.parametrize("command", ["extract", "run"])
+def test_a_directory_that_cannot_be_created_exits_2_with_one_line(tmp_path: Path, command: str, option: str,
+                                                                   path: str) -> None:
+    result = run_cli(command, "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
+                     "--start", "2024-03-01", "--end", "2024-03-01", option, path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {option} {path}: cannot create it (No such file or directory)"], result.stderr
+
+
+def test_fake_server_on_a_busy_port_exits_2_with_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("fake-server", "--port", str(port), cwd=tmp_path, timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}:"), result.stderr
+
+
+def test_run_with_only_an_end_on_an_empty_destination_loads_that_day(tmp_path: Path) -> None:
+    import duckdb
+
+    with FakeExportServer(events_per_hour=5) as server:
+        result = run_cli("run", "--base-url", server.url, "--end", "2024-03-02", "--no-progress", cwd=tmp_path,
+                         env={"AMP_API_KEY": server.api_key, "AMP_SECRET_KEY": "demo-secret"})
+        expected = server.expected_uuids(datetime(2024, 3, 2, tzinfo=UTC), datetime(2024, 3, 2, 23, tzinfo=UTC))
+    assert result.returncode == 0, result.stderr
+    assert "1 window (1 loaded)" in result.stdout and "up to date" not in result.stdout
+    with duckdb.connect(str(tmp_path / "data" / "amplitude.duckdb"), read_only=True) as con:
+        assert {row[0] for row in con.execute("SELECT uuid FROM events").fetchall()} == expected
 
 
 def test_missing_credentials_exit_2(tmp_path: Path) -> None:

@@ -205,3 +205,23 @@ def test_401_everywhere_keeps_the_plain_message(tmp_path: Path) -> None:
                 client.fetch(DAY, tmp_path)
         assert len(us.requests) == 1
     assert info.value.region_hint is None and "check AMP_API_KEY" in str(info.value)
+
+
+def test_a_resumed_extract_fetches_only_the_hours_no_archive_holds(tmp_path: Path) -> None:
+    # 504s split the day into four 6-hour archives
+    with FakeExportServer(timeout_over_hours=6) as server, client_for(server, max_attempts=2) as client:
+        extract(client, start="2024-03-01", end="2024-03-01", data_dir=tmp_path, now=NOW)
+    raw = tmp_path / "raw"
+    quarters = sorted(p.name for p in raw.glob("*.zip"))
+    assert len(quarters) == 4
+    # the 504s are gone: the same day again asks for nothing and lands no 24-hour archive beside the quarters
+    with FakeExportServer() as server, client_for(server) as client:
+        again = extract(client, start="2024-03-01", end="2024-03-01", data_dir=tmp_path, now=NOW)
+        assert server.requests == []
+        assert [o.status for o in again.outcomes] == [CACHED] * 4
+        assert sorted(p.name for p in raw.glob("*.zip")) == quarters
+        # with one quarter lost, only its six hours are asked for
+        (raw / "20240301T06_20240301T11.zip").unlink()
+        extract(client, start="2024-03-01", end="2024-03-01", data_dir=tmp_path, now=NOW)
+        assert server.requests == [("20240301T06", "20240301T11", 200)]
+    assert sorted(p.name for p in raw.glob("*.zip")) == quarters

@@ -62,6 +62,29 @@ def test_lookback_reloads_only_the_hours_amplitude_changed(tmp_path: Path) -> No
     assert len(uuids) == len(set(uuids)) and set(uuids) == expected
 
 
+def test_verify_deep_is_clean_after_a_lookback_reload_beside_the_older_archive(tmp_path: Path) -> None:
+    database = tmp_path / "a.duckdb"
+    now = datetime(2024, 3, 3, 2, 30, tzinfo=UTC)  # ready through 2024-03-02T23
+    changed = DAY + timedelta(hours=20)
+    with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY + timedelta(days=2, hours=-1)) as server:
+        assert run_into(server, database, tmp_path, start="2024-03-01", end="2024-03-02", now=now).exit_code == 0
+        server.set_hour_version(changed, 1)
+        # 30 hours back from 2024-03-02T23 starts at 2024-03-01T18: the re-check lands 20240301T18_20240301T23.zip
+        # beside the day's archive, which still holds the hour as it was first loaded
+        second = run_into(server, database, tmp_path, now=now, lookback_hours=30)
+    assert second.changed_hours == [changed]
+    assert "1 hour changed since last run: 2024-03-01T20 (reloaded)" in second.notes
+    raw = tmp_path / "raw"
+    assert (raw / "20240301T00_20240301T23.zip").exists() and (raw / "20240301T18_20240301T23.zip").exists()
+    sink = open_sink(f"duckdb:{database}")
+    try:
+        result = verify(sink, "p", deep=True, raw_dir=raw)
+    finally:
+        sink.close()
+    assert result.problems == [] and result.complete
+    assert result.archives_hashed == 48  # each loaded hour once, from the archive it was loaded from
+
+
 def test_verify_is_complete_then_names_the_hour_whose_rows_were_deleted(tmp_path: Path) -> None:
     database = tmp_path / "a.duckdb"
     with FakeExportServer(events_per_hour=15) as server:

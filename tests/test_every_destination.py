@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, REAL_EVENTS
 from sink_helpers import batch, finisher, hour, hour_events, window
 
 from amplitude_export.reader import WindowReader
@@ -20,8 +20,6 @@ from amplitude_export.schema import EXPORT_COLUMNS, JSON, KNOWN_SOURCES, TIMESTA
 from amplitude_export.sinks import Sink, open_sink
 from amplitude_export.verify import verify
 from amplitude_export.windows import Window
-
-REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real-export-events.jsonl"
 
 
 @pytest.fixture(params=["duckdb", "parquet", "postgres"])
@@ -36,7 +34,7 @@ def dest(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def real_archives(tmp_path: Path) -> list[tuple[Window, Path]]:
     """The real export lines, each in a member named for its upload hour, one archive per hour."""
     by_hour: dict[datetime, list[bytes]] = {}
-    for line in REAL.read_bytes().splitlines():
+    for line in REAL_EVENTS.read_bytes().splitlines():
         uploaded = datetime.fromisoformat(json.loads(line)["server_upload_time"]).replace(tzinfo=UTC)
         by_hour.setdefault(uploaded.replace(minute=0, second=0, microsecond=0), []).append(line)
     archives = []
@@ -56,7 +54,7 @@ def load_real(sink: Sink, tmp_path: Path) -> None:
 
 
 def test_every_real_export_line_loads_without_loss(dest: str, tmp_path: Path) -> None:
-    lines = [json.loads(line) for line in REAL.read_bytes().splitlines()]
+    lines = [json.loads(line) for line in REAL_EVENTS.read_bytes().splitlines()]
     sink = open_sink(dest)
     try:
         load_real(sink, tmp_path)

@@ -18,6 +18,7 @@ import httpx
 import orjson
 import pytest
 import schemathesis
+from conftest import REAL_EVENTS
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -30,7 +31,6 @@ DAY = datetime(2024, 3, 1, tzinfo=UTC)  # the `fake_server` fixture's one day of
 AUTH = (API_KEY, SECRET_KEY)
 REFERENCE = Path(__file__).resolve().parents[1] / "src/amplitude_export/contract"
 CONTRACT = REFERENCE / "amplitude-export-openapi.yml"
-REAL_EVENTS = Path("/work/shared/reference/real-export-events.jsonl")
 MEMBER = re.compile(r"^(\d+)/\1_(\d{4}-\d{2}-\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{6})?$")
 

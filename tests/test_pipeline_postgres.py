@@ -1,5 +1,7 @@
 """`amplitude-export run` into the real PostgreSQL, as a subprocess: exact rows with faults and duplicates, a
-repeated run changes nothing, SIGKILL then the same run is exact, two concurrent runs on overlapping ranges.
+repeated run changes nothing, SIGKILL then the same run is exact, two concurrent runs on overlapping ranges; a
+failed write is one line on stderr and in the log; a malformed URL exits 2, an unreachable server or a missing
+privilege 4.
 
 PostgreSQL must be reachable (these fail, never skip); each test works in its own schema.
 """
@@ -17,8 +19,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import POSTGRES_URL as URL
+from conftest import url_for
 
 from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.sinks.postgres import PostgresSink
 
 START = datetime(2024, 3, 1, tzinfo=UTC)
 
@@ -28,10 +32,11 @@ def schema(pg_schema: str) -> str:
     return pg_schema
 
 
-def command(server: FakeExportServer, schema: str, work: Path, start: str, end: str, *more: str) -> list[str]:
+def command(server: FakeExportServer, schema: str, work: Path, start: str, end: str, *more: str,
+            dest: str = URL, window_hours: int = 12) -> list[str]:
     return [sys.executable, "-c", "from amplitude_export.cli import main; main()", "run",
-            "--base-url", server.url, "--start", start, "--end", end, "--window-hours", "12",
-            "--dest", URL, "--schema", schema, "--data-dir", str(work / "data"), "--log-dir", str(work / "logs"),
+            "--base-url", server.url, "--start", start, "--end", end, "--window-hours", str(window_hours),
+            "--dest", dest, "--schema", schema, "--data-dir", str(work / "data"), "--log-dir", str(work / "logs"),
             "--no-progress", "--retry-wait", "0.01", "--workers", "1", *more]  # fmt: skip
 
 
@@ -125,3 +130,52 @@ def test_a_second_run_without_wait_exits_5_and_names_the_lock(schema: str, tmp_p
                                     env=environment(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 5, result.stdout + result.stderr
     assert "busy" in result.stderr and "another run" in result.stderr
+
+
+def test_a_failed_write_is_one_error_line_on_stderr_and_in_the_log(pg_role: tuple[str, str], tmp_path: Path) -> None:
+    """INSERT on the ledger revoked: the window's transaction fails at its end. psycopg would also warn on stderr
+    about the pipeline it could not close (48 ledger rows are enough for executemany to hit that)."""
+    role, schema = pg_role
+    PostgresSink(URL, schema=schema).close()  # the tables, made by their owner
+    with psycopg.connect(URL, autocommit=True) as admin:
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+        admin.execute(f'REVOKE INSERT ON "{schema}"._amplitude_ledger FROM "{role}"')
+    with FakeExportServer(events_per_hour=5) as server:
+        cmd = command(server, schema, tmp_path, "2024-03-01", "2024-03-02", dest=url_for(role), window_hours=48)
+        result = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 4, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    assert "permission denied for table _amplitude_ledger" in errors[0]
+    logs = list((tmp_path / "logs").glob("*.log"))
+    assert len(logs) == 1
+    logged = [line for line in logs[0].read_text().splitlines() if " ERROR " in line]
+    assert len(logged) == 1 and logged[0].endswith(errors[0].removeprefix("error: ")), logged
+    assert stored(schema) == []
+
+
+@pytest.mark.parametrize(
+    "dest, code",
+    [
+        ("postgresql://u@h:notaport/test", 2),
+        ("postgresql://postgres@[::1", 2),
+        ("postgresql://postgres@127.0.0.1:1/test", 4),  # nothing listens on port 1
+        ("role", 4),  # a role without CREATE on the database, for a schema that does not exist
+    ],
+)
+def test_a_malformed_url_exits_2_and_an_unusable_server_4(
+    dest: str, code: int, pg_role: tuple[str, str], tmp_path: Path
+) -> None:
+    role, schema = pg_role
+    dest = url_for(role) if dest == "role" else dest
+    # a subprocess: `load` sets up logging for the whole process
+    result = subprocess.run(
+        [sys.executable, "-c", "from amplitude_export.cli import main; main()", "load", "--dest", dest,
+         "--schema", schema, "--data-dir", str(tmp_path / "d"), "--log-dir", str(tmp_path / "logs"), "--no-progress"],
+        env=environment(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == code, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1, result.stderr
+    if dest.startswith(url_for(role)):
+        assert "permission denied" in result.stderr

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from conftest import REAL_EVENTS
 
 from amplitude_export import reader as reader_module
 from amplitude_export import schema
@@ -20,8 +21,6 @@ from amplitude_export.ledger import EMPTY, LOADED
 from amplitude_export.reader import WindowReader
 from amplitude_export.windows import Window
 
-# shared/ sits beside the repository's clone (in CI too)
-REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real-export-events.jsonl"
 HOUR = datetime(2025, 7, 1, 17, tzinfo=UTC)
 WINDOW = Window(HOUR, HOUR)
 
@@ -58,7 +57,7 @@ def expected_time(text: str) -> datetime:
 
 
 def test_the_real_lines_load_with_every_value_exact(tmp_path: Path) -> None:
-    lines = REAL.read_bytes().splitlines()
+    lines = REAL_EVENTS.read_bytes().splitlines()
     path = make_zip(tmp_path / "a.zip", {member(17): b"\n".join(lines) + b"\n"})
     reader, table = read(path)
     rows = table.to_pylist()
@@ -140,7 +139,7 @@ def test_rejects_are_written_with_member_and_line(tmp_path: Path) -> None:
 
 
 def test_no_rejects_file_without_rejects_and_require_uuid(tmp_path: Path) -> None:
-    path = make_zip(tmp_path / "a.zip", {member(17): REAL.read_bytes()})
+    path = make_zip(tmp_path / "a.zip", {member(17): REAL_EVENTS.read_bytes()})
     stale = tmp_path / "rejects" / f"{WINDOW.name}.jsonl"
     stale.parent.mkdir()
     stale.write_text("from an earlier run\n")

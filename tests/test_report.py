@@ -20,8 +20,10 @@ import duckdb
 import psycopg
 import pytest
 import stamina
-from sink_helpers import batch, event, finisher
+from click.testing import CliRunner
+from sink_helpers import batch, event, finisher, two_windows
 
+from amplitude_export.cli import cli
 from amplitude_export.client import ExportClient
 from amplitude_export.config import Credentials, Secret
 from amplitude_export.errors import UsageError
@@ -206,6 +208,35 @@ def test_a_range_and_a_parquet_destination(destinations: dict[str, str], tmp_pat
     assert (from_parquet["totals"]["events"], from_parquet["totals"]["users"]) == (events, users)
     assert [(t["value"], t["events"]) for t in from_parquet["event_types"][:TOP]] == types[:TOP]
     assert from_parquet["health"]["unknown_fields"] == from_duckdb["health"]["unknown_fields"]
+
+
+def test_parquet_through_a_file_or_fsspec_url_reports_like_the_directory(tmp_path: Path) -> None:
+    """`report` opens a Parquet destination the way `run` and `status` do: a path, `file://`, or fsspec."""
+    import fsspec
+
+    bucket = f"memory://test_report_{uuid_module.uuid4().hex[:8]}"
+    dests = [f"parquet:{tmp_path / 'dir'}", f"parquet:{(tmp_path / 'url').as_uri()}", f"parquet:{bucket}/events"]
+    written: set[str] = set()
+    try:
+        for dest in dests:
+            with open_sink(dest) as sink:
+                for win, rows in two_windows():
+                    sink.write_window(PROJECT, win, [batch(rows)], finisher(win, rows))
+                    written |= {row["uuid"] for row in rows}
+        figures = []
+        for n, dest in enumerate(dests):
+            out = tmp_path / f"{n}.html"
+            result = CliRunner().invoke(cli, ["report", "--dest", dest, "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            data = island(out)
+            assert data.pop("meta").pop("destination") == dest
+            figures.append(data)
+    finally:
+        fsspec.filesystem("memory").rm(bucket.removeprefix("memory://"), recursive=True)
+    assert figures[0]["totals"]["events"] == len(written) and [h["status"] for h in figures[0]["hourly"]] == [
+        "loaded"
+    ] * 4
+    assert figures[1] == figures[0] and figures[2] == figures[0]
 
 
 def test_empty_destination_and_unknown_project(tmp_path: Path, destinations: dict[str, str]) -> None:

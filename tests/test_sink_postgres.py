@@ -23,8 +23,9 @@ import psycopg
 import pyarrow as pa
 import pytest
 from conftest import POSTGRES_URL as URL
+from conftest import url_for
 
-from amplitude_export.errors import DestinationBusyError, DestinationError
+from amplitude_export.errors import DestinationBusyError, DestinationError, UsageError
 from amplitude_export.ledger import LOADED, HourRecord, MemberInfo
 from amplitude_export.schema import ARROW_SCHEMA, COLUMN_NAMES, EXPORT_COLUMNS, JSON, TIMESTAMP
 from amplitude_export.sinks import open_sink
@@ -352,20 +353,47 @@ def test_concurrent_writers_with_wait_end_exact(schema: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url, expected",
+    "url, error, expected",
     [
-        ("postgresql://postgres:s3cret-pw@127.0.0.1:1/test", "127.0.0.1"),  # nothing listens on port 1
-        ("postgresql://postgres:s3cret-pw@127.0.0.1:5432/amp_no_such_db", "amp_no_such_db"),
-        ("postgresql://postgres:s3cret-pw@127.0.0.1:notaport/test", "port"),
-        ("postgresql://postgres:s3cret-pw@[bad/test", "cannot open"),
-        ("postgresql://postgres@127.0.0.1:5432/test?password=s3cret-pw&sslmode=bogus", "sslmode"),
+        # the server is unusable: a destination error (exit 4)
+        ("postgresql://postgres:s3cret-pw@127.0.0.1:1/test", DestinationError, "127.0.0.1"),  # nothing on port 1
+        ("postgresql://postgres:s3cret-pw@127.0.0.1:5432/amp_no_such_db", DestinationError, "amp_no_such_db"),
+        ("postgresql://postgres@127.0.0.1:5432/test?password=s3cret-pw&sslmode=bogus", DestinationError, "sslmode"),
+        # the URL itself is malformed: bad input (exit 2)
+        ("postgresql://postgres:s3cret-pw@127.0.0.1:notaport/test", UsageError, "port 'notaport'"),
+        ("postgresql://postgres:s3cret-pw@127.0.0.1:5432/test?port=70000", UsageError, "port '70000'"),
+        ("postgresql://postgres:s3cret-pw@[bad/test", UsageError, "IPv6"),
+        ("postgresql://postgres@[::1", UsageError, "IPv6"),
+        ("postgresql://postgres:s3cret-pw@127.0.0.1/test?nosuchoption=1", UsageError, "nosuchoption"),
     ],
 )
-def test_bad_destinations_fail_clearly_without_the_password(url: str, expected: str) -> None:
-    with pytest.raises(DestinationError) as caught:
+def test_bad_destinations_fail_in_one_line_without_the_password(
+    url: str, error: type[Exception], expected: str
+) -> None:
+    with pytest.raises(error) as caught:
         PostgresSink(url, schema="amp_never_created", connect_timeout=3)
     message = str(caught.value)
     assert "s3cret" not in message and "\n" not in message and expected in message
+
+
+def test_a_role_with_only_schema_privileges_creates_the_tables(pg_role: tuple[str, str]) -> None:
+    role, schema = pg_role
+    with psycopg.connect(URL, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+        admin.execute(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{role}"')
+        may_create = admin.execute(
+            "SELECT has_database_privilege(%s, current_database(), 'CREATE')", [role]
+        ).fetchone()
+    assert may_create == (False,)
+    rows = event_rows(H0, 30)
+    with PostgresSink(url_for(role), schema=schema) as sink:
+        write(sink, Window(H0, H0), rows)
+        assert set(stored(sink)) == {r["uuid"] for r in rows}
+    with psycopg.connect(URL, autocommit=True) as admin:
+        owners = admin.execute(
+            "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = %s", [schema]
+        ).fetchall()
+    assert owners == [(role,)]
 
 
 def test_missing_privilege_is_a_destination_error(schema: str) -> None:

@@ -45,6 +45,14 @@ def test_end_before_start_is_a_usage_error() -> None:
         resolve_range("2024-03-02", "2024-03-01", now=utc(2024, 4, 1))
 
 
+def test_an_empty_date_is_bad_input_and_an_end_before_yesterday_names_the_default_start() -> None:
+    for start, end in (("", None), (None, ""), ("2024-03-01", "")):
+        with pytest.raises(UsageError, match="cannot read ''"):
+            resolve_range(start, end, now=utc(2024, 4, 1))
+    with pytest.raises(UsageError, match=r"before the default start 2024-03-31T00 \(yesterday, UTC\): give --start"):
+        resolve_range(None, "2020-01-01", now=utc(2024, 4, 1, 12))
+
+
 def test_default_range_is_yesterday_utc() -> None:
     first, last, ready = resolve_range(None, None, now=utc(2024, 3, 2, 10, 30))
     assert (first, last, ready) == (utc(2024, 3, 1, 0), utc(2024, 3, 1, 23), utc(2024, 3, 1, 23))

@@ -2,8 +2,9 @@
 errors to exit codes.
 
 Exit codes: 0 done; 1 some windows failed (or `verify` found problems): the rest completed and the next run
-retries them; 2 bad input (dates, flags, destination URL); 3 Amplitude refused the credentials; 4 the destination
-cannot be opened or written; 5 another run holds the destination; 130 interrupted.
+retries them; 2 bad input (dates, flags, a directory that cannot be created, a busy port, destination URL);
+3 Amplitude refused the credentials; 4 the destination cannot be opened or written; 5 another run holds the
+destination; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ EXIT_CODES = """\b
 Exit codes:
   0  done
   1  some windows failed (the rest completed; the next run retries them)
-  2  bad input: dates, flags, destination URL
+  2  bad input: dates, flags, paths, ports, destination URL
   3  Amplitude refused the credentials (check the region)
   4  the destination cannot be opened or written
   5  another run holds the destination
@@ -82,7 +83,7 @@ def range_options(func: F) -> F:
         click.option("--end", help="Last UTC upload hour, inclusive (a bare date means its hour 23)."),
         click.option("--window-hours", type=int, default=24, show_default=True,
                      help="Hours per request (windows of 24+ hours start at midnight)."),
-        click.option("--lag-hours", type=float, default=2, show_default=True,
+        click.option("--lag-hours", type=click.FloatRange(min=0), default=2, show_default=True,
                      help="Hours Amplitude needs after an hour closes before it can be exported."),
         click.option("--max-attempts", type=click.IntRange(1, 50), default=6, show_default=True,
                      help="Attempts per window for 5xx, 429, timeouts and broken bodies."),
@@ -123,6 +124,17 @@ def _client(api_key: str | None, secret_key: str | None, region: str | None, bas
     return ExportClient(credentials, max_attempts=max_attempts, **client_options)
 
 
+def _make_dirs(**dirs: Path) -> None:
+    """Create the command's directories up front: one that cannot be created is bad input (exit 2), named by its
+    option, not a traceback halfway through the run."""
+    for option, path in dirs.items():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
+
+
 def _start_logging(log_dir: Path, run_id: str, progress: bool | None, verbose: bool) -> Any:
     from .logs import setup_logging
     from .progress import make_reporter
@@ -152,6 +164,7 @@ def extract(api_key: str | None, secret_key: str | None, region: str | None, bas
     from .pipeline import extract as do_extract
     from .pipeline import new_run_id
 
+    _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
     with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client, reporter:
@@ -252,8 +265,8 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
         size_budget_mb: int, workers: int, wait: bool) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
-    With no --start, continue after the last loaded hour up to the last ready hour (the first run takes
-    yesterday), so a daily cron entry needs no dates.
+    With no --start, continue after the last loaded hour up to the last ready hour or --end (the first run takes
+    yesterday, or the day of an earlier --end), so a daily cron entry needs no dates.
 
     \b
     Example:
@@ -264,6 +277,7 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
     from .pipeline import new_run_id
     from .pipeline import run as do_run
 
+    _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
     with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client:
@@ -307,6 +321,7 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     from .pipeline import load as do_load
     from .pipeline import new_run_id
 
+    _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
     sink = _open_for_writing(_dest(dest, data_dir), wait)
@@ -411,8 +426,8 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
     from .report import write_report
     from .windows import parse_hour
 
-    path = write_report(_dest(dest, data_dir), out, start=parse_hour(start) if start else None,
-                        end=parse_hour(end, is_end=True) if end else None, project=project)
+    path = write_report(_dest(dest, data_dir), out, start=parse_hour(start) if start is not None else None,
+                        end=parse_hour(end, is_end=True) if end is not None else None, project=project)
     click.echo(f"report written to {path}")
 
 
@@ -439,10 +454,11 @@ def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, 
     """
     from .fake_server import serve
 
+    def announce(url: str) -> None:
+        click.echo(f"fake Export API on {url}/api/2/export (api key {api_key!r}); Ctrl-C stops", err=True)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    click.echo(f"fake Export API on http://{host}:{port}/api/2/export (api key {api_key!r}); Ctrl-C stops",
-               err=True)
-    serve(host, port, api_key=api_key, secret_key=secret_key, seed=seed, fault_rate=fault_rate,
+    serve(host, port, ready=announce, api_key=api_key, secret_key=secret_key, seed=seed, fault_rate=fault_rate,
           timeout_over_hours=timeout_over_hours)
 
 
@@ -462,6 +478,7 @@ def demo(data_dir: Path, days: int, progress: bool | None) -> None:
     """
     from .demo import run_demo
 
+    _make_dirs(data_dir=data_dir)
     sys.exit(run_demo(data_dir, days=days, progress=progress))
 
 

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from .errors import UsageError
 from .synthetic import generate_hour, hour_uuids, utc_hour
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,13 @@ class FakeExportServer:
         return f"http://{host!s}:{port}"
 
     def _bind(self) -> ThreadingHTTPServer:
+        try:
+            httpd = _HTTPServer((self.host, self.port), _Handler)
+        except OSError as exc:  # a busy port, or a host that is not ours
+            raise UsageError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         if self._cache_dir is None:
             self._cache_dir = Path(tempfile.mkdtemp(prefix="amplitude-fake-"))
         self._cache_dir.mkdir(parents=True, exist_ok=True)
-        httpd = _HTTPServer((self.host, self.port), _Handler)
         httpd.fake = self
         self._httpd = httpd
         log.info("fake Export API listening on %s (project %s)", self.url, self.project_id)
@@ -204,9 +208,12 @@ class FakeExportServer:
         self._thread.start()
         return self
 
-    def serve_forever(self) -> None:
-        """Serve in the calling thread until interrupted (what `serve` and the CLI use)."""
+    def serve_forever(self, ready: Callable[[str], None] | None = None) -> None:
+        """Serve in the calling thread until interrupted (what `serve` and the CLI use); `ready(url)` is called
+        once the port is bound."""
         httpd = self._bind()
+        if ready is not None:
+            ready(self.url)
         try:
             httpd.serve_forever()
         finally:
@@ -406,9 +413,14 @@ class FakeExportServer:
             self.requests.append((start, end, status))
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, **options: Any) -> None:
-    """Run the fake Export API in the foreground until interrupted (the `fake-server` command runs it)."""
-    FakeExportServer(host=host, port=port, **options).serve_forever()
+def serve(
+    host: str = "127.0.0.1", port: int = 8080, *, ready: Callable[[str], None] | None = None, **options: Any
+) -> None:
+    """Run the fake Export API in the foreground until interrupted (the `fake-server` command runs it).
+
+    A port that cannot be bound (busy) raises UsageError.
+    """
+    FakeExportServer(host=host, port=port, **options).serve_forever(ready)
 
 
 class _HTTPServer(ThreadingHTTPServer):

@@ -39,6 +39,11 @@ SKIPPED_STATUSES = (LOADED, LEDGER_EMPTY, TOO_LARGE)  # not asked again unless -
 DEFAULT_SIZE_BUDGET = 1 << 30  # plan windows under 1 GiB of archive: far from the Export API's 4 GB limit
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 hour`, `2 hours`: a count with its noun, for the lines a run prints."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
 def new_run_id(now: datetime | None = None) -> str:
     """A sortable, unique run id: `20240302T031500Z-1a2b3c`."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
@@ -104,7 +109,7 @@ class RunReport:
         for outcome in self.outcomes:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
         parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
-        lines = [f"run {self.run_id}: {len(self.outcomes)} windows ({parts})"]
+        lines = [f"run {self.run_id}: {plural(len(self.outcomes), 'window')} ({parts})"]
         if any(o.status == "loaded" for o in self.outcomes):
             lines.append(
                 f"events loaded: {self.events:,}; duplicates dropped: {sum(o.duplicates for o in self.outcomes):,}; "
@@ -179,6 +184,40 @@ def fetch_windows(
                 future.cancel()
 
 
+def landed_windows(raw_dir: Path, suffix: str = ".zip") -> set[Window]:
+    """The windows named by the `<start>_<end><suffix>` files in `raw_dir`.
+
+    `.zip` is a complete archive (a download lands as `.zip.part` and is renamed only once verified); `.empty`
+    marks a window `extract` found empty.
+    """
+    windows: set[Window] = set()
+    for path in raw_dir.glob(f"*{suffix}") if raw_dir.is_dir() else []:
+        try:
+            windows.add(Window.from_name(path.name.removesuffix(suffix)))
+        except AmplitudeExportError:
+            continue  # not one of ours
+    return windows
+
+
+def plan_around_landed(windows: Iterable[Window], landed: set[Window]) -> list[Window]:
+    """Each window replaced by the landed windows inside it, plus windows over the hours they leave uncovered.
+
+    After 504s split a day into halves, a resumed run reuses the halves instead of fetching the whole day again,
+    so no event is kept in two archives. Landed windows that overlap each other are used once.
+    """
+    planned: list[Window] = []
+    for window in windows:
+        covered: set[datetime] = set()
+        inside = [w for w in landed if window.start <= w.start and w.end <= window.end]
+        for candidate in sorted(inside, key=lambda w: (w.start, -w.hours)):
+            hours = set(candidate.each_hour())
+            if not hours & covered:
+                planned.append(candidate)
+                covered |= hours
+        planned.extend(_runs([hour for hour in window.each_hour() if hour not in covered]))
+    return sorted(planned)
+
+
 def _warn_concurrency(concurrency: int) -> None:
     if concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
@@ -226,8 +265,10 @@ def extract(
     report = RunReport(run_id or new_run_id(now))
     _warn_concurrency(concurrency)
     raw_dir = data_dir / "raw"
-    windows = _plan(start, end, now or datetime.now(UTC), lag_hours, window_hours, report)
-    pending = [w for w in windows if not (raw_dir / f"{w.name}.empty").exists()]
+    empty = landed_windows(raw_dir, ".empty")
+    windows = plan_around_landed(_plan(start, end, now or datetime.now(UTC), lag_hours, window_hours, report),
+                                 landed_windows(raw_dir) | empty)
+    pending = [w for w in windows if w not in empty]
     for skipped in set(windows) - set(pending):
         report.outcomes.append(WindowOutcome(skipped, "empty", reason="recorded empty by an earlier run"))
     reporter.add_windows(len(windows))
@@ -350,7 +391,10 @@ def incremental_start(ledger: dict[datetime, HourRecord]) -> datetime | None:
 def _incremental_range(
     ledger: dict[datetime, HourRecord], end: str | None, now: datetime, lag_hours: float
 ) -> tuple[datetime, datetime]:
-    """Where a run without --start begins and ends: after the last done hour (first run: yesterday)."""
+    """Where a run without --start begins and ends: after the last done hour.
+
+    The first run takes yesterday, or the day of `end` when that is earlier (a first `run --end` always loads).
+    """
     resume = incremental_start(ledger)
     if resume is None:
         first, last, _ = resolve_range(None, None, now=now, lag_hours=lag_hours)
@@ -358,6 +402,8 @@ def _incremental_range(
         first, last = resume, last_ready_hour(now, lag_hours)
     if end is not None:
         last = parse_hour(end, is_end=True)
+        if resume is None:
+            first = min(first, last.replace(hour=0))
     return first, last
 
 
@@ -383,9 +429,10 @@ def run(
 ) -> RunReport:
     """Extract and load start..end into `sink`, downloading the next windows while one loads.
 
-    With no `start`, continue from the hour after the last one loaded (the first run takes yesterday), up to
-    the last ready hour (or `end`); hours failed by earlier runs are tried again, and the loaded hours among
-    the `lookback_hours` before the run's end are fetched again and reloaded only if Amplitude changed them.
+    With no `start`, continue from the hour after the last one loaded (the first run takes yesterday, or the day
+    of `end` if that is earlier), up to the last ready hour (or `end`); hours failed by earlier runs are tried
+    again, and the loaded hours among the `lookback_hours` before the run's end are fetched again and reloaded
+    only if Amplitude changed them. Archives already on disk are reused, not fetched again.
     """
     reporter = reporter or Reporter()
     moment = now or datetime.now(UTC)
@@ -416,13 +463,13 @@ def run(
     too_large = sorted(h for h, r in ledger.items() if r.status == TOO_LARGE and first <= h <= ready)
     if too_large and not refresh:
         report.notes.append(
-            f"{len(too_large)} hours are over the Export API's 4 GB limit and need Amplitude's S3 export: "
+            f"{plural(len(too_large), 'hour')} over the Export API's 4 GB limit (use Amplitude's S3 export): "
             + ", ".join(label_hour(h) for h in too_large[:10]))
     estimate = hour_size_estimator(ledger)
-    windows = fit_budget(sorted(windows), estimate, size_budget)
+    raw_dir = data_dir / "raw"
+    windows = plan_around_landed(fit_budget(sorted(windows), estimate, size_budget), landed_windows(raw_dir))
     recheck = fit_budget(recheck, estimate, size_budget)
     reporter.add_windows(len(windows) + len(recheck))
-    raw_dir = data_dir / "raw"
     fresh = set(recheck)
     changed: list[datetime] = []
     for window, result in fetch_windows(client, sorted(windows + recheck), raw_dir, concurrency=concurrency,
@@ -453,10 +500,12 @@ def run(
     if recheck:
         report.changed_hours = sorted(changed)
         if changed:
-            note = (f"{len(changed)} hours changed since last run: " + ", ".join(label_hour(h) for h in sorted(changed))
-                    + " (reloaded)")
+            note = (f"{plural(len(changed), 'hour')} changed since last run: "
+                    + ", ".join(label_hour(h) for h in sorted(changed)) + " (reloaded)")
         else:
-            note = f"lookback: the {sum(w.hours for w in recheck)} loaded hours re-checked are unchanged"
+            rechecked = sum(w.hours for w in recheck)
+            note = (f"lookback: the {plural(rechecked, 'loaded hour')} re-checked "
+                    f"{'is' if rechecked == 1 else 'are'} unchanged")
         log.info(note)
         report.notes.append(note)
     report.outcomes.sort(key=lambda o: o.window)
@@ -509,7 +558,7 @@ def _recheck_window(
             outcome.status, outcome.reason = loaded.status, loaded.reason
     if changed and outcome.status == "unchanged":
         outcome.status = "reloaded"
-        outcome.reason = f"{len(changed)} hours changed: " + ", ".join(label_hour(h) for h in changed)
+        outcome.reason = f"{plural(len(changed), 'hour')} changed: " + ", ".join(label_hour(h) for h in changed)
     if not keep_raw:
         archive.unlink(missing_ok=True)
     return outcome, changed

@@ -61,7 +61,10 @@ def write_report(
     end: datetime | None = None,
     project: str | None = None,
 ) -> Path:
-    """Write the HTML report of destination `dest` (`duckdb:PATH` or `parquet:DIR`) to `out`; return `out`.
+    """Write the HTML report of destination `dest` to `out`; return `out`.
+
+    `dest` is any destination `run` writes: `duckdb:PATH`, `parquet:DIR` (or an fsspec URL such as
+    `parquet:s3://bucket/prefix`) or `postgresql://...`.
 
     `start` and `end` are UTC upload hours, both inclusive (default: everything the destination holds). `project`
     picks the ledger to read; by default the only one there (a destination holding several needs it named).
@@ -101,9 +104,9 @@ def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
         if scheme == "duckdb":
             _duckdb_views(con, Path(rest).expanduser())
         elif scheme == "parquet":
-            _parquet_views(con, Path(rest).expanduser())
+            _parquet_views(con, rest)
         else:
-            raise UsageError(f"report reads duckdb:PATH and parquet:DIR destinations so far, not {dest!r}")
+            raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
         yield con
     finally:
         con.close()
@@ -178,29 +181,28 @@ def _postgres_views(con: duckdb.DuckDBPyConnection, url: str, scratch: Path) -> 
     con.unregister("_ledger_arrow")
 
 
-def _parquet_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """Events from the files the state names (not a glob: a crashed run's orphans are not data), ledger from JSON."""
-    from .sinks.duckdb import events_ddl, records_table
-    from .sinks.parquet import STATE_FILE
+def _parquet_views(con: duckdb.DuckDBPyConnection, root: str) -> None:
+    """Events from the files the state names (not a glob: a crashed run's orphans are not data), ledger from JSON.
 
-    state_path = root / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        files = [str(root / rel) for rel in state["files"]]
-        ledgers: dict[str, dict[str, dict[str, Any]]] = state["ledger"]
-    except FileNotFoundError:
-        raise DestinationError(
-            f"{root} is not a Parquet destination of amplitude-export (no {STATE_FILE})"
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DestinationError(f"cannot read {state_path}: {exc}") from None
-    if files:
-        con.execute(
-            "CREATE VIEW all_events AS SELECT * FROM read_parquet("
-            f"[{', '.join(_literal(f) for f in files)}], hive_partitioning = true, union_by_name = true)"
-        )
-    else:
+    `root` is anything the Parquet sink opens: a directory, `file://`, or any fsspec URL (`s3://`, `memory://`).
+    """
+    from .sinks.duckdb import events_ddl, records_table
+    from .sinks.parquet import LocalDirectory, ParquetSink
+
+    with ParquetSink(root, read_only=True) as sink:
+        files = sorted(sink.files)
+        ledgers = sink.state_ledger
+        store = sink.store
+    if not files:
         con.execute(events_ddl("all_events"))
+    elif isinstance(store, LocalDirectory):
+        paths = ", ".join(_literal(store.abs(rel)) for rel in files)
+        con.execute(
+            f"CREATE VIEW all_events AS SELECT * FROM read_parquet([{paths}], hive_partitioning = true, "
+            "union_by_name = true)"
+        )
+    else:  # read through fsspec, as the sink reads: DuckDB never needs the store's credentials
+        con.execute(f"CREATE VIEW all_events AS SELECT * FROM {store.scan(con, files)}")
     tables = [
         records_table(name, [HourRecord.from_dict(d) for d in hours.values()])
         for name, hours in ledgers.items()
@@ -711,7 +713,8 @@ def _javascript() -> str:
         from altair.utils._importers import vl_version_for_vl_convert
     except ImportError as exc:
         raise UsageError(
-            f"the report needs altair and vl-convert-python: pip install 'amplitude-export[report]' ({exc})"
+            f"the report needs altair and vl-convert-python, dependencies of amplitude-export: reinstall it or "
+            f"pip install altair vl-convert-python ({exc})"
         ) from None
     bundle = vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert())  # type: ignore[call-arg]
     # only `</script` could end the element early; replacing every `</` would break regex literals like /</g

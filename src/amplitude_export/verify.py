@@ -3,7 +3,8 @@
 Checks, for every hour between the first and the last hour the ledger knows: the hour has a ledger row, it is
 not failed, and the number of rows in `events` for that upload hour equals the ledger's `events_loaded`. With
 `deep`, the archives still on disk are hashed again and compared with the ledger's content hashes, which
-proves the rows came from the archive that is there now.
+proves the rows came from the archive that is there now (per hour, the archive the ledger's members name: a
+lookback reload leaves the older archive beside the newer one).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .archive import content_hash, list_members
+from .archive import ArchiveMember, content_hash, list_members
 from .errors import AmplitudeExportError
-from .ledger import FAILED, LOADED, TOO_LARGE
+from .ledger import FAILED, LOADED, TOO_LARGE, HourRecord
 from .sinks import Sink
 from .windows import HOUR, Window, label_hour
 
@@ -77,10 +78,17 @@ def verify(sink: Sink, project: str, *, deep: bool = False, raw_dir: Path | None
     return Verification(first, last, checked, hashed, problems)
 
 
-def _deep_check(ledger: dict, raw_dir: Path | None, problems: list[Problem]) -> int:  # type: ignore[type-arg]
-    """Hash each kept archive's members per hour and compare with the ledger; returns the hours hashed."""
-    hashed = 0
-    for path in sorted(raw_dir.glob("*.zip")) if raw_dir and raw_dir.is_dir() else []:
+def _deep_check(ledger: dict[datetime, HourRecord], raw_dir: Path | None, problems: list[Problem]) -> int:
+    """Hash, per loaded hour, the kept archive it was loaded from and compare with the ledger; returns the hours
+    hashed.
+
+    A lookback reload lands a newer archive beside the older one that still covers the hour, so several archives
+    may hold an hour: the one whose members (names, sizes, CRCs) the ledger lists is the one that was loaded;
+    when none is, the newest is compared, and differs.
+    """
+    covering: dict[datetime, list[tuple[Path, list[ArchiveMember]]]] = {}
+    paths = sorted(raw_dir.glob("*.zip"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if raw_dir else []
+    for path in paths:  # oldest first
         try:
             window = Window.from_name(path.name.removesuffix(".zip"))
             members = list_members(path)
@@ -88,11 +96,16 @@ def _deep_check(ledger: dict, raw_dir: Path | None, problems: list[Problem]) -> 
             problems.append(Problem(None, "unreadable", f"{path.name}: {exc}"))
             continue
         for hour in window.each_hour():
-            record = ledger.get(hour)
-            if record is None or record.status != LOADED or not record.content_hash:
-                continue
-            of_hour = [m for m in members if m.upload_hour == hour]
-            hashed += 1
-            if content_hash(path, of_hour) != record.content_hash:
-                problems.append(Problem(hour, "hash", f"{path.name} differs from what was loaded"))
+            covering.setdefault(hour, []).append((path, [m for m in members if m.upload_hour == hour]))
+    hashed = 0
+    for hour, candidates in sorted(covering.items()):
+        record = ledger.get(hour)
+        if record is None or record.status != LOADED or not record.content_hash:
+            continue
+        loaded = sorted((m.name, m.size, m.crc) for m in record.members)
+        path, members = next((c for c in candidates if sorted((m.name, m.size, m.crc) for m in c[1]) == loaded),
+                             candidates[-1])
+        hashed += 1
+        if content_hash(path, members) != record.content_hash:
+            problems.append(Problem(hour, "hash", f"{path.name} differs from what was loaded"))
     return hashed

@@ -155,12 +155,16 @@ def resolve_range(
     exported yet.
     """
     today = floor_hour(now).replace(hour=0)
-    first = parse_hour(start) if start else today - timedelta(days=1)
+    # an empty string is a date that does not parse, not a missing one
+    first = parse_hour(start) if start is not None else today - timedelta(days=1)
     ready_hour = last_ready_hour(now, lag_hours)
-    if end:
+    if end is not None:
         last = parse_hour(end, is_end=True)
     else:
-        last = max(ready_hour, first) if start else today - HOUR
+        last = max(ready_hour, first) if start is not None else today - HOUR
+    if last < first and start is None:
+        raise UsageError(f"end {label_hour(last)} is before the default start {label_hour(first)} (yesterday, UTC): "
+                         "give --start too")
     if last < first:
         raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
     return first, last, min(last, ready_hour)

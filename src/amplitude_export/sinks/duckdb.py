@@ -1,11 +1,11 @@
 """The DuckDB sink, the default destination: `events` and the ledger `_amplitude_ledger` in one file.
 
-A window is one transaction: its hours' old rows are deleted, its batches are staged in a TEMP table (which
-spills to `temp_directory` beyond `memory_limit`, so a 24-hour window does not have to fit in RAM), the first
-row of each uuid that no other hour already holds is inserted, and the window's ledger rows are upserted. A
-crash at any point leaves the file as it was before the window. `events` has no primary key on purpose: an
-index over every uuid would cost memory on every open and slow inserts; the anti-join keeps uuids unique
-instead.
+A window is one transaction: its hours' old rows are deleted, its batches are streamed into `events` by a single
+INSERT (DuckDB pulls them from an Arrow stream, so a window never has to fit in memory and no per-statement cost
+is paid per batch), then the few rows that break "one row per uuid" are deleted: later copies of a uuid within
+the window (member order, then line) and the window's rows whose uuid another hour already holds. The window's
+ledger rows are upserted last. A crash at any point leaves the file as it was before the window. `events` has no
+primary key on purpose: an index over every uuid would cost memory on every open and slow inserts.
 
 The staging helpers here are shared with the Parquet sink, which runs the same SQL on an in-memory DuckDB.
 """
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import HourRecord, MemberInfo
@@ -98,51 +99,114 @@ def check_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         raise ValueError(f"batch does not match schema.ARROW_SCHEMA: {exc}") from exc
 
 
-STAGE_ROWS = 16_384  # rows per INSERT into the stage: each statement costs ~25 ms whatever its size
+class Intake:
+    """The window's batches on their way into DuckDB: checked, counted per hour, and optionally deduplicated.
+
+    `insert_into` hands them to DuckDB as one Arrow stream in one INSERT: each INSERT statement costs ~10-25 ms
+    whatever its size, and a stream keeps only the batch at hand in memory. DuckDB pulls the batches on its own
+    thread; an exception raised while producing one (a broken member, Ctrl-C) is kept and raised again here
+    after the statement, so it keeps its type instead of becoming a DuckDB error.
+
+    With `first_copies`, a row whose uuid an earlier row of the window had is dropped on the way, so the first
+    copy in arrival order (member order, then line) is the one kept. Doing this before DuckDB sees the rows
+    matters: deleting rows that a transaction has just bulk-inserted makes DuckDB rewrite them at commit
+    (measured: ~2 µs per event of the window, docs/PARSE_PATH.md). The set of seen uuids costs ~100 bytes per
+    event of the window.
+    """
+
+    def __init__(
+        self, window: Window, batches: Iterable[pa.RecordBatch], *, seq: bool = False, first_copies: bool = False
+    ) -> None:
+        self.window = window
+        self.staged: dict[datetime, int] = {}  # rows received per upload hour, before duplicates are dropped
+        self._batches = batches
+        self._seq = seq  # append an arrival number per row (for a stage that keeps the first of each uuid)
+        self._seen: set[str] | None = set() if first_copies else None
+        self._rows = 0
+        self._error: BaseException | None = None
+
+    def _stream(self) -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in self._batches:
+                batch = check_batch(batch)
+                if batch.num_rows == 0:
+                    continue
+                self._count(batch)
+                for part in self._first_copies(batch) if self._seen is not None else [batch]:
+                    if self._seq:
+                        numbers = pa.array(range(self._rows, self._rows + part.num_rows), pa.int64())
+                        part = pa.RecordBatch.from_arrays([*part.columns, numbers], names=[*COLUMN_NAMES, SEQ])
+                    self._rows += part.num_rows
+                    yield part
+        except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
+            self._error = exc
+
+    def _count(self, batch: pa.RecordBatch) -> None:
+        hours = batch.column("_upload_hour")
+        bounds = pc.min_max(hours)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if hours.null_count or low < self.window.start or high > self.window.end:
+            raise ValueError(f"{self.window}: rows have an _upload_hour outside the window")
+        counts = pc.value_counts(hours)
+        for hour, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
+            hour = hour.astimezone(UTC)
+            self.staged[hour] = self.staged.get(hour, 0) + n
+
+    def _first_copies(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+        """The batch without rows whose uuid came before (here or in an earlier batch), as zero-copy slices.
+
+        Slicing around the few repeated rows, rather than `filter`, copies nothing (a filter copied the whole
+        7 MB batch, and most batches of a real export hold a repeat or two). Rows without a uuid are kept.
+        """
+        seen = self._seen
+        assert seen is not None
+        column = batch.column("uuid")
+        uuids = column.to_pylist()
+        distinct = set(uuids)
+        distinct.discard(None)
+        if len(distinct) == len(uuids) - column.null_count and seen.isdisjoint(distinct):
+            seen |= distinct  # the common case, at C speed: nothing to drop
+            return [batch]
+        slices = []
+        start = 0
+        for row, uuid in enumerate(uuids):
+            if uuid is None:
+                continue
+            if uuid in seen:
+                if row > start:
+                    slices.append(batch.slice(start, row - start))
+                start = row + 1
+            else:
+                seen.add(uuid)
+        if start < len(uuids):
+            slices.append(batch.slice(start))
+        return slices
+
+    def insert_into(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
+        """INSERT every batch into `table` in one statement; raise what producing the batches raised."""
+        names = [*COLUMN_NAMES, SEQ] if self._seq else list(COLUMN_NAMES)
+        schema = ARROW_SCHEMA.append(pa.field(SEQ, pa.int64())) if self._seq else ARROW_SCHEMA
+        stream = pa.RecordBatchReader.from_batches(schema, self._stream())
+        con.register("_amplitude_stream", stream)
+        try:
+            con.execute(f"INSERT INTO {table} SELECT {', '.join(map(quote, names))} FROM _amplitude_stream")
+        except duckdb.Error:
+            if self._error is None:
+                raise
+        finally:
+            con.unregister("_amplitude_stream")
+        if self._error is not None:
+            raise self._error
 
 
 def stage_batches(
     con: duckdb.DuckDBPyConnection, window: Window, batches: Iterable[pa.RecordBatch]
 ) -> dict[datetime, int]:
-    """Stage every batch in TEMP table `_amplitude_stage`, numbered in arrival order; rows staged per hour.
-
-    Batches are inserted a few at a time (about `STAGE_ROWS` rows per statement), so at most that many rows are
-    held in Python at once; one INSERT per small batch costs twice the CPU (docs/PARSE_PATH.md).
-    """
+    """Stage every batch in TEMP table `_amplitude_stage`, numbered in arrival order; rows staged per hour."""
     con.execute(events_ddl(STAGE, json_type="VARCHAR", temp=True, seq=True))
-    offset = 0
-    pending: list[pa.RecordBatch] = []
-    held = 0
-
-    def flush() -> None:
-        nonlocal offset, pending, held
-        table = pa.Table.from_batches(pending, schema=ARROW_SCHEMA)
-        seq = pa.array(range(offset, offset + table.num_rows), pa.int64())
-        con.register("_amplitude_batch", table.append_column(SEQ, seq))
-        try:
-            con.execute(f"INSERT INTO {STAGE} SELECT * FROM _amplitude_batch")
-        finally:
-            con.unregister("_amplitude_batch")
-        offset += table.num_rows
-        pending, held = [], 0
-
-    for batch in batches:
-        batch = check_batch(batch)
-        if batch.num_rows == 0:
-            continue
-        pending.append(batch)
-        held += batch.num_rows
-        if held >= STAGE_ROWS:
-            flush()
-    if pending:
-        flush()
-    outside = con.execute(
-        f"SELECT count(*) FROM {STAGE} WHERE _upload_hour IS NULL OR _upload_hour < ? OR _upload_hour > ?",
-        [window.start, window.end],
-    ).fetchall()[0][0]
-    if outside:
-        raise ValueError(f"{window}: {outside} rows have an _upload_hour outside the window")
-    return hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} GROUP BY 1")
+    intake = Intake(window, batches, seq=True)
+    intake.insert_into(con, STAGE)
+    return intake.staged
 
 
 def winners_sql(taken: str | None) -> str:
@@ -156,7 +220,7 @@ def winners_sql(taken: str | None) -> str:
 
 
 def hour_counts(
-    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None
+    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | dict[str, Any] | None = None
 ) -> dict[datetime, int]:
     """{hour: n} from a query yielding (hour, n); via Arrow, as fetchall() on TIMESTAMPTZ needs pytz."""
     table = con.sql(sql, params=params).to_arrow_table()
@@ -206,13 +270,14 @@ class DuckDBSink:
         self,
         path: Path,
         *,
-        memory_limit: str = "512MB",
+        memory_limit: str = "256MB",
         threads: int = 2,
         temp_directory: Path | None = None,
         read_only: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
         self.description = f"duckdb:{self.path}"
+        self.threads = threads
         temp = temp_directory or self.path.with_name(self.path.name + ".tmp")
         config: dict[str, Any] = {
             "memory_limit": memory_limit,
@@ -271,23 +336,25 @@ class DuckDBSink:
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, once per uuid, and upsert the ledger, atomically."""
         con = self.connection
+        mine = "_project = $project AND _upload_hour BETWEEN $start AND $end"  # the window's rows
+        params = {"project": project, "start": window.start, "end": window.end}
         con.begin()
         try:
-            con.execute(
-                f"DELETE FROM {EVENTS} WHERE _project = ? AND _upload_hour BETWEEN ? AND ?",
-                [project, window.start, window.end],
-            )
-            staged = stage_batches(con, window, with_project(batches, project))
-            con.execute(f"INSERT INTO {EVENTS} SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {winners_sql(EVENTS)}")
-            # the window's hours were emptied above, so what they hold now is exactly what was inserted
+            con.execute(f"DELETE FROM {EVENTS} WHERE {mine}", params)
+            intake = Intake(window, with_project(batches, project), first_copies=True)
+            # one inserting thread writes whole row groups; with two, DuckDB leaves partial ones that the next
+            # checkpoint (at close) rewrites: ~1 s more per 500 k events and a file 1.6x the size (measured)
+            con.execute("SET threads = 1")
+            try:
+                intake.insert_into(con, EVENTS)
+            finally:
+                con.execute(f"SET threads = {self.threads}")
+            self._drop_taken(mine, params)
+            # the window's hours were emptied above, so what they hold now is exactly what was kept
             loaded = hour_counts(
-                con,
-                f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} "
-                "WHERE _project = ? AND _upload_hour BETWEEN ? AND ? GROUP BY 1",
-                [project, window.start, window.end],
+                con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} WHERE {mine} GROUP BY 1", params
             )
-            con.execute(f"DROP TABLE {STAGE}")
-            records = fill_counts(finish(), staged, loaded, datetime.now(UTC))
+            records = fill_counts(finish(), intake.staged, loaded, datetime.now(UTC))
             self._upsert(project, records)
             con.commit()
         except BaseException as exc:
@@ -296,6 +363,19 @@ class DuckDBSink:
                 raise DestinationError(f"cannot write {window} to {self.path}: {_first_line(exc)}") from exc
             raise
         return records
+
+    def _drop_taken(self, mine: str, params: dict[str, Any]) -> None:
+        """Delete the window's rows whose uuid another hour (or project) already holds: that copy came first.
+
+        Usually there are none, and then nothing is deleted: the check reads only the uuid column, while a
+        delete among rows just inserted costs a rewrite of the window at commit (see `Intake`).
+        """
+        taken = f"""SELECT o.uuid FROM {EVENTS} AS o
+                    WHERE NOT (o._project = $project AND o._upload_hour BETWEEN $start AND $end)
+                      AND o.uuid IN (SELECT uuid FROM {EVENTS} WHERE {mine} AND uuid IS NOT NULL)"""
+        con = self.connection
+        if con.execute(f"SELECT EXISTS ({taken})", params).fetchall()[0][0]:
+            con.execute(f"DELETE FROM {EVENTS} WHERE {mine} AND uuid IN ({taken})", params)
 
     def record_hours(self, project: str, records: list[HourRecord]) -> None:
         """Upsert ledger rows for hours without events (empty, failed, too large); `events` is not touched."""

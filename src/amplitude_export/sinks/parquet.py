@@ -509,7 +509,7 @@ class ParquetSink:
         self,
         root: str,
         *,
-        memory_limit: str = "512MB",
+        memory_limit: str = "256MB",
         threads: int = 2,
         row_group_size: int = 16_384,
         read_only: bool = False,

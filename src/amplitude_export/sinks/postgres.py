@@ -27,11 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord, MemberInfo
+from ..logs import FATAL
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, JSON_COLUMNS, POSTGRES_TYPES, quote
 from ..windows import Window
 from . import with_project
@@ -92,6 +94,29 @@ def split_schema(url: str) -> tuple[str, str | None]:
         raise UsageError("the destination's schema= parameter is empty")
     query = urlencode([(key, value) for key, value in params if key != "schema"])
     return urlunsplit(parts._replace(query=query)), schemas[-1]
+
+
+def check_url(url: str) -> None:
+    """Refuse, as bad input (exit 2), a URL libpq cannot parse or whose port is not a port number.
+
+    libpq only checks the port when it connects, where its complaint would look like an unreachable server.
+    """
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise UsageError(f"cannot read the PostgreSQL URL {redact(url)}: {_one_line(exc, _secrets(url))}") from None
+    for port in str(params.get("port") or "").split(","):  # one port per host, empty for the default
+        port = port.strip()
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise UsageError(f"the PostgreSQL URL {redact(url)} has port {port!r}: use a number from 1 to 65535")
+
+
+def _one_line(exc: BaseException, secrets: list[str]) -> str:
+    """`exc`'s text on one line, with the `secrets` (see `_secrets`) scrubbed out."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def redact(url: str) -> str:
@@ -226,6 +251,7 @@ class PostgresSink:
         if options:
             raise UsageError(f"unknown PostgreSQL destination option(s): {', '.join(sorted(options))}")
         url, url_schema = split_schema(url)
+        check_url(url)
         schema = schema or url_schema or DEFAULT_SCHEMA
         self.schema = schema
         self.description = f"{redact(url)} (schema {schema})"
@@ -240,7 +266,7 @@ class PostgresSink:
                 url, autocommit=True, connect_timeout=connect_timeout, application_name="amplitude-export"
             )
         except psycopg.Error as exc:
-            raise DestinationError(f"cannot open {self.description}: {self._message(exc)}") from None
+            raise self._fatal(f"cannot open {self.description}: {self._message(exc)}") from None
         try:
             self._conn.execute("SET TIME ZONE 'UTC'")
             self._lock_key = self._conn.execute(
@@ -254,17 +280,19 @@ class PostgresSink:
             self._create_tables(create=not read_only)
         except psycopg.Error as exc:
             self.close()
-            raise DestinationError(f"cannot open {self.description}: {self._message(exc)}") from None
+            raise self._fatal(f"cannot open {self.description}: {self._message(exc)}") from None
         except BaseException:
             self.close()
             raise
 
     def _message(self, exc: BaseException) -> str:
         """One line from a driver or server error, with the password scrubbed out."""
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return _one_line(exc, self._secrets)
+
+    def _fatal(self, message: str) -> DestinationError:
+        """The error that ends a run, its line also put in the run's log file (the CLI prints it on stderr)."""
+        FATAL.error("%s", message)
+        return DestinationError(message)
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -300,7 +328,10 @@ class PostgresSink:
             sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in _LEDGER_COLUMNS
         )
         with self.conn.transaction():
-            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            # only when missing: CREATE SCHEMA, even IF NOT EXISTS, needs CREATE on the database, and a role with
+            # USAGE and CREATE on an existing schema must be able to make the tables
+            if not self.conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema]).fetchone():
+                self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             self.conn.execute(
                 # UNIQUE rather than PRIMARY KEY: a primary key forbids NULL, and real exports have events
                 # without a uuid (kept, not dropped; see docs/SCHEMA.md). ON CONFLICT (uuid) works the same.
@@ -388,7 +419,7 @@ class PostgresSink:
                 ]
                 self._upsert(conn, project, records)
         except psycopg.Error as exc:
-            raise DestinationError(
+            raise self._fatal(
                 f"{self.description}: cannot write window {window}: {self._message(exc)}"
             ) from None
         return records
@@ -465,7 +496,7 @@ class PostgresSink:
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
                 self._upsert(self.conn, project, records)
         except psycopg.Error as exc:
-            raise DestinationError(f"{self.description}: cannot record hours: {self._message(exc)}") from None
+            raise self._fatal(f"{self.description}: cannot record hours: {self._message(exc)}") from None
 
     def read_arrow(
         self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
