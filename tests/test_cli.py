@@ -54,6 +54,19 @@ def test_bad_dates_exit_2_with_one_line(tmp_path: Path, dates: list[str]) -> Non
     assert not (tmp_path / "data" / "raw").exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["nosuch"], ["run", "--nosuch"], ["run", "--concurrency", "0"], ["extract", "--window-hours", "x"],
+     ["load", "--workers", "99"], ["status", "--bogus"], ["verify", "--deep", "extra"], ["report", "--out"],
+     ["demo", "--days", "0"], ["fake-server", "--port", "-1"]],
+)
+def test_every_bad_flag_is_one_error_line_and_exit_2(tmp_path: Path, args: list[str]) -> None:
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize("command", ["extract", "run"])
 def test_a_negative_lag_is_refused(tmp_path: Path, command: str) -> None:
     result = CliRunner().invoke(cli, [command, "--api-key", "k", "--secret-key", SECRET, "--base-url",

@@ -1,6 +1,7 @@
 """What every destination must do alike: load the real export lines without loss, and keep projects apart.
 
 Runs against DuckDB, Parquet and the real PostgreSQL (which must be reachable: these fail, never skip).
+Each also keeps in its ledger what retries and splits an hour took, and opens ledgers made before `split_from`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
+import psycopg
 import pytest
-from conftest import POSTGRES_URL, REAL_EVENTS
+import stamina
+from conftest import DAY, POSTGRES_URL, REAL_EVENTS
 from sink_helpers import batch, finisher, hour, hour_events, window
 
+from amplitude_export.client import ExportClient
+from amplitude_export.config import Credentials, Secret
+from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.ledger import EMPTY, FAILED, LOADED, HourRecord
+from amplitude_export.pipeline import run
 from amplitude_export.reader import WindowReader
 from amplitude_export.schema import EXPORT_COLUMNS, JSON, KNOWN_SOURCES, TIMESTAMP
 from amplitude_export.sinks import Sink, open_sink
 from amplitude_export.verify import verify
-from amplitude_export.windows import Window
+from amplitude_export.windows import HOUR, Window
 
 
 @pytest.fixture(params=["duckdb", "parquet", "postgres"])
@@ -106,3 +115,96 @@ def test_projects_in_one_destination_are_kept_apart(dest: str) -> None:
         assert verify(sink, "a").complete and verify(sink, "b").complete
     finally:
         sink.close()
+
+
+def stored_ledger(dest: str, project: str) -> dict[datetime, tuple[str, int, str | None]]:
+    """(status, attempts, split_from) per hour, read from the destination's own storage, not through the sink."""
+    if dest.startswith("duckdb:"):
+        with duckdb.connect(dest.removeprefix("duckdb:"), read_only=True) as con:
+            con.execute("SET TimeZone = 'UTC'")
+            rows = con.execute("SELECT strftime(hour, '%Y-%m-%dT%H'), status, attempts, split_from "
+                               "FROM _amplitude_ledger WHERE project = ?", [project]).fetchall()  # fmt: skip
+        return {datetime.strptime(h, "%Y-%m-%dT%H").replace(tzinfo=UTC): (s, a, f) for h, s, a, f in rows}
+    if dest.startswith("parquet:"):
+        state = json.loads((Path(dest.removeprefix("parquet:")) / "_state" / "ledger.json").read_text())
+        return {datetime.fromisoformat(h): (r["status"], r["attempts"], r.get("split_from"))
+                for h, r in state["ledger"][project].items()}  # fmt: skip
+    url, _, schema = dest.partition("?schema=")
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(f'SELECT hour, status, attempts, split_from FROM "{schema}"._amplitude_ledger '
+                            "WHERE project = %s", [project]).fetchall()  # fmt: skip
+    return {h.astimezone(UTC): (s, a, f) for h, s, a, f in rows}
+
+
+def test_retries_and_splits_are_in_the_ledger(dest: str, tmp_path: Path) -> None:
+    """Every window's first request fails (503) and windows over 6 hours answer 504: with 2 attempts a window,
+    the planned day is split into halves (503, 504), the halves into quarters (503, 504), and each quarter
+    loads at its second request; so each hour's data took 2 + 2 + 2 requests and came from the planned day.
+    The next planned window (6 hours, no data) is neither split nor loaded: 503 then 404."""
+    with (
+        stamina.set_testing(True, attempts=100, cap=True),
+        FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY + 23 * HOUR, faults=["503"],
+                         timeout_over_hours=6) as server,
+    ):  # fmt: skip
+        credentials = Credentials(server.api_key, Secret("demo-secret"), "us", server.url)
+        with ExportClient(credentials, max_attempts=2) as client, open_sink(dest) as sink:
+            report = run(client, sink, project="p", start="2024-03-01", end="2024-03-02T05", data_dir=tmp_path,
+                         workers=1, now=datetime(2024, 4, 1, tzinfo=UTC))  # fmt: skip
+        statuses = [status for _, _, status in server.requests]
+        expected_events = len(server.expected_uuids(DAY, DAY + 23 * HOUR))
+    assert report.exit_code == 0 and report.events == expected_events > 0
+    assert statuses.count(504) == 3 and statuses.count(503) == 8  # 504: the day, its halves; 503: every window
+    expected = {DAY + HOUR * n: (LOADED, 6, "2024-03-01T00..2024-03-01T23") for n in range(24)}
+    expected |= {DAY + HOUR * n: (EMPTY, 2, None) for n in range(24, 30)}
+    assert stored_ledger(dest, "p") == expected
+    with open_sink(dest, read_only=True) as sink:  # what status, verify and the report read
+        ledger = sink.ledger("p")
+    assert {h: (r.status, r.attempts, r.split_from) for h, r in ledger.items()} == expected
+
+
+def drop_split_from(dest: str) -> None:
+    """Make the destination's ledger look as the version before `split_from` left it."""
+    if dest.startswith("duckdb:"):
+        with duckdb.connect(dest.removeprefix("duckdb:")) as con:
+            con.execute("ALTER TABLE _amplitude_ledger DROP COLUMN split_from")
+    elif dest.startswith("parquet:"):
+        path = Path(dest.removeprefix("parquet:")) / "_state" / "ledger.json"
+        state = json.loads(path.read_text())
+        for hours in state["ledger"].values():
+            for record in hours.values():
+                del record["split_from"]
+        path.write_text(json.dumps(state))
+    else:
+        url, _, schema = dest.partition("?schema=")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'ALTER TABLE "{schema}"._amplitude_ledger DROP COLUMN split_from')
+
+
+def test_a_ledger_made_without_split_from_opens_and_gains_it(dest: str) -> None:
+    w = window(0, 1)
+    rows = hour_events(hour(0), ["a0", "a1"]) + hour_events(hour(1), ["a2"])
+    with open_sink(dest) as sink:
+        sink.write_window("p", w, [batch(rows)], finisher(w, rows, attempts=3))
+    drop_split_from(dest)
+
+    with open_sink(dest, read_only=True) as sink:  # status/verify/report on a destination no newer run has opened
+        old = sink.ledger("p")
+        assert verify(sink, "p").complete
+    assert {h: (r.attempts, r.split_from) for h, r in old.items()} == {hour(0): (3, None), hour(1): (3, None)}
+
+    with open_sink(dest) as sink:  # a run of this version adds the column and writes it
+        sink.record_hours("p", [HourRecord(hour=hour(2), status=FAILED, reason="504", attempts=4,
+                                           split_from="2024-03-01T00..2024-03-01T23")])  # fmt: skip
+        w2 = window(3, 3)
+        more = hour_events(hour(3), ["b0"])
+        sink.write_window("p", w2, [batch(more)],
+                          finisher(w2, more, attempts=2, split_from="2024-03-01T00..2024-03-01T05"))
+        assert sink.count_by_hour("p") == {hour(0): 2, hour(1): 1, hour(3): 1}
+    assert stored_ledger(dest, "p") == {
+        hour(0): (LOADED, 3, None),
+        hour(1): (LOADED, 3, None),
+        hour(2): (FAILED, 4, "2024-03-01T00..2024-03-01T23"),
+        hour(3): (LOADED, 2, "2024-03-01T00..2024-03-01T05"),
+    }
+    with open_sink(dest) as sink:  # and opening it again changes nothing
+        assert sink.ledger("p")[hour(3)].split_from == "2024-03-01T00..2024-03-01T05"

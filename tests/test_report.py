@@ -155,6 +155,18 @@ def test_health_lateness_and_windows_match_the_ledger(report: Path, con: duckdb.
         (health["duplicates"], health["rejects"]) == (duplicates, rejects) and duplicates > 0 and rejects > 0
     )
     assert sum(r["hours"] for r in health["retried_hours"]) == retried > 0
+    # the 12-hour window holding the hour over the archive limit was split (400s) down to that hour
+    split = sql(con, "SELECT split_from, count(*), max(attempts) FROM _amplitude_ledger "
+                     "WHERE split_from IS NOT NULL GROUP BY 1 ORDER BY 1")  # fmt: skip
+    assert [(w["window"], w["hours"], w["attempts"]) for w in health["split_windows"]] == split
+    assert split[0][:2] == ("2024-03-02T12..2024-03-02T23", 12) and split[0][2] > 1
+    assert "1 too_large" in health["split_windows"][0]["statuses"]
+    page = report.read_text()
+    for check, value in [("hours retried (attempts &gt; 1)", retried),
+                         ("windows split (fetched in parts after a 400 or 504)", len(split)),
+                         ("hours fetched in a split window&#x27;s parts", sum(n for _, n, _ in split))]:  # fmt: skip
+        assert f"<td>{check}</td><td class=num>{value:,}</td>" in page, check
+    assert "<td>2024-03-02T12..2024-03-02T23</td>" in page and "No window had to be split." not in page
     assert sum(f["hours"] for f in health["failed"]) == failed == 1
     assert health["failed"][0]["status"] == TOO_LARGE and health["failed"][0]["start"] == "2024-03-02T16"
     keys = dict(

@@ -90,6 +90,21 @@ def test_duplicates_within_and_across_windows_are_loaded_once_and_counted(sink: 
     ).to_arrow_table().to_pylist() == [{"_upload_hour": hour(0), "_line": 1}]
 
 
+def test_a_window_with_more_uuids_than_the_memory_limit_is_deduplicated_the_same(tmp_path: Path) -> None:
+    """Past `seen_limit` uuids the repeats are removed in SQL after the insert: the same rows and counts."""
+    results = []
+    for limit in (1_000_000, 2):  # 2: the set is full after the first batch of two rows
+        with DuckDBSink(tmp_path / f"limit{limit}.duckdb", seen_limit=limit) as sink:
+            records = []
+            for w, rows in two_windows():
+                parts = [batch(rows[i : i + 2]) for i in range(0, len(rows), 2)]
+                records += sink.write_window("p", w, parts, finisher(w, rows))
+            table = sink.connection.sql("SELECT uuid, _upload_hour, _line FROM events ORDER BY uuid").to_arrow_table()
+            results.append((table.to_pylist(), [(r.events_loaded, r.duplicates) for r in records]))
+    assert results[0] == results[1]
+    assert [row["uuid"] for row in results[0][0]] == EXPECTED_UUIDS
+
+
 def test_rewriting_a_window_replaces_its_rows(sink: DuckDBSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))

@@ -26,6 +26,8 @@ from .config import REGION_HOSTS, load_credentials
 from .errors import EXIT_INTERRUPTED, AmplitudeExportError, UsageError
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from .sinks import Sink
 
 log = logging.getLogger("amplitude_export")
@@ -103,7 +105,45 @@ def range_options(func: F) -> F:
     return func
 
 
-@click.group(epilog=EXIT_CODES)
+class _OneLineError(click.ClickException):
+    """A bad flag value, shown as one `error:` line with exit code 2 like every other bad input."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _OneLineErrors(click.Command):
+    """A command whose flags that do not parse get one line and exit 2, not click's usage block."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _OneLineError(exc.format_message()) from None
+
+
+class _OneLineGroup(click.Group):
+    """The command group: an unknown command, and every subcommand's bad flags, are one line and exit 2."""
+
+    command_class = _OneLineErrors
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _OneLineError(exc.format_message()) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            raise _OneLineError(exc.format_message()) from None
+
+
+
+@click.group(cls=_OneLineGroup, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="amplitude-export")
 def cli() -> None:
     """Move raw events out of Amplitude's Export API into DuckDB, Parquet or PostgreSQL, exactly once.
@@ -339,28 +379,37 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
 @dest_options
 @click.option("--api-key", help="Only to name the project (default project name). Env: AMP_API_KEY.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
+@click.option("--hours", "by_hour", is_flag=True,
+              help="One line per ledger hour: counts, attempts, min/max times, content hash, members.")
+@click.option("--start", help="First UTC upload hour to show: YYYYMMDDTHH, YYYYMMDD, YYYY-MM-DD or YYYY-MM-DDTHH.")
+@click.option("--end", help="Last UTC upload hour to show, inclusive (a bare date means its hour 23).")
+@click.option("--json", "as_json", is_flag=True, help="Print the spans and every ledger field of every hour as JSON.")
 @reports_errors
-def status(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, as_json: bool) -> None:
+def status(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, by_hour: bool,
+           start: str | None, end: str | None, as_json: bool) -> None:
     """Show every window the destination knows (loaded, empty, failed with reason) and where the next run starts.
+
+    With --hours, the ledger itself: one line per upload hour. --start/--end limit what is shown.
 
     \b
     Example:
       amplitude-export status
+      amplitude-export status --hours --start 2024-03-01 --end 2024-03-01
       amplitude-export status --dest parquet:events/ --json
     """
     from .sinks import open_sink
-    from .status import render_status, status_data
+    from .status import hour_range, render_status, status_data
 
+    first, last = hour_range(start, end)
     sink = open_sink(_dest(dest, data_dir), read_only=True)
     try:
-        data = status_data(sink, _project(project, api_key, sink))
+        data = status_data(sink, _project(project, api_key, sink), start=first, end=last)
     finally:
         sink.close()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
-        render_status(data)
+        render_status(data, hours=by_hour)
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -391,7 +440,7 @@ def verify(dest: str | None, project: str | None, api_key: str | None, data_dir:
         result = do_verify(sink, _project(project, api_key, sink), deep=deep, raw_dir=data_dir / "raw")
     finally:
         sink.close()
-    console = Console()
+    console = Console(soft_wrap=True)  # the verdict stays one line when piped
     if result.problems:
         count = len(result.problems)
         table = Table(title=f"{count} problem{'' if count == 1 else 's'}")
@@ -431,35 +480,97 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
     click.echo(f"report written to {path}")
 
 
-@cli.command("fake-server", epilog=EXIT_CODES)
+def _hour_list(option: str, text: str | None) -> list[datetime]:
+    """A comma-separated list of hours (any --start format), for a flag named `option`."""
+    from .windows import parse_hour
+
+    try:
+        return [parse_hour(item) for item in (text or "").split(",") if item.strip()]
+    except UsageError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _fault_list(text: str | None) -> list[str]:
+    from .fake_server import FAULTS
+
+    faults = [item.strip().lower() for item in (text or "").split(",") if item.strip()]
+    unknown = [fault for fault in faults if fault not in FAULTS]
+    if unknown:
+        raise UsageError(f"--faults: unknown {', '.join(map(repr, unknown))}; choose from {','.join(FAULTS)}")
+    return faults
+
+
+@cli.command("fake-server", cls=_OneLineErrors, epilog=EXIT_CODES)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="0 picks a free port (the URL is printed on stderr).")
 @click.option("--api-key", default="demo-key", show_default=True, help="The key the server accepts.")
 @click.option("--secret-key", default="demo-secret", help="The secret the server accepts (default demo-secret).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same events.")
+@click.option("--project-id", type=click.IntRange(min=1), default=187520, show_default=True,
+              help="The project id in member names and events.")
+@click.option("--events-per-hour", type=click.IntRange(min=0), default=None,
+              help="Event lines per hour (default: a realistic day, about 40 at night to 200 at the peak).")
+@click.option("--members-per-hour", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Archive members each hour is split into (#0, #1, ...).")
+@click.option("--data-start", help="No data before this UTC hour (404 for windows wholly before it).")
+@click.option("--data-end", help="No data after this UTC hour (a bare date means its hour 23).")
+@click.option("--empty-hours", metavar="HOURS", help="Comma-separated hours without data, e.g. 2024-03-01T05.")
+@click.option("--malformed-lines", is_flag=True,
+              help="Put one non-JSON line and one JSON array into each hour's first member.")
+@click.option("--faults", metavar="LIST",
+              help="Comma-separated faults for the first requests of every window, in order; from: "
+              "500, 502, 503, 504, 429, truncate, corrupt, notzip, slow, reset.")
 @click.option("--fault-rate", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
-              help="Share of requests answered with a transient fault (500, 503, 429, truncated body).")
-@click.option("--timeout-over-hours", type=int, default=None,
+              help="Share of requests after --faults answered with a random transient fault "
+              "(500, 503, 429, truncated body).")
+@click.option("--retry-after", type=click.FloatRange(min=0), default=1, show_default=True,
+              help="Seconds in the Retry-After header of a 429.")
+@click.option("--slow-seconds", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a `slow` fault waits before answering.")
+@click.option("--timeout-over-hours", type=click.IntRange(min=0), default=None,
               help="Answer 504 for windows longer than this many hours, as large exports do.")
+@click.option("--max-archive-bytes", type=click.IntRange(min=1), default=None,
+              help="Answer 400 (too large) for windows whose zip would be bigger, as Amplitude does over 4 GB.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the built members here between runs (default: a temporary directory).")
 @reports_errors
-def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, fault_rate: float,
-                timeout_over_hours: int | None) -> None:
+def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, project_id: int,
+                events_per_hour: int | None, members_per_hour: int, data_start: str | None, data_end: str | None,
+                empty_hours: str | None, malformed_lines: bool, faults: str | None, fault_rate: float,
+                retry_after: float, slow_seconds: float, timeout_over_hours: int | None,
+                max_archive_bytes: int | None, cache_dir: Path | None) -> None:
     """Serve a faithful fake Amplitude Export API (for demos, tests and your own pipelines).
+
+    Faults in --faults hit the first requests of each window, in order, then it answers normally (and
+    --fault-rate adds random transient ones). Bad flag values: one line, exit 2.
 
     \b
     Example:
       amplitude-export fake-server --port 8080 --fault-rate 0.2 &
       AMP_API_KEY=demo-key AMP_SECRET_KEY=demo-secret \\
         amplitude-export run --base-url http://127.0.0.1:8080 --start 2024-03-01 --end 2024-03-02
+      amplitude-export fake-server --faults 429,503,truncate --retry-after 3 --timeout-over-hours 12
+      amplitude-export fake-server --events-per-hour 50 --data-start 2024-03-01 --max-archive-bytes 200000
     """
     from .fake_server import serve
+    from .windows import parse_hour
+
+    first = parse_hour(data_start) if data_start is not None else None
+    last = parse_hour(data_end, is_end=True) if data_end is not None else None
+    if first and last and last < first:
+        raise UsageError(f"--data-end {data_end} is before --data-start {data_start}")
+    options: dict[str, Any] = {"events_per_hour": events_per_hour} if events_per_hour is not None else {}
 
     def announce(url: str) -> None:
         click.echo(f"fake Export API on {url}/api/2/export (api key {api_key!r}); Ctrl-C stops", err=True)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    serve(host, port, ready=announce, api_key=api_key, secret_key=secret_key, seed=seed, fault_rate=fault_rate,
-          timeout_over_hours=timeout_over_hours)
+    serve(host, port, ready=announce, api_key=api_key, secret_key=secret_key, seed=seed, project_id=project_id,
+          members_per_hour=members_per_hour, data_start=first, data_end=last,
+          empty_hours=_hour_list("--empty-hours", empty_hours), malformed_lines=malformed_lines,
+          faults=_fault_list(faults), fault_rate=fault_rate, retry_after=retry_after, slow_seconds=slow_seconds,
+          timeout_over_hours=timeout_over_hours, max_archive_bytes=max_archive_bytes, cache_dir=cache_dir, **options)
 
 
 @cli.command(epilog=EXIT_CODES)

@@ -48,7 +48,8 @@ class Download:
     status: str
     path: Path | None
     bytes: int
-    attempts: int
+    attempts: int  # HTTP requests made; `pipeline.fetch_windows` adds those of the windows this one was split from
+    split_from: Window | None = None  # the planned window this one is a part of (set by `pipeline.fetch_windows`)
 
 
 def classify(response: httpx.Response, window: Window, credentials: Credentials) -> None:
@@ -179,8 +180,13 @@ class ExportClient:
         except TransientError as exc:
             if exc.reason.startswith("504"):
                 raise WindowTooLargeError(
-                    f"504 gateway timeout after {attempt_no} attempts", window=str(window), status=504
+                    f"504 gateway timeout after {attempt_no} attempts", window=str(window), status=504,
+                    attempts=attempt_no,
                 ) from exc
+            exc.attempts = attempt_no
+            raise
+        except WindowTooLargeError as exc:  # a 400, possibly after transient failures
+            exc.attempts = attempt_no
             raise
         raise AssertionError("unreachable: stamina either returns or raises")
 

@@ -22,19 +22,28 @@ from .sinks import open_sink
 DEMO_START = datetime(2024, 3, 1, tzinfo=UTC)
 
 
+def demo_server() -> FakeExportServer:
+    """The demo's fake Amplitude (not started): what a real export has, transient faults, two malformed lines
+    an hour and a night with no data at all (three empty hours on the third day)."""
+    outage = [DEMO_START + timedelta(days=2, hours=hour) for hour in (3, 4, 5)]
+    return FakeExportServer(api_key="demo-key", secret_key="demo-secret", seed=7, fault_rate=0.15,
+                            malformed_lines=True, empty_hours=outage)
+
+
 def run_demo(data_dir: Path, *, days: int = 7, progress: bool | None = None) -> int:
     """Serve `days` of events from an in-process fake server (with a few transient faults), load them into
     DuckDB under `data_dir`, print a summary; return the run's exit code."""
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and messages stay whole lines when piped to a file
     end = DEMO_START + timedelta(days=days) - timedelta(hours=1)
     run_id = new_run_id()
     reporter = make_reporter(progress)
     log_path = setup_logging(data_dir / "logs", run_id, reporter=reporter)
     database = data_dir / "amplitude.duckdb"
     logging.getLogger("amplitude_export.fake_server").setLevel(logging.WARNING)  # its request log is noise here
-    with FakeExportServer(api_key="demo-key", secret_key="demo-secret", seed=7, fault_rate=0.15) as server:
+    with demo_server() as server:
         credentials = Credentials("demo-key", Secret("demo-secret"), "us", server.url)
-        console.print(f"fake Amplitude Export API at {server.url} (15% transient faults)")
+        console.print(f"fake Amplitude Export API at {server.url} "
+                      "(15% transient faults, 2 malformed lines an hour, 3 hours without data)")
         with ExportClient(credentials, wait_initial=0.2, wait_max=1.0) as client:
             sink = open_sink(f"duckdb:{database}")
             try:

@@ -62,21 +62,25 @@ class DestinationBusyError(DestinationError):
 class TransientError(AmplitudeExportError):
     """A failure worth retrying: 5xx, 429, a timeout, a body that arrived short or does not open as a zip."""
 
-    def __init__(self, reason: str, *, window: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, window: str | None = None, retry_after: float | None = None, attempts: int = 1
+    ) -> None:
         super().__init__(f"{window}: {reason}" if window else reason)
         self.reason = reason
         self.window = window
         self.retry_after = retry_after
+        self.attempts = attempts  # HTTP requests made for the window, once the client has given up
 
 
 class WindowTooLargeError(AmplitudeExportError):
     """The window is too large for one request (400 over 4 GB, or a 504 that persisted): split it."""
 
-    def __init__(self, reason: str, *, window: str, status: int) -> None:
+    def __init__(self, reason: str, *, window: str, status: int, attempts: int = 1) -> None:
         super().__init__(f"{window}: {reason}")
         self.reason = reason
         self.window = window
         self.status = status
+        self.attempts = attempts  # HTTP requests the window cost before it was given up as too large
 
 
 class ArchiveError(AmplitudeExportError):

@@ -44,7 +44,8 @@ class HourRecord:
     max_server_upload_time: datetime | None = None
     min_event_time: datetime | None = None
     max_event_time: datetime | None = None
-    attempts: int = 1
+    attempts: int = 1  # HTTP requests the hour's data took, counting those of the windows it was split from
+    split_from: str | None = None  # the planned window (`2024-03-01T00..2024-03-01T23`) a split fetched it from
     run_id: str | None = None
     updated_at: datetime | None = None
 

@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -126,7 +126,8 @@ class Failure:
 
     status: str  # failed or too_large
     reason: str
-    attempts: int = 0
+    attempts: int = 0  # HTTP requests spent on it, counting those of the windows it was split from
+    split_from: Window | None = None  # the planned window it is a part of, when splits produced it
 
 
 def fetch_windows(
@@ -144,9 +145,13 @@ def fetch_windows(
     hour that still fails is yielded as a `Failure`. An AuthError stops everything at once. The generator only
     starts new downloads when its consumer asks for the next result, so a slow loader bounds the disk used.
     Windows in `fresh` (and their halves, which are added to it) are downloaded even if a copy is on disk.
+
+    A result's `attempts` counts every request its data took: its own, plus those of each window it was split
+    from; its `split_from` is the window as planned (None when that window was fetched whole).
     """
     fresh = fresh if fresh is not None else set()
     reporter = reporter or Reporter()
+    lineage: dict[Window, tuple[Window, int]] = {}  # a part -> (the planned window, requests spent above it)
     queue = list(windows)
     queue.reverse()  # pop() from the end keeps the planned order
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fetch") as pool:
@@ -160,8 +165,9 @@ def fetch_windows(
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in sorted(done, key=lambda f: running[f]):
                     window = running.pop(future)
+                    planned, spent = lineage.pop(window, (None, 0))
                     try:
-                        yield window, future.result()
+                        download = future.result()
                     except WindowTooLargeError as exc:
                         if window.hours > 1:
                             halves = window.split()
@@ -170,15 +176,21 @@ def fetch_windows(
                             reporter.window_done(f"{window}: split ({exc.reason})")
                             if window in fresh:
                                 fresh.update(halves)
+                            for half in halves:
+                                lineage[half] = (planned or window, spent + exc.attempts)
                             queue.extend(reversed(halves))
+                        elif exc.status == 400:
+                            yield window, Failure(TOO_LARGE, "over 4 GB even for one hour: this hour needs "
+                                                             "Amplitude's S3 export", spent + exc.attempts, planned)
                         else:
-                            if exc.status == 400:
-                                yield window, Failure(TOO_LARGE, "over 4 GB even for one hour: this hour needs "
-                                                                 "Amplitude's S3 export")
-                            else:
-                                yield window, Failure(FAILED, exc.reason)
+                            yield window, Failure(FAILED, exc.reason, spent + exc.attempts, planned)
                     except TransientError as exc:
-                        yield window, Failure(FAILED, f"gave up after {client.max_attempts} attempts: {exc.reason}")
+                        yield window, Failure(FAILED, f"gave up after {exc.attempts} attempts: {exc.reason}",
+                                              spent + exc.attempts, planned)
+                    else:
+                        if planned is not None:
+                            download = replace(download, attempts=download.attempts + spent, split_from=planned)
+                        yield window, download
         finally:
             for future in running:
                 future.cancel()
@@ -326,10 +338,13 @@ def load_window(
     workers: int = 2,
     keep_raw: bool = True,
     attempts: int = 1,
+    split_from: Window | None = None,
 ) -> WindowOutcome:
     """Read one landed archive and write it to the sink in one transaction.
 
-    A broken archive is deleted (so the next run downloads it again) and its hours are marked failed.
+    `attempts` (requests the archive took) and `split_from` (the planned window it is a part of) go into the
+    hours' ledger rows. A broken archive is deleted (so the next run downloads it again) and its hours are
+    marked failed.
     """
     from .reader import WindowReader
 
@@ -342,6 +357,7 @@ def load_window(
         records = reader.hour_records()
         for record in records:
             record.attempts = max(record.attempts, attempts)
+            record.split_from = str(split_from) if split_from else None
         return records
 
     try:
@@ -349,7 +365,7 @@ def load_window(
     except ArchiveError as exc:
         archive.unlink(missing_ok=True)
         reason = f"archive broken, will download again: {exc}"
-        _record_failure(sink, project, window, FAILED, reason, run_id)
+        _record_failure(sink, project, window, FAILED, reason, run_id, attempts=attempts, split_from=split_from)
         return WindowOutcome(window, FAILED, reason=reason, bytes=size)
     if reader.rejects_total:
         log.warning("%s: %d lines rejected, see %s", window, reader.rejects_total, data_dir / "rejects")
@@ -366,20 +382,24 @@ def load_window(
     )
 
 
-def _record_failure(sink: Sink, project: str, window: Window, status: str, reason: str, run_id: str) -> None:
-    now = datetime.now(UTC)
-    sink.record_hours(
-        project,
-        [HourRecord(hour=h, status=status, reason=reason, run_id=run_id, updated_at=now) for h in window.each_hour()],
-    )
+def _record_failure(sink: Sink, project: str, window: Window, status: str, reason: str, run_id: str, *,
+                    attempts: int = 1, split_from: Window | None = None) -> None:
+    _record(sink, project, window, status, run_id, reason=reason, attempts=attempts, split_from=split_from)
 
 
-def _record_empty(sink: Sink, project: str, window: Window, run_id: str) -> None:
+def _record_empty(sink: Sink, project: str, window: Window, run_id: str, *, attempts: int = 1,
+                  split_from: Window | None = None) -> None:
+    _record(sink, project, window, LEDGER_EMPTY, run_id, attempts=attempts, split_from=split_from)
+
+
+def _record(sink: Sink, project: str, window: Window, status: str, run_id: str, *, reason: str | None = None,
+            attempts: int, split_from: Window | None) -> None:
     now = datetime.now(UTC)
-    sink.record_hours(
-        project,
-        [HourRecord(hour=h, status=LEDGER_EMPTY, run_id=run_id, updated_at=now) for h in window.each_hour()],
-    )
+    sink.record_hours(project, [
+        HourRecord(hour=h, status=status, reason=reason, attempts=max(1, attempts),
+                   split_from=str(split_from) if split_from else None, run_id=run_id, updated_at=now)
+        for h in window.each_hour()
+    ])
 
 
 def incremental_start(ledger: dict[datetime, HourRecord]) -> datetime | None:
@@ -478,23 +498,27 @@ def run(
             if window in fresh:  # a failed re-check leaves the loaded rows as they are
                 outcome = WindowOutcome(window, "recheck_failed", reason=result.reason)
             else:
-                _record_failure(sink, project, window, result.status, result.reason, report.run_id)
-                outcome = WindowOutcome(window, result.status, reason=result.reason)
+                _record_failure(sink, project, window, result.status, result.reason, report.run_id,
+                                attempts=result.attempts, split_from=result.split_from)
+                outcome = WindowOutcome(window, result.status, reason=result.reason, attempts=result.attempts)
         elif result.status == EMPTY:
             if window in fresh:
                 outcome = WindowOutcome(window, "unchanged", reason="404 on re-check; rows kept")
             else:
-                _record_empty(sink, project, window, report.run_id)
+                _record_empty(sink, project, window, report.run_id, attempts=result.attempts,
+                              split_from=result.split_from)
                 outcome = WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
         elif window in fresh:
             assert result.path is not None
             outcome, hours = _recheck_window(sink, project, ledger, window, result.path, run_id=report.run_id,
-                                             data_dir=data_dir, workers=workers, keep_raw=keep_raw)
+                                             data_dir=data_dir, workers=workers, keep_raw=keep_raw,
+                                             attempts=max(1, result.attempts), split_from=result.split_from)
             changed += hours
         else:
             assert result.path is not None
             outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
-                                  workers=workers, keep_raw=keep_raw, attempts=max(1, result.attempts))
+                                  workers=workers, keep_raw=keep_raw, attempts=max(1, result.attempts),
+                                  split_from=result.split_from)
         report.outcomes.append(outcome)
         reporter.window_done(outcome.describe())
     if recheck:
@@ -535,7 +559,7 @@ def lookback_windows(
 
 def _recheck_window(
     sink: Sink, project: str, ledger: dict[datetime, HourRecord], window: Window, archive: Path, *,
-    run_id: str, data_dir: Path, workers: int, keep_raw: bool,
+    run_id: str, data_dir: Path, workers: int, keep_raw: bool, attempts: int = 1, split_from: Window | None = None,
 ) -> tuple[WindowOutcome, list[datetime]]:
     """Compare each hour's content hash with the ledger; reload only the runs of hours that changed."""
     from .archive import content_hash, list_members
@@ -550,7 +574,7 @@ def _recheck_window(
     outcome = WindowOutcome(window, "unchanged", bytes=archive.stat().st_size)
     for run_window in _runs(changed):
         loaded = load_window(sink, project, run_window, archive, run_id=run_id, data_dir=data_dir,
-                             workers=workers, keep_raw=True)
+                             workers=workers, keep_raw=True, attempts=attempts, split_from=split_from)
         outcome.events += loaded.events
         outcome.duplicates += loaded.duplicates
         outcome.rejects += loaded.rejects

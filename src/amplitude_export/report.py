@@ -344,8 +344,8 @@ def _empty_figures() -> dict[str, Any]:
         "lateness": {"buckets": [{"bucket": label, "order": i, "events": 0}
                                  for i, (label, _) in enumerate(LATENESS_BUCKETS)],
                      "quantiles": {}, "negative": 0, "unknown": 0},
-        "health": {"duplicates": 0, "rejects": 0, "retried_hours": [], "failed": [], "unknown_fields": [],
-                   "ledger_mismatches": []},
+        "health": {"duplicates": 0, "rejects": 0, "retried_hours": [], "split_windows": [], "failed": [],
+                   "unknown_fields": [], "ledger_mismatches": []},
         "windows": [],
     }  # fmt: skip
 
@@ -400,6 +400,8 @@ def _hourly(
             row["reason"] = record.reason
         if record and record.attempts > 1:
             row["attempts"] = record.attempts
+        if record and record.split_from:
+            row["split_from"] = record.split_from
         rows.append(row)
         hour += HOUR
     return rows
@@ -559,6 +561,17 @@ def _health(
             )
     for run in retried:
         del run["_next"]
+    split: dict[str, dict[str, Any]] = {}  # by the planned window that 400s or 504s made the run fetch in parts
+    for _, record in sorted(ledger.items()):
+        if not record.split_from:
+            continue
+        row = split.setdefault(record.split_from, {"window": record.split_from, "hours": 0, "attempts": 0,
+                                                   "_statuses": {}})  # fmt: skip
+        row["hours"] += 1
+        row["attempts"] = max(row["attempts"], record.attempts)
+        row["_statuses"][record.status] = row["_statuses"].get(record.status, 0) + 1
+    for row in split.values():
+        row["statuses"] = ", ".join(f"{n} {status}" for status, n in sorted(row.pop("_statuses").items()))
     unknown = _rows(
         con,
         "SELECT key, count(*) AS events, strftime(min(_upload_hour), '%Y-%m-%dT%H') AS first_hour FROM ("
@@ -580,6 +593,7 @@ def _health(
         "duplicates": sum(r.duplicates for r in ledger.values()),
         "rejects": sum(r.rejects for r in ledger.values()),
         "retried_hours": retried,
+        "split_windows": list(split.values()),
         "failed": [s for s in _spans(ledger) if s["status"] in (FAILED, TOO_LARGE)],
         "unknown_fields": unknown,
         "ledger_mismatches": mismatches,
@@ -620,7 +634,8 @@ def chart_specs() -> dict[str, dict[str, Any]]:
         y=alt.Y("events:Q", title="events"),
         y2=alt.datum(0),
         color=alt.Color("status:N", scale=status_scale, title="ledger", legend=alt.Legend(symbolOpacity=1)),
-        tooltip=[alt.Tooltip("label:N", title="hour"), "events:Q", "status:N", "attempts:Q"],
+        tooltip=[alt.Tooltip("label:N", title="hour"), "events:Q", "status:N", "attempts:Q",
+                 alt.Tooltip("split_from:N", title="split from")],
     )
     # every hour, shaded unless loaded: filtering instead would leave an empty layer, which Vega warns about
     marks = hourly.mark_rect().encode(
@@ -800,6 +815,7 @@ def render_html(data: dict[str, Any]) -> str:
     failed = health["failed"]
     unknown = health["unknown_fields"]
     retried = health["retried_hours"]
+    split = health["split_windows"]
     hourly_note = ""
     if meta.get("hourly_from") and meta["start"] and meta["hourly_from"][:13] != meta["start"]:
         hourly_note = f" (the last {meta['hourly_days']} days of the range)"
@@ -874,6 +890,8 @@ ahead of Amplitude's; counted as &lt; 1 min); {lateness["unknown"]:,} lack one o
                 {"check": "lines rejected (not a JSON event with a uuid)", "value": health["rejects"]},
                 {"check": "fields kept in _extra (distinct keys)", "value": len(unknown)},
                 {"check": "hours retried (attempts > 1)", "value": sum(r["hours"] for r in retried)},
+                {"check": "windows split (fetched in parts after a 400 or 504)", "value": len(split)},
+                {"check": "hours fetched in a split window's parts", "value": sum(r["hours"] for r in split)},
                 {"check": "hours failed or too large", "value": failed_hours},
                 {
                     "check": "hours whose stored events differ from the ledger",
@@ -894,6 +912,17 @@ ahead of Amplitude's; counted as &lt; 1 min); {lateness["unknown"]:,} lack one o
             retried[:200],
             ["start", "end", "hours", "attempts", "status"],
             empty="No hour needed a second attempt.",
+        )
+    }
+<h3>Windows split</h3>
+<p class="note">Planned windows the Export API refused whole (400 over 4 GB, or 504 after every retry), so the run
+fetched them in halves, down to single hours if need be; attempts: the most requests any of its hours took,
+those of the windows it was split from included.</p>
+{
+        _table(
+            split[:200],
+            ["window", "hours", "attempts", "statuses"],
+            empty="No window had to be split.",
         )
     }
 <h3>Ledger against table</h3>

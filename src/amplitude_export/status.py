@@ -1,4 +1,5 @@
-"""What the destination holds: the ledger grouped into spans of hours, and where the next run starts."""
+"""What the destination holds: the ledger grouped into spans of hours, or hour by hour, and where the next run
+starts."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .errors import UsageError
 from .ledger import HourRecord
 from .pipeline import incremental_start
 from .sinks import Sink
-from .windows import HOUR, label_hour
+from .windows import HOUR, label_hour, parse_hour
+
+HASH_CHARS = 12  # enough of a sha256 to tell two versions of an hour apart by eye
+_STYLES = {"failed": "red", "too_large": "red", "empty": "dim"}
 
 
 def spans(ledger: dict[datetime, HourRecord]) -> list[dict[str, Any]]:
@@ -43,38 +48,106 @@ def spans(ledger: dict[datetime, HourRecord]) -> list[dict[str, Any]]:
     return out
 
 
-def status_data(sink: Sink, project: str) -> dict[str, Any]:
-    """Everything `status` shows, as plain data (the `--json` form)."""
-    ledger = sink.ledger(project)
-    resume = incremental_start(ledger)
+def hour_range(start: str | None, end: str | None) -> tuple[datetime | None, datetime | None]:
+    """`--start`/`--end` as UTC hours (either may be open; a bare end date means its hour 23)."""
+    first = parse_hour(start) if start is not None else None
+    last = parse_hour(end, is_end=True) if end is not None else None
+    if first is not None and last is not None and last < first:
+        raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
+    return first, last
+
+
+def status_data(
+    sink: Sink, project: str, *, start: datetime | None = None, end: datetime | None = None
+) -> dict[str, Any]:
+    """Everything `status` shows, as plain data (the `--json` form).
+
+    `windows` groups the hours into spans; `ledger` is every ledger row in full, one per hour (`HourRecord.to_dict`,
+    members with name, size and CRC). `start`/`end` limit both, and the totals, to those hours; `next_run_starts`
+    always comes from the whole ledger.
+    """
+    full = sink.ledger(project)
+    ledger = {hour: record for hour, record in full.items()
+              if (start is None or hour >= start) and (end is None or hour <= end)}
+    resume = incremental_start(full)
     return {
         "destination": sink.description,
         "project": project,
+        "start": label_hour(start) if start else None,
+        "end": label_hour(end) if end else None,
         "next_run_starts": label_hour(resume) if resume else None,
         "hours": len(ledger),
         "events": sum(r.events_loaded for r in ledger.values()),
         "failed_hours": [label_hour(h) for h, r in sorted(ledger.items()) if r.status in ("failed", "too_large")],
         "windows": spans(ledger),
+        "ledger": [ledger[hour].to_dict() for hour in sorted(ledger)],
     }
 
 
-def render_status(data: dict[str, Any], console: Console | None = None) -> None:
-    """Print `status_data` as a table."""
-    # off a terminal (a pipe, a log) rich assumes 80 columns: give it room rather than cut hours short
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+def _moment(value: datetime | None, hour: datetime) -> str:
+    """A time in the hour's row: the time alone on the hour's own day, else with its date."""
+    if value is None:
+        return ""
+    return f"{value:%H:%M:%S}" if value.date() == hour.date() else f"{value:%Y-%m-%d %H:%M:%S}"
+
+
+def _between(low: datetime | None, high: datetime | None, hour: datetime) -> str:
+    return f"{_moment(low, hour)}..{_moment(high, hour)}" if low or high else ""
+
+
+def _range_words(start: str | None, end: str | None) -> str:
+    if start and end:
+        return f" from {start} to {end}"
+    return f" from {start} on" if start else f" up to {end}" if end else ""
+
+
+def _spans_table(data: dict[str, Any]) -> Table:
     table = Table(title=f"{data['destination']} (project {data['project']})")
     for name in ("start", "end", "status", "events", "duplicates", "rejects", "bytes", "reason"):
         numeric = name in ("events", "duplicates", "rejects", "bytes")
         table.add_column(name, justify="right" if numeric else "left", no_wrap=name != "reason")
     for span in data["windows"]:
-        style = {"failed": "red", "too_large": "red", "empty": "dim"}.get(span["status"])
         table.add_row(span["start"], span["end"], span["status"], f"{span['events']:,}", f"{span['duplicates']:,}",
-                      f"{span['rejects']:,}", f"{span['bytes']:,}", span["reason"] or "", style=style)
-    console.print(table)
+                      f"{span['rejects']:,}", f"{span['bytes']:,}", span["reason"] or "",
+                      style=_STYLES.get(span["status"]))
+    return table
+
+
+def _hours_table(data: dict[str, Any]) -> Table:
+    table = Table(title=f"{data['destination']} (project {data['project']}), hour by hour",
+                  caption="times UTC; a time without a date is on the hour's own day")
+    columns = ("hour", "status", "events", "dups", "rejects", "lines", "bytes", "tries", "server_upload_time",
+               "event_time", "hash", "members", "reason")
+    for name in columns:
+        numeric = name in ("events", "dups", "rejects", "lines", "bytes", "tries", "members")
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=name != "reason")
+    for row in data["ledger"]:
+        record = HourRecord.from_dict(row)
+        hour = record.hour
+        table.add_row(
+            label_hour(hour), record.status, f"{record.events_loaded:,}", f"{record.duplicates:,}",
+            f"{record.rejects:,}", f"{record.lines_read:,}", f"{record.bytes:,}", str(record.attempts),
+            _between(record.min_server_upload_time, record.max_server_upload_time, hour),
+            _between(record.min_event_time, record.max_event_time, hour),
+            (record.content_hash or "")[:HASH_CHARS], str(len(record.members)), record.reason or "",
+            style=_STYLES.get(record.status),
+        )
+    return table
+
+
+def render_status(data: dict[str, Any], console: Console | None = None, *, hours: bool = False) -> None:
+    """Print `status_data` as a table: one row per span of hours, or with `hours` one row per ledger hour."""
+    # off a terminal (a pipe, a log) rich assumes 80 columns: give it room rather than cut hours short
+    console = console or Console(width=None if sys.stdout.isatty() else (220 if hours else 160))
+    console.print(_hours_table(data) if hours else _spans_table(data))
+    limited = _range_words(data["start"], data["end"])
     if not data["windows"]:
-        console.print("nothing loaded yet: the first `run` without --start takes yesterday")
+        console.print(f"no ledger hours{limited}" if limited else
+                      "nothing loaded yet: the first `run` without --start takes yesterday")
     else:
-        console.print(f"{data['events']:,} events in {data['hours']} hours; next run starts at "
-                      f"{data['next_run_starts']} UTC")
+        resume = data["next_run_starts"]
+        nxt = f"next run starts at {resume} UTC" if resume else "the next run without --start takes yesterday"
+        console.print(f"{data['events']:,} events in {data['hours']} hours{limited}; {nxt}")
     if data["failed_hours"]:
-        console.print(f"[red]{len(data['failed_hours'])} hours failed; the next run retries them[/red]")
+        count = len(data["failed_hours"])
+        console.print(f"[red]{count} {'hour' if count == 1 else 'hours'} failed; the next run retries them[/red]")

@@ -1,11 +1,11 @@
 """The DuckDB sink, the default destination: `events` and the ledger `_amplitude_ledger` in one file.
 
-A window is one transaction: its hours' old rows are deleted, its batches are streamed into `events` by a single
+A window is one transaction: its hours' old rows are deleted; its batches are streamed into `events` by a single
 INSERT (DuckDB pulls them from an Arrow stream, so a window never has to fit in memory and no per-statement cost
-is paid per batch), then the few rows that break "one row per uuid" are deleted: later copies of a uuid within
-the window (member order, then line) and the window's rows whose uuid another hour already holds. The window's
-ledger rows are upserted last. A crash at any point leaves the file as it was before the window. `events` has no
-primary key on purpose: an index over every uuid would cost memory on every open and slow inserts.
+is paid per batch), with later copies of a uuid dropped on the way (`Intake`); the window's rows whose uuid
+another hour already holds are deleted (usually none); the window's ledger rows are upserted last. A crash at
+any point leaves the file as it was before the window. `events` has no primary key on purpose: an index over
+every uuid would cost memory on every open and slow inserts.
 
 The staging helpers here are shared with the Parquet sink, which runs the same SQL on an in-memory DuckDB.
 """
@@ -54,9 +54,13 @@ LEDGER_COLUMNS: dict[str, str] = {
     "min_event_time": "TIMESTAMPTZ",
     "max_event_time": "TIMESTAMPTZ",
     "attempts": "INTEGER",
+    "split_from": "VARCHAR",
     "run_id": "VARCHAR",
     "updated_at": "TIMESTAMPTZ",
 }
+# Columns added after the first release: a ledger created before them gets them (NULL in old rows) on open.
+ADDED_LEDGER_COLUMNS = ("split_from",)
+LEDGER_NAMES_SQL = ", ".join(LEDGER_COLUMNS)  # by name: an added column sits last in an older file's table
 
 _LEDGER_ARROW: pa.Schema = pa.schema(
     [
@@ -110,18 +114,28 @@ class Intake:
     With `first_copies`, a row whose uuid an earlier row of the window had is dropped on the way, so the first
     copy in arrival order (member order, then line) is the one kept. Doing this before DuckDB sees the rows
     matters: deleting rows that a transaction has just bulk-inserted makes DuckDB rewrite them at commit
-    (measured: ~2 µs per event of the window, docs/PARSE_PATH.md). The set of seen uuids costs ~100 bytes per
-    event of the window.
+    (measured: ~2 µs per event of the window, docs/PARSE_PATH.md). The set of seen uuids costs ~120 bytes per
+    event, so it stops growing at `seen_limit` uuids; past that (`overflowed`) rows pass unfiltered and the sink
+    removes their repeats in SQL after the insert, ordered by member arrival (`ranks`) then line.
     """
 
     def __init__(
-        self, window: Window, batches: Iterable[pa.RecordBatch], *, seq: bool = False, first_copies: bool = False
+        self,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        seq: bool = False,
+        first_copies: bool = False,
+        seen_limit: int = 1_000_000,
     ) -> None:
         self.window = window
         self.staged: dict[datetime, int] = {}  # rows received per upload hour, before duplicates are dropped
+        self.ranks: dict[str, int] = {}  # member name -> arrival rank (batches come in member order)
+        self.overflowed = False  # more uuids than `seen_limit`: some repeats are left for SQL to remove
         self._batches = batches
         self._seq = seq  # append an arrival number per row (for a stage that keeps the first of each uuid)
         self._seen: set[str] | None = set() if first_copies else None
+        self._seen_limit = seen_limit
         self._rows = 0
         self._error: BaseException | None = None
 
@@ -151,6 +165,8 @@ class Intake:
         for hour, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
             hour = hour.astimezone(UTC)
             self.staged[hour] = self.staged.get(hour, 0) + n
+        for name in pc.unique(batch.column("_member")).to_pylist():
+            self.ranks.setdefault(name, len(self.ranks))
 
     def _first_copies(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         """The batch without rows whose uuid came before (here or in an earlier batch), as zero-copy slices.
@@ -160,6 +176,9 @@ class Intake:
         """
         seen = self._seen
         assert seen is not None
+        if len(seen) >= self._seen_limit:
+            self.overflowed = True
+            return [batch]
         column = batch.column("uuid")
         uuids = column.to_pylist()
         distinct = set(uuids)
@@ -197,6 +216,11 @@ class Intake:
             con.unregister("_amplitude_stream")
         if self._error is not None:
             raise self._error
+
+
+def ranks_table(ranks: dict[str, int]) -> pa.Table:
+    """Member names and their arrival ranks, for SQL that orders a uuid's copies."""
+    return pa.table({"name": pa.array(list(ranks), pa.string()), "rank": pa.array(list(ranks.values()), pa.int64())})
 
 
 def stage_batches(
@@ -274,10 +298,12 @@ class DuckDBSink:
         threads: int = 2,
         temp_directory: Path | None = None,
         read_only: bool = False,
+        seen_limit: int = 1_000_000,
     ) -> None:
         self.path = Path(path).expanduser()
         self.description = f"duckdb:{self.path}"
         self.threads = threads
+        self.seen_limit = seen_limit  # uuids a window dedups in memory (~120 B each) before SQL takes over
         temp = temp_directory or self.path.with_name(self.path.name + ".tmp")
         config: dict[str, Any] = {
             "memory_limit": memory_limit,
@@ -307,6 +333,13 @@ class DuckDBSink:
         self.connection.execute(
             f"CREATE TABLE IF NOT EXISTS {LEDGER} ({columns}, PRIMARY KEY (project, hour))"
         )
+        present = {row[0] for row in self.connection.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = ?", [LEDGER]
+        ).fetchall()}
+        for name in ADDED_LEDGER_COLUMNS:
+            if name not in present:
+                self.connection.execute(f"ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS {name} {LEDGER_COLUMNS[name]}")
 
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""
@@ -341,7 +374,7 @@ class DuckDBSink:
         con.begin()
         try:
             con.execute(f"DELETE FROM {EVENTS} WHERE {mine}", params)
-            intake = Intake(window, with_project(batches, project), first_copies=True)
+            intake = Intake(window, with_project(batches, project), first_copies=True, seen_limit=self.seen_limit)
             # one inserting thread writes whole row groups; with two, DuckDB leaves partial ones that the next
             # checkpoint (at close) rewrites: ~1 s more per 500 k events and a file 1.6x the size (measured)
             con.execute("SET threads = 1")
@@ -349,6 +382,8 @@ class DuckDBSink:
                 intake.insert_into(con, EVENTS)
             finally:
                 con.execute(f"SET threads = {self.threads}")
+            if intake.overflowed:
+                self._drop_repeats(mine, params, intake.ranks)
             self._drop_taken(mine, params)
             # the window's hours were emptied above, so what they hold now is exactly what was kept
             loaded = hour_counts(
@@ -363,6 +398,27 @@ class DuckDBSink:
                 raise DestinationError(f"cannot write {window} to {self.path}: {_first_line(exc)}") from exc
             raise
         return records
+
+    def _drop_repeats(self, mine: str, params: dict[str, Any], ranks: dict[str, int]) -> None:
+        """Delete all but the first copy (member arrival, then line) of each uuid the window holds twice: only
+        for a window with more uuids than `seen_limit`, which costs DuckDB a rewrite at commit (see `Intake`)."""
+        con = self.connection
+        con.register("_amplitude_ranks", ranks_table(ranks))
+        try:
+            con.execute(
+                f"""DELETE FROM {EVENTS} WHERE rowid IN (
+                    SELECT id FROM (
+                        SELECT e.rowid AS id,
+                               row_number() OVER (PARTITION BY e.uuid ORDER BY r.rank, e._line, e.rowid) AS copy
+                        FROM {EVENTS} AS e JOIN _amplitude_ranks AS r ON e._member = r.name
+                        WHERE {mine} AND e.uuid IN (
+                            SELECT uuid FROM {EVENTS} WHERE {mine} AND uuid IS NOT NULL
+                            GROUP BY uuid HAVING count(*) > 1))
+                    WHERE copy > 1)""",
+                params,
+            )
+        finally:
+            con.unregister("_amplitude_ranks")
 
     def _drop_taken(self, mine: str, params: dict[str, Any]) -> None:
         """Delete the window's rows whose uuid another hour (or project) already holds: that copy came first.
@@ -391,7 +447,10 @@ class DuckDBSink:
             return
         self.connection.register("_amplitude_records", records_table(project, records))
         try:
-            self.connection.execute(f"INSERT OR REPLACE INTO {LEDGER} SELECT * FROM _amplitude_records")
+            self.connection.execute(
+                f"INSERT OR REPLACE INTO {LEDGER} ({LEDGER_NAMES_SQL}) "
+                f"SELECT {LEDGER_NAMES_SQL} FROM _amplitude_records"
+            )
         finally:
             self.connection.unregister("_amplitude_records")
 

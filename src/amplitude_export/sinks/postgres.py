@@ -58,10 +58,13 @@ _LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("min_event_time", "timestamptz"),
     ("max_event_time", "timestamptz"),
     ("attempts", "integer NOT NULL DEFAULT 1"),
+    ("split_from", "text"),
     ("run_id", "text"),
     ("updated_at", "timestamptz"),
 )
 _LEDGER_NAMES = tuple(name for name, _ in _LEDGER_COLUMNS)
+# Columns added after the first release: a ledger created before them gets them (NULL in old rows) on open.
+_ADDED_LEDGER_COLUMNS = ("split_from",)
 
 # An escape jsonb refuses (\u0000, a lone surrogate), a valid surrogate pair (kept), and the run of backslashes
 # before it: only an odd run makes it an escape rather than literal text.
@@ -261,6 +264,7 @@ class PostgresSink:
         self._conn: psycopg.Connection[Any] | None = None
         self._events = sql.Identifier(schema, "events")
         self._ledger = sql.Identifier(schema, LEDGER_TABLE)
+        self._ledger_missing: set[str] = set()  # added columns an older ledger lacks (read-only opens only)
         try:
             self._conn = psycopg.connect(
                 url, autocommit=True, connect_timeout=connect_timeout, application_name="amplitude-export"
@@ -315,6 +319,7 @@ class PostgresSink:
             [f"{quote(self.schema)}.events", f"{quote(self.schema)}.{LEDGER_TABLE}"],
         ).fetchone()
         if exists and exists[0]:
+            self._add_ledger_columns(alter=create)
             return  # already there: needs no CREATE privilege on the database
         if not create:
             raise DestinationError(f"{self.description} holds no amplitude-export tables yet: run a load first")
@@ -351,6 +356,21 @@ class PostgresSink:
                 )
             )
 
+    def _add_ledger_columns(self, *, alter: bool) -> None:
+        """Add the columns a ledger made by an older version lacks; a read-only open reads them as NULL."""
+        present = {row[0] for row in self.conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            [self.schema, LEDGER_TABLE],
+        ).fetchall()}
+        missing = [name for name in _ADDED_LEDGER_COLUMNS if name not in present]
+        if not alter:
+            self._ledger_missing = set(missing)
+            return
+        kinds = dict(_LEDGER_COLUMNS)
+        for name in missing:  # only when missing: ALTER TABLE needs to own the table
+            self.conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                self._ledger, sql.Identifier(name), sql.SQL(kinds[name])))
+
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""
         query = sql.SQL("SELECT DISTINCT project FROM {} ORDER BY 1").format(self._ledger)
@@ -362,7 +382,10 @@ class PostgresSink:
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every hour the destination has a ledger row for, for this project."""
         query = sql.SQL("SELECT {} FROM {} WHERE project = %s ORDER BY hour").format(
-            sql.SQL(", ").join(map(sql.Identifier, _LEDGER_NAMES[1:])), self._ledger
+            sql.SQL(", ").join(
+                sql.SQL("NULL") if name in self._ledger_missing else sql.Identifier(name) for name in _LEDGER_NAMES[1:]
+            ),
+            self._ledger,
         )
         try:
             rows = self.conn.execute(query, [project]).fetchall()
