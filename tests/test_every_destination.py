@@ -208,3 +208,33 @@ def test_a_ledger_made_without_split_from_opens_and_gains_it(dest: str) -> None:
     }
     with open_sink(dest) as sink:  # and opening it again changes nothing
         assert sink.ledger("p")[hour(3)].split_from == "2024-03-01T00..2024-03-01T05"
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "postgres"])
+def test_windows_past_the_in_memory_uuid_limit_keep_the_same_first_copies(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Past `seen_limit` uuids a window's repeats are removed in SQL instead: the same rows and counts."""
+    from sink_helpers import EXPECTED_UUIDS, two_windows
+
+    results = []
+    for limit in (1_000_000, 2):  # 2: full after the first batch of two rows
+        if kind == "duckdb":
+            dest = f"duckdb:{tmp_path / f'limit{limit}.duckdb'}"
+        else:
+            dest = f"{POSTGRES_URL}?schema={request.getfixturevalue('pg_schema')}_{limit}"
+        sink = open_sink(dest, seen_limit=limit)
+        try:
+            records = []
+            for w, rows in two_windows():
+                parts = [batch(rows[i : i + 2]) for i in range(0, len(rows), 2)]
+                records += sink.write_window("p", w, parts, finisher(w, rows))
+            kept = sorted((r["uuid"], r["_upload_hour"], r["_line"]) for r in sink.read_arrow().to_pylist())
+            results.append((kept, [(r.events_loaded, r.duplicates) for r in records]))
+        finally:
+            sink.close()
+            if kind == "postgres":
+                with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{request.getfixturevalue("pg_schema")}_{limit}" CASCADE')
+    assert results[0] == results[1]
+    assert [uuid for uuid, _, _ in results[0][0]] == EXPECTED_UUIDS

@@ -20,11 +20,11 @@ import zlib
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import accumulate
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -146,26 +146,28 @@ def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict
     return _Event(**values), extra or None
 
 
-def _json_column(values: list[Any]) -> pa.Array:
+def _json_column(values: Sequence[Any]) -> pa.Array:
     """Raw JSON texts as a string column; JSON null and absent keys are NULL.
 
     The texts are joined into one buffer and wrapped as Arrow string data without a copy per value or a UTF-8
     check: `_parse` only keeps lines that are valid UTF-8, and a Raw is a slice of its line that starts and ends
-    on an ASCII JSON token, so it is valid UTF-8 too.
+    on an ASCII JSON token, so it is valid UTF-8 too. Offsets and nulls are computed with numpy: a valid JSON
+    text of 4 bytes that starts with `n` can only be `null`.
     """
     texts = [b"" if raw is None else raw for raw in values]  # a Raw is never empty: b"" marks an absent key
-    lengths = list(map(len, texts))
     data = b"".join(texts)
     if len(data) >= 2**31:  # int32 offsets would overflow: take the slow road
         out = [None if raw is None or (text := bytes(raw)) == b"null" else text for raw in values]
         return pa.array(out, pa.binary()).cast(pa.string())
-    offsets = pa.array([0, *accumulate(lengths)], pa.int32()).buffers()[1]
-    text = pa.Array.from_buffers(pa.string(), len(texts), [None, offsets, pa.py_buffer(data)])
-    missing = pc.or_(pc.equal(text, "null"), pc.equal(pa.array(lengths, pa.int32()), 0))
-    if not pc.any(missing).as_py():
-        return text
-    valid = pc.invert(missing)
-    return pa.Array.from_buffers(pa.string(), len(texts), [valid.buffers()[1], offsets, pa.py_buffer(data)])
+    lengths = np.fromiter(map(len, texts), np.int32, count=len(texts))
+    offsets = np.zeros(len(texts) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    first = np.frombuffer(data, np.uint8)[np.minimum(offsets[:-1], max(len(data) - 1, 0))] if data else lengths
+    missing = (lengths == 0) | ((lengths == 4) & (first == ord("n")))
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    if missing.any():
+        buffers[0] = pa.py_buffer(np.packbits(~missing, bitorder="little"))
+    return pa.Array.from_buffers(pa.string(), len(texts), buffers)
 
 
 def _cast_timestamps(texts: pa.Array) -> pa.Array | None:

@@ -81,6 +81,53 @@ def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa
         yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
+SEEN_LIMIT = 1_000_000  # uuids a window deduplicates in memory (~120 bytes each) before SQL has to
+
+
+class FirstCopies:
+    """Drops each row whose uuid an earlier row of the same window had, so the first copy in arrival order
+    (member order, then line) is the one kept; rows without a uuid are always kept.
+
+    Sinks drop repeats before the rows reach the database because removing them afterwards costs far more
+    (DuckDB rewrites freshly inserted row groups at commit; PostgreSQL sorts the whole window). The set of seen
+    uuids costs ~120 bytes each, so it stops growing at `limit`: from then on (`overflowed`) rows pass
+    unfiltered and the sink removes the remaining repeats in SQL.
+    """
+
+    def __init__(self, limit: int = SEEN_LIMIT) -> None:
+        self.limit = limit
+        self.overflowed = False
+        self._seen: set[str] = set()
+
+    def filter(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+        """The batch without repeated uuids, as zero-copy slices around them (a `filter` would copy it all)."""
+        seen = self._seen
+        if len(seen) >= self.limit:
+            self.overflowed = True
+            return [batch]
+        column = batch.column("uuid")
+        uuids = column.to_pylist()
+        distinct = set(uuids)
+        distinct.discard(None)
+        if len(distinct) == len(uuids) - column.null_count and seen.isdisjoint(distinct):
+            seen |= distinct  # the common case, at C speed: nothing to drop
+            return [batch]
+        slices = []
+        start = 0
+        for row, uuid in enumerate(uuids):
+            if uuid is None:
+                continue
+            if uuid in seen:
+                if row > start:
+                    slices.append(batch.slice(start, row - start))
+                start = row + 1
+            else:
+                seen.add(uuid)
+        if start < len(uuids):
+            slices.append(batch.slice(start))
+        return slices
+
+
 def open_sink(dest: str, **options: object) -> Sink:
     """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR` or `postgresql://...`."""
     scheme, sep, rest = dest.partition(":")

@@ -27,7 +27,7 @@ from ..errors import DestinationBusyError, DestinationError
 from ..ledger import HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, quote
 from ..windows import Window
-from . import with_project
+from . import SEEN_LIMIT, FirstCopies, with_project
 
 EVENTS = "events"
 LEDGER = "_amplitude_ledger"
@@ -111,12 +111,10 @@ class Intake:
     thread; an exception raised while producing one (a broken member, Ctrl-C) is kept and raised again here
     after the statement, so it keeps its type instead of becoming a DuckDB error.
 
-    With `first_copies`, a row whose uuid an earlier row of the window had is dropped on the way, so the first
-    copy in arrival order (member order, then line) is the one kept. Doing this before DuckDB sees the rows
-    matters: deleting rows that a transaction has just bulk-inserted makes DuckDB rewrite them at commit
-    (measured: ~2 µs per event of the window, docs/PARSE_PATH.md). The set of seen uuids costs ~120 bytes per
-    event, so it stops growing at `seen_limit` uuids; past that (`overflowed`) rows pass unfiltered and the sink
-    removes their repeats in SQL after the insert, ordered by member arrival (`ranks`) then line.
+    With `first_copies`, repeated uuids are dropped on the way (`FirstCopies`): deleting rows that a transaction
+    has just bulk-inserted makes DuckDB rewrite them at commit (measured: ~2 µs per event of the window,
+    docs/PARSE_PATH.md). Past its limit (`overflowed`) the sink removes the remaining repeats in SQL after the
+    insert, ordered by member arrival (`ranks`) then line.
     """
 
     def __init__(
@@ -126,16 +124,14 @@ class Intake:
         *,
         seq: bool = False,
         first_copies: bool = False,
-        seen_limit: int = 1_000_000,
+        seen_limit: int = SEEN_LIMIT,
     ) -> None:
         self.window = window
         self.staged: dict[datetime, int] = {}  # rows received per upload hour, before duplicates are dropped
         self.ranks: dict[str, int] = {}  # member name -> arrival rank (batches come in member order)
-        self.overflowed = False  # more uuids than `seen_limit`: some repeats are left for SQL to remove
         self._batches = batches
         self._seq = seq  # append an arrival number per row (for a stage that keeps the first of each uuid)
-        self._seen: set[str] | None = set() if first_copies else None
-        self._seen_limit = seen_limit
+        self._first = FirstCopies(seen_limit) if first_copies else None
         self._rows = 0
         self._error: BaseException | None = None
 
@@ -146,7 +142,7 @@ class Intake:
                 if batch.num_rows == 0:
                     continue
                 self._count(batch)
-                for part in self._first_copies(batch) if self._seen is not None else [batch]:
+                for part in self._first.filter(batch) if self._first is not None else [batch]:
                     if self._seq:
                         numbers = pa.array(range(self._rows, self._rows + part.num_rows), pa.int64())
                         part = pa.RecordBatch.from_arrays([*part.columns, numbers], names=[*COLUMN_NAMES, SEQ])
@@ -154,6 +150,11 @@ class Intake:
                     yield part
         except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
             self._error = exc
+
+    @property
+    def overflowed(self) -> bool:
+        """More uuids than the in-memory limit: some repeats are left for SQL to remove."""
+        return self._first is not None and self._first.overflowed
 
     def _count(self, batch: pa.RecordBatch) -> None:
         hours = batch.column("_upload_hour")
@@ -167,39 +168,6 @@ class Intake:
             self.staged[hour] = self.staged.get(hour, 0) + n
         for name in pc.unique(batch.column("_member")).to_pylist():
             self.ranks.setdefault(name, len(self.ranks))
-
-    def _first_copies(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
-        """The batch without rows whose uuid came before (here or in an earlier batch), as zero-copy slices.
-
-        Slicing around the few repeated rows, rather than `filter`, copies nothing (a filter copied the whole
-        7 MB batch, and most batches of a real export hold a repeat or two). Rows without a uuid are kept.
-        """
-        seen = self._seen
-        assert seen is not None
-        if len(seen) >= self._seen_limit:
-            self.overflowed = True
-            return [batch]
-        column = batch.column("uuid")
-        uuids = column.to_pylist()
-        distinct = set(uuids)
-        distinct.discard(None)
-        if len(distinct) == len(uuids) - column.null_count and seen.isdisjoint(distinct):
-            seen |= distinct  # the common case, at C speed: nothing to drop
-            return [batch]
-        slices = []
-        start = 0
-        for row, uuid in enumerate(uuids):
-            if uuid is None:
-                continue
-            if uuid in seen:
-                if row > start:
-                    slices.append(batch.slice(start, row - start))
-                start = row + 1
-            else:
-                seen.add(uuid)
-        if start < len(uuids):
-            slices.append(batch.slice(start))
-        return slices
 
     def insert_into(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
         """INSERT every batch into `table` in one statement; raise what producing the batches raised."""
@@ -298,7 +266,7 @@ class DuckDBSink:
         threads: int = 2,
         temp_directory: Path | None = None,
         read_only: bool = False,
-        seen_limit: int = 1_000_000,
+        seen_limit: int = SEEN_LIMIT,
     ) -> None:
         self.path = Path(path).expanduser()
         self.description = f"duckdb:{self.path}"
