@@ -28,9 +28,11 @@ def test_demo_loads_every_served_event_once_and_writes_the_report(tmp_path: Path
         stored = {uuid for (uuid,) in con.execute("SELECT uuid FROM events").fetchall()}
         empty = con.execute("SELECT count(*) FROM _amplitude_ledger WHERE status = 'empty'").fetchone()[0]
         rejects = con.execute("SELECT sum(rejects) FROM _amplitude_ledger").fetchone()[0]
+        retried = con.execute("SELECT count(*) FROM _amplitude_ledger WHERE attempts > 1").fetchone()[0]
     assert rows == distinct == len(expected) and stored == expected
     assert empty == 3  # the demo's night without data, recorded as empty hours
     assert rejects == served.expected_rejects(DEMO_START, end) > 0
+    assert retried > 0  # the demo's transient faults were retried, and the ledger says so
     assert f"{len(expected):,} events from" in result.stdout
     report = data / "report.html"
     assert f"report: {report}" in result.stdout and report.stat().st_size > 100_000

@@ -26,7 +26,7 @@ def demo_server() -> FakeExportServer:
     """The demo's fake Amplitude (not started): what a real export has, transient faults, two malformed lines
     an hour and a night with no data at all (three empty hours on the third day)."""
     outage = [DEMO_START + timedelta(days=2, hours=hour) for hour in (3, 4, 5)]
-    return FakeExportServer(api_key="demo-key", secret_key="demo-secret", seed=7, fault_rate=0.15,
+    return FakeExportServer(api_key="demo-key", secret_key="demo-secret", seed=7, fault_rate=0.25,
                             malformed_lines=True, empty_hours=outage)
 
 
@@ -43,7 +43,7 @@ def run_demo(data_dir: Path, *, days: int = 7, progress: bool | None = None) -> 
     with demo_server() as server:
         credentials = Credentials("demo-key", Secret("demo-secret"), "us", server.url)
         console.print(f"fake Amplitude Export API at {server.url} "
-                      "(15% transient faults, 2 malformed lines an hour, 3 hours without data)")
+                      "(25% transient faults, 2 malformed lines an hour, 3 hours without data)")
         with ExportClient(credentials, wait_initial=0.2, wait_max=1.0) as client:
             sink = open_sink(f"duckdb:{database}")
             try:
