@@ -201,3 +201,40 @@ def test_status_and_verify_find_the_only_project_or_ask_for_one(tmp_path: Path) 
     both = run_cli("verify", "--dest", dest, cwd=tmp_path)
     assert both.returncode == 2 and "several projects (ios, web): pass --project" in both.stderr
     assert run_cli("verify", "--dest", dest, "--project", "ios", cwd=tmp_path).returncode == 0
+
+
+def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> None:
+    """SIGINT while a window downloads (the server stalls on it): exit 130, one line, nothing half-written."""
+    import signal
+    import time
+
+    import duckdb
+
+    day = datetime(2024, 3, 1, tzinfo=UTC)
+    with FakeExportServer(events_per_hour=30, data_start=day, data_end=day.replace(hour=23),
+                          faults=["slow"], slow_seconds=10) as server:
+        args = ["run", "--base-url", server.url, "--api-key", server.api_key, "--secret-key", "demo-secret",
+                "--start", "2024-03-01", "--end", "2024-03-01", "--no-progress"]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
+        process = subprocess.Popen([sys.executable, "-c", "from amplitude_export.cli import main; main()", *args],
+                                   cwd=tmp_path, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 20
+        while not list(tmp_path.glob("logs/*.log")) and time.monotonic() < deadline:  # the run has started
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside the server's 10 s stall on the window's first request
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        out, err = process.communicate(timeout=20)
+        assert time.monotonic() - started < 5  # Ctrl-C does not wait for the stalled request
+        assert process.returncode == 130, err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [
+            "error: interrupted; a re-run picks up where this one stopped"]
+        assert "Traceback" not in err
+        assert not list((tmp_path / "data" / "raw").glob("*.zip"))  # the stalled download never landed
+        again = run_cli(*args, cwd=tmp_path)  # the stall was the window's first request only
+        assert again.returncode == 0, again.stderr
+        expected = server.expected_uuids(day, day.replace(hour=23))
+    with duckdb.connect(str(tmp_path / "data" / "amplitude.duckdb"), read_only=True) as con:
+        assert {u for (u,) in con.execute("SELECT uuid FROM events").fetchall()} == expected
+        assert con.execute("SELECT count(*) FROM events").fetchone()[0] == len(expected)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .client import CACHED, EMPTY, Download, ExportClient
 from .errors import (
@@ -130,6 +132,27 @@ class Failure:
     split_from: Window | None = None  # the planned window it is a part of, when splits produced it
 
 
+def _in_daemon_thread(function: Callable[..., Download], *args: Any, **kwargs: Any) -> Future[Download]:
+    """Run one download in a daemon thread and return its future.
+
+    Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so a Ctrl-C during a stalled
+    request (or a retry loop's back-off) would wait for it. A daemon download that is cut off leaves only its
+    `.part` file, which is never trusted and is fetched again by the next run.
+    """
+    future: Future[Download] = Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer through the future
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="fetch", daemon=True).start()
+    return future
+
+
 def fetch_windows(
     client: ExportClient,
     windows: Iterable[Window],
@@ -154,46 +177,45 @@ def fetch_windows(
     lineage: dict[Window, tuple[Window, int]] = {}  # a part -> (the planned window, requests spent above it)
     queue = list(windows)
     queue.reverse()  # pop() from the end keeps the planned order
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="fetch") as pool:
-        running: dict[Future[Download], Window] = {}
-        try:
-            while queue or running:
-                while queue and len(running) < concurrency:
-                    window = queue.pop()
-                    running[pool.submit(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes,
-                                       fresh=window in fresh)] = window
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in sorted(done, key=lambda f: running[f]):
-                    window = running.pop(future)
-                    planned, spent = lineage.pop(window, (None, 0))
-                    try:
-                        download = future.result()
-                    except WindowTooLargeError as exc:
-                        if window.hours > 1:
-                            halves = window.split()
-                            log.warning("%s: %s; splitting into %s and %s", window, exc.reason, *halves)
-                            reporter.add_windows(2)
-                            reporter.window_done(f"{window}: split ({exc.reason})")
-                            if window in fresh:
-                                fresh.update(halves)
-                            for half in halves:
-                                lineage[half] = (planned or window, spent + exc.attempts)
-                            queue.extend(reversed(halves))
-                        elif exc.status == 400:
-                            yield window, Failure(TOO_LARGE, "over 4 GB even for one hour: this hour needs "
-                                                             "Amplitude's S3 export", spent + exc.attempts, planned)
-                        else:
-                            yield window, Failure(FAILED, exc.reason, spent + exc.attempts, planned)
-                    except TransientError as exc:
-                        yield window, Failure(FAILED, f"gave up after {exc.attempts} attempts: {exc.reason}",
-                                              spent + exc.attempts, planned)
+    running: dict[Future[Download], Window] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < concurrency:
+                window = queue.pop()
+                running[_in_daemon_thread(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes,
+                                          fresh=window in fresh)] = window
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f]):
+                window = running.pop(future)
+                planned, spent = lineage.pop(window, (None, 0))
+                try:
+                    download = future.result()
+                except WindowTooLargeError as exc:
+                    if window.hours > 1:
+                        halves = window.split()
+                        log.warning("%s: %s; splitting into %s and %s", window, exc.reason, *halves)
+                        reporter.add_windows(2)
+                        reporter.window_done(f"{window}: split ({exc.reason})")
+                        if window in fresh:
+                            fresh.update(halves)
+                        for half in halves:
+                            lineage[half] = (planned or window, spent + exc.attempts)
+                        queue.extend(reversed(halves))
+                    elif exc.status == 400:
+                        yield window, Failure(TOO_LARGE, "over 4 GB even for one hour: this hour needs "
+                                                         "Amplitude's S3 export", spent + exc.attempts, planned)
                     else:
-                        if planned is not None:
-                            download = replace(download, attempts=download.attempts + spent, split_from=planned)
-                        yield window, download
-        finally:
-            for future in running:
-                future.cancel()
+                        yield window, Failure(FAILED, exc.reason, spent + exc.attempts, planned)
+                except TransientError as exc:
+                    yield window, Failure(FAILED, f"gave up after {exc.attempts} attempts: {exc.reason}",
+                                          spent + exc.attempts, planned)
+                else:
+                    if planned is not None:
+                        download = replace(download, attempts=download.attempts + spent, split_from=planned)
+                    yield window, download
+    finally:
+        for future in running:
+            future.cancel()
 
 
 def landed_windows(raw_dir: Path, suffix: str = ".zip") -> set[Window]:
