@@ -148,6 +148,8 @@ class Intake:
                         part = pa.RecordBatch.from_arrays([*part.columns, numbers], names=[*COLUMN_NAMES, SEQ])
                     self._rows += part.num_rows
                     yield part
+        except GeneratorExit:  # DuckDB stopped reading (its own error, raised by insert_into)
+            raise
         except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
             self._error = exc
 
