@@ -99,6 +99,11 @@ class FirstCopies:
         self.overflowed = False
         self._seen: set[str] = set()
 
+    @property
+    def seen(self) -> set[str]:
+        """The uuids kept so far (all of the window's, unless `overflowed`)."""
+        return self._seen
+
     def filter(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
         """The batch without repeated uuids, as zero-copy slices around them (a `filter` would copy it all)."""
         seen = self._seen
