@@ -85,7 +85,7 @@ def test_hours_prints_one_line_per_ledger_hour_in_the_range(loaded: tuple[str, d
         assert row["events"] == f"{record.events_loaded:,}" and row["dups"] == f"{record.duplicates:,}"
         assert row["rejects"] == f"{record.rejects:,}" and row["lines"] == f"{record.lines_read:,}"
         assert row["bytes"] == f"{record.bytes:,}" and row["tries"] == str(record.attempts)
-        assert row["members"] == str(len(record.members))
+        assert row["members"] == str(len(record.members)) and row["split from"] == (record.split_from or "")
         assert row["hash"] == (record.content_hash or "")[:12]
         if record.status == "loaded":
             assert record.lines_read > 0 and record.rejects == 2 and len(record.members) == 2

@@ -116,8 +116,8 @@ def _spans_table(data: dict[str, Any]) -> Table:
 def _hours_table(data: dict[str, Any]) -> Table:
     table = Table(title=f"{data['destination']} (project {data['project']}), hour by hour",
                   caption="times UTC; a time without a date is on the hour's own day")
-    columns = ("hour", "status", "events", "dups", "rejects", "lines", "bytes", "tries", "server_upload_time",
-               "event_time", "hash", "members", "reason")
+    columns = ("hour", "status", "events", "dups", "rejects", "lines", "bytes", "tries", "split from",
+               "server_upload_time", "event_time", "hash", "members", "reason")
     for name in columns:
         numeric = name in ("events", "dups", "rejects", "lines", "bytes", "tries", "members")
         table.add_column(name, justify="right" if numeric else "left", no_wrap=name != "reason")
@@ -127,6 +127,7 @@ def _hours_table(data: dict[str, Any]) -> Table:
         table.add_row(
             label_hour(hour), record.status, f"{record.events_loaded:,}", f"{record.duplicates:,}",
             f"{record.rejects:,}", f"{record.lines_read:,}", f"{record.bytes:,}", str(record.attempts),
+            record.split_from or "",
             _between(record.min_server_upload_time, record.max_server_upload_time, hour),
             _between(record.min_event_time, record.max_event_time, hour),
             (record.content_hash or "")[:HASH_CHARS], str(len(record.members)), record.reason or "",
