@@ -9,12 +9,13 @@ destination; 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -114,14 +115,21 @@ class _OneLineError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+@contextlib.contextmanager
+def _in_one_line() -> Iterator[None]:
+    """Turn click's usage errors (a bad flag, an unknown command) into our one `error:` line with exit 2."""
+    try:
+        yield
+    except click.UsageError as exc:
+        raise _OneLineError(exc.format_message()) from None
+
+
 class _OneLineErrors(click.Command):
     """A command whose flags that do not parse get one line and exit 2, not click's usage block."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
+        with _in_one_line():
             return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise _OneLineError(exc.format_message()) from None
 
 
 class _OneLineGroup(click.Group):
@@ -130,17 +138,12 @@ class _OneLineGroup(click.Group):
     command_class = _OneLineErrors
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
+        with _in_one_line():
             return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise _OneLineError(exc.format_message()) from None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
-        try:
+        with _in_one_line():
             return super().resolve_command(ctx, args)
-        except click.UsageError as exc:
-            raise _OneLineError(exc.format_message()) from None
-
 
 
 @click.group(cls=_OneLineGroup, epilog=EXIT_CODES)
@@ -500,7 +503,7 @@ def _fault_list(text: str | None) -> list[str]:
     return faults
 
 
-@cli.command("fake-server", cls=_OneLineErrors, epilog=EXIT_CODES)
+@cli.command("fake-server", epilog=EXIT_CODES)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="0 picks a free port (the URL is printed on stderr).")

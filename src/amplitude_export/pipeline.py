@@ -387,7 +387,7 @@ def load_window(
     except ArchiveError as exc:
         archive.unlink(missing_ok=True)
         reason = f"archive broken, will download again: {exc}"
-        _record_failure(sink, project, window, FAILED, reason, run_id, attempts=attempts, split_from=split_from)
+        _record(sink, project, window, FAILED, run_id, reason=reason, attempts=attempts, split_from=split_from)
         return WindowOutcome(window, FAILED, reason=reason, bytes=size)
     if reader.rejects_total:
         log.warning("%s: %d lines rejected, see %s", window, reader.rejects_total, data_dir / "rejects")
@@ -404,18 +404,9 @@ def load_window(
     )
 
 
-def _record_failure(sink: Sink, project: str, window: Window, status: str, reason: str, run_id: str, *,
-                    attempts: int = 1, split_from: Window | None = None) -> None:
-    _record(sink, project, window, status, run_id, reason=reason, attempts=attempts, split_from=split_from)
-
-
-def _record_empty(sink: Sink, project: str, window: Window, run_id: str, *, attempts: int = 1,
-                  split_from: Window | None = None) -> None:
-    _record(sink, project, window, LEDGER_EMPTY, run_id, attempts=attempts, split_from=split_from)
-
-
 def _record(sink: Sink, project: str, window: Window, status: str, run_id: str, *, reason: str | None = None,
-            attempts: int, split_from: Window | None) -> None:
+            attempts: int = 1, split_from: Window | None = None) -> None:
+    """Ledger rows for every hour of a window that loaded nothing (failed, too large, empty)."""
     now = datetime.now(UTC)
     sink.record_hours(project, [
         HourRecord(hour=h, status=status, reason=reason, attempts=max(1, attempts),
@@ -520,15 +511,15 @@ def run(
             if window in fresh:  # a failed re-check leaves the loaded rows as they are
                 outcome = WindowOutcome(window, "recheck_failed", reason=result.reason)
             else:
-                _record_failure(sink, project, window, result.status, result.reason, report.run_id,
-                                attempts=result.attempts, split_from=result.split_from)
+                _record(sink, project, window, result.status, report.run_id, reason=result.reason,
+                        attempts=result.attempts, split_from=result.split_from)
                 outcome = WindowOutcome(window, result.status, reason=result.reason, attempts=result.attempts)
         elif result.status == EMPTY:
             if window in fresh:
                 outcome = WindowOutcome(window, "unchanged", reason="404 on re-check; rows kept")
             else:
-                _record_empty(sink, project, window, report.run_id, attempts=result.attempts,
-                              split_from=result.split_from)
+                _record(sink, project, window, LEDGER_EMPTY, report.run_id, attempts=result.attempts,
+                        split_from=result.split_from)
                 outcome = WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
         elif window in fresh:
             assert result.path is not None

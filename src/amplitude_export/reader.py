@@ -224,13 +224,7 @@ def _line_is_utf8(line: bytes) -> bool:
 
 def _invalid_utf8(lines: list[bytes]) -> set[int]:
     """Lines that are not UTF-8: msgspec lets them through inside nested values, a text column cannot hold them."""
-    bad = set()
-    for index, line in enumerate(lines):
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            bad.add(index)
-    return bad
+    return {index for index, line in enumerate(lines) if not _line_is_utf8(line)}
 
 
 def _parse(

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .errors import UsageError
 from .ledger import HourRecord
-from .pipeline import incremental_start
+from .pipeline import incremental_start, plural
 from .sinks import Sink
 from .windows import HOUR, label_hour, parse_hour
 
@@ -150,5 +150,4 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
         nxt = f"next run starts at {resume} UTC" if resume else "the next run without --start takes yesterday"
         console.print(f"{data['events']:,} events in {data['hours']} hours{limited}; {nxt}")
     if data["failed_hours"]:
-        count = len(data["failed_hours"])
-        console.print(f"[red]{count} {'hour' if count == 1 else 'hours'} failed; the next run retries them[/red]")
+        console.print(f"[red]{plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")

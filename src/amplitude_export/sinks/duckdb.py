@@ -173,8 +173,9 @@ class Intake:
         for hour, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True):
             hour = hour.astimezone(UTC)
             self.staged[hour] = self.staged.get(hour, 0) + n
-        for name in pc.unique(batch.column("_member")).to_pylist():
-            self.ranks.setdefault(name, len(self.ranks))
+        if self._first is not None:  # only the SQL fallback of the dedup orders copies by member rank
+            for name in pc.unique(batch.column("_member")).to_pylist():
+                self.ranks.setdefault(name, len(self.ranks))
 
     def insert_into(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
         """INSERT every batch into `table` in one statement; raise what producing the batches raised."""
