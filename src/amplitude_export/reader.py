@@ -39,6 +39,11 @@ try:  # ISA-L inflates about 1.5x faster than zlib; optional
 except ImportError:  # pragma: no cover - depends on the environment
     _inflate = zlib  # type: ignore[assignment]
 
+try:  # the compiled fast path, built by `pip install` where a C compiler is at hand (setup.py); optional
+    from . import _fastparse
+except ImportError:  # pragma: no cover - depends on the environment
+    _fastparse = None  # type: ignore[assignment]
+
 log = logging.getLogger("amplitude_export.reader")
 
 DEFAULT_BATCH_ROWS = 4096  # ~7 MB of NDJSON: per-batch overheads are amortised, worker RSS stays ~180 MB
@@ -71,6 +76,14 @@ _FAST = msgspec.json.Decoder(_Event)
 _RAW = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENCODE = msgspec.json.encode
 _LOGGED_UNKNOWN: set[str] = set()  # unknown keys are logged once per process, not once per line
+_KIND_CODES = {schema.STRING: "s", schema.INTEGER: "i", schema.FLOAT: "f", schema.BOOLEAN: "b",
+               schema.TIMESTAMP: "t", schema.JSON: "j"}
+# Decodes a batch of lines straight into Arrow buffers, or gives it back (None) to the msgspec path when any line
+# is not the common case. Tests set it to None to check the msgspec path alone.
+FAST_PARSER = (
+    _fastparse.Parser(tuple(c.source.encode() for c in _COLUMNS), "".join(_KIND_CODES[c.kind] for c in _COLUMNS))
+    if _fastparse is not None else None
+)
 
 
 @dataclass
@@ -118,6 +131,17 @@ def _fit(kind: str, value: Any) -> tuple[bool, Any]:
     return True, value
 
 
+class _Undecodable:
+    """A value msgspec will not turn into a Python value (1e400, a lone surrogate): it fits no column."""
+
+
+def _value(raw: msgspec.Raw) -> Any:
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return _Undecodable()
+
+
 def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict[str, Any] | None] | str:
     """Decode a line that did not fit the fast struct: the event and its `_extra`, or the reason to reject it."""
     try:
@@ -126,7 +150,7 @@ def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict
         return "not a JSON object"
     except msgspec.DecodeError as exc:
         return f"invalid JSON: {exc}"
-    if require_uuid and not isinstance(msgspec.json.decode(raw.get("uuid", b"null")), str):
+    if require_uuid and not isinstance(_value(raw.get("uuid", msgspec.Raw(b"null"))), str):
         return "no string uuid"
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -138,7 +162,7 @@ def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict
         elif column.kind == schema.JSON:
             values[column.name] = value
         else:
-            ok, converted = _fit(column.kind, msgspec.json.decode(value))
+            ok, converted = _fit(column.kind, _value(value))
             if ok:
                 values[column.name] = converted
             else:
@@ -241,6 +265,10 @@ def _parse(
     unknown: set[str] = set()
     decode = _FAST.decode
     require_uuid = ctx.require_uuid
+    if utf8 and FAST_PARSER is not None:  # the common case, in compiled code
+        buffers = FAST_PARSER.parse(lines, require_uuid)
+        if buffers is not None:
+            return _buffer_part(buffers, first, len(lines), member, index, ctx)
     if utf8:  # the common case: every line fits the struct, decoded without a Python loop of our own
         try:
             events = list(map(decode, lines))
@@ -300,25 +328,52 @@ def _columns(
             arrays.append(_timestamp_column(values, column.source, extras))
         else:
             arrays.append(pa.array(values, schema.ARROW_TYPES[column.kind]))
-    rows = len(events)
-    extra_texts = [None] * rows
+    extra_texts = [None] * len(events)
     for row, extra in extras.items():
         extra_texts[row] = _ENCODE(extra).decode()
+    batch = _batch(arrays, pa.array(extra_texts, pa.string()), pa.array(numbers, pa.int64()), member, ctx)
+    return _Part(index, batch, nonblank, rejects, unknown)
+
+
+def _buffer_part(
+    buffers: tuple[tuple[int, bytes | None, bytes, bytes | None], ...],
+    first: int,
+    rows: int,
+    member: ArchiveMember,
+    index: int,
+    ctx: _Context,
+) -> _Part:
+    """The part for lines the compiled parser decoded: its buffers wrapped as Arrow arrays, without a copy."""
+    arrays = []
+    for column, (nulls, validity, values, data) in zip(_COLUMNS, buffers, strict=True):
+        wrapped = [None if validity is None else pa.py_buffer(validity), pa.py_buffer(values)]
+        if data is not None:
+            wrapped.append(pa.py_buffer(data))
+        arrays.append(pa.Array.from_buffers(schema.ARROW_TYPES[column.kind], rows, wrapped, null_count=nulls))
+    numbers = pa.array(np.arange(first, first + rows, dtype=np.int64))
+    batch = _batch(arrays, pa.nulls(rows, pa.string()), numbers, member, ctx)
+    return _Part(index, batch, rows, [], set())
+
+
+def _batch(
+    arrays: list[pa.Array], extra: pa.Array, numbers: pa.Array, member: ArchiveMember, ctx: _Context
+) -> pa.RecordBatch:
+    """The export's columns plus `_extra`, the line numbers and the other provenance columns, as one batch."""
+    rows = len(numbers)
     if member.upload_hour is not None:
         hours = pa.repeat(pa.scalar(member.upload_hour, _TS_TYPE), rows)
     else:
         uploaded = arrays[_SERVER_UPLOAD]
         hours = pc.floor_temporal(uploaded, unit="hour").fill_null(pa.scalar(ctx.window_start, _TS_TYPE))
-    arrays += [
-        pa.array(extra_texts, pa.string()),
+    arrays = arrays + [
+        extra,
         hours,
         pa.repeat(pa.scalar(member.name, pa.string()), rows),
-        pa.array(numbers, pa.int64()),
+        numbers,
         pa.repeat(pa.scalar(ctx.run_id, pa.string()), rows),
         pa.repeat(pa.scalar(ctx.project, pa.string()), rows),
     ]
-    batch = pa.RecordBatch.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
-    return _Part(index, batch, nonblank, rejects, unknown)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
 
 
 _SERVER_UPLOAD = [c.name for c in _COLUMNS].index("server_upload_time")

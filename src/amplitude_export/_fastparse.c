@@ -1,0 +1,745 @@
+/* Decode export lines straight into Arrow column buffers: the reader's fast path (see reader.py, docs/PARSE_PATH.md).
+ *
+ * A Parser knows the export's top-level keys and each one's kind. parse(lines) turns a list of lines (bytes, known
+ * to be valid UTF-8) into one (null_count, validity, buffer, buffer) tuple per column, or returns None as soon as
+ * any line is anything but the common case: not an object, an unknown or repeated or escaped key, a value that does
+ * not fit its column exactly, a timestamp not written `YYYY-MM-DD HH:MM:SS[.ffffff]`, a blank line, invalid JSON.
+ * The caller then parses that batch with the msgspec path, which handles every case (rejects, `_extra`). So this
+ * code only has to be right on what it accepts, and strict: it accepts no text that the msgspec path would treat
+ * differently (tests/test_fastparse.py checks both paths against each other, line for line and on mutated lines).
+ * The GIL is released while parsing.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { K_STRING = 's', K_INT = 'i', K_FLOAT = 'f', K_BOOL = 'b', K_TIME = 't', K_JSON = 'j' };
+
+#define MAX_COLUMNS 256
+#define MAX_DEPTH 64 /* nested JSON deeper than this goes to the slow path */
+#define HASH_SIZE 512
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} Buf;
+
+static int buf_reserve(Buf *b, size_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra) cap *= 2;
+    char *data = realloc(b->data, cap);
+    if (!data) return -1;
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+typedef struct {
+    char kind;
+    uint8_t *validity; /* one bit per row */
+    int64_t nulls;
+    int32_t *offsets; /* strings and JSON: rows + 1 */
+    Buf data;         /* strings and JSON: the bytes */
+    int64_t *ints;    /* integers and timestamps (microseconds since the epoch, UTC) */
+    double *floats;
+    uint8_t *bools; /* one bit per row */
+} Column;
+
+typedef struct {
+    PyObject_HEAD
+    int ncols;
+    char kinds[MAX_COLUMNS];
+    char *keys[MAX_COLUMNS];
+    Py_ssize_t key_lens[MAX_COLUMNS];
+    int16_t table[HASH_SIZE]; /* open addressing: column index + 1, 0 = empty */
+    int uuid_col;
+} Parser;
+
+static unsigned key_hash(const char *s, Py_ssize_t n) {
+    unsigned h = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+static int lookup(const Parser *self, const char *s, Py_ssize_t n, int guess) {
+    if (guess < self->ncols && self->key_lens[guess] == n && memcmp(self->keys[guess], s, n) == 0) return guess;
+    unsigned slot = key_hash(s, n) % HASH_SIZE;
+    while (self->table[slot]) {
+        int col = self->table[slot] - 1;
+        if (self->key_lens[col] == n && memcmp(self->keys[col], s, n) == 0) return col;
+        slot = (slot + 1) % HASH_SIZE;
+    }
+    return -1;
+}
+
+/* ---------------------------------------------------------------------------------------------- scanning */
+
+static inline const char *skip_ws(const char *p, const char *end) {
+    if (p < end && (uint8_t)*p > ' ') return p; /* the usual case: no whitespace at all */
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n')) p++;
+    return p;
+}
+
+static inline int is_digit(char c) { return c >= '0' && c <= '9'; }
+
+static inline int hex_value(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* 1 for bytes that end a plain run inside a JSON string: the quote, the backslash, control characters */
+static uint8_t string_stop[256];
+
+static void init_tables(void) {
+    for (int c = 0; c < 256; c++) string_stop[c] = (c < 0x20 || c == '"' || c == '\\');
+}
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+/* The first byte at or after p that ends a plain run of string bytes (quote, backslash, control), or end. */
+static inline const char *plain_run(const char *p, const char *end) {
+#ifdef __SSE2__
+    const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), space = _mm_set1_epi8(0x1F);
+    while (end - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)p);
+        __m128i stop = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, backslash)),
+                                    _mm_cmpeq_epi8(_mm_max_epu8(x, space), space)); /* x <= 0x1F */
+        int mask = _mm_movemask_epi8(stop);
+        if (mask) return p + __builtin_ctz(mask);
+        p += 16;
+    }
+#endif
+    while (p < end && !string_stop[(uint8_t)*p]) p++;
+    return p;
+}
+
+/* The end of a JSON number token starting at p, or NULL if it is not one; *integral says no fraction, no exponent. */
+static const char *scan_number(const char *p, const char *end, int *integral) {
+    const char *q = p;
+    *integral = 1;
+    if (q < end && *q == '-') q++;
+    if (q >= end) return NULL;
+    if (*q == '0') {
+        q++;
+    } else if (*q >= '1' && *q <= '9') {
+        while (q < end && is_digit(*q)) q++;
+    } else {
+        return NULL;
+    }
+    if (q < end && *q == '.') {
+        *integral = 0;
+        q++;
+        if (q >= end || !is_digit(*q)) return NULL;
+        while (q < end && is_digit(*q)) q++;
+    }
+    if (q < end && (*q == 'e' || *q == 'E')) {
+        *integral = 0;
+        q++;
+        if (q < end && (*q == '+' || *q == '-')) q++;
+        if (q >= end || !is_digit(*q)) return NULL;
+        while (q < end && is_digit(*q)) q++;
+    }
+    return q;
+}
+
+/* Validate a JSON string whose opening quote is at p[-1]; return the position after its closing quote, or NULL.
+ * Lone or misordered UTF-16 surrogate escapes are refused (the msgspec path decides what to do with them). */
+static const char *skip_string(const char *p, const char *end) {
+    for (;;) {
+        p = plain_run(p, end);
+        if (p >= end) return NULL;
+        if (*p == '"') return p + 1;
+        if (*p != '\\') return NULL; /* a raw control character */
+        p++;
+        if (p >= end) return NULL;
+        switch (*p) {
+        case '"': case '\\': case '/': case 'b': case 'f': case 'n': case 'r': case 't':
+            p++;
+            break;
+        case 'u': {
+            if (end - p < 5) return NULL;
+            unsigned cp = 0;
+            for (int i = 1; i <= 4; i++) {
+                int h = hex_value(p[i]);
+                if (h < 0) return NULL;
+                cp = cp * 16 + h;
+            }
+            p += 5;
+            if (cp >= 0xDC00 && cp <= 0xDFFF) return NULL;
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                if (end - p < 6 || p[0] != '\\' || p[1] != 'u') return NULL;
+                unsigned lo = 0;
+                for (int i = 2; i <= 5; i++) {
+                    int h = hex_value(p[i]);
+                    if (h < 0) return NULL;
+                    lo = lo * 16 + h;
+                }
+                if (lo < 0xDC00 || lo > 0xDFFF) return NULL;
+                p += 6;
+            }
+            break;
+        }
+        default:
+            return NULL;
+        }
+    }
+}
+
+static const char *skip_value(const char *p, const char *end, int depth);
+
+static const char *skip_container(const char *p, const char *end, int depth, char close) {
+    /* p is just after the opening bracket */
+    if (depth > MAX_DEPTH) return NULL;
+    p = skip_ws(p, end);
+    if (p < end && *p == close) return p + 1;
+    for (;;) {
+        if (close == '}') {
+            if (p >= end || *p != '"') return NULL;
+            p = skip_string(p + 1, end);
+            if (!p) return NULL;
+            p = skip_ws(p, end);
+            if (p >= end || *p != ':') return NULL;
+            p = skip_ws(p + 1, end);
+        }
+        p = skip_value(p, end, depth + 1);
+        if (!p) return NULL;
+        p = skip_ws(p, end);
+        if (p >= end) return NULL;
+        if (*p == close) return p + 1;
+        if (*p != ',') return NULL;
+        p = skip_ws(p + 1, end);
+    }
+}
+
+static const char *skip_value(const char *p, const char *end, int depth) {
+    if (p >= end) return NULL;
+    int integral;
+    switch (*p) {
+    case '"': return skip_string(p + 1, end);
+    case '{': return skip_container(p + 1, end, depth, '}');
+    case '[': return skip_container(p + 1, end, depth, ']');
+    case 't': return (end - p >= 4 && memcmp(p, "true", 4) == 0) ? p + 4 : NULL;
+    case 'f': return (end - p >= 5 && memcmp(p, "false", 5) == 0) ? p + 5 : NULL;
+    case 'n': return (end - p >= 4 && memcmp(p, "null", 4) == 0) ? p + 4 : NULL;
+    default: return scan_number(p, end, &integral);
+    }
+}
+
+static inline int is_null(const char *p, const char *end) { return end - p >= 4 && memcmp(p, "null", 4) == 0; }
+
+/* ---------------------------------------------------------------------------------------------- values */
+
+static inline void put_utf8(char *out, size_t *n, unsigned cp) {
+    if (cp < 0x80) {
+        out[(*n)++] = (char)cp;
+    } else if (cp < 0x800) {
+        out[(*n)++] = (char)(0xC0 | (cp >> 6));
+        out[(*n)++] = (char)(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        out[(*n)++] = (char)(0xE0 | (cp >> 12));
+        out[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[(*n)++] = (char)(0x80 | (cp & 0x3F));
+    } else {
+        out[(*n)++] = (char)(0xF0 | (cp >> 18));
+        out[(*n)++] = (char)(0x80 | ((cp >> 12) & 0x3F));
+        out[(*n)++] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[(*n)++] = (char)(0x80 | (cp & 0x3F));
+    }
+}
+
+/* Decode the string whose opening quote is at p[-1] onto the column's data; the position after it, or NULL.
+ * One pass: plain runs are copied 16 bytes at a time (the buffer has room for the rest of the line and 16). */
+static const char *read_string(const char *p, const char *end, Buf *out) {
+    if (buf_reserve(out, (size_t)(end - p) + 16)) return NULL; /* decoding never lengthens a string */
+    char *dst = out->data;
+    size_t n = out->len;
+    for (;;) {
+#ifdef __SSE2__
+        const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), space = _mm_set1_epi8(0x1F);
+        int mask = 0;
+        while (end - p >= 16) {
+            __m128i x = _mm_loadu_si128((const __m128i *)p);
+            _mm_storeu_si128((__m128i *)(dst + n), x);
+            __m128i stop = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, backslash)),
+                                        _mm_cmpeq_epi8(_mm_max_epu8(x, space), space));
+            mask = _mm_movemask_epi8(stop);
+            if (mask) break;
+            p += 16;
+            n += 16;
+        }
+        if (mask) {
+            int k = __builtin_ctz(mask);
+            p += k;
+            n += k;
+        } else
+#endif
+        {
+            while (p < end && !string_stop[(uint8_t)*p]) dst[n++] = *p++;
+        }
+        if (p >= end) return NULL;
+        if (*p == '"') break;
+        if (*p != '\\') return NULL; /* a raw control character */
+        if (end - p < 2) return NULL;
+        p++;
+        char c = *p++;
+        switch (c) {
+        case '"': case '\\': case '/': dst[n++] = c; break;
+        case 'b': dst[n++] = '\b'; break;
+        case 'f': dst[n++] = '\f'; break;
+        case 'n': dst[n++] = '\n'; break;
+        case 'r': dst[n++] = '\r'; break;
+        case 't': dst[n++] = '\t'; break;
+        case 'u': {
+            if (end - p < 4) return NULL;
+            unsigned cp = 0;
+            for (int i = 0; i < 4; i++) {
+                int h = hex_value(p[i]);
+                if (h < 0) return NULL;
+                cp = cp * 16 + h;
+            }
+            p += 4;
+            if (cp >= 0xDC00 && cp <= 0xDFFF) return NULL; /* a lone low surrogate */
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                if (end - p < 6 || p[0] != '\\' || p[1] != 'u') return NULL;
+                unsigned lo = 0;
+                for (int i = 2; i < 6; i++) {
+                    int h = hex_value(p[i]);
+                    if (h < 0) return NULL;
+                    lo = lo * 16 + h;
+                }
+                if (lo < 0xDC00 || lo > 0xDFFF) return NULL;
+                p += 6;
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            put_utf8(dst, &n, cp); /* at most 4 bytes for the 6 or 12 read */
+            break;
+        }
+        default: return NULL;
+        }
+    }
+    out->len = n;
+    return p + 1;
+}
+
+static inline int two(const char *s) { return (s[0] - '0') * 10 + (s[1] - '0'); }
+
+/* Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's days_from_civil). */
+static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
+    y -= m <= 2;
+    const int64_t era = (y >= 0 ? y : y - 399) / 400;
+    const unsigned yoe = (unsigned)(y - era * 400);
+    const unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + (int64_t)doe - 719468;
+}
+
+/* `"YYYY-MM-DD HH:MM:SS[.f{1,6}]"` (opening quote at p[-1]) as microseconds; the position after it, or NULL. */
+static const char *read_time(const char *p, const char *end, int64_t *out) {
+    if (end - p < 20) return NULL;
+    const char *s = p;
+    for (int i = 0; i < 19; i++) {
+        char c = s[i];
+        int want_digit = !(i == 4 || i == 7 || i == 10 || i == 13 || i == 16);
+        if (want_digit ? !is_digit(c) : c != (i == 4 || i == 7 ? '-' : i == 10 ? ' ' : ':')) return NULL;
+    }
+    int year = two(s) * 100 + two(s + 2), month = two(s + 5), day = two(s + 8);
+    int hour = two(s + 11), minute = two(s + 14), second = two(s + 17);
+    static const int month_days[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (year < 1 || month < 1 || month > 12 || day < 1 || day > month_days[month - 1]) return NULL;
+    if (month == 2 && day == 29 && !(year % 4 == 0 && (year % 100 != 0 || year % 400 == 0))) return NULL;
+    if (hour > 23 || minute > 59 || second > 59) return NULL;
+    p += 19;
+    int64_t micros = 0;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        while (p < end && is_digit(*p) && digits < 7) {
+            micros = micros * 10 + (*p - '0');
+            p++;
+            digits++;
+        }
+        if (digits == 0 || digits > 6) return NULL;
+        for (; digits < 6; digits++) micros *= 10;
+    }
+    if (p >= end || *p != '"') return NULL;
+    int64_t seconds = days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second;
+    *out = seconds * 1000000 + micros;
+    return p + 1;
+}
+
+static const char *read_int(const char *p, const char *end, int64_t *out) {
+    int integral;
+    const char *q = scan_number(p, end, &integral);
+    if (!q || !integral) return NULL;
+    int negative = *p == '-';
+    const char *d = p + negative;
+    if (q - d > 19) return NULL;
+    uint64_t value = 0;
+    for (; d < q; d++) value = value * 10 + (uint64_t)(*d - '0'); /* 19 digits fit in uint64 */
+    if (negative ? value > (uint64_t)INT64_MAX + 1 : value > (uint64_t)INT64_MAX) return NULL;
+    *out = negative ? (int64_t)(0 - value) : (int64_t)value;
+    return q;
+}
+
+static const char *read_float(const char *p, const char *end, double *out) {
+    int integral;
+    const char *q = scan_number(p, end, &integral);
+    if (!q || q - p > 64) return NULL;
+    if (integral && q - p > 16) return NULL; /* a big integer: let the msgspec path decide */
+    char text[72];
+    memcpy(text, p, q - p);
+    text[q - p] = 0;
+    char *stop;
+    double value = strtod(text, &stop); /* the token is a valid JSON number; strtod rounds correctly */
+    if (stop != text + (q - p) || !isfinite(value)) return NULL;
+    *out = value;
+    return q;
+}
+
+/* ---------------------------------------------------------------------------------------------- lines */
+
+typedef struct {
+    const Parser *parser;
+    Column *cols;
+    int64_t row;
+    int require_uuid;
+    uint8_t seen[MAX_COLUMNS];
+} Batch;
+
+static inline void set_bit(uint8_t *bits, int64_t i) { bits[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+
+/* Parse one line into row `b->row`; 0 on success, -1 to give the batch to the slow path. */
+static int parse_line(Batch *b, const char *p, const char *end) {
+    const Parser *parser = b->parser;
+    int64_t row = b->row;
+    memset(b->seen, 0, parser->ncols);
+    p = skip_ws(p, end);
+    if (p >= end || *p != '{') return -1;
+    p = skip_ws(p + 1, end);
+    int guess = 0;
+    if (p < end && *p == '}') {
+        p++;
+    } else {
+        for (;;) {
+            if (p >= end || *p != '"') return -1;
+            const char *key = ++p;
+            int col = -1;
+            if (guess < parser->ncols) { /* keys usually come in the schema's order: try the next one first */
+                Py_ssize_t n = parser->key_lens[guess];
+                if (end - key > n && key[n] == '"' && memcmp(key, parser->keys[guess], n) == 0) {
+                    col = guess;
+                    p = key + n;
+                }
+            }
+            if (col < 0) {
+                while (p < end && *p != '"' && *p != '\\' && (uint8_t)*p >= 0x20) p++;
+                if (p >= end || *p != '"') return -1;
+                col = lookup(parser, key, p - key, guess);
+            }
+            if (col < 0 || b->seen[col]) return -1;
+            b->seen[col] = 1;
+            guess = col + 1;
+            p = skip_ws(p + 1, end);
+            if (p >= end || *p != ':') return -1;
+            p = skip_ws(p + 1, end);
+            if (p >= end) return -1;
+            Column *c = &b->cols[col];
+            if (c->kind == K_JSON) {
+                const char *value_end = skip_value(p, end, 0);
+                if (!value_end) return -1;
+                if (!is_null(p, value_end) || value_end - p != 4) {
+                    size_t n = value_end - p;
+                    if (buf_reserve(&c->data, n)) return -1;
+                    memcpy(c->data.data + c->data.len, p, n);
+                    c->data.len += n;
+                    set_bit(c->validity, row);
+                }
+                p = value_end;
+            } else if (is_null(p, end)) {
+                p += 4;
+            } else {
+                switch (c->kind) {
+                case K_STRING:
+                    if (*p != '"') return -1;
+                    p = read_string(p + 1, end, &c->data);
+                    break;
+                case K_TIME:
+                    if (*p != '"') return -1;
+                    p = read_time(p + 1, end, &c->ints[row]);
+                    break;
+                case K_INT:
+                    p = read_int(p, end, &c->ints[row]);
+                    break;
+                case K_FLOAT:
+                    p = read_float(p, end, &c->floats[row]);
+                    break;
+                case K_BOOL:
+                    if (end - p >= 4 && memcmp(p, "true", 4) == 0) {
+                        set_bit(c->bools, row);
+                        p += 4;
+                    } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
+                        p += 5;
+                    } else {
+                        return -1;
+                    }
+                    break;
+                default:
+                    return -1;
+                }
+                if (!p) return -1;
+                set_bit(c->validity, row);
+            }
+            p = skip_ws(p, end);
+            if (p >= end) return -1;
+            if (*p == '}') {
+                p++;
+                break;
+            }
+            if (*p != ',') return -1;
+            p = skip_ws(p + 1, end);
+        }
+    }
+    if (skip_ws(p, end) != end) return -1;
+    if (b->require_uuid && parser->uuid_col >= 0 && !b->seen[parser->uuid_col]) return -1;
+    for (int col = 0; col < parser->ncols; col++) {
+        Column *c = &b->cols[col];
+        if (c->offsets) {
+            if (c->data.len > INT32_MAX) return -1;
+            c->offsets[row + 1] = (int32_t)c->data.len;
+        }
+        if (!(c->validity[row >> 3] & (1u << (row & 7)))) c->nulls++;
+    }
+    b->row++;
+    return 0;
+}
+
+static void free_columns(Column *cols, int n) {
+    for (int i = 0; i < n; i++) {
+        free(cols[i].validity);
+        free(cols[i].offsets);
+        free(cols[i].data.data);
+        free(cols[i].ints);
+        free(cols[i].floats);
+        free(cols[i].bools);
+    }
+    free(cols);
+}
+
+static PyObject *bytes_of(const void *data, size_t n) { return PyBytes_FromStringAndSize(n ? data : "", n); }
+
+static PyObject *Parser_parse(Parser *self, PyObject *args) {
+    PyObject *lines;
+    int require_uuid = 0;
+    if (!PyArg_ParseTuple(args, "O!|p", &PyList_Type, &lines, &require_uuid)) return NULL;
+    /* a tuple of the lines keeps each one alive while the GIL is released, whatever happens to the list */
+    PyObject *held = PyList_AsTuple(lines);
+    if (!held) return NULL;
+    Py_ssize_t rows = PyTuple_GET_SIZE(held);
+    const char **starts = malloc(sizeof(char *) * (rows + 1));
+    Py_ssize_t *lens = malloc(sizeof(Py_ssize_t) * (rows + 1));
+    Column *cols = calloc(self->ncols, sizeof(Column));
+    if (!starts || !lens || !cols) {
+        free(starts);
+        free(lens);
+        free(cols);
+        Py_DECREF(held);
+        return PyErr_NoMemory();
+    }
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        PyObject *line = PyTuple_GET_ITEM(held, i);
+        if (!PyBytes_Check(line)) {
+            free(starts);
+            free(lens);
+            free_columns(cols, self->ncols);
+            Py_DECREF(held);
+            PyErr_SetString(PyExc_TypeError, "lines must be bytes");
+            return NULL;
+        }
+        starts[i] = PyBytes_AS_STRING(line);
+        lens[i] = PyBytes_GET_SIZE(line);
+        total += lens[i];
+    }
+    size_t bitmap = (size_t)(rows + 8) / 8;
+    int failed = 0;
+    for (int i = 0; i < self->ncols && !failed; i++) {
+        Column *c = &cols[i];
+        c->kind = self->kinds[i];
+        c->validity = calloc(bitmap, 1);
+        failed |= !c->validity;
+        switch (c->kind) {
+        case K_STRING:
+        case K_JSON:
+            c->offsets = calloc(rows + 1, sizeof(int32_t));
+            failed |= !c->offsets || buf_reserve(&c->data, c->kind == K_JSON ? total / 8 + 64 : 64 * (size_t)rows + 64);
+            break;
+        case K_INT:
+        case K_TIME:
+            failed |= !(c->ints = calloc(rows + 1, sizeof(int64_t)));
+            break;
+        case K_FLOAT:
+            failed |= !(c->floats = calloc(rows + 1, sizeof(double)));
+            break;
+        case K_BOOL:
+            failed |= !(c->bools = calloc(bitmap, 1));
+            break;
+        }
+    }
+    if (failed) {
+        free(starts);
+        free(lens);
+        free_columns(cols, self->ncols);
+        Py_DECREF(held);
+        return PyErr_NoMemory();
+    }
+    Batch batch = {.parser = self, .cols = cols, .row = 0, .require_uuid = require_uuid};
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (parse_line(&batch, starts[i], starts[i] + lens[i])) {
+            ok = 0;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(held);
+    free(starts);
+    free(lens);
+    if (!ok) {
+        free_columns(cols, self->ncols);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyTuple_New(self->ncols);
+    if (!out) {
+        free_columns(cols, self->ncols);
+        return NULL;
+    }
+    for (int i = 0; i < self->ncols; i++) {
+        Column *c = &cols[i];
+        PyObject *validity = c->nulls ? bytes_of(c->validity, bitmap) : (Py_INCREF(Py_None), Py_None);
+        PyObject *values;
+        PyObject *data = Py_None;
+        Py_INCREF(Py_None);
+        switch (c->kind) {
+        case K_STRING:
+        case K_JSON:
+            values = bytes_of(c->offsets, sizeof(int32_t) * (rows + 1));
+            Py_DECREF(Py_None);
+            data = bytes_of(c->data.data, c->data.len);
+            break;
+        case K_INT:
+        case K_TIME:
+            values = bytes_of(c->ints, sizeof(int64_t) * rows);
+            break;
+        case K_FLOAT:
+            values = bytes_of(c->floats, sizeof(double) * rows);
+            break;
+        default:
+            values = bytes_of(c->bools, bitmap);
+            break;
+        }
+        PyObject *item = (validity && values && data) ? Py_BuildValue("(LNNN)", (long long)c->nulls, validity, values, data)
+                                                      : NULL;
+        if (!item) {
+            Py_XDECREF(validity);
+            Py_XDECREF(values);
+            Py_XDECREF(data);
+            Py_DECREF(out);
+            free_columns(cols, self->ncols);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, item);
+    }
+    free_columns(cols, self->ncols);
+    return out;
+}
+
+/* ---------------------------------------------------------------------------------------------- the type */
+
+static int Parser_init(Parser *self, PyObject *args, PyObject *kwds) {
+    PyObject *keys;
+    const char *kinds;
+    Py_ssize_t nkinds;
+    static char *kwlist[] = {"keys", "kinds", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!s#", kwlist, &PyTuple_Type, &keys, &kinds, &nkinds)) return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(keys);
+    if (n != nkinds || n > MAX_COLUMNS || n >= HASH_SIZE / 2) {
+        PyErr_SetString(PyExc_ValueError, "one kind per key, at most 255 keys");
+        return -1;
+    }
+    memset(self->table, 0, sizeof(self->table));
+    self->uuid_col = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
+            return -1;
+        }
+        if (!strchr("sifbtj", kinds[i])) {
+            PyErr_SetString(PyExc_ValueError, "kinds are among s, i, f, b, t, j");
+            return -1;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(key);
+        char *copy = malloc(len + 1);
+        if (!copy) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(copy, PyBytes_AS_STRING(key), len + 1);
+        self->keys[i] = copy;
+        self->key_lens[i] = len;
+        self->kinds[i] = kinds[i];
+        self->ncols = (int)i + 1;
+        if (len == 4 && memcmp(copy, "uuid", 4) == 0) self->uuid_col = (int)i;
+        unsigned slot = key_hash(copy, len) % HASH_SIZE;
+        while (self->table[slot]) slot = (slot + 1) % HASH_SIZE;
+        self->table[slot] = (int16_t)(i + 1);
+    }
+    return 0;
+}
+
+static void Parser_dealloc(Parser *self) {
+    for (int i = 0; i < self->ncols; i++) free(self->keys[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Parser_methods[] = {
+    {"parse", (PyCFunction)Parser_parse, METH_VARARGS,
+     "parse(lines, require_uuid=False): a (null_count, validity, values, data) tuple per column, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ParserType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "amplitude_export._fastparse.Parser",
+    .tp_basicsize = sizeof(Parser),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Parser(keys, kinds): decodes export lines with these top-level keys into Arrow buffers.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Parser_init,
+    .tp_dealloc = (destructor)Parser_dealloc,
+    .tp_methods = Parser_methods,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastparse", "Export lines to Arrow buffers.", -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fastparse(void) {
+    init_tables();
+    if (PyType_Ready(&ParserType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&ParserType);
+    if (PyModule_AddObject(m, "Parser", (PyObject *)&ParserType) < 0) {
+        Py_DECREF(&ParserType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
