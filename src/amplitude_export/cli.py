@@ -598,4 +598,7 @@ def demo(data_dir: Path, days: int, progress: bool | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from .reader import tune_for_bulk_loading
+
+    tune_for_bulk_loading()
     cli(prog_name="amplitude-export")

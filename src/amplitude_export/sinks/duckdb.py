@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import HourRecord, MemberInfo
-from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, quote
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, quote
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
 
@@ -103,6 +103,25 @@ def check_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         raise ValueError(f"batch does not match schema.ARROW_SCHEMA: {exc}") from exc
 
 
+def _json_labelled(schema: pa.Schema) -> pa.Schema:
+    """The schema with JSON columns typed `arrow.json`, so DuckDB takes them as JSON without parsing each text.
+
+    The reader only emits JSON texts that a parser has accepted (the compiled one, or msgspec), so DuckDB's own
+    parse on the VARCHAR -> JSON cast is a second check at ~1 µs per event (measured, docs/PARSE_PATH.md). With a
+    pyarrow that has no `json_` type, the columns stay strings and DuckDB checks them as before.
+    """
+    json_type = getattr(pa, "json_", None)
+    if json_type is None:  # pragma: no cover - pyarrow < 19
+        return schema
+    return pa.schema(
+        [pa.field(f.name, json_type(pa.string())) if f.name in JSON_COLUMNS else f for f in schema]
+    )
+
+
+STREAM_SCHEMA = _json_labelled(ARROW_SCHEMA)
+_JSON_LABELS = [(i, f.type) for i, f in enumerate(STREAM_SCHEMA) if isinstance(f.type, pa.ExtensionType)]
+
+
 class Intake:
     """The window's batches on their way into DuckDB: checked, counted per hour, and optionally deduplicated.
 
@@ -134,6 +153,7 @@ class Intake:
         self._first = FirstCopies(seen_limit) if first_copies else None
         self._rows = 0
         self._error: BaseException | None = None
+        self._schema = STREAM_SCHEMA.append(pa.field(SEQ, pa.int64())) if seq else STREAM_SCHEMA
 
     def _stream(self) -> Iterator[pa.RecordBatch]:
         try:
@@ -143,11 +163,13 @@ class Intake:
                     continue
                 self._count(batch)
                 for part in self._first.filter(batch) if self._first is not None else [batch]:
+                    columns = part.columns
+                    for index, json_type in _JSON_LABELS:  # zero-copy; from_arrays would cast (a copy)
+                        columns[index] = pa.ExtensionArray.from_storage(json_type, columns[index])
                     if self._seq:
-                        numbers = pa.array(range(self._rows, self._rows + part.num_rows), pa.int64())
-                        part = pa.RecordBatch.from_arrays([*part.columns, numbers], names=[*COLUMN_NAMES, SEQ])
+                        columns.append(pa.array(range(self._rows, self._rows + part.num_rows), pa.int64()))
                     self._rows += part.num_rows
-                    yield part
+                    yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
         except GeneratorExit:  # DuckDB stopped reading (its own error, raised by insert_into)
             raise
         except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
@@ -180,8 +202,7 @@ class Intake:
     def insert_into(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
         """INSERT every batch into `table` in one statement; raise what producing the batches raised."""
         names = [*COLUMN_NAMES, SEQ] if self._seq else list(COLUMN_NAMES)
-        schema = ARROW_SCHEMA.append(pa.field(SEQ, pa.int64())) if self._seq else ARROW_SCHEMA
-        stream = pa.RecordBatchReader.from_batches(schema, self._stream())
+        stream = pa.RecordBatchReader.from_batches(self._schema, self._stream())
         con.register("_amplitude_stream", stream)
         try:
             con.execute(f"INSERT INTO {table} SELECT {', '.join(map(quote, names))} FROM _amplitude_stream")
@@ -413,6 +434,10 @@ class DuckDBSink:
         if uuids is not None:
             cursor = con.cursor()
             try:
+                # a first load into an empty table (or one holding only this window) has nothing to check
+                if not cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {EVENTS} AS o WHERE {others})",
+                                      params).fetchall()[0][0]:
+                    return
                 cursor.register("_amplitude_window_uuids", pa.table({"uuid": pa.array(list(uuids), pa.string())}))
                 found = cursor.sql(
                     f"SELECT DISTINCT o.uuid FROM {EVENTS} AS o WHERE {others} "
