@@ -54,7 +54,7 @@ def both(lines: list[bytes], ctx: reader._Context = CTX) -> tuple[reader._Part |
         reader.FAST_PARSER = saved
     if not utf8 or saved.parse(lines, ctx.require_uuid) is None:
         return None, slow
-    return reader._parse(lines, 1, MEMBER, 0, ctx, True), slow
+    return reader._parse_chunk(list(lines), 1, MEMBER, 0, ctx)[0], slow
 
 
 def assert_same(fast: reader._Part, slow: reader._Part, what: object) -> None:
@@ -170,7 +170,7 @@ def test_mutated_lines_give_the_same_rows_or_are_declined() -> None:
 
 def test_a_number_out_of_range_for_a_text_column_is_kept_in_extra() -> None:
     # msgspec cannot turn 1e400 into a Python value: the line is kept, the value verbatim in _extra
-    part = reader._parse([b'{"uuid":"a","city":1e400}'], 1, MEMBER, 0, CTX, True)
+    part = reader._parse_chunk([b'{"uuid":"a","city":1e400}'], 1, MEMBER, 0, CTX)[0]
     assert not part.rejects
     assert part.batch.column("city").to_pylist() == [None]
     assert json.loads(part.batch.column("_extra")[0].as_py()) == {"city": float("inf")}

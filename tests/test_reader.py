@@ -236,3 +236,27 @@ def test_a_worker_reports_a_broken_member(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError) as caught:
         read(path, workers=2)
     assert caught.value.member == member(17, 1)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(("block", "batch_rows"), [(64, 1), (1000, 3), (1 << 22, 4096)])
+def test_every_line_keeps_its_number_however_blocks_and_batches_fall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool, block: int, batch_rows: int
+) -> None:
+    monkeypatch.setattr(reader_module, "_MAX_OUT", block)  # 64 bytes: every line spans several blocks
+    if not compiled:
+        monkeypatch.setattr(reader_module, "FAST_PARSER", None)
+    lines = [event(f"u{i}", event_id=i) for i in range(60)]
+    lines[5], lines[6], lines[20], lines[30] = b"", b"  \r", b"not json", event("x", brand_new_key=1)
+    text = b"\n".join(lines)  # no newline after the last line
+    path = make_zip(tmp_path / "a.zip", {member(17): text, member(17, 1): text + b"\n\n", member(17, 2): b""})
+    reader, table = read(path, batch_rows=batch_rows)
+    expected = [
+        (name, number, json.loads(line)["uuid"])
+        for name in (member(17), member(17, 1))
+        for number, line in enumerate(lines, 1)
+        if line.strip() and line != b"not json"
+    ]
+    assert list(zip(table["_member"].to_pylist(), table["_line"].to_pylist(), table["uuid"].to_pylist(),
+                    strict=True)) == expected
+    assert reader.rejects_total == 2 and reader.lines_total == 2 * 58

@@ -533,60 +533,150 @@ static void free_columns(Column *cols, int n) {
     free(cols);
 }
 
-static PyObject *bytes_of(const void *data, size_t n) { return PyBytes_FromStringAndSize(n ? data : "", n); }
+/* Room for `rows` rows in every column's fixed-size arrays (new bits and slots zeroed); -1 if out of memory. */
+static int grow_rows(Column *cols, int ncols, int64_t old_rows, int64_t rows) {
+    size_t old_bitmap = (size_t)(old_rows + 8) / 8, bitmap = (size_t)(rows + 8) / 8;
+    for (int i = 0; i < ncols; i++) {
+        Column *c = &cols[i];
+        void *p;
+#define GROW(field, unit, old_n, new_n)                                       \
+    if (c->field) {                                                           \
+        if (!(p = realloc(c->field, (new_n) * (unit)))) return -1;            \
+        memset((char *)p + (old_n) * (unit), 0, ((new_n) - (old_n)) * (unit)); \
+        c->field = p;                                                         \
+    }
+        GROW(validity, 1, old_bitmap, bitmap)
+        GROW(bools, 1, old_bitmap, bitmap)
+        GROW(offsets, sizeof(int32_t), (size_t)old_rows + 1, (size_t)rows + 1)
+        GROW(ints, sizeof(int64_t), (size_t)old_rows + 1, (size_t)rows + 1)
+        GROW(floats, sizeof(double), (size_t)old_rows + 1, (size_t)rows + 1)
+#undef GROW
+    }
+    return 0;
+}
 
-static PyObject *Parser_parse(Parser *self, PyObject *args) {
-    PyObject *lines;
-    int require_uuid = 0;
-    if (!PyArg_ParseTuple(args, "O!|p", &PyList_Type, &lines, &require_uuid)) return NULL;
-    /* a tuple of the lines keeps each one alive while the GIL is released, whatever happens to the list */
-    PyObject *held = PyList_AsTuple(lines);
-    if (!held) return NULL;
-    Py_ssize_t rows = PyTuple_GET_SIZE(held);
-    const char **starts = malloc(sizeof(char *) * (rows + 1));
-    Py_ssize_t *lens = malloc(sizeof(Py_ssize_t) * (rows + 1));
-    Column *cols = calloc(self->ncols, sizeof(Column));
-    if (!starts || !lens || !cols) {
-        free(starts);
-        free(lens);
-        free(cols);
-        Py_DECREF(held);
+/* Whether s[0:n] is valid UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF). */
+static int utf8_valid(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+#ifdef __SSE2__
+        while (i + 16 <= n && !_mm_movemask_epi8(_mm_loadu_si128((const __m128i *)(s + i)))) i += 16;
+        if (i >= n) break;
+#endif
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t len;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) {
+            len = 2;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            len = 3;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            len = 4;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (i + len > n) return 0;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+/* Memory handed to Python without a copy: a buffer-protocol object that frees it when Arrow lets go. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    Py_ssize_t len;
+} Buffer;
+
+static int Buffer_getbuffer(Buffer *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->len, 1, flags);
+}
+
+static void Buffer_dealloc(Buffer *self) {
+    free(self->data);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyBufferProcs Buffer_as_buffer = {(getbufferproc)Buffer_getbuffer, NULL};
+
+static PyTypeObject BufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "amplitude_export._fastparse.Buffer",
+    .tp_basicsize = sizeof(Buffer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Column memory made by Parser.parse, exposed through the buffer protocol.",
+    .tp_dealloc = (destructor)Buffer_dealloc,
+    .tp_as_buffer = &Buffer_as_buffer,
+};
+
+/* A Buffer owning *data (which is set to NULL: the column no longer frees it). */
+static PyObject *take(void *data_ptr, size_t n) {
+    char **data = (char **)data_ptr;
+    Buffer *b = PyObject_New(Buffer, &BufferType);
+    if (!b) return NULL;
+    b->data = *data ? *data : malloc(1);
+    b->len = (Py_ssize_t)n;
+    *data = NULL;
+    if (!b->data) {
+        Py_DECREF(b);
         return PyErr_NoMemory();
     }
+    return (PyObject *)b;
+}
+
+static void release_views(Py_buffer *views, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+    free(views);
+}
+
+static PyObject *Parser_parse(Parser *self, PyObject *args) {
+    PyObject *segments;
+    int require_uuid = 0;
+    if (!PyArg_ParseTuple(args, "O!|p", &PyList_Type, &segments, &require_uuid)) return NULL;
+    /* each segment holds whole lines separated by '\n'; a view of each is held while the GIL is released */
+    Py_ssize_t nseg = PyList_GET_SIZE(segments);
+    Py_buffer *views = calloc(nseg + 1, sizeof(Py_buffer));
+    if (!views) return PyErr_NoMemory();
     size_t total = 0;
-    for (Py_ssize_t i = 0; i < rows; i++) {
-        PyObject *line = PyTuple_GET_ITEM(held, i);
-        if (!PyBytes_Check(line)) {
-            free(starts);
-            free(lens);
-            free_columns(cols, self->ncols);
-            Py_DECREF(held);
-            PyErr_SetString(PyExc_TypeError, "lines must be bytes");
+    for (Py_ssize_t i = 0; i < nseg; i++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(segments, i), &views[i], PyBUF_SIMPLE) < 0) {
+            release_views(views, i);
             return NULL;
         }
-        starts[i] = PyBytes_AS_STRING(line);
-        lens[i] = PyBytes_GET_SIZE(line);
-        total += lens[i];
+        total += views[i].len;
     }
-    size_t bitmap = (size_t)(rows + 8) / 8;
-    int failed = 0;
+    int64_t cap = (int64_t)(total / 1024) + nseg + 16; /* rows; grown when a batch has shorter lines */
+    Column *cols = calloc(self->ncols, sizeof(Column));
+    int failed = !cols;
     for (int i = 0; i < self->ncols && !failed; i++) {
         Column *c = &cols[i];
         c->kind = self->kinds[i];
-        c->validity = calloc(bitmap, 1);
-        failed |= !c->validity;
+        size_t bitmap = (size_t)(cap + 8) / 8;
+        failed |= !(c->validity = calloc(bitmap, 1));
         switch (c->kind) {
         case K_STRING:
         case K_JSON:
-            c->offsets = calloc(rows + 1, sizeof(int32_t));
-            failed |= !c->offsets || buf_reserve(&c->data, c->kind == K_JSON ? total / 8 + 64 : 64 * (size_t)rows + 64);
+            failed |= !(c->offsets = calloc(cap + 1, sizeof(int32_t)));
+            failed |= buf_reserve(&c->data, c->kind == K_JSON ? total / 8 + 64 : 64 * (size_t)cap + 64);
             break;
         case K_INT:
         case K_TIME:
-            failed |= !(c->ints = calloc(rows + 1, sizeof(int64_t)));
+            failed |= !(c->ints = calloc(cap + 1, sizeof(int64_t)));
             break;
         case K_FLOAT:
-            failed |= !(c->floats = calloc(rows + 1, sizeof(double)));
+            failed |= !(c->floats = calloc(cap + 1, sizeof(double)));
             break;
         case K_BOOL:
             failed |= !(c->bools = calloc(bitmap, 1));
@@ -594,29 +684,41 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
         }
     }
     if (failed) {
-        free(starts);
-        free(lens);
-        free_columns(cols, self->ncols);
-        Py_DECREF(held);
+        if (cols) free_columns(cols, self->ncols);
+        release_views(views, nseg);
         return PyErr_NoMemory();
     }
     Batch batch = {.parser = self, .cols = cols, .row = 0, .require_uuid = require_uuid};
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < rows; i++) {
-        if (parse_line(&batch, starts[i], starts[i] + lens[i])) {
-            ok = 0;
-            break;
+    for (Py_ssize_t i = 0; i < nseg && ok; i++) {
+        const char *p = views[i].buf, *end = p + views[i].len;
+        for (;;) {
+            const char *nl = memchr(p, '\n', end - p);
+            const char *line_end = nl ? nl : end;
+            if (batch.row == cap) {
+                if (grow_rows(cols, self->ncols, cap, cap * 2)) {
+                    ok = 0;
+                    break;
+                }
+                cap *= 2;
+            }
+            if (!utf8_valid((const uint8_t *)p, line_end - p) || parse_line(&batch, p, line_end)) {
+                ok = 0;
+                break;
+            }
+            if (!nl) break;
+            p = nl + 1;
         }
     }
     Py_END_ALLOW_THREADS
-    Py_DECREF(held);
-    free(starts);
-    free(lens);
+    release_views(views, nseg);
     if (!ok) {
         free_columns(cols, self->ncols);
         Py_RETURN_NONE;
     }
+    int64_t rows = batch.row;
+    size_t bitmap = (size_t)(rows + 8) / 8;
     PyObject *out = PyTuple_New(self->ncols);
     if (!out) {
         free_columns(cols, self->ncols);
@@ -624,30 +726,31 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
     }
     for (int i = 0; i < self->ncols; i++) {
         Column *c = &cols[i];
-        PyObject *validity = c->nulls ? bytes_of(c->validity, bitmap) : (Py_INCREF(Py_None), Py_None);
-        PyObject *values;
-        PyObject *data = Py_None;
-        Py_INCREF(Py_None);
+        PyObject *validity = c->nulls ? take(&c->validity, bitmap) : (Py_INCREF(Py_None), Py_None);
+        PyObject *values, *data;
         switch (c->kind) {
         case K_STRING:
         case K_JSON:
-            values = bytes_of(c->offsets, sizeof(int32_t) * (rows + 1));
-            Py_DECREF(Py_None);
-            data = bytes_of(c->data.data, c->data.len);
+            values = take(&c->offsets, sizeof(int32_t) * (rows + 1));
+            data = take(&c->data.data, c->data.len);
             break;
         case K_INT:
         case K_TIME:
-            values = bytes_of(c->ints, sizeof(int64_t) * rows);
+            values = take(&c->ints, sizeof(int64_t) * rows);
+            data = (Py_INCREF(Py_None), Py_None);
             break;
         case K_FLOAT:
-            values = bytes_of(c->floats, sizeof(double) * rows);
+            values = take(&c->floats, sizeof(double) * rows);
+            data = (Py_INCREF(Py_None), Py_None);
             break;
         default:
-            values = bytes_of(c->bools, bitmap);
+            values = take(&c->bools, bitmap);
+            data = (Py_INCREF(Py_None), Py_None);
             break;
         }
-        PyObject *item = (validity && values && data) ? Py_BuildValue("(LNNN)", (long long)c->nulls, validity, values, data)
-                                                      : NULL;
+        PyObject *item = (validity && values && data)
+                             ? Py_BuildValue("(LNNN)", (long long)c->nulls, validity, values, data)
+                             : NULL;
         if (!item) {
             Py_XDECREF(validity);
             Py_XDECREF(values);
@@ -659,7 +762,7 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
         PyTuple_SET_ITEM(out, i, item);
     }
     free_columns(cols, self->ncols);
-    return out;
+    return Py_BuildValue("(NL)", out, (long long)rows);
 }
 
 /* ---------------------------------------------------------------------------------------------- the type */
@@ -713,7 +816,8 @@ static void Parser_dealloc(Parser *self) {
 
 static PyMethodDef Parser_methods[] = {
     {"parse", (PyCFunction)Parser_parse, METH_VARARGS,
-     "parse(lines, require_uuid=False): a (null_count, validity, values, data) tuple per column, or None."},
+     "parse(segments, require_uuid=False): (columns, rows), a (null_count, validity, values, data) tuple per\n"
+     "column; or None to give the batch to the slow path. Each segment holds whole lines separated by newlines."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -732,7 +836,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastparse", "Export
 
 PyMODINIT_FUNC PyInit__fastparse(void) {
     init_tables();
-    if (PyType_Ready(&ParserType) < 0) return NULL;
+    if (PyType_Ready(&ParserType) < 0 || PyType_Ready(&BufferType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&ParserType);

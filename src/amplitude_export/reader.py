@@ -1,12 +1,15 @@
 """Stream an export archive into typed Arrow batches of exactly `schema.ARROW_SCHEMA`, losing nothing.
 
-The parse path was chosen by measurement (docs/PARSE_PATH.md, benchmarks/parse_paths.py): each line is decoded by
-msgspec into a struct typed like the schema (nested values kept as their raw JSON text), and columns are built
-with `pa.array` and vectorised timestamp casts. A line that does not fit that struct (a mistyped value, an
-unknown key, no uuid, not JSON) takes a slow path that keeps every original value in `_extra` or rejects the
-line with its member and line number. With `workers > 1`, members are dealt round-robin to worker processes that
-decompress and parse them and send Arrow IPC buffers back through small bounded queues, so rows still come out
-in member order then line order and memory stays bounded whatever the archive's size.
+The parse path was chosen by measurement (docs/PARSE_PATH.md). Members are inflated in blocks and cut into
+chunks of whole lines without copying them. A chunk goes first to the compiled parser (`_fastparse.c`, built by
+`pip install` where a C compiler is at hand), which writes Arrow buffers directly and declines any chunk with a
+line that is not the common case. A declined chunk (or every chunk, without the compiled parser) is decoded by
+msgspec into a struct typed like the schema, with nested values kept as their raw JSON text; a line that does
+not fit that struct (a mistyped value, an unknown key, no uuid, not JSON) takes a slow path that keeps every
+original value in `_extra` or rejects the line with its member and line number. With `workers > 1`, members are
+dealt round-robin to parse threads (compiled parser: it and ISA-L release the GIL) or else to worker processes
+that send Arrow IPC buffers back; either way through small bounded queues, so rows still come out in member
+order then line order and memory stays bounded whatever the archive's size.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = logging.getLogger("amplitude_export.reader")
 
 DEFAULT_BATCH_ROWS = 4096  # ~7 MB of NDJSON: per-batch overheads are amortised, worker RSS stays ~180 MB
+_LINE_BYTES = 1_700  # a typical export line: batches are cut by bytes, at about batch_rows such lines
 REJECT_TEXT_LIMIT = 10_000
 _READ_SIZE = 1 << 18  # compressed bytes per read
 _MAX_OUT = 1 << 22  # decompressed bytes per inflate call: bounds memory even for a zip bomb
@@ -267,10 +271,6 @@ def _parse(
     unknown: set[str] = set()
     decode = _FAST.decode
     require_uuid = ctx.require_uuid
-    if utf8 and FAST_PARSER is not None:  # the common case, in compiled code
-        buffers = FAST_PARSER.parse(lines, require_uuid)
-        if buffers is not None:
-            return _buffer_part(buffers, first, len(lines), member, index, ctx)
     if utf8:  # the common case: every line fits the struct, decoded without a Python loop of our own
         try:
             events = list(map(decode, lines))
@@ -404,46 +404,67 @@ def _inflated(stream: Any) -> Iterator[bytes]:
         raise ArchiveError("gzip stream is truncated")
 
 
-def _member_lines(
-    archive: zipfile.ZipFile, member: ArchiveMember, batch_rows: int
-) -> Iterator[tuple[int, list[bytes], bool]]:
-    """(first line number, lines, all valid UTF-8) chunks of one member, streamed; zip CRC and gzip are checked.
+def _member_chunks(archive: zipfile.ZipFile, member: ArchiveMember, chunk_bytes: int) -> Iterator[list[Any]]:
+    """The lines of one member, streamed, as chunks of about `chunk_bytes`; zip CRC and gzip are checked.
 
-    UTF-8 is checked once per decompressed block (vectorised, no copy) rather than per line; a chunk built from
-    a block that fails is marked so that `_parse` checks its lines one by one.
+    A chunk is a list of segments (bytes, or memoryviews into a decompressed block: no copy), each holding whole
+    lines separated by newlines. Only a line that spans two blocks is copied, to join its pieces.
     """
     try:
         with archive.open(member.name) as stream:
-            pending: list[bytes] = []
-            rest = b""
-            number = 1
-            valid = True
+            segments: list[Any] = []
+            size = 0
+            rest = b""  # the unfinished last line of the blocks so far
             for text in _inflated(stream):
-                lines = text.split(b"\n")
-                if len(lines) == 1:  # no line ends in this block
+                first_newline = text.find(b"\n")
+                if first_newline < 0:  # no line ends in this block
                     rest += text
                     continue
-                lines[0] = rest + lines[0]
-                rest = lines.pop()  # the unfinished last line (b"" when the block ended with a newline)
-                # newlines are ASCII, so the lines between the block's first and last newline are checked in one
-                # go; the first line, which may have begun in the previous block, is checked on its own
-                inner = _is_utf8(text, text.find(b"\n") + 1, text.rfind(b"\n"))
-                valid = valid and inner and _line_is_utf8(lines[0])
-                pending += lines
-                if len(pending) >= batch_rows:
-                    yield number, pending, valid
-                    number += len(pending)
-                    pending = []
-                    valid = True
+                segments.append(rest + text[:first_newline])
+                size += len(segments[-1])
+                last_newline = text.rfind(b"\n")
+                view = memoryview(text)
+                at = first_newline + 1
+                while at <= last_newline:  # text[at:last_newline] is whole lines (b"" is one blank line)
+                    cut = last_newline
+                    if size + (last_newline - at) > chunk_bytes:
+                        cut = text.find(b"\n", at + max(chunk_bytes - size, 0), last_newline)
+                        cut = last_newline if cut < 0 else cut
+                    if size >= chunk_bytes:
+                        yield segments
+                        segments, size = [], 0
+                    segments.append(view[at:cut])
+                    size += cut - at
+                    at = cut + 1
+                if size >= chunk_bytes:
+                    yield segments
+                    segments, size = [], 0
+                rest = text[last_newline + 1:]
             if rest:
-                pending.append(rest)
-                valid = valid and _line_is_utf8(rest)
-            if pending:
-                yield number, pending, valid
+                segments.append(rest)
+            if segments:
+                yield segments
     except ArchiveError as exc:
         raise ArchiveError(exc.reason, member=member.name) from None
     except (zipfile.BadZipFile, zlib.error, _inflate.error, EOFError, OSError) as exc:
         raise ArchiveError(f"member is broken: {exc}", member=member.name) from None
+
+
+def _parse_chunk(
+    segments: list[Any], first: int, member: ArchiveMember, index: int, ctx: _Context
+) -> tuple[_Part, int]:
+    """The part for one chunk (line `first` onwards) and its number of lines, blank ones included.
+
+    The compiled parser takes the chunk when it can (every line the common case), else the msgspec path does.
+    """
+    if FAST_PARSER is not None:
+        parsed = FAST_PARSER.parse(segments, ctx.require_uuid)
+        if parsed is not None:
+            buffers, rows = parsed
+            return _buffer_part(buffers, first, rows, member, index, ctx), rows
+    data = b"\n".join(segments)  # segments end at line ends
+    lines = data.split(b"\n")
+    return _parse(lines, first, member, index, ctx, _is_utf8(data)), len(lines)
 
 
 def _open_archive(path: str) -> zipfile.ZipFile:
@@ -456,9 +477,12 @@ def _open_archive(path: str) -> zipfile.ZipFile:
 def _member_parts(archive: zipfile.ZipFile, ctx: _Context, index: int, member: ArchiveMember) -> Iterator[_Part]:
     """Parts of one member, at least one (so an empty member is still accounted for)."""
     produced = False
-    for first, lines, utf8 in _member_lines(archive, member, ctx.batch_rows):
+    number = 1
+    for segments in _member_chunks(archive, member, ctx.batch_rows * _LINE_BYTES):
         produced = True
-        yield _parse(lines, first, member, index, ctx, utf8)
+        part, lines = _parse_chunk(segments, number, member, index, ctx)
+        number += lines
+        yield part
     if not produced:
         yield _Part(index, None, 0, [], set())
 
