@@ -1,0 +1,52 @@
+"""The compiled binary COPY encoder writes exactly the bytes of the Arrow one (the reference), batch for batch."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+from amplitude_export import reader, synthetic
+from amplitude_export.archive import ArchiveMember
+from amplitude_export.sinks import postgres
+
+from conftest import REAL_EVENTS
+
+HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
+MEMBER = ArchiveMember("123_2025-07-01_10#1.json.gz", HOUR, 1, 0, 0)
+CTX = reader._Context("x.zip", "run", "default", HOUR, 4096, False)
+
+
+def _batch() -> pa.RecordBatch:
+    events = synthetic.generate_hour(HOUR, project_id=7, seed=5, events=300)
+    lines = [json.dumps(e, separators=(",", ":"), ensure_ascii=False).encode() for e in events]
+    lines += [line for line in REAL_EVENTS.read_bytes().splitlines() if line.strip()]
+    lines += [  # odd values: every kind NULL or absent, a bool both ways, empty and unicode text, an unknown key
+        b'{"uuid":"o1","is_attribution_event":true,"city":"","event_id":-9223372036854775808}',
+        b'{"uuid":"o2","is_attribution_event":false,"city":"\\u00e9\xc3\xa9","location_lat":-0.0,"new_key":1}',
+        b'{"uuid":"o3","event_time":"1970-01-01 00:00:00","data":"text","event_properties":[1,{"a":null}]}',
+        b"{}",
+    ]
+    part = reader._parse_chunk(lines, 1, MEMBER, 0, CTX)[0]
+    assert not part.rejects
+    return part.batch
+
+
+def test_the_compiled_encoder_writes_the_arrow_encoders_bytes() -> None:
+    assert postgres._fastparse is not None
+    batch = _batch()
+    for piece in (batch, batch.slice(0, 1), batch.slice(17, 150), batch.slice(batch.num_rows - 5)):
+        expected = postgres._encode_with_arrow(piece, 41).to_pybytes()
+        assert postgres.encode_binary(piece, 41).to_pybytes() == expected
+
+
+def test_rows_that_need_cleaning_are_cleaned_first() -> None:
+    batch = _batch().slice(0, 3)
+    columns = batch.columns
+    index = batch.schema.get_field_index("event_properties")
+    columns[index] = pa.array(['{"a":"\\u0000"}', None, '{"b":"x\\ud800"}'], pa.string())
+    dirty = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+    encoded = postgres.encode_binary(dirty, 0).to_pybytes()
+    assert encoded == postgres._encode_with_arrow(postgres._clean_batch(dirty), 0).to_pybytes()
+    assert b'\\\\u0000' in encoded
