@@ -6,12 +6,11 @@ import json
 from datetime import UTC, datetime
 
 import pyarrow as pa
+from conftest import REAL_EVENTS
 
 from amplitude_export import reader, synthetic
 from amplitude_export.archive import ArchiveMember
 from amplitude_export.sinks import postgres
-
-from conftest import REAL_EVENTS
 
 HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
 MEMBER = ArchiveMember("123_2025-07-01_10#1.json.gz", HOUR, 1, 0, 0)
