@@ -119,7 +119,7 @@ def _json_labelled(schema: pa.Schema) -> pa.Schema:
 
 
 STREAM_SCHEMA = _json_labelled(ARROW_SCHEMA)
-_JSON_LABELS = [(i, f.type) for i, f in enumerate(STREAM_SCHEMA) if isinstance(f.type, pa.ExtensionType)]
+_JSON_LABELS = [(i, f.type) for i, f in enumerate(STREAM_SCHEMA) if isinstance(f.type, pa.BaseExtensionType)]
 
 
 class Intake:
