@@ -90,6 +90,22 @@ def test_duplicates_within_and_across_windows_are_loaded_once_and_counted(sink: 
     ).to_arrow_table().to_pylist() == [{"_upload_hour": hour(0), "_line": 1}]
 
 
+@pytest.mark.parametrize("gap", [1, 30])  # within NEARBY (dropped on the way in) and beyond (deleted after)
+def test_a_uuid_another_hour_holds_keeps_its_first_copy_near_or_far(sink: DuckDBSink, gap: int) -> None:
+    first, later = window(0, 0), window(gap, gap)
+    rows1 = hour_events(hour(0), ["a", "b"])
+    rows2 = hour_events(hour(gap), ["b", "c", "a", "d"])
+    sink.write_window("p", first, [batch(rows1)], finisher(first, rows1))
+    records = sink.write_window("p", later, [batch(rows2)], finisher(later, rows2))
+    assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 2)]
+    assert sink.connection.sql(
+        "SELECT uuid, _upload_hour FROM events ORDER BY uuid"
+    ).to_arrow_table().to_pylist() == [
+        {"uuid": "a", "_upload_hour": hour(0)}, {"uuid": "b", "_upload_hour": hour(0)},
+        {"uuid": "c", "_upload_hour": hour(gap)}, {"uuid": "d", "_upload_hour": hour(gap)},
+    ]
+
+
 def test_a_window_with_more_uuids_than_the_memory_limit_is_deduplicated_the_same(tmp_path: Path) -> None:
     """Past `seen_limit` uuids the repeats are removed in SQL after the insert: the same rows and counts."""
     results = []

@@ -94,10 +94,11 @@ class FirstCopies:
     unfiltered and the sink removes the remaining repeats in SQL.
     """
 
-    def __init__(self, limit: int = SEEN_LIMIT) -> None:
+    def __init__(self, limit: int = SEEN_LIMIT, taken: set[str] | None = None) -> None:
         self.limit = limit
         self.overflowed = False
         self._seen: set[str] = set()
+        self._taken = taken or set()  # uuids other hours already hold: dropped too, but not the window's own
 
     @property
     def seen(self) -> set[str]:
@@ -114,7 +115,9 @@ class FirstCopies:
         uuids = column.to_pylist()
         distinct = set(uuids)
         distinct.discard(None)
-        if len(distinct) == len(uuids) - column.null_count and seen.isdisjoint(distinct):
+        taken = self._taken
+        if (len(distinct) == len(uuids) - column.null_count and seen.isdisjoint(distinct)
+                and taken.isdisjoint(distinct)):
             seen |= distinct  # the common case, at C speed: nothing to drop
             return [batch]
         slices = []
@@ -122,7 +125,7 @@ class FirstCopies:
         for row, uuid in enumerate(uuids):
             if uuid is None:
                 continue
-            if uuid in seen:
+            if uuid in seen or uuid in taken:
                 if row > start:
                     slices.append(batch.slice(start, row - start))
                 start = row + 1

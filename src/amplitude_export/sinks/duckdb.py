@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,9 @@ def check_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         raise ValueError(f"batch does not match schema.ARROW_SCHEMA: {exc}") from exc
 
 
+NEARBY = timedelta(hours=6)  # the hours each side of a window whose uuids are dropped on the way in
+
+
 def _json_labelled(schema: pa.Schema) -> pa.Schema:
     """The schema with JSON columns typed `arrow.json`, so DuckDB takes them as JSON without parsing each text.
 
@@ -144,13 +147,14 @@ class Intake:
         seq: bool = False,
         first_copies: bool = False,
         seen_limit: int = SEEN_LIMIT,
+        taken: set[str] | None = None,
     ) -> None:
         self.window = window
         self.staged: dict[datetime, int] = {}  # rows received per upload hour, before duplicates are dropped
         self.ranks: dict[str, int] = {}  # member name -> arrival rank (batches come in member order)
         self._batches = batches
         self._seq = seq  # append an arrival number per row (for a stage that keeps the first of each uuid)
-        self._first = FirstCopies(seen_limit) if first_copies else None
+        self._first = FirstCopies(seen_limit, taken) if first_copies else None
         self._rows = 0
         self._error: BaseException | None = None
         self._schema = STREAM_SCHEMA.append(pa.field(SEQ, pa.int64())) if seq else STREAM_SCHEMA
@@ -375,7 +379,8 @@ class DuckDBSink:
         con.begin()
         try:
             con.execute(f"DELETE FROM {EVENTS} WHERE {mine}", params)
-            intake = Intake(window, with_project(batches, project), first_copies=True, seen_limit=self.seen_limit)
+            intake = Intake(window, with_project(batches, project), first_copies=True, seen_limit=self.seen_limit,
+                            taken=self._nearby_uuids(params))
             # all `threads` insert: with vacuum off (see __init__) the partial row groups two threads leave are
             # no longer rewritten at close, and with the reader's threads in this process the second DuckDB
             # thread finds a free core: 5.8-6.3 s instead of 7.1-7.7 s per 504 k events (docs/PARSE_PATH.md)
@@ -417,6 +422,26 @@ class DuckDBSink:
             )
         finally:
             con.unregister("_amplitude_ranks")
+
+    def _nearby_uuids(self, params: dict[str, Any]) -> set[str]:
+        """The uuids of the hours around the window (`NEARBY` on each side, any project), from committed rows.
+
+        An event that Amplitude received again lands in a later upload hour, usually a near one. Dropping those
+        copies on the way in, with the window's own repeats, spares a delete among the rows just inserted: that
+        makes DuckDB re-append the whole window at commit (measured: +3.4 s for the second day of a two-day
+        run, 0.05 s without). `_drop_taken` still checks every other hour after the insert.
+        """
+        cursor = self.connection.cursor()
+        try:
+            table = cursor.sql(
+                f"SELECT uuid FROM {EVENTS} WHERE uuid IS NOT NULL"
+                " AND (_upload_hour BETWEEN $start - $nearby AND $end + $nearby)"
+                " AND NOT (_project = $project AND _upload_hour BETWEEN $start AND $end)",
+                params={**params, "nearby": NEARBY},
+            ).to_arrow_table()
+        finally:
+            cursor.close()
+        return set(table.column("uuid").to_pylist())
 
     def _drop_taken(self, mine: str, params: dict[str, Any], uuids: set[str] | None) -> None:
         """Delete the window's rows whose uuid another hour (or project) already holds: that copy came first.
