@@ -153,6 +153,14 @@ def _in_daemon_thread(function: Callable[..., Download], *args: Any, **kwargs: A
     return future
 
 
+def _warm_arrow() -> None:
+    """Make pyarrow import pandas now, while the first download streams: it does so at its first `pa.array` or
+    `pa.scalar` (~0.4 s here), which would otherwise fall on the first window's load."""
+    import pyarrow as pa
+
+    pa.scalar(0)
+
+
 def fetch_windows(
     client: ExportClient,
     windows: Iterable[Window],
@@ -178,12 +186,16 @@ def fetch_windows(
     queue = list(windows)
     queue.reverse()  # pop() from the end keeps the planned order
     running: dict[Future[Download], Window] = {}
+    warm = True
     try:
         while queue or running:
             while queue and len(running) < concurrency:
                 window = queue.pop()
                 running[_in_daemon_thread(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes,
                                           fresh=window in fresh)] = window
+            if warm:
+                _warm_arrow()
+                warm = False
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: running[f]):
                 window = running.pop(future)
