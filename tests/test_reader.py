@@ -211,7 +211,10 @@ def test_hour_records_cover_every_hour_of_the_window(tmp_path: Path) -> None:
     assert records[0].content_hash is None and records[0].members == []
 
 
-def test_worker_processes_give_the_same_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["threads", "processes"])
+def test_parallel_readers_give_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+    if transport == "processes":  # the reader picks worker processes when the compiled parser is missing
+        monkeypatch.setattr(reader_module, "FAST_PARSER", None)
     members = {}
     for hour in range(3):
         for n in range(2):

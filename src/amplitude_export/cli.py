@@ -298,7 +298,7 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 @click.option("--size-budget-mb", type=click.IntRange(1, 4000), default=1024, show_default=True,
               help="Plan windows whose archives (as learned from earlier runs) stay under this size.")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
-              help="Processes that parse events.")
+              help="Threads (processes without the compiled parser) that parse events.")
 @click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
 @reports_errors
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
@@ -347,7 +347,8 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
 @click.option("--log-dir", type=click.Path(path_type=Path), default=Path("logs"), show_default=True)
 @click.option("--keep-raw/--no-keep-raw", default=True, show_default=True)
 @click.option("--refresh", is_flag=True, help="Load archives again even if their hours are loaded.")
-@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Threads (processes without the compiled parser) that parse events.")
 @click.option("--progress/--no-progress", default=None)
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
