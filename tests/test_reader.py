@@ -263,3 +263,12 @@ def test_every_line_keeps_its_number_however_blocks_and_batches_fall(
     assert list(zip(table["_member"].to_pylist(), table["_line"].to_pylist(), table["uuid"].to_pylist(),
                     strict=True)) == expected
     assert reader.rejects_total == 2 and reader.lines_total == 2 * 58
+
+
+def test_a_lone_surrogate_escape_rejects_the_line_with_its_text(tmp_path: Path) -> None:
+    bad = b'{"uuid":"s","event_properties":{"x":"\\ud800"}}'
+    path = make_zip(tmp_path / "a.zip", {member(17): b"\n".join([event("ok"), bad])})
+    reader, table = read(path)
+    assert table.column("uuid").to_pylist() == ["ok"] and reader.rejects_total == 1
+    reject = json.loads(reader.rejects_path.read_text())
+    assert (reject["line"], reject["text"].encode()) == (2, bad)
