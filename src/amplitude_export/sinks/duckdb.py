@@ -166,14 +166,17 @@ class Intake:
                 if batch.num_rows == 0:
                     continue
                 self._count(batch)
-                for part in self._first.filter(batch) if self._first is not None else [batch]:
-                    columns = part.columns
-                    for index, json_type in _JSON_LABELS:  # zero-copy; from_arrays would cast (a copy)
-                        columns[index] = pa.ExtensionArray.from_storage(json_type, columns[index])
+                columns = batch.columns
+                for index, json_type in _JSON_LABELS:  # zero-copy; from_arrays would cast (a copy)
+                    columns[index] = pa.ExtensionArray.from_storage(json_type, columns[index])
+                labelled = pa.RecordBatch.from_arrays(columns, schema=STREAM_SCHEMA)
+                # labelled once per batch: the slices around repeated uuids keep the types
+                for part in self._first.filter(labelled) if self._first is not None else [labelled]:
                     if self._seq:
-                        columns.append(pa.array(range(self._rows, self._rows + part.num_rows), pa.int64()))
+                        numbers = pa.array(range(self._rows, self._rows + part.num_rows), pa.int64())
+                        part = pa.RecordBatch.from_arrays([*part.columns, numbers], schema=self._schema)
                     self._rows += part.num_rows
-                    yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
+                    yield part
         except GeneratorExit:  # DuckDB stopped reading (its own error, raised by insert_into)
             raise
         except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
