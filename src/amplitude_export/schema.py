@@ -116,6 +116,16 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     JSON: pa.string(),  # JSON text; sinks store it as JSON / jsonb
 }
 
+# One-letter codes the compiled helpers (`_fastparse.c`) take for the kinds, in the parser and the COPY encoder.
+COMPILED_KINDS: dict[str, str] = {
+    STRING: "s",
+    INTEGER: "i",
+    FLOAT: "f",
+    BOOLEAN: "b",
+    TIMESTAMP: "t",
+    JSON: "j",
+}
+
 DUCKDB_TYPES: dict[str, str] = {
     STRING: "VARCHAR",
     INTEGER: "BIGINT",

@@ -34,7 +34,7 @@ from psycopg.types.json import Jsonb
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord, MemberInfo
 from ..logs import FATAL
-from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, JSON_COLUMNS, POSTGRES_TYPES, quote
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, COMPILED_KINDS, JSON_COLUMNS, POSTGRES_TYPES, quote
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
 
@@ -86,11 +86,7 @@ _EMPTY = pa.scalar(b"", pa.binary())
 _JSONB_VERSION = pa.scalar(b"\x01", pa.binary())
 _COLLATE = {"uuid": ' COLLATE "C"'}  # byte order: uuids need no locale, and sorts and the key get faster
 _ZONED = pa.timestamp("us", tz="UTC")
-_COPY_KINDS = [
-    "j" if f.name in JSON_COLUMNS else {pa.string(): "s", _ZONED: "t", pa.int64(): "i", pa.float64(): "f",
-                                        pa.bool_(): "b"}[f.type]
-    for f in ARROW_SCHEMA
-]
+_COPY_KINDS = [COMPILED_KINDS[column.kind] for column in ALL_COLUMNS]  # the compiled encoder's codes
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
