@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import UsageError
@@ -81,59 +82,112 @@ def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa
         yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
-SEEN_LIMIT = 1_000_000  # uuids a window deduplicates in memory (~120 bytes each) before SQL has to
+SEEN_LIMIT = 1_000_000  # uuids a window deduplicates in memory (~80 bytes each compiled) before SQL has to
+
+try:  # built with the reader's compiled parser (setup.py); without a compiler the Python set below does the job
+    from .._fastparse import StringSet as _StringSet
+except ImportError:  # pragma: no cover - exercised by the tests through compiled=False
+    _StringSet = None
+
+
+def _strings(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    """The column's chunks as plain `string` arrays (DuckDB may answer with large or view strings)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    return [chunk if chunk.type == pa.string() else chunk.cast(pa.string()) for chunk in chunks]
+
+
+class _CompiledSet:
+    """`_fastparse.StringSet` over Arrow arrays: no Python string per row, the GIL released."""
+
+    def __init__(self) -> None:
+        self._set = _StringSet()
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def add(self, column: pa.Array, *, taken: bool = False) -> pa.Array | None:
+        validity, offsets, data = column.buffers()
+        mask = self._set.add(offsets, data, validity, column.offset, len(column), taken)
+        return None if mask is None else pa.Array.from_buffers(pa.bool_(), len(column), [None, pa.py_buffer(mask)])
+
+    def own(self) -> pa.Array:
+        count, offsets, data = self._set.own()
+        return pa.Array.from_buffers(pa.large_string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+class _PythonSet:
+    """The same over Python sets, where the compiled module was not built."""
+
+    def __init__(self) -> None:
+        self._own: set[str] = set()
+        self._taken: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._own)
+
+    def add(self, column: pa.Array, *, taken: bool = False) -> pa.Array | None:
+        values = column.to_pylist()
+        own, other = self._own, self._taken
+        target = other if taken else own
+        distinct = set(values)
+        distinct.discard(None)
+        if len(distinct) == len(values) - column.null_count and own.isdisjoint(distinct) and other.isdisjoint(distinct):
+            target |= distinct  # the common case, at C speed: no repeat
+            return None
+        keep = np.ones(len(values), dtype=bool)
+        for row, value in enumerate(values):
+            if value is None:
+                continue
+            if value in own or value in other:
+                keep[row] = False
+            else:
+                target.add(value)
+        return pa.array(keep)
+
+    def own(self) -> pa.Array:
+        return pa.array(list(self._own), pa.large_string())
 
 
 class FirstCopies:
-    """Drops each row whose uuid an earlier row of the same window had, so the first copy in arrival order
+    """Finds each row whose uuid an earlier row of the same window had, so the first copy in arrival order
     (member order, then line) is the one kept; rows without a uuid are always kept.
 
     Sinks drop repeats before the rows reach the database because removing them afterwards costs far more
-    (DuckDB rewrites freshly inserted row groups at commit; PostgreSQL sorts the whole window). The set of seen
-    uuids costs ~120 bytes each, so it stops growing at `limit`: from then on (`overflowed`) rows pass
+    (DuckDB rewrites freshly inserted row groups at commit; PostgreSQL sorts the whole window). `taken` uuids
+    (held by other hours) are dropped too, without counting as the window's. The set costs ~80 bytes per uuid
+    (compiled; ~120 as Python strings), so it stops growing at `limit`: from then on (`overflowed`) rows pass
     unfiltered and the sink removes the remaining repeats in SQL.
     """
 
-    def __init__(self, limit: int = SEEN_LIMIT, taken: set[str] | None = None) -> None:
+    def __init__(
+        self, limit: int = SEEN_LIMIT, taken: pa.Array | pa.ChunkedArray | None = None, *, compiled: bool | None = None
+    ) -> None:
+        if compiled is None:
+            compiled = _StringSet is not None
         self.limit = limit
         self.overflowed = False
-        self._seen: set[str] = set()
-        self._taken = taken or set()  # uuids other hours already hold: dropped too, but not the window's own
+        self._set: _CompiledSet | _PythonSet = _CompiledSet() if compiled else _PythonSet()
+        for chunk in _strings(taken) if taken is not None else []:
+            self._set.add(chunk, taken=True)
 
     @property
-    def seen(self) -> set[str]:
-        """The uuids kept so far (all of the window's, unless `overflowed`)."""
-        return self._seen
+    def uuids(self) -> pa.Array:
+        """The window's uuids kept so far (all of them, unless `overflowed`), in no particular order."""
+        return self._set.own()
 
-    def filter(self, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
-        """The batch without repeated uuids, as zero-copy slices around them (a `filter` would copy it all)."""
-        seen = self._seen
-        if len(seen) >= self.limit:
+    def keep(self, batch: pa.RecordBatch) -> pa.Array | None:
+        """A boolean mask of the batch's rows to keep, or None to keep them all."""
+        if len(self._set) >= self.limit:
             self.overflowed = True
-            return [batch]
+            return None
         column = batch.column("uuid")
-        uuids = column.to_pylist()
-        distinct = set(uuids)
-        distinct.discard(None)
-        taken = self._taken
-        if (len(distinct) == len(uuids) - column.null_count and seen.isdisjoint(distinct)
-                and taken.isdisjoint(distinct)):
-            seen |= distinct  # the common case, at C speed: nothing to drop
-            return [batch]
-        slices = []
-        start = 0
-        for row, uuid in enumerate(uuids):
-            if uuid is None:
-                continue
-            if uuid in seen or uuid in taken:
-                if row > start:
-                    slices.append(batch.slice(start, row - start))
-                start = row + 1
-            else:
-                seen.add(uuid)
-        if start < len(uuids):
-            slices.append(batch.slice(start))
-        return slices
+        return self._set.add(column if column.type == pa.string() else column.cast(pa.string()))
+
+    def filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The batch without repeated uuids: the batch itself when it has none, else one filtered copy (one copy
+        costs the sinks less than zero-copy slices around each repeat: they pay per batch, docs/PARSE_PATH.md)."""
+        keep = self.keep(batch)
+        return batch if keep is None else batch.filter(keep)
 
 
 def open_sink(dest: str, **options: object) -> Sink:

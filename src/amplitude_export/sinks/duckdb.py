@@ -125,6 +125,20 @@ def _json_labelled(schema: pa.Schema) -> pa.Schema:
 
 STREAM_SCHEMA = _json_labelled(ARROW_SCHEMA)
 _JSON_LABELS = [(i, f.type) for i, f in enumerate(STREAM_SCHEMA) if isinstance(f.type, pa.BaseExtensionType)]
+KEEP = "_keep"  # the stream's row mask when repeats are dropped on the way in (not a column of `events`)
+
+
+def _trues(rows: int) -> pa.Array:
+    # from a bitmap, not from numpy: pyarrow's numpy conversion imports pandas (0.35 s)
+    return pa.Array.from_buffers(pa.bool_(), rows, [None, pa.py_buffer(b"\xff" * ((rows + 7) // 8))])
+
+
+_TRUES = _trues(1 << 16)
+
+
+def _all_true(rows: int) -> pa.Array:
+    """A mask keeping every row: a zero-copy slice of one array for the usual batch sizes."""
+    return _TRUES.slice(0, rows) if rows <= len(_TRUES) else _trues(rows)
 
 
 class Intake:
@@ -137,8 +151,10 @@ class Intake:
 
     With `first_copies`, repeated uuids are dropped on the way (`FirstCopies`): deleting rows that a transaction
     has just bulk-inserted makes DuckDB rewrite them at commit (measured: ~2 µs per event of the window,
-    docs/PARSE_PATH.md). Past its limit (`overflowed`) the sink removes the remaining repeats in SQL after the
-    insert, ordered by member arrival (`ranks`) then line.
+    docs/PARSE_PATH.md). Each batch then carries a `_keep` mask that the INSERT filters on: DuckDB applies it in
+    its own threads without copying, where a filtered copy or slices made here would stall its scan. Past its
+    limit (`overflowed`) the sink removes the remaining repeats in SQL after the insert, ordered by member
+    arrival (`ranks`) then line.
     """
 
     def __init__(
@@ -159,7 +175,11 @@ class Intake:
         self._first = FirstCopies(seen_limit, taken) if first_copies else None
         self._rows = 0
         self._error: BaseException | None = None
-        self._schema = STREAM_SCHEMA.append(pa.field(SEQ, pa.int64())) if seq else STREAM_SCHEMA
+        self._schema = STREAM_SCHEMA
+        if seq:
+            self._schema = self._schema.append(pa.field(SEQ, pa.int64()))
+        if first_copies:
+            self._schema = self._schema.append(pa.field(KEEP, pa.bool_()))
 
     def _stream(self) -> Iterator[pa.RecordBatch]:
         try:
@@ -171,14 +191,13 @@ class Intake:
                 columns = batch.columns
                 for index, json_type in _JSON_LABELS:  # zero-copy; from_arrays would cast (a copy)
                     columns[index] = pa.ExtensionArray.from_storage(json_type, columns[index])
-                labelled = pa.RecordBatch.from_arrays(columns, schema=STREAM_SCHEMA)
-                # labelled once per batch: the slices around repeated uuids keep the types
-                for part in self._first.filter(labelled) if self._first is not None else [labelled]:
-                    if self._seq:
-                        numbers = pa.array(range(self._rows, self._rows + part.num_rows), pa.int64())
-                        part = pa.RecordBatch.from_arrays([*part.columns, numbers], schema=self._schema)
-                    self._rows += part.num_rows
-                    yield part
+                if self._seq:
+                    columns.append(pa.array(range(self._rows, self._rows + batch.num_rows), pa.int64()))
+                if self._first is not None:
+                    keep = self._first.keep(batch)
+                    columns.append(_all_true(batch.num_rows) if keep is None else keep)
+                self._rows += batch.num_rows
+                yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
         except GeneratorExit:  # DuckDB stopped reading (its own error, raised by insert_into)
             raise
         except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
@@ -190,9 +209,9 @@ class Intake:
         return self._first is not None and self._first.overflowed
 
     @property
-    def uuids(self) -> set[str] | None:
+    def uuids(self) -> pa.Array | None:
         """Every uuid of the window, when the in-memory filter saw them all; else None."""
-        return None if self._first is None or self._first.overflowed else self._first.seen
+        return None if self._first is None or self._first.overflowed else self._first.uuids
 
     def _count(self, batch: pa.RecordBatch) -> None:
         hours = batch.column("_upload_hour")
@@ -214,7 +233,8 @@ class Intake:
         stream = pa.RecordBatchReader.from_batches(self._schema, self._stream())
         con.register("_amplitude_stream", stream)
         try:
-            con.execute(f"INSERT INTO {table} SELECT {', '.join(map(quote, names))} FROM _amplitude_stream")
+            where = f" WHERE {KEEP}" if self._first is not None else ""
+            con.execute(f"INSERT INTO {table} SELECT {', '.join(map(quote, names))} FROM _amplitude_stream{where}")
         except duckdb.Error:
             if self._error is None:
                 raise
@@ -300,7 +320,7 @@ class DuckDBSink:
         self,
         path: Path,
         *,
-        memory_limit: str = "256MB",
+        memory_limit: str = "512MB",
         threads: int = 2,
         temp_directory: Path | None = None,
         read_only: bool = False,
@@ -309,7 +329,7 @@ class DuckDBSink:
         self.path = Path(path).expanduser()
         self.description = f"duckdb:{self.path}"
         self.threads = threads
-        self.seen_limit = seen_limit  # uuids a window dedups in memory (~120 B each) before SQL takes over
+        self.seen_limit = seen_limit  # uuids a window dedups in memory (~80 B each) before SQL takes over
         temp = temp_directory or self.path.with_name(self.path.name + ".tmp")
         config: dict[str, Any] = {
             "memory_limit": memory_limit,
@@ -428,7 +448,7 @@ class DuckDBSink:
         finally:
             con.unregister("_amplitude_ranks")
 
-    def _nearby_uuids(self, params: dict[str, Any]) -> set[str]:
+    def _nearby_uuids(self, params: dict[str, Any]) -> pa.ChunkedArray:
         """The uuids of the hours around the window (`NEARBY` on each side, any project), from committed rows.
 
         An event that Amplitude received again lands in a later upload hour, usually a near one. Dropping those
@@ -445,9 +465,9 @@ class DuckDBSink:
             ).to_arrow_table()
         finally:
             cursor.close()
-        return set(table.column("uuid").to_pylist())
+        return table.column("uuid")
 
-    def _drop_taken(self, mine: str, params: dict[str, Any], uuids: set[str] | None) -> None:
+    def _drop_taken(self, mine: str, params: dict[str, Any], uuids: pa.Array | None) -> None:
         """Delete the window's rows whose uuid another hour (or project) already holds: that copy came first.
 
         Usually there are none, and then nothing is deleted, because a delete among rows just inserted costs a
@@ -463,7 +483,7 @@ class DuckDBSink:
                 if not cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {EVENTS} AS o WHERE {_OTHERS})",
                                       params).fetchall()[0][0]:
                     return
-                cursor.register("_amplitude_window_uuids", pa.table({"uuid": pa.array(list(uuids), pa.string())}))
+                cursor.register("_amplitude_window_uuids", pa.table({"uuid": uuids}))
                 found = cursor.sql(
                     f"SELECT DISTINCT o.uuid FROM {EVENTS} AS o WHERE {_OTHERS} "
                     "AND o.uuid IN (SELECT uuid FROM _amplitude_window_uuids)",

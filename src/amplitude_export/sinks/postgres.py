@@ -488,12 +488,9 @@ class PostgresSink:
                     continue
                 for item in pc.value_counts(batch.column("_upload_hour")).to_pylist():
                     staged[item["values"]] += item["counts"]
-                parts = first.filter(batch)
-                if len(parts) > 1:  # encoding has a fixed cost per batch: one copy of the batch costs less
-                    parts = [pa.concat_batches(parts)]
-                for part in parts:
-                    copy.write(encode_binary(part, seq))
-                    seq += part.num_rows
+                part = first.filter(batch)
+                copy.write(encode_binary(part, seq))
+                seq += part.num_rows
 
     def _insert(self, conn: psycopg.Connection[Any], *, sort: bool) -> dict[datetime, int]:
         """Move the first row of each uuid into `events`; rows per upload hour actually inserted.
