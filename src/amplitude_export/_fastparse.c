@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 enum { K_STRING = 's', K_INT = 'i', K_FLOAT = 'f', K_BOOL = 'b', K_TIME = 't', K_JSON = 'j' };
 
@@ -993,13 +994,13 @@ static PyTypeObject ParserType = {
 /* ---------------------------------------------------------------------------------------------- StringSet */
 
 /* The uuids a window has kept so far (sinks.FirstCopies): repeats are found without a Python string per row, with
- * at ~80 bytes per uuid (a Python set of str costs ~120). Each entry is the window's own or
+ * at ~70 bytes per uuid (a Python set of str costs ~120). Each entry is the window's own or
  * "taken" (held by another hour: a row with it is dropped, but it is not one of the window's uuids). */
 
 #define TAKEN_BIT 0x80000000u
 
 typedef struct {
-    uint64_t hash;
+    uint32_t tag; /* the hash's high 32 bits: most mismatches are told apart without touching the bytes */
     uint32_t ref; /* entry index + 1, 0 = empty; TAKEN_BIT set for a taken entry */
 } Slot;
 
@@ -1034,14 +1035,36 @@ static inline uint64_t hash_bytes(const char *s, size_t n) {
     return h;
 }
 
+/* Zeroed memory for the slot table; past 4 MB in 2 MB huge pages where the kernel allows (madvise): the table is
+ * probed at random, and with 4 kB pages each probe also missed the TLB, and each first touch cost a page fault. */
+static void *table_alloc(size_t bytes) {
+#ifdef MADV_HUGEPAGE
+    if (bytes >= (4u << 20)) {
+        void *p = NULL;
+        if (posix_memalign(&p, 2u << 20, bytes) != 0) return NULL;
+        madvise(p, bytes, MADV_HUGEPAGE);
+        memset(p, 0, bytes);
+        return p;
+    }
+#endif
+    return calloc(bytes / sizeof(Slot), sizeof(Slot));
+}
+
+static inline const char *entry_at(const StringSet *self, size_t entry, size_t *n) {
+    *n = (size_t)(self->starts[entry + 1] - self->starts[entry]);
+    return self->data.data + self->starts[entry];
+}
+
 static int set_grow(StringSet *self) {
     size_t capacity = self->capacity ? self->capacity * 2 : 1024;
-    Slot *slots = calloc(capacity, sizeof(Slot));
+    Slot *slots = table_alloc(capacity * sizeof(Slot));
     if (!slots) return -1;
     for (size_t i = 0; i < self->capacity; i++) {
         Slot slot = self->slots[i];
         if (!slot.ref) continue;
-        size_t at = slot.hash & (capacity - 1);
+        size_t n;
+        const char *s = entry_at(self, (slot.ref & ~TAKEN_BIT) - 1, &n);
+        size_t at = hash_bytes(s, n) & (capacity - 1); /* the slot keeps only the high bits: hash again */
         while (slots[at].ref) at = (at + 1) & (capacity - 1);
         slots[at] = slot;
     }
@@ -1059,10 +1082,10 @@ static int set_add(StringSet *self, const char *s, size_t n, int taken) {
     for (;; at = (at + 1) & (self->capacity - 1)) {
         Slot slot = self->slots[at];
         if (!slot.ref) break;
-        if (slot.hash != h) continue;
-        size_t entry = (slot.ref & ~TAKEN_BIT) - 1;
-        int64_t start = self->starts[entry], end = self->starts[entry + 1];
-        if ((size_t)(end - start) == n && memcmp(self->data.data + start, s, n) == 0) return 1;
+        if (slot.tag != (uint32_t)(h >> 32)) continue;
+        size_t len;
+        const char *known = entry_at(self, (slot.ref & ~TAKEN_BIT) - 1, &len);
+        if (len == n && memcmp(known, s, n) == 0) return 1;
     }
     if (self->entries + 2 > self->starts_cap) {
         size_t cap = self->starts_cap ? self->starts_cap * 2 : 1024;
@@ -1077,7 +1100,7 @@ static int set_add(StringSet *self, const char *s, size_t n, int taken) {
     self->data.len += n;
     self->starts[self->entries + 1] = (int64_t)self->data.len;
     self->entries++;
-    self->slots[at].hash = h;
+    self->slots[at].tag = (uint32_t)(h >> 32);
     self->slots[at].ref = (uint32_t)self->entries | (taken ? TAKEN_BIT : 0);
     if (!taken) self->own++;
     return 0;
