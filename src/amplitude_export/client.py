@@ -28,6 +28,7 @@ from .errors import (
     TransientError,
     WindowTooLargeError,
 )
+from .live import LiveFile
 from .windows import Window, floor_hour
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,12 @@ class ExportClient:
         *,
         on_bytes: Callable[[int], None] | None = None,
         fresh: bool = False,
+        on_live: Callable[[LiveFile], None] | None = None,
     ) -> Download:
         """Land `window` as `raw_dir/<name>.zip`, retrying transient failures; `fresh` ignores a landed copy.
+
+        `on_live` is handed a `LiveFile` for each attempt whose answer is a 200, as its body starts to arrive, so
+        that a loader can read the archive while it downloads (`live.py`).
 
         Raises AuthError (stop), WindowTooLargeError (400 at once, or 504 after every retry: split the window),
         or TransientError once the attempts are spent.
@@ -149,12 +154,13 @@ class ExportClient:
             return Download(window, CACHED, final, final.stat().st_size, 0)
         raw_dir.mkdir(parents=True, exist_ok=True)
         try:
-            return self._fetch_with_retries(window, final, on_bytes)
+            return self._fetch_with_retries(window, final, on_bytes, on_live)
         except AuthError as exc:
             raise self._diagnose(exc) from None
 
     def _fetch_with_retries(
-        self, window: Window, final: Path, on_bytes: Callable[[int], None] | None
+        self, window: Window, final: Path, on_bytes: Callable[[int], None] | None,
+        on_live: Callable[[LiveFile], None] | None = None,
     ) -> Download:
         attempt_no = 0
 
@@ -176,7 +182,7 @@ class ExportClient:
             ):
                 with attempt:
                     attempt_no = attempt.num
-                    return self._fetch_once(window, final, on_bytes, attempt_no)
+                    return self._fetch_once(window, final, on_bytes, attempt_no, on_live)
         except TransientError as exc:
             if exc.reason.startswith("504"):
                 raise WindowTooLargeError(
@@ -191,9 +197,12 @@ class ExportClient:
         raise AssertionError("unreachable: stamina either returns or raises")
 
     def _fetch_once(
-        self, window: Window, final: Path, on_bytes: Callable[[int], None] | None, attempt_no: int
+        self, window: Window, final: Path, on_bytes: Callable[[int], None] | None, attempt_no: int,
+        on_live: Callable[[LiveFile], None] | None = None,
     ) -> Download:
         part = final.with_name(final.name + ".part")
+        live: LiveFile | None = None
+        landed = False
         try:
             with self._http.stream("GET", EXPORT_PATH, params=window.params()) as response:
                 classify(response, window, self.credentials)
@@ -201,14 +210,24 @@ class ExportClient:
                     return Download(window, EMPTY, None, 0, attempt_no)
                 expected = response.headers.get("content-length")
                 received = 0
-                with open(part, "wb") as out:
+                with open(part, "wb", buffering=0) as out:  # unbuffered: a live reader sees each chunk at once
+                    if on_live is not None:
+                        live = LiveFile(part, attempt_no)
+                        on_live(live)
                     for chunk in response.iter_raw(CHUNK):
                         out.write(chunk)
                         received += len(chunk)
+                        if live is not None:
+                            live.grew(len(chunk))
                         if on_bytes:
                             on_bytes(len(chunk))
-                    out.flush()
                     os.fsync(out.fileno())
+            if expected is not None and received != int(expected):
+                part.unlink(missing_ok=True)
+                raise TransientError(f"body arrived short: {received} of {expected} bytes", window=str(window))
+            self._verify(part, window)
+            os.replace(part, final)
+            landed = True
         except httpx.TimeoutException as exc:
             part.unlink(missing_ok=True)
             raise TransientError(f"timed out ({type(exc).__name__})", window=str(window)) from exc
@@ -216,11 +235,12 @@ class ExportClient:
             # a connection closed before Content-Length bytes arrived lands here (RemoteProtocolError)
             part.unlink(missing_ok=True)
             raise TransientError(f"connection failed: {type(exc).__name__}: {exc}", window=str(window)) from exc
-        if expected is not None and received != int(expected):
-            part.unlink(missing_ok=True)
-            raise TransientError(f"body arrived short: {received} of {expected} bytes", window=str(window))
-        self._verify(part, window)
-        os.replace(part, final)
+        finally:
+            if live is not None:
+                if landed:
+                    live.finished(final)
+                else:
+                    live.abandoned()
         log.info("%s: landed %s (%d bytes, attempt %d)", window, final.name, received, attempt_no)
         return Download(window, OK, final, received, attempt_no)
 

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 EXPORT_PATH = "/api/2/export"
 HOUR = timedelta(hours=1)
 MAX_WINDOW_HOURS = 365 * 24  # the Export API answers at most 365 days per request
+_PACED_CHUNK = 1 << 14  # bytes sent at a time when `bytes_per_second` paces a body
 FAULTS = ("500", "502", "503", "504", "429", "truncate", "corrupt", "notzip", "slow", "reset")
 RANDOM_FAULTS = ("500", "503", "429", "truncate")  # the transient faults `fault_rate` draws from
 
@@ -129,6 +130,7 @@ class FakeExportServer:
         malformed_lines: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         compresslevel: int = 1,
+        bytes_per_second: float | None = None,
     ) -> None:
         """Configure the server; nothing listens until `start()` or `with`.
 
@@ -139,6 +141,7 @@ class FakeExportServer:
         distinct window; `fault_rate` then adds random transient faults (never three in a row for one window).
         `timeout_over_hours` makes longer windows always answer 504. `malformed_lines` puts one non-JSON line
         and one JSON array into member #0 of every hour. `compresslevel` is the members' gzip level (1: fast).
+        `bytes_per_second` paces archive bodies as a real network would (loopback is far faster).
         """
         unknown = [fault for fault in faults if fault not in FAULTS]
         if unknown:
@@ -163,6 +166,7 @@ class FakeExportServer:
         self.fault_rate = fault_rate
         self.malformed_lines = malformed_lines
         self.compresslevel = compresslevel
+        self.bytes_per_second = bytes_per_second
         self.requests: list[tuple[str | None, str | None, int]] = []  # (start, end, status); 0 = reset
         self._versions: dict[datetime, int] = {}
         self._attempts: dict[
@@ -547,9 +551,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, path: Path, limit: int, corrupt_at: int | None) -> None:
         """Send `limit` bytes of `path` in bounded chunks, flipping a few bytes at `corrupt_at` if given."""
         sent = 0
+        pace = self.server.fake.bytes_per_second
+        began = time.monotonic()
         with path.open("rb") as source:
             while sent < limit:
-                chunk = source.read(min(_CHUNK, limit - sent))
+                if pace:
+                    time.sleep(max(0.0, began + sent / pace - time.monotonic()))
+                chunk = source.read(min(_CHUNK if not pace else _PACED_CHUNK, limit - sent))
                 if not chunk:
                     break
                 if corrupt_at is not None and sent <= corrupt_at < sent + len(chunk):

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .ledger import EMPTY as LEDGER_EMPTY
 from .ledger import FAILED, LOADED, TOO_LARGE, HourRecord
+from .live import LiveFile, StreamAbandoned
 from .progress import Reporter
 from .sinks import Sink
 from .windows import HOUR, Window, label_hour, last_ready_hour, parse_hour, plan_windows, resolve_range
@@ -169,13 +170,18 @@ def fetch_windows(
     concurrency: int = 2,
     reporter: Reporter | None = None,
     fresh: set[Window] | None = None,
-) -> Iterator[tuple[Window, Download | Failure]]:
+    live: bool = False,
+) -> Iterator[tuple[Window, Download | Failure | LiveFile]]:
     """Fetch windows a few at a time and yield each result as it completes.
 
     A window that is too large (400, or a 504 that persisted) is replaced by its halves, down to one hour; an
     hour that still fails is yielded as a `Failure`. An AuthError stops everything at once. The generator only
     starts new downloads when its consumer asks for the next result, so a slow loader bounds the disk used.
     Windows in `fresh` (and their halves, which are added to it) are downloaded even if a copy is on disk.
+
+    With `live`, while no download has completed, the first attempt of a running one is yielded as a `LiveFile`
+    as soon as its body starts, so the consumer can load it while it downloads; its result is yielded later
+    all the same (a consumer that loaded it skips it).
 
     A result's `attempts` counts every request its data took: its own, plus those of each window it was split
     from; its `split_from` is the window as planned (None when that window was fetched whole).
@@ -186,19 +192,36 @@ def fetch_windows(
     queue = list(windows)
     queue.reverse()  # pop() from the end keeps the planned order
     running: dict[Future[Download], Window] = {}
+    offers: dict[Window, LiveFile] = {}  # first attempts that have started to arrive, not yet yielded
+
+    def offer(window: Window) -> Callable[[LiveFile], None]:
+        def take(file: LiveFile) -> None:
+            if file.attempt == 1 and window not in offered:
+                offers[window] = file
+            else:
+                file.close()
+        return take
+
+    offered: set[Window] = set()
     warm = True
     try:
         while queue or running:
             while queue and len(running) < concurrency:
                 window = queue.pop()
                 running[_in_daemon_thread(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes,
-                                          fresh=window in fresh)] = window
+                                          fresh=window in fresh, on_live=offer(window) if live else None)] = window
             if warm:
                 _warm_arrow()
                 warm = False
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            while not (done := wait(running, timeout=_LIVE_POLL if live else None, return_when=FIRST_COMPLETED)[0]):
+                started = sorted(w for w in list(offers) if w in running.values())
+                if started:
+                    offered.add(started[0])
+                    yield started[0], offers.pop(started[0])
             for future in sorted(done, key=lambda f: running[f]):
                 window = running.pop(future)
+                if (unread := offers.pop(window, None)) is not None:
+                    unread.close()
                 planned, spent = lineage.pop(window, (None, 0))
                 try:
                     download = future.result()
@@ -228,6 +251,9 @@ def fetch_windows(
     finally:
         for future in running:
             future.cancel()
+
+
+_LIVE_POLL = 0.01  # seconds between looks for a download that has started, while none has completed
 
 
 def landed_windows(raw_dir: Path, suffix: str = ".zip") -> set[Window]:
@@ -373,18 +399,22 @@ def load_window(
     keep_raw: bool = True,
     attempts: int = 1,
     split_from: Window | None = None,
+    live: LiveFile | None = None,
 ) -> WindowOutcome:
     """Read one landed archive and write it to the sink in one transaction.
 
     `attempts` (requests the archive took) and `split_from` (the planned window it is a part of) go into the
     hours' ledger rows. A broken archive is deleted (so the next run downloads it again) and its hours are
-    marked failed.
+    marked failed. With `live`, the archive (its `.part` file) is read while it downloads (`live.py`) and the
+    rows are committed once it has landed and passed its checks; if that gives up, the transaction is rolled
+    back and StreamAbandoned raised, for the landed archive (or the download's failure) to go the usual way.
     """
     from .reader import WindowReader
 
     size = archive.stat().st_size
     reader = WindowReader(
-        archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers, project=project
+        archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers, project=project,
+        live=live,
     )
 
     def finish() -> list[HourRecord]:
@@ -401,10 +431,16 @@ def load_window(
         reason = f"archive broken, will download again: {exc}"
         _record(sink, project, window, FAILED, run_id, reason=reason, attempts=attempts, split_from=split_from)
         return WindowOutcome(window, FAILED, reason=reason, bytes=size)
+    finally:
+        if live is not None:
+            live.close()
+    if live is not None:
+        log.info("%s: loaded while it downloaded", window)
+        size = reader.path.stat().st_size  # the landed archive
     if reader.rejects_total:
         log.warning("%s: %d lines rejected, see %s", window, reader.rejects_total, data_dir / "rejects")
     if not keep_raw:
-        archive.unlink(missing_ok=True)
+        reader.path.unlink(missing_ok=True)
     return WindowOutcome(
         window,
         "loaded",
@@ -471,8 +507,11 @@ def run(
     now: datetime | None = None,
     reporter: Reporter | None = None,
     run_id: str | None = None,
+    stream: bool = True,
 ) -> RunReport:
     """Extract and load start..end into `sink`, downloading the next windows while one loads.
+
+    With `stream`, a window is loaded while it downloads when the loader would otherwise wait (`live.py`).
 
     With no `start`, continue from the hour after the last one loaded (the first run takes yesterday, or the day
     of `end` if that is earlier), up to the last ready hour (or `end`); hours failed by earlier runs are tried
@@ -517,9 +556,23 @@ def run(
     reporter.add_windows(len(windows) + len(recheck))
     fresh = set(recheck)
     changed: list[datetime] = []
+    streamed: set[Window] = set()
     for window, result in fetch_windows(client, sorted(windows + recheck), raw_dir, concurrency=concurrency,
-                                        reporter=reporter, fresh=fresh):
-        if isinstance(result, Failure):
+                                        reporter=reporter, fresh=fresh, live=stream):
+        if isinstance(result, LiveFile):
+            if window in fresh:  # a re-check compares hashes of the landed archive first
+                result.close()
+                continue
+            try:
+                outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
+                                      workers=workers, keep_raw=keep_raw, attempts=result.attempt, live=result)
+            except StreamAbandoned as exc:
+                log.info("%s: stopped loading while downloading (%s); loading it once landed", window, exc)
+                continue
+            streamed.add(window)
+        elif window in streamed:
+            continue  # loaded while it downloaded
+        elif isinstance(result, Failure):
             if window in fresh:  # a failed re-check leaves the loaded rows as they are
                 outcome = WindowOutcome(window, "recheck_failed", reason=result.reason)
             else:

@@ -15,6 +15,7 @@ order then line order and memory stays bounded whatever the archive's size.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import gc
 import logging
@@ -23,7 +24,7 @@ import queue as queue_module
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ from . import schema
 from .archive import ArchiveMember, content_hash, list_members
 from .errors import ArchiveError
 from .ledger import EMPTY, LOADED, HourRecord, MemberInfo
+from .live import LiveFile, LiveMembers, StreamAbandoned
 from .windows import Window
 
 try:  # ISA-L inflates about 1.5x faster than zlib; optional
@@ -405,14 +407,17 @@ def _inflated(stream: Any) -> Iterator[bytes]:
         raise ArchiveError("gzip stream is truncated")
 
 
-def _member_chunks(archive: zipfile.ZipFile, member: ArchiveMember, chunk_bytes: int) -> Iterator[list[Any]]:
+_Opener = Callable[[int, ArchiveMember], Any]  # (index, member) -> a context manager giving the member's stream
+
+
+def _member_chunks(opener: _Opener, index: int, member: ArchiveMember, chunk_bytes: int) -> Iterator[list[Any]]:
     """The lines of one member, streamed, as chunks of about `chunk_bytes`; zip CRC and gzip are checked.
 
     A chunk is a list of segments (bytes, or memoryviews into a decompressed block: no copy), each holding whole
     lines separated by newlines. Only a line that spans two blocks is copied, to join its pieces.
     """
     try:
-        with archive.open(member.name) as stream:
+        with opener(index, member) as stream:
             segments: list[Any] = []
             size = 0
             rest = b""  # the unfinished last line of the blocks so far
@@ -468,6 +473,10 @@ def _parse_chunk(
     return _parse(lines, first, member, index, ctx, _is_utf8(data)), len(lines)
 
 
+def _opener(archive: zipfile.ZipFile) -> _Opener:
+    return lambda _, member: archive.open(member.name)
+
+
 def _open_archive(path: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
@@ -475,11 +484,11 @@ def _open_archive(path: str) -> zipfile.ZipFile:
         raise ArchiveError(f"not a readable zip archive: {exc}", path=path) from None
 
 
-def _member_parts(archive: zipfile.ZipFile, ctx: _Context, index: int, member: ArchiveMember) -> Iterator[_Part]:
+def _member_parts(opener: _Opener, ctx: _Context, index: int, member: ArchiveMember) -> Iterator[_Part]:
     """Parts of one member, at least one (so an empty member is still accounted for)."""
     produced = False
     number = 1
-    for segments in _member_chunks(archive, member, ctx.batch_rows * _LINE_BYTES):
+    for segments in _member_chunks(opener, index, member, ctx.batch_rows * _LINE_BYTES):
         produced = True
         part, lines = _parse_chunk(segments, number, member, index, ctx)
         number += lines
@@ -492,27 +501,33 @@ def _read_members(ctx: _Context, members: list[tuple[int, ArchiveMember]]) -> Ge
     """Parts of the given members, in order, parsed in this process."""
     with _open_archive(ctx.path) as archive:
         for index, member in members:
-            yield from _member_parts(archive, ctx, index, member)
+            yield from _member_parts(_opener(archive), ctx, index, member)
 
 
 class _Stopped(Exception):
     """The consumer gave up: a parse thread stops where it is."""
 
 
-def _produce(ctx: _Context, members: list[tuple[int, ArchiveMember]], send: Any) -> None:
+def _produce(
+    ctx: _Context, members: Iterable[tuple[int, ArchiveMember]], send: Any, live: LiveMembers | None = None
+) -> None:
     """Parse the members dealt to one worker, handing `send` each ("part", part) and then ("end", index).
 
-    A broken member ends the worker with ("error", reason, member); anything else with ("crash", text, None),
-    so the reader never waits for a worker that has died.
+    Members come from the landed archive, or from `live` as they download. A broken member ends the worker with
+    ("error", reason, member), a streamed load given up with ("abandoned", reason, None), anything else with
+    ("crash", text, None), so the reader never waits for a worker that has died.
     """
     try:
-        with _open_archive(ctx.path) as archive:
+        with contextlib.ExitStack() as stack:
+            opener = live.open if live is not None else _opener(stack.enter_context(_open_archive(ctx.path)))
             for index, member in members:
-                for part in _member_parts(archive, ctx, index, member):
+                for part in _member_parts(opener, ctx, index, member):
                     send(("part", part))
                 send(("end", index))
     except ArchiveError as exc:
         send(("error", exc.reason, exc.member))
+    except StreamAbandoned as exc:
+        send(("abandoned", str(exc), None))
     except _Stopped:
         raise
     except BaseException as exc:  # report anything else rather than leave the reader waiting
@@ -550,7 +565,9 @@ def _worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any) -
     _produce(ctx, members, send)
 
 
-def _thread_worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any, stop: Any) -> None:
+def _thread_worker(
+    ctx: _Context, members: Iterable[tuple[int, ArchiveMember]], out: Any, stop: Any, live: LiveMembers | None
+) -> None:
     """Parse thread body: `_produce`, parts handed over as they are; stops when the reader sets `stop`."""
 
     def send(message: tuple[Any, ...]) -> None:
@@ -563,9 +580,17 @@ def _thread_worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out:
         raise _Stopped
 
     try:
-        _produce(ctx, members, send)
+        _produce(ctx, members, send, live)
     except _Stopped:
         pass
+
+
+def _dealt(live: LiveMembers, first: int, step: int) -> Iterator[tuple[int, ArchiveMember]]:
+    """Members first, first + step, ... of a live archive, each once it has arrived."""
+    index = first
+    while (member := live.get(index)) is not None:
+        yield index, member
+        index += step
 
 
 def _receive(source: Any, process: Any, member: ArchiveMember) -> tuple[Any, ...]:
@@ -651,8 +676,10 @@ class WindowReader:
         batch_rows: int = DEFAULT_BATCH_ROWS,
         require_uuid: bool = False,
         project: str = "default",
+        live: LiveFile | None = None,
     ) -> None:
         self.path = Path(path)
+        self.live = live  # read the archive while it downloads (live.py); `path` is then its `.part` file
         self.window = window
         self.run_id = run_id
         self.project = project
@@ -677,25 +704,30 @@ class WindowReader:
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Typed batches in member order then line order; per-hour stats are complete once this is exhausted."""
-        # an archive may cover more hours than this window (a lookback reloads only the hours that changed)
-        self._members = [
-            m for m in list_members(self.path)
-            if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end
-        ]
-        self._member_hour = [m.upload_hour or self.window.start for m in self._members]
         self._hours = {hour: _HourStats() for hour in self.window.each_hour()}
-        self._hashes = _hash_ahead(self.path, self._members)
         seen: set[int] = set()
         ctx = _Context(
             str(self.path), self.run_id, self.project, self.window.start, self.batch_rows, self.require_uuid
         )
-        numbered = list(enumerate(self._members))
-        if self.workers > 1 and len(numbered) > 1 and FAST_PARSER is not None:
-            parts = self._threaded(ctx, numbered)
-        elif self.workers > 1 and len(numbered) > 1:
-            parts = self._parallel(ctx, numbered)
+        if self.live is not None:
+            self._members, self._member_hour = [], []
+            feed = LiveMembers(self.live)
+            parts = self._threaded(ctx, self._arriving(feed), feed)
         else:
-            parts = _read_members(ctx, numbered)
+            # an archive may cover more hours than this window (a lookback reloads only the hours that changed)
+            self._members = [
+                m for m in list_members(self.path)
+                if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end
+            ]
+            self._member_hour = [m.upload_hour or self.window.start for m in self._members]
+            self._hashes = _hash_ahead(self.path, self._members)
+            numbered = list(enumerate(self._members))
+            if self.workers > 1 and len(numbered) > 1 and FAST_PARSER is not None:
+                parts = self._threaded(ctx, numbered)
+            elif self.workers > 1 and len(numbered) > 1:
+                parts = self._parallel(ctx, numbered)
+            else:
+                parts = _read_members(ctx, numbered)
         rejects_path = self.rejects_path
         if rejects_path is not None:
             rejects_path.unlink(missing_ok=True)  # a rerun replaces the window's rejects
@@ -716,11 +748,40 @@ class WindowReader:
                     rejects_file.writelines(_ENCODE(reject) + b"\n" for reject in part.rejects)
                 if part.batch is not None and part.batch.num_rows:
                     yield part.batch
+            if self.live is not None:
+                self._check_landed()
+        except ArchiveError as exc:
+            if self.live is None:
+                raise
+            raise StreamAbandoned(f"a member read while downloading is broken: {exc.reason}") from None
         finally:
             parts.close()  # stops worker processes at once if the consumer gave up early
             if rejects_file is not None:
                 rejects_file.close()
         self._finished = True
+
+    def _arriving(self, live: LiveMembers) -> Iterator[tuple[int, ArchiveMember]]:
+        """The live archive's members as they arrive, added to the reader's list before their parts are read."""
+        index = 0
+        while (member := live.get(index)) is not None:
+            if member.upload_hour is not None and not self.window.start <= member.upload_hour <= self.window.end:
+                raise StreamAbandoned(f"{member.name} lies outside {self.window}")
+            self._members.append(member)
+            self._member_hour.append(member.upload_hour or self.window.start)
+            yield index, member
+            index += 1
+
+    def _check_landed(self) -> None:
+        """Once streamed: the download landed, and its central directory lists exactly the members read, in
+        that order; from here on the reader stands for the landed archive."""
+        assert self.live is not None
+        final = self.live.wait_finished()
+        listed = [m for m in list_members(final)
+                  if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end]
+        if listed != self._members:
+            raise StreamAbandoned("the landed archive lists other members, or in another order, than arrived")
+        self.path = final
+        self._hashes = _hash_ahead(final, self._members)
 
     def _stats(self, member: int) -> _HourStats:
         return self._hours.setdefault(self._member_hour[member], _HourStats())
@@ -744,7 +805,7 @@ class WindowReader:
 
     def _in_member_order(
         self,
-        numbered: list[tuple[int, ArchiveMember]],
+        numbered: Iterable[tuple[int, ArchiveMember]],
         count: int,
         receive: Callable[[int, ArchiveMember], tuple[Any, ...]],
         unpack: Callable[[tuple[Any, ...]], _Part],
@@ -760,23 +821,32 @@ class WindowReader:
                     raise ArchiveError(message[1], path=str(self.path), member=message[2])
                 if message[0] == "crash":
                     raise RuntimeError(f"reader worker failed on {member.name}: {message[1]}")
+                if message[0] == "abandoned":
+                    raise StreamAbandoned(message[1])
                 yield unpack(message)
 
     def _threaded(
-        self, ctx: _Context, numbered: list[tuple[int, ArchiveMember]]
+        self, ctx: _Context, numbered: Iterable[tuple[int, ArchiveMember]], live: LiveMembers | None = None
     ) -> Generator[_Part, None, None]:
         """Deal members round-robin to parse threads and read their parts back in member order.
 
         Threads, not processes, when the compiled parser is at hand: it and ISA-L's inflate release the GIL, so
-        the threads parse on the other core while DuckDB inserts, and no batch is copied through a pipe.
+        the threads parse on the other core while DuckDB inserts, and no batch is copied through a pipe. A
+        `live` archive's members are dealt as they arrive.
         """
-        count = min(self.workers, len(numbered))
+        if live is not None:
+            count = max(1, self.workers)
+            dealt: list[Iterable[tuple[int, ArchiveMember]]] = [_dealt(live, k, count) for k in range(count)]
+        else:
+            listed = list(numbered)
+            count = min(self.workers, len(listed))
+            dealt = [listed[k::count] for k in range(count)]
         queues: list[queue_module.Queue[tuple[Any, ...]]] = [
             queue_module.Queue(maxsize=_QUEUE_PARTS) for _ in range(count)
         ]
         stop = threading.Event()
         threads = [
-            threading.Thread(target=_thread_worker, args=(ctx, numbered[k::count], queues[k], stop),
+            threading.Thread(target=_thread_worker, args=(ctx, dealt[k], queues[k], stop, live),
                              name=f"amplitude-export-parse-{k}", daemon=True)
             for k in range(count)
         ]
