@@ -210,3 +210,22 @@ def test_a_read_waits_for_its_bytes_and_a_failed_download_wakes_it(tmp_path: Pat
     assert not waiting.is_alive() and isinstance(errors[0], StreamAbandoned)
     with pytest.raises(StreamAbandoned):
         live.wait_finished()
+
+
+def test_a_live_file_whose_attempt_failed_before_loading_began_gives_the_window_back(tmp_path: Path) -> None:
+    from amplitude_export.pipeline import load_window
+
+    part = tmp_path / "raw" / "20240301T00_20240301T23.zip.part"
+    part.parent.mkdir()
+    part.write_bytes(b"PK\x03\x04 half a header")
+    live = LiveFile(part, 1)
+    live.abandoned()
+    part.unlink()  # as the client does when an attempt fails
+    sink = open_sink(f"duckdb:{tmp_path / 'db.duckdb'}")
+    try:
+        with pytest.raises(StreamAbandoned):
+            load_window(sink, "p", Window(DAY, DAY + timedelta(hours=23)), part, run_id="r", data_dir=tmp_path,
+                        live=live)
+        assert sink.ledger("p") == {}
+    finally:
+        sink.close()

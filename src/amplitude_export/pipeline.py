@@ -411,7 +411,7 @@ def load_window(
     """
     from .reader import WindowReader
 
-    size = archive.stat().st_size
+    size = archive.stat().st_size if live is None else 0  # a `.part` may be gone already: its attempt failed
     reader = WindowReader(
         archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers, project=project,
         live=live,
