@@ -20,8 +20,9 @@ A run downloads the day from the fake server over loopback (fresh data dir) unle
 archive into the data dir first (outside the timing) so only the load is measured. For each candidate: wall
 seconds, events/s, CPU seconds (user+sys of the whole process tree: the CLI, the forkserver and the parse
 workers; sampled from /proc every 50 ms, the root process's own figure exact from `wait4`) and peak RSS and
-PSS summed over the tree (PSS counts a page shared by several processes once). Medians over rounds; peaks are
-maxima. `--write-docs` puts the table into docs/BENCHMARKS.md.
+PSS summed over the tree (PSS counts a page shared by several processes once; RSS is sampled every 50 ms, PSS
+every 0.5 s, as reading it is dear). Medians over rounds; peaks are maxima. `--write-docs` puts the table into
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ def serve(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _tree(pid: int, cpu: dict[int, float]) -> tuple[int, int]:
+_PSS_EVERY = 10  # polls: reading smaps_rollup of a 700 MB process costs ~13 ms of kernel time on this VM
+
+def _tree(pid: int, cpu: dict[int, float], *, pss_too: bool = True) -> tuple[int, int]:
     """Resident and proportional bytes (RSS, PSS) of `pid` and all its descendants; records each one's CPU
-    seconds so far in `cpu`.
+    seconds so far in `cpu`. PSS (0 unless `pss_too`) is dear to read: polled every 50 ms it took ~0.8 CPU s
+    from a 4 s run of the tool (the same two cores), so `measure` reads it every `_PSS_EVERY` polls.
 
     Walking /proc (not RUSAGE_CHILDREN) is what counts the parse workers: they are the forkserver's children,
     and the forkserver is never waited for. PSS splits each shared page among the processes that map it, so
@@ -97,11 +101,12 @@ def _tree(pid: int, cpu: dict[int, float]) -> tuple[int, int]:
                 fields = stat.read().rsplit(")", 1)[1].split()
             cpu[current] = (int(fields[11]) + int(fields[12])) / _TICK
             rss += int(fields[21]) * _PAGE  # rss, in pages
-            with open(f"/proc/{current}/smaps_rollup") as rollup:
-                for line in rollup:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-                        break
+            if pss_too:
+                with open(f"/proc/{current}/smaps_rollup") as rollup:
+                    for line in rollup:
+                        if line.startswith("Pss:"):
+                            pss += int(line.split()[1]) * 1024
+                            break
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as children:
                     stack += [int(c) for c in children.read().split()]
@@ -119,8 +124,10 @@ def measure(
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     peak = peak_pss = 0
     cpu: dict[int, float] = {}
+    polls = 0
     while True:
-        rss, pss = _tree(process.pid, cpu)
+        rss, pss = _tree(process.pid, cpu, pss_too=polls % _PSS_EVERY == 0)
+        polls += 1
         peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -636,26 +636,32 @@ def _widen(low: datetime | None, high: datetime | None, column: pa.Array) -> tup
 
 
 _Hashes = dict[tuple[ArchiveMember, ...], str]  # an hour's members -> their content_hash
+_T = TypeVar("_T")
 
 
-def _hash_ahead(path: Path, members: list[ArchiveMember]) -> concurrent.futures.Future[_Hashes]:
-    """Each named hour's `content_hash`, computed on a thread while the window parses (sha256 releases the GIL):
+def _on_a_thread(work: Callable[[], _T], name: str) -> concurrent.futures.Future[_T]:
+    """`work()` on a daemon thread; its result, or what it raised, in the future."""
+    future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # noqa: BLE001 - raised again where the result is needed
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def _hour_hashes(path: Path, members: list[ArchiveMember]) -> _Hashes:
+    """Each named hour's `content_hash`. Computed on a thread while the window parses (sha256 releases the GIL):
     ~0.12 s per day that would otherwise come after the last batch. Hours whose members turn out otherwise (names
     that give no hour) are hashed when their record is made."""
     by_hour: dict[datetime, list[ArchiveMember]] = {}
     for member in members:
         if member.upload_hour is not None:
             by_hour.setdefault(member.upload_hour, []).append(member)
-    future: concurrent.futures.Future[_Hashes] = concurrent.futures.Future()
-
-    def work() -> None:
-        try:
-            future.set_result({tuple(group): content_hash(path, group) for group in by_hour.values()})
-        except BaseException as exc:  # noqa: BLE001 - raised again where the hash is needed
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="amplitude-export-hash", daemon=True).start()
-    return future
+    return {tuple(group): content_hash(path, group) for group in by_hour.values()}
 
 
 class WindowReader:
@@ -696,6 +702,8 @@ class WindowReader:
         self._finished = False
         self._records: list[HourRecord] | None = None
         self._hashes: concurrent.futures.Future[_Hashes] | None = None
+        # streamed: the landed archive, its members (central directory) and their hashes, once it has landed
+        self._landing: concurrent.futures.Future[tuple[Path, list[ArchiveMember], _Hashes]] | None = None
 
     @property
     def rejects_path(self) -> Path | None:
@@ -711,16 +719,15 @@ class WindowReader:
         )
         if self.live is not None:
             self._members, self._member_hour = [], []
+            self._landing = _on_a_thread(self._landed, "amplitude-export-hash")
             feed = LiveMembers(self.live)
             parts = self._threaded(ctx, self._arriving(feed), feed)
         else:
             # an archive may cover more hours than this window (a lookback reloads only the hours that changed)
-            self._members = [
-                m for m in list_members(self.path)
-                if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end
-            ]
+            self._members = self._in_window(list_members(self.path))
             self._member_hour = [m.upload_hour or self.window.start for m in self._members]
-            self._hashes = _hash_ahead(self.path, self._members)
+            members, path = self._members, self.path
+            self._hashes = _on_a_thread(lambda: _hour_hashes(path, members), "amplitude-export-hash")
             numbered = list(enumerate(self._members))
             if self.workers > 1 and len(numbered) > 1 and FAST_PARSER is not None:
                 parts = self._threaded(ctx, numbered)
@@ -771,17 +778,27 @@ class WindowReader:
             yield index, member
             index += 1
 
+    def _in_window(self, members: list[ArchiveMember]) -> list[ArchiveMember]:
+        """The members of this window's hours (a lookback's archive may cover more) and those naming no hour."""
+        return [m for m in members if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end]
+
+    def _landed(self) -> tuple[Path, list[ArchiveMember], _Hashes]:
+        """Once the streamed download has landed: its path, its members as listed, and their hours' hashes."""
+        assert self.live is not None
+        final = self.live.wait_finished()
+        listed = self._in_window(list_members(final))
+        return final, listed, _hour_hashes(final, listed)
+
     def _check_landed(self) -> None:
         """Once streamed: the download landed, and its central directory lists exactly the members read, in
         that order; from here on the reader stands for the landed archive."""
-        assert self.live is not None
-        final = self.live.wait_finished()
-        listed = [m for m in list_members(final)
-                  if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end]
+        assert self._landing is not None
+        final, listed, hashes = self._landing.result()
         if listed != self._members:
             raise StreamAbandoned("the landed archive lists other members, or in another order, than arrived")
         self.path = final
-        self._hashes = _hash_ahead(final, self._members)
+        self._hashes = concurrent.futures.Future()
+        self._hashes.set_result(hashes)
 
     def _stats(self, member: int) -> _HourStats:
         return self._hours.setdefault(self._member_hour[member], _HourStats())
