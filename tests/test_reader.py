@@ -272,3 +272,24 @@ def test_a_lone_surrogate_escape_rejects_the_line_with_its_text(tmp_path: Path) 
     assert table.column("uuid").to_pylist() == ["ok"] and reader.rejects_total == 1
     reject = json.loads(reader.rejects_path.read_text())
     assert (reject["line"], reject["text"].encode()) == (2, bad)
+
+
+def test_bulk_loading_settings_spare_the_pandas_import_until_a_conversion_needs_it() -> None:
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from amplitude_export.reader import tune_for_bulk_loading
+tune_for_bulk_loading()
+import pyarrow as pa
+pa.array([1, 2]); pa.scalar("x")
+assert "pandas" not in sys.modules, "pyarrow imported pandas"
+frame = pa.table({"a": [1, 2]}).to_pandas()
+import pandas as pd
+assert isinstance(frame, pd.DataFrame) and frame["a"].tolist() == [1, 2]
+assert pa.array(pd.Series([3, 4])).to_pylist() == [3, 4]
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -18,9 +18,11 @@ import concurrent.futures
 import contextlib
 import ctypes
 import gc
+import importlib.abc
 import logging
 import multiprocessing
 import queue as queue_module
+import sys
 import threading
 import zipfile
 import zlib
@@ -541,14 +543,37 @@ def tune_for_bulk_loading() -> None:
     - glibc gives freed blocks over 128 KB-32 MB back to the OS and faults them in again on the next batch:
       ~0.2 page faults per line, each ~4 µs on these VMs (measured: inflating a member 3.7 -> 2.6 µs per line).
       Blocks up to 32 MB now come from the heap, which keeps up to 256 MB freed for reuse.
+    - pyarrow's first `pa.array` or `pa.scalar` imports pandas (0.2-0.4 s), only to ask whether the value is a
+      pandas object: see `_answer_pyarrows_pandas_probe`.
     """
     gc.set_threshold(100_000, 50, 50)
+    _answer_pyarrows_pandas_probe()
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         pass
+
+
+class _NoPandasYet(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is imported when a conversion needs it")
+
+
+def _answer_pyarrows_pandas_probe() -> None:
+    """Let pyarrow's first look for pandas find none, where pandas is not imported yet: the loader never hands
+    pyarrow a pandas object. pyarrow looks again, and imports pandas, when a conversion to pandas needs it
+    (`to_pandas`, so `read_events`); until then it takes a pandas object handed to `pa.array` as a sequence."""
+    if "pandas" in sys.modules:
+        return
+    finder = _NoPandasYet()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.scalar(0)
+    finally:
+        sys.meta_path.remove(finder)
 
 
 def _worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any) -> None:
