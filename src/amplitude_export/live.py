@@ -20,6 +20,11 @@ from pathlib import Path
 
 from .archive import ArchiveMember, parse_member_name
 
+try:  # ISA-L's CRC-32 is ~5x zlib's (0.012 against 0.063 s per 136 MB here)
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - depends on the environment
+    _crc32 = zlib.crc32
+
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
 _END_OF_MEMBERS = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")  # central directory, end records
 _READ_SIZE = 1 << 18
@@ -101,7 +106,7 @@ class _MemberStream:
         if len(data) < size:
             raise EOFError("the archive ends inside this member")
         self._at += size
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = _crc32(data, self._crc)
         return data
 
     def __enter__(self) -> _MemberStream:
