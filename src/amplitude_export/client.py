@@ -215,7 +215,9 @@ class ExportClient:
                         live = LiveFile(part, attempt_no)
                         on_live(live)
                     for chunk in response.iter_raw(CHUNK):
-                        out.write(chunk)
+                        view = memoryview(chunk)
+                        while view:  # an unbuffered write may take only part of a chunk
+                            view = view[out.write(view):]
                         received += len(chunk)
                         if live is not None:
                             live.grew(len(chunk))
