@@ -45,6 +45,10 @@ class LiveFile:
     def __init__(self, path: Path, attempt: int) -> None:
         self.path = path
         self.attempt = attempt
+        # set by pipeline.fetch_windows, as on a Download: requests counted with those of the windows this one
+        # was split from, and the planned window it is a part of
+        self.attempts = attempt
+        self.split_from: object | None = None
         self._fd = os.open(path, os.O_RDONLY)
         self._written = 0
         self._final: Path | None = None

@@ -217,7 +217,10 @@ def fetch_windows(
                 started = sorted(w for w in list(offers) if w in running.values())
                 if started:
                     offered.add(started[0])
-                    yield started[0], offers.pop(started[0])
+                    file = offers.pop(started[0])
+                    planned, spent = lineage.get(started[0], (None, 0))
+                    file.attempts, file.split_from = file.attempt + spent, planned
+                    yield started[0], file
             for future in sorted(done, key=lambda f: running[f]):
                 window = running.pop(future)
                 if (unread := offers.pop(window, None)) is not None:
@@ -565,7 +568,8 @@ def run(
                 continue
             try:
                 outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
-                                      workers=workers, keep_raw=keep_raw, attempts=result.attempt, live=result)
+                                      workers=workers, keep_raw=keep_raw, attempts=result.attempts,
+                                      split_from=result.split_from, live=result)  # type: ignore[arg-type]
             except StreamAbandoned as exc:
                 log.info("%s: stopped loading while downloading (%s); loading it once landed", window, exc)
                 continue
