@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 from .archive import ArchiveMember, parse_member_name
+from .windows import Window
 
 try:  # ISA-L's CRC-32 is ~5x zlib's (0.012 against 0.063 s per 136 MB here)
     from isal.isal_zlib import crc32 as _crc32
@@ -48,7 +49,7 @@ class LiveFile:
         # set by pipeline.fetch_windows, as on a Download: requests counted with those of the windows this one
         # was split from, and the planned window it is a part of
         self.attempts = attempt
-        self.split_from: object | None = None
+        self.split_from: Window | None = None
         self._fd = os.open(path, os.O_RDONLY)
         self._written = 0
         self._final: Path | None = None

@@ -196,13 +196,12 @@ def fetch_windows(
 
     def offer(window: Window) -> Callable[[LiveFile], None]:
         def take(file: LiveFile) -> None:
-            if file.attempt == 1 and window not in offered:
-                offers[window] = file
+            if file.attempt == 1:
+                offers[window] = file  # popped when yielded, or closed when its download completes unread
             else:
                 file.close()
         return take
 
-    offered: set[Window] = set()
     warm = True
     try:
         while queue or running:
@@ -214,13 +213,12 @@ def fetch_windows(
                 _warm_arrow()
                 warm = False
             while not (done := wait(running, timeout=_LIVE_POLL if live else None, return_when=FIRST_COMPLETED)[0]):
-                started = sorted(w for w in list(offers) if w in running.values())
-                if started:
-                    offered.add(started[0])
-                    file = offers.pop(started[0])
-                    planned, spent = lineage.get(started[0], (None, 0))
+                first = min(list(offers), default=None)  # a copy: a fetch thread may add to it meanwhile
+                if first is not None:
+                    file = offers.pop(first)
+                    planned, spent = lineage.get(first, (None, 0))
                     file.attempts, file.split_from = file.attempt + spent, planned
-                    yield started[0], file
+                    yield first, file
             for future in sorted(done, key=lambda f: running[f]):
                 window = running.pop(future)
                 if (unread := offers.pop(window, None)) is not None:
@@ -569,7 +567,7 @@ def run(
             try:
                 outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
                                       workers=workers, keep_raw=keep_raw, attempts=result.attempts,
-                                      split_from=result.split_from, live=result)  # type: ignore[arg-type]
+                                      split_from=result.split_from, live=result)
             except StreamAbandoned as exc:
                 log.info("%s: stopped loading while downloading (%s); loading it once landed", window, exc)
                 continue

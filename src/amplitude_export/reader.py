@@ -796,16 +796,19 @@ class WindowReader:
         """The live archive's members as they arrive, added to the reader's list before their parts are read."""
         index = 0
         while (member := live.get(index)) is not None:
-            if member.upload_hour is not None and not self.window.start <= member.upload_hour <= self.window.end:
+            if not self._covers(member):
                 raise StreamAbandoned(f"{member.name} lies outside {self.window}")
             self._members.append(member)
             self._member_hour.append(member.upload_hour or self.window.start)
             yield index, member
             index += 1
 
+    def _covers(self, member: ArchiveMember) -> bool:
+        """A member of this window's hours (a lookback's archive may cover more), or one naming no hour."""
+        return member.upload_hour is None or self.window.start <= member.upload_hour <= self.window.end
+
     def _in_window(self, members: list[ArchiveMember]) -> list[ArchiveMember]:
-        """The members of this window's hours (a lookback's archive may cover more) and those naming no hour."""
-        return [m for m in members if m.upload_hour is None or self.window.start <= m.upload_hour <= self.window.end]
+        return [m for m in members if self._covers(m)]
 
     def _landed(self) -> tuple[Path, list[ArchiveMember], _Hashes]:
         """Once the streamed download has landed: its path, its members as listed, and their hours' hashes."""

@@ -82,7 +82,7 @@ def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa
         yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
-SEEN_LIMIT = 1_000_000  # uuids a window deduplicates in memory (~80 bytes each compiled) before SQL has to
+SEEN_LIMIT = 1_000_000  # uuids a window deduplicates in memory (~70 bytes each compiled) before SQL has to
 
 try:  # built with the reader's compiled parser (setup.py); without a compiler the Python set below does the job
     from .._fastparse import StringSet as _StringSet
@@ -97,7 +97,7 @@ def _strings(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
 
 
 class _CompiledSet:
-    """`_fastparse.StringSet` over Arrow arrays: no Python string per row, the GIL released."""
+    """`_fastparse.StringSet` over Arrow arrays: no Python string per row."""
 
     def __init__(self) -> None:
         self._set = _StringSet()
@@ -154,7 +154,7 @@ class FirstCopies:
 
     Sinks drop repeats before the rows reach the database because removing them afterwards costs far more
     (DuckDB rewrites freshly inserted row groups at commit; PostgreSQL sorts the whole window). `taken` uuids
-    (held by other hours) are dropped too, without counting as the window's. The set costs ~80 bytes per uuid
+    (held by other hours) are dropped too, without counting as the window's. The set costs ~70 bytes per uuid
     (compiled; ~120 as Python strings), so it stops growing at `limit`: from then on (`overflowed`) rows pass
     unfiltered and the sink removes the remaining repeats in SQL.
     """
@@ -180,8 +180,8 @@ class FirstCopies:
         if len(self._set) >= self.limit:
             self.overflowed = True
             return None
-        column = batch.column("uuid")
-        return self._set.add(column if column.type == pa.string() else column.cast(pa.string()))
+        (column,) = _strings(batch.column("uuid"))
+        return self._set.add(column)
 
     def filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch without repeated uuids: the batch itself when it has none, else one filtered copy (one copy

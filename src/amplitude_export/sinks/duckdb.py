@@ -329,7 +329,7 @@ class DuckDBSink:
         self.path = Path(path).expanduser()
         self.description = f"duckdb:{self.path}"
         self.threads = threads
-        self.seen_limit = seen_limit  # uuids a window dedups in memory (~80 B each) before SQL takes over
+        self.seen_limit = seen_limit  # uuids a window dedups in memory (~70 B each) before SQL takes over
         temp = temp_directory or self.path.with_name(self.path.name + ".tmp")
         config: dict[str, Any] = {
             "memory_limit": memory_limit,
