@@ -229,3 +229,8 @@ def test_a_live_file_whose_attempt_failed_before_loading_began_gives_the_window_
         assert sink.ledger("p") == {}
     finally:
         sink.close()
+
+
+def test_the_fake_servers_pace_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="bytes_per_second must be a positive number"):
+        FakeExportServer(bytes_per_second=0)

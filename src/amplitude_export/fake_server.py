@@ -146,6 +146,8 @@ class FakeExportServer:
         unknown = [fault for fault in faults if fault not in FAULTS]
         if unknown:
             raise ValueError(f"unknown faults {unknown}; choose from {FAULTS}")
+        if bytes_per_second is not None and not bytes_per_second > 0:
+            raise ValueError(f"bytes_per_second must be a positive number, not {bytes_per_second!r}")
         self.api_key = api_key
         self._secret_key = secret_key
         self.host = host
