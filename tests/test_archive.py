@@ -88,6 +88,30 @@ def test_verify_archive_names_the_member_with_a_bad_crc(tmp_path: Path) -> None:
     assert bad in str(caught.value)
 
 
+def test_verify_archive_checks_deflated_members_too(tmp_path: Path) -> None:
+    """Stored members are checked on their raw bytes; a member zip-deflated as well goes through zipfile."""
+    name = "1/1_2024-03-01_0#0.json.gz"
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, gzip.compress(b"".join(b'{"uuid":"%d"}\n' % i for i in range(5000)), mtime=0))
+    assert [m.name for m in verify_archive(path)] == [name]
+    corrupt_member(path, name)
+    with pytest.raises(ArchiveError) as caught:
+        verify_archive(path)
+    assert caught.value.member == name
+
+
+def test_verify_archive_refuses_a_local_header_naming_another_file(tmp_path: Path) -> None:
+    first, second = "1/1_2024-03-01_0#0.json.gz", "1/1_2024-03-01_1#0.json.gz"
+    path = make_zip(tmp_path / "a.zip", {first: b"{}\n", second: b"{}\n"})
+    data = path.read_bytes()
+    at = data.index(second.encode())  # the second member's local header name (the directory's copy comes later)
+    path.write_bytes(data[:at] + first.encode() + data[at + len(second):])
+    with pytest.raises(ArchiveError) as caught:
+        verify_archive(path)
+    assert caught.value.member == second and "names another file" in str(caught.value)
+
+
 def test_content_hash_follows_names_and_bytes(tmp_path: Path) -> None:
     a = make_zip(tmp_path / "a.zip", {"1/1_2024-03-01_0#0.json.gz": b"x\n", "1/1_2024-03-01_1#0.json.gz": b"y\n"})
     members = list_members(a)

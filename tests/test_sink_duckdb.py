@@ -276,3 +276,19 @@ def test_a_read_only_open_reads_rows_and_ledger(tmp_path: Path) -> None:
         assert sorted(s.ledger("p")) == [hour(0), hour(1)]
     with pytest.raises(DestinationError, match="missing.duckdb"):
         DuckDBSink(tmp_path / "missing.duckdb", read_only=True)
+
+
+def test_write_behind_flushes_the_file_while_a_window_inserts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit's flush finds the row groups on disk already; the thread stops with the insert."""
+    from amplitude_export.sinks import duckdb as duckdb_sink
+
+    path = tmp_path / "a.duckdb"
+    path.write_bytes(b"x")
+    flushed: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(duckdb_sink.os, "fdatasync", lambda fd: (flushed.append(fd), real(fd)))
+    with duckdb_sink._WriteBehind(path, every=0.01) as behind:
+        time.sleep(0.2)
+    assert flushed and behind._thread is not None and not behind._thread.is_alive()
+    with duckdb_sink._WriteBehind(tmp_path / "missing.duckdb") as behind:  # nothing to flush: no thread
+        assert behind._thread is None

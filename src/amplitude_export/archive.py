@@ -20,6 +20,11 @@ from typing import BinaryIO
 
 from .errors import ArchiveError
 
+try:  # ISA-L's CRC-32 is ~5x zlib's (0.012 against 0.063 s per 136 MB here)
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - depends on the environment
+    crc32 = zlib.crc32
+
 CHUNK = 1 << 20
 _NAME = re.compile(r"_(\d{4})-(\d{2})-(\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
@@ -75,15 +80,29 @@ def list_members(path: Path | str) -> list[ArchiveMember]:
 
 
 def verify_archive(path: Path | str) -> list[ArchiveMember]:
-    """Check the central directory and every member's CRC-32 (streamed); return the members in order."""
+    """Check the central directory and every member's CRC-32 (streamed); return the members in order.
+
+    Stored members (what exports hold: the gzip inside is the compression) are checked on their raw bytes with
+    the fast CRC; any other method goes through zipfile, which inflates them.
+    """
     path = Path(path)
     members = list_members(path)
-    with _open_zip(path) as archive:
+    with _open_zip(path) as archive, open(path, "rb") as handle:
         for member in members:
+            info = archive.getinfo(member.name)
             try:
-                with archive.open(member.name) as stream:
-                    while stream.read(CHUNK):
-                        pass
+                if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:  # stored, unencrypted
+                    crc = 0
+                    for chunk in _raw_chunks(handle, info):
+                        crc = crc32(chunk, crc)
+                    if crc != info.CRC or info.file_size != info.compress_size:
+                        raise zipfile.BadZipFile(f"Bad CRC-32 for file {member.name!r}")
+                else:
+                    with archive.open(info) as stream:
+                        while stream.read(CHUNK):
+                            pass
+            except ArchiveError as exc:
+                raise ArchiveError(f"member is broken: {exc.reason}", path=str(path), member=member.name) from None
             except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
                 raise ArchiveError(f"member is broken: {exc}", path=str(path), member=member.name) from None
     return members
@@ -96,7 +115,10 @@ def _raw_chunks(handle: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
     if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
         raise ArchiveError("bad local file header", member=info.filename)
     fields = _LOCAL_HEADER.unpack(header)
-    handle.seek(fields[9] + fields[10], 1)  # skip the name and the extra field
+    name = handle.read(fields[9])
+    if name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise ArchiveError("the local header names another file", member=info.filename)
+    handle.seek(fields[10], 1)  # skip the extra field
     left = info.compress_size
     while left > 0:
         chunk = handle.read(min(CHUNK, left))

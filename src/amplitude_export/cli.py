@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -599,6 +600,9 @@ def demo(data_dir: Path, days: int, progress: bool | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    # numpy's OpenBLAS starts a thread per core at import, and each spins for a while: ~0.1 CPU s per run on two
+    # cores, taken from the load (measured, docs/PARSE_PATH.md). The loader never multiplies matrices.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .reader import tune_for_bulk_loading
 
     tune_for_bulk_loading()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -313,6 +315,45 @@ def record_from_row(row: dict[str, Any]) -> HourRecord:
     return HourRecord(**values)
 
 
+class _WriteBehind:
+    """Flushes the database file to disk every `every` seconds on a thread while a window is inserted.
+
+    DuckDB writes a big insert's row groups to the file as they fill, and its commit waits for the disk to have
+    them all (fdatasync): ~0.1 s for a day of 500 k events here, after the last row. Flushed as they come, most
+    are on disk by then. Any error is left for the commit's own flush to report.
+    """
+
+    def __init__(self, path: Path, every: float = 0.25) -> None:
+        self._path = path
+        self._every = every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _WriteBehind:
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except OSError:
+            return self
+        self._thread = threading.Thread(target=self._flush, args=(fd,), name="amplitude-export-flush", daemon=True)
+        self._thread.start()
+        return self
+
+    def _flush(self, fd: int) -> None:
+        try:
+            flush = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+            while not self._stop.wait(self._every):
+                flush(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class DuckDBSink:
     """Events and their ledger in one DuckDB file; see the module docstring for how a window is written."""
 
@@ -409,7 +450,8 @@ class DuckDBSink:
             # all `threads` insert: with vacuum off (see __init__) the partial row groups two threads leave are
             # no longer rewritten at close, and with the reader's threads in this process the second DuckDB
             # thread finds a free core: 5.8-6.3 s instead of 7.1-7.7 s per 504 k events (docs/PARSE_PATH.md)
-            intake.insert_into(con, EVENTS)
+            with _WriteBehind(self.path):
+                intake.insert_into(con, EVENTS)
             if intake.overflowed:
                 self._drop_repeats(mine, params, intake.ranks)
             self._drop_taken(mine, params, intake.uuids)
