@@ -133,6 +133,28 @@ def test_planner_learns_hour_sizes_and_stays_under_the_budget() -> None:
     assert len(fit_budget([tomorrow], estimate, 500)) > 1
 
 
+def test_windows_stay_within_the_uuids_a_sink_dedups_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SEEN_LIMIT uuids a window's repeats go to the slow SQL path, so the planner cuts windows to the
+    lines the ledger saw per hour (9/10 of the limit); the rows stay exactly the distinct uuids served."""
+    import amplitude_export.sinks
+
+    database = tmp_path / "a.duckdb"
+    with FakeExportServer(events_per_hour=15) as server:
+        first = run_into(server, database, tmp_path, start="2024-03-01", end="2024-03-01", now=DAY + timedelta(days=5))
+        assert first.exit_code == 0 and len(first.outcomes) == 1
+        monkeypatch.setattr(amplitude_export.sinks, "SEEN_LIMIT", 100)  # 90 lines a window: 6 hours of 15
+        server.requests.clear()
+        second = run_into(server, database, tmp_path, start="2024-03-02", end="2024-03-02",
+                          now=DAY + timedelta(days=5))
+        assert second.exit_code == 0
+        lines = server.hour_events(DAY)  # lines an hour holds (repeats included)
+        assert len(second.outcomes) > 1 and all(o.window.hours * lines <= 90 for o in second.outcomes)
+        assert sum(o.window.hours for o in second.outcomes) == 24
+        expected = len(server.expected_uuids(DAY, DAY + timedelta(days=2, hours=-1)))
+    with duckdb.connect(str(database), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT uuid) FROM events").fetchone() == (expected, expected)
+
+
 def test_learned_sizes_avoid_the_400(tmp_path: Path) -> None:
     database = tmp_path / "a.duckdb"
     with FakeExportServer(events_per_hour=40, max_archive_bytes=120_000) as server:

@@ -550,10 +550,9 @@ def run(
         report.notes.append(
             f"{plural(len(too_large), 'hour')} over the Export API's 4 GB limit (use Amplitude's S3 export): "
             + ", ".join(label_hour(h) for h in too_large[:10]))
-    estimate = hour_size_estimator(ledger)
     raw_dir = data_dir / "raw"
-    windows = plan_around_landed(fit_budget(sorted(windows), estimate, size_budget), landed_windows(raw_dir))
-    recheck = fit_budget(recheck, estimate, size_budget)
+    windows = plan_around_landed(_fit(sorted(windows), ledger, size_budget), landed_windows(raw_dir))
+    recheck = _fit(recheck, ledger, size_budget)
     reporter.add_windows(len(windows) + len(recheck))
     fresh = set(recheck)
     changed: list[datetime] = []
@@ -679,16 +678,28 @@ def _runs(hours: list[datetime]) -> list[Window]:
     return windows
 
 
-def hour_size_estimator(ledger: dict[datetime, HourRecord]) -> Callable[[datetime], int]:
-    """Each hour's archive bytes as last seen; an hour never seen is guessed from the recent loaded hours."""
-    known = {h: r.bytes for h, r in ledger.items() if r.status == LOADED and r.bytes}
+def hour_size_estimator(ledger: dict[datetime, HourRecord], measure: str = "bytes") -> Callable[[datetime], int]:
+    """Each hour's archive bytes (or another HourRecord count, e.g. `lines_read`) as last seen; an hour never
+    seen is guessed from the recent loaded hours."""
+    known = {h: getattr(r, measure) for h, r in ledger.items() if r.status == LOADED and getattr(r, measure)}
     recent = [known[h] for h in sorted(known)[-48:]]
     guess = int(sum(recent) / len(recent)) if recent else 0
     return lambda hour: known.get(hour, guess)
 
 
+def _fit(windows: list[Window], ledger: dict[datetime, HourRecord], size_budget: int) -> list[Window]:
+    """Windows cut to `size_budget` bytes of archive and to the lines a sink deduplicates in memory: past
+    `SEEN_LIMIT` uuids a window's repeats are removed in SQL, about twice as slow (measured: 28 s against 13.5 s
+    for a 1.9 M-event window into DuckDB). Both from what the ledger saw of each hour."""
+    from .sinks import SEEN_LIMIT
+
+    windows = fit_budget(windows, hour_size_estimator(ledger), size_budget)
+    return fit_budget(windows, hour_size_estimator(ledger, "lines_read"), SEEN_LIMIT * 9 // 10)
+
+
 def fit_budget(windows: list[Window], estimate: Callable[[datetime], int], budget: int) -> list[Window]:
-    """Cut windows whose estimated archive would exceed `budget` bytes, so large days never hit a 400 first."""
+    """Cut windows whose estimated total (archive bytes, lines) would exceed `budget`, so large days never hit a
+    400 first."""
     out: list[Window] = []
     for window in windows:
         start = window.start
