@@ -88,8 +88,8 @@ except ImportError:  # pragma: no cover - exercised by the tests through compile
     _StringSet = None
 
 # uuids a window deduplicates in memory before SQL has to remove the rest (slowly: +5 s for a window of 1 M
-# events past the limit, measured): ~77 bytes each compiled, so 2 M keep a DuckDB run under ~870 MB RSS;
-# ~120 bytes each as Python strings
+# events past the limit, measured): ~77 bytes each compiled, so 2 M keep a DuckDB run near 900 MB RSS (902 MiB
+# for a 1.9 M-event window, measured); ~120 bytes each as Python strings
 SEEN_LIMIT = 2_000_000 if _StringSet is not None else 1_000_000
 
 
