@@ -283,6 +283,34 @@ def test_truncate_closes_the_connection_mid_body() -> None:
         assert server.requests[0][2] == 200
 
 
+def test_the_streamed_archive_is_the_zip_zipfile_writes(tmp_path: Path) -> None:
+    """The answer is made on the fly from the cached members; it must be byte for byte what zipfile writes
+    (the folder entry, stored members, their CRCs), including where the `corrupt` fault flips bytes."""
+    start, end = datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 1, 5, tzinfo=UTC)
+    for options in ({"members_per_hour": 3}, {"malformed_lines": True}, {"empty_hours": [start]}):
+        with FakeExportServer(events_per_hour=40, **options) as server:  # type: ignore[arg-type]
+            written = tmp_path / "written.zip"
+            corrupt_at = server.build_archive(start, end, written)
+            streamed = server.stream_archive(start, end)
+            assert streamed is not None
+            size, streamed_corrupt_at, chunks = streamed
+            data = b"".join(chunks)
+            assert data == written.read_bytes() and size == len(data) and streamed_corrupt_at == corrupt_at
+            assert zipfile.ZipFile(io.BytesIO(data)).testzip() is None
+
+
+def test_an_archive_that_needs_zip64_is_written_by_zipfile_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 4 GB (or 65 535 entries) `stream_archive` declines and the answer is the zip zipfile wrote."""
+    with FakeExportServer(events_per_hour=20) as server:
+        streamed = server.stream_archive(datetime(2024, 3, 1, tzinfo=UTC), datetime(2024, 3, 1, 2, tzinfo=UTC))
+        assert streamed is not None
+        expected = b"".join(streamed[2])
+        monkeypatch.setattr(server, "stream_archive", lambda start, end: None)
+        answer = get(server, "20240301T00", "20240301T02")
+        assert answer.status_code == 200 and answer.content == expected
+        assert not list(server._cache_dir.glob("*.zip"))  # the temporary zip is gone
+
+
 def test_corrupt_body_fails_the_zip_crc() -> None:
     with FakeExportServer(events_per_hour=50, faults=["corrupt"]) as server:
         bad = get(server, "20240301T00", "20240301T01")
