@@ -297,7 +297,8 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 @click.option("--lookback-hours", type=click.IntRange(0, 24 * 60), default=72, show_default=True,
               help="Incremental runs re-check this many loaded hours before the end and reload those that changed.")
 @click.option("--size-budget-mb", type=click.IntRange(1, 4000), default=1024, show_default=True,
-              help="Plan windows whose archives (as learned from earlier runs) stay under this size.")
+              help="Plan windows whose archives (as learned from earlier runs) stay under this size; "
+                   "windows are also kept under the ~1.8 M lines a window deduplicates in memory.")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Threads (processes without the compiled parser) that parse events.")
 @click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
