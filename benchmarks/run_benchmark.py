@@ -149,10 +149,10 @@ def measure(
 # ---------------------------------------------------------------------------------------------- candidates
 
 
-def _run_command(url: str, dest: str, data_dir: Path, day: datetime) -> list[str]:
+def _run_command(url: str, dest: str, data_dir: Path, day: datetime, last: datetime) -> list[str]:
     return [
         str(ROOT / ".venv/bin/amplitude-export"), "run", "--base-url", url, "--api-key", API_KEY,
-        "--secret-key", SECRET_KEY, "--start", f"{day:%Y-%m-%d}", "--end", f"{day:%Y-%m-%d}",
+        "--secret-key", SECRET_KEY, "--start", f"{day:%Y-%m-%d}", "--end", f"{last:%Y-%m-%d}",
         "--dest", dest, "--data-dir", str(data_dir), "--log-dir", str(data_dir / "logs"), "--no-progress",
         "--lag-hours", "0",
     ]  # fmt: skip
@@ -166,12 +166,12 @@ from amplitude_export.client import ExportClient
 from amplitude_export.config import load_credentials
 from amplitude_export.pipeline import run
 from amplitude_export.sinks.postgres import PostgresSink
-url, dest, schema, data_dir, day = sys.argv[1:6]
+url, dest, schema, data_dir, day, last = sys.argv[1:7]
 credentials = load_credentials(api_key="{key}", secret_key="{secret}", base_url=url)
 with ExportClient(credentials) as client:
     sink = PostgresSink(dest, schema=schema)
     try:
-        report = run(client, sink, project="{key}", start=day, end=day, data_dir=Path(data_dir), lag_hours=0)
+        report = run(client, sink, project="{key}", start=day, end=last, data_dir=Path(data_dir), lag_hours=0)
     finally:
         sink.close()
 print(report.summary())
@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--days", type=int, default=2, help="days the fake server holds")
     parser.add_argument("--day", type=int, default=0, help="which day (0-based) each run loads")
+    parser.add_argument("--span-days", type=int, default=1,
+                        help="days each run loads from --day on (one window per day; gzip -dc reads them all)")
     parser.add_argument("--events-per-day", type=int, default=504_000)
     parser.add_argument("--members-per-hour", type=int, default=3)
     parser.add_argument("--gzip-level", type=int, default=6, help="the members' gzip level")
@@ -336,13 +338,17 @@ def main() -> None:
         if not url:
             raise SystemExit("the fake server did not start")
         day = DAY0 + timedelta(days=args.day)
-        archive = land_archive(url, args.cache_dir, day)
+        last = day + timedelta(days=args.span_days - 1)
+        if args.span_days < 1 or args.day + args.span_days > args.days:
+            raise SystemExit(f"--day {args.day} --span-days {args.span_days} is outside the {args.days} days served")
+        archives = [land_archive(url, args.cache_dir, day + timedelta(days=n)) for n in range(args.span_days)]
         members = work / "members"
         members.mkdir()
-        with zipfile.ZipFile(archive) as zf:
-            infos = [i for i in zf.infolist() if i.filename.endswith(".json.gz")]
-            for info in infos:
-                (members / info.filename.replace("/", "_")).write_bytes(zf.read(info))
+        for archive in archives:
+            with zipfile.ZipFile(archive) as zf:
+                infos = [i for i in zf.infolist() if i.filename.endswith(".json.gz")]
+                for info in infos:
+                    (members / info.filename.replace("/", "_")).write_bytes(zf.read(info))
         files = sorted(members.glob("*.json.gz"))
         raw_bytes = int(subprocess.run(["sh", "-c", f"gzip -dc {members}/*.json.gz | wc -c"],
                                        capture_output=True, text=True, check=True).stdout)
@@ -360,8 +366,10 @@ def main() -> None:
                 f"start: {info['load']}."
             ),
             (
-                f"Dataset: the fake server holds {args.days} days × {args.events_per_day:,} events; each run loads day "
-                f"{day:%Y-%m-%d}: {lines:,} events in {len(files)} members, {archive.stat().st_size / 1e6:.1f} MB "
+                f"Dataset: the fake server holds {args.days} days × {args.events_per_day:,} events; each run loads "
+                + (f"day {day:%Y-%m-%d}" if day == last else f"days {day:%Y-%m-%d}..{last:%Y-%m-%d}")
+                + f": {lines:,} events in {len(files)} members, "
+                f"{sum(a.stat().st_size for a in archives) / 1e6:.1f} MB "
                 f"zipped (gzip level {args.gzip_level}), {raw_bytes / 1e6:.0f} MB of NDJSON "
                 f"({raw_bytes / max(lines, 1):,.0f} B/event). Runs: {mode}; {args.rounds} rounds, interleaved."
             ),
@@ -379,18 +387,19 @@ def main() -> None:
                 data_dir.mkdir()
                 if args.landed:
                     (data_dir / "raw").mkdir()
-                    shutil.copyfile(archive, data_dir / "raw" / archive.name)
+                    for archive in archives:
+                        shutil.copyfile(archive, data_dir / "raw" / archive.name)
                 schema = f"bench_{os.getpid()}_{round_}"
                 if name == "gzip":
                     command = ["sh", "-c", "gzip -dc " + " ".join(str(f) for f in files) + " > /dev/null"]
                 elif name in ("duckdb", "duckdb-base"):
-                    command = _run_command(url, f"duckdb:{data_dir / 'events.duckdb'}", data_dir, day)
+                    command = _run_command(url, f"duckdb:{data_dir / 'events.duckdb'}", data_dir, day, last)
                 elif name == "parquet":
-                    command = _run_command(url, f"parquet:{data_dir / 'events'}", data_dir, day)
+                    command = _run_command(url, f"parquet:{data_dir / 'events'}", data_dir, day, last)
                 elif name == "postgres":
                     drop_schema(schema)
                     command = [sys.executable, "-c", _PG_SCRIPT, url, PG_URL, schema, str(data_dir),
-                               f"{day:%Y-%m-%d}"]
+                               f"{day:%Y-%m-%d}", f"{last:%Y-%m-%d}"]
                 else:
                     raise SystemExit(f"unknown candidate {name}")
                 try:

@@ -163,6 +163,20 @@ def test_a_broken_crc_names_the_member(tmp_path: Path) -> None:
     assert caught.value.member == member(17, 1)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_members_the_zip_deflated_as_well_read_the_same(tmp_path: Path, workers: int) -> None:
+    """Stored members are read straight from the file; anything else goes through zipfile, to the same rows."""
+    bodies = {member(17, n): b"\n".join(event(f"{n}-{i}") for i in range(400)) for n in range(3)}
+    stored = make_zip(tmp_path / "stored.zip", bodies)
+    deflated = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, body in bodies.items():
+            archive.writestr(name, gzip.compress(body, mtime=0))
+    _, expected = read(stored, workers=workers)
+    _, got = read(deflated, workers=workers)
+    assert got.drop(["_run_id"]).equals(expected.drop(["_run_id"])) and got.num_rows == 1200
+
+
 @pytest.mark.parametrize("cut", [0.5, 0.99])
 def test_a_truncated_gzip_names_the_member(tmp_path: Path, cut: float) -> None:
     body = gzip.compress(b"\n".join(event(str(i)) for i in range(500)))

@@ -8,15 +8,15 @@ Everything here streams: no member is ever held whole in memory, whatever the ar
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
 
 from .errors import ArchiveError
 
@@ -89,18 +89,10 @@ def verify_archive(path: Path | str) -> list[ArchiveMember]:
     members = list_members(path)
     with _open_zip(path) as archive, open(path, "rb") as handle:
         for member in members:
-            info = archive.getinfo(member.name)
             try:
-                if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:  # stored, unencrypted
-                    crc = 0
-                    for chunk in _raw_chunks(handle, info):
-                        crc = crc32(chunk, crc)
-                    if crc != info.CRC or info.file_size != info.compress_size:
-                        raise zipfile.BadZipFile(f"Bad CRC-32 for file {member.name!r}")
-                else:
-                    with archive.open(info) as stream:
-                        while stream.read(CHUNK):
-                            pass
+                with open_member(archive, handle.fileno(), member.name) as stream:
+                    while stream.read(CHUNK):
+                        pass
             except ArchiveError as exc:
                 raise ArchiveError(f"member is broken: {exc.reason}", path=str(path), member=member.name) from None
             except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
@@ -108,24 +100,66 @@ def verify_archive(path: Path | str) -> list[ArchiveMember]:
     return members
 
 
-def _raw_chunks(handle: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
-    """A member's stored (compressed) bytes, straight from the file: what Amplitude sent, not what it means."""
-    handle.seek(info.header_offset)
-    header = handle.read(_LOCAL_HEADER.size)
+def _data_start(fd: int, info: zipfile.ZipInfo) -> int:
+    """Where a member's stored bytes begin, after its local header (which must name the same file)."""
+    header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
     if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
         raise ArchiveError("bad local file header", member=info.filename)
     fields = _LOCAL_HEADER.unpack(header)
-    name = handle.read(fields[9])
+    name = os.pread(fd, fields[9], info.header_offset + _LOCAL_HEADER.size)
     if name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
         raise ArchiveError("the local header names another file", member=info.filename)
-    handle.seek(fields[10], 1)  # skip the extra field
-    left = info.compress_size
+    return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+
+
+def _raw_chunks(fd: int, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    """A member's stored (compressed) bytes, straight from the file: what Amplitude sent, not what it means."""
+    at, left = _data_start(fd, info), info.compress_size
     while left > 0:
-        chunk = handle.read(min(CHUNK, left))
+        chunk = os.pread(fd, min(CHUNK, left), at)
         if not chunk:
             raise ArchiveError("member ends early", member=info.filename)
+        at += len(chunk)
         left -= len(chunk)
         yield chunk
+
+
+class MemberStream:
+    """A stored member's bytes read at offsets (`read_at(offset, size)`: a landed file, or one still arriving),
+    its CRC-32 checked at the end as zipfile checks it, with the fast CRC and no shared file position."""
+
+    def __init__(self, read_at: Callable[[int, int], bytes], start: int, size: int, crc: int, name: str) -> None:
+        self._read_at, self._at, self._end, self._want, self._name = read_at, start, start + size, crc, name
+        self._crc = 0
+
+    def read(self, size: int = CHUNK) -> bytes:
+        size = min(size, self._end - self._at)
+        if size <= 0:
+            if self._crc != self._want:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file {self._name!r}")
+            return b""
+        data = self._read_at(self._at, size)
+        if len(data) < size:
+            raise EOFError("the archive ends inside this member")
+        self._at += size
+        self._crc = crc32(data, self._crc)
+        return data
+
+    def __enter__(self) -> MemberStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def open_member(archive: zipfile.ZipFile, fd: int, name: str) -> MemberStream | zipfile.ZipExtFile:
+    """A member's stream: stored members (what exports hold) read straight from `fd`, the archive's file; any
+    other method through zipfile, which inflates it."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.file_size != info.compress_size:
+        return archive.open(info)
+    return MemberStream(lambda at, size: os.pread(fd, size, at), _data_start(fd, info), info.compress_size,
+                        info.CRC, info.filename)
 
 
 def content_hash(path: Path | str, members: list[ArchiveMember]) -> str:
@@ -144,6 +178,6 @@ def content_hash(path: Path | str, members: list[ArchiveMember]) -> str:
                 info = archive.getinfo(member.name)
             except KeyError:
                 raise ArchiveError("member not in archive", path=str(path), member=member.name) from None
-            for chunk in _raw_chunks(handle, info):
+            for chunk in _raw_chunks(handle.fileno(), info):
                 digest.update(chunk)
     return digest.hexdigest()

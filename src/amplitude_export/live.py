@@ -17,13 +17,11 @@ import threading
 import zipfile
 from pathlib import Path
 
-from .archive import ArchiveMember, parse_member_name
-from .archive import crc32 as _crc32
+from .archive import ArchiveMember, MemberStream, parse_member_name
 from .windows import Window
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
 _END_OF_MEMBERS = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")  # central directory, end records
-_READ_SIZE = 1 << 18
 
 
 class StreamAbandoned(Exception):
@@ -88,34 +86,6 @@ class LiveFile:
         os.close(self._fd)
 
 
-class _MemberStream:
-    """A stored member's bytes as they arrive; the CRC-32 is checked at the end, as zipfile checks it."""
-
-    def __init__(self, live: LiveFile, start: int, member: ArchiveMember) -> None:
-        self._live, self._start, self._member = live, start, member
-        self._at = 0
-        self._crc = 0
-
-    def read(self, size: int = _READ_SIZE) -> bytes:
-        size = min(size, self._member.size - self._at)
-        if size <= 0:
-            if self._crc != self._member.crc:
-                raise zipfile.BadZipFile(f"Bad CRC-32 for file {self._member.name!r}")
-            return b""
-        data = self._live.read(self._start + self._at, size)
-        if len(data) < size:
-            raise EOFError("the archive ends inside this member")
-        self._at += size
-        self._crc = _crc32(data, self._crc)
-        return data
-
-    def __enter__(self) -> _MemberStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class LiveMembers:
     """The archive's `*.json.gz` members in the order they arrive, found by walking the local headers.
 
@@ -137,8 +107,8 @@ class LiveMembers:
                 self._scan_one()
             return self._members[index] if index < len(self._members) else None
 
-    def open(self, index: int, member: ArchiveMember) -> _MemberStream:
-        return _MemberStream(self.live, self._starts[index], member)
+    def open(self, index: int, member: ArchiveMember) -> MemberStream:
+        return MemberStream(self.live.read, self._starts[index], member.size, member.crc, member.name)
 
     def _scan_one(self) -> None:
         header = self.live.read(self._next, _LOCAL_HEADER.size)

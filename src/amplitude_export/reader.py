@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import schema
-from .archive import ArchiveMember, content_hash, list_members
+from .archive import ArchiveMember, content_hash, list_members, open_member
 from .errors import ArchiveError
 from .ledger import EMPTY, LOADED, HourRecord, MemberInfo
 from .live import LiveFile, LiveMembers, StreamAbandoned
@@ -475,8 +475,9 @@ def _parse_chunk(
     return _parse(lines, first, member, index, ctx, _is_utf8(data)), len(lines)
 
 
-def _opener(archive: zipfile.ZipFile) -> _Opener:
-    return lambda _, member: archive.open(member.name)
+def _opener(archive: zipfile.ZipFile, handle: Any) -> _Opener:
+    """Members of a landed archive (`handle`: its file): stored ones read straight from the file, at offsets."""
+    return lambda _, member: open_member(archive, handle.fileno(), member.name)
 
 
 def _open_archive(path: str) -> zipfile.ZipFile:
@@ -501,9 +502,9 @@ def _member_parts(opener: _Opener, ctx: _Context, index: int, member: ArchiveMem
 
 def _read_members(ctx: _Context, members: list[tuple[int, ArchiveMember]]) -> Generator[_Part, None, None]:
     """Parts of the given members, in order, parsed in this process."""
-    with _open_archive(ctx.path) as archive:
+    with _open_archive(ctx.path) as archive, open(ctx.path, "rb") as handle:
         for index, member in members:
-            yield from _member_parts(_opener(archive), ctx, index, member)
+            yield from _member_parts(_opener(archive, handle), ctx, index, member)
 
 
 class _Stopped(Exception):
@@ -521,7 +522,8 @@ def _produce(
     """
     try:
         with contextlib.ExitStack() as stack:
-            opener = live.open if live is not None else _opener(stack.enter_context(_open_archive(ctx.path)))
+            opener = live.open if live is not None else _opener(
+                stack.enter_context(_open_archive(ctx.path)), stack.enter_context(open(ctx.path, "rb")))
             for index, member in members:
                 for part in _member_parts(opener, ctx, index, member):
                     send(("part", part))
