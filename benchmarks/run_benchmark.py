@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run_benchmark.py --rounds 3
     .venv/bin/python benchmarks/run_benchmark.py --rounds 1 --only gzip,duckdb --write-docs
+    .venv/bin/python benchmarks/run_benchmark.py --span-days 2 --only gzip,duckdb     # two days, one window each
 
 The fake server (`FakeExportServer`) runs in its own process, so its CPU never counts against the tool. It serves
 a fixed synthetic dataset: `--days` days (default 2) of `--events-per-day` events (default 504 000, so 1 008 000
