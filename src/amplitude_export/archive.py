@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 CHUNK = 1 << 20
 _NAME = re.compile(r"_(\d{4})-(\d{2})-(\d{2})_(\d{1,2})#(\d+)\.json\.gz$")
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,14 @@ def verify_archive(path: Path | str) -> list[ArchiveMember]:
 
 def _data_start(fd: int, info: zipfile.ZipInfo) -> int:
     """Where a member's stored bytes begin, after its local header (which must name the same file)."""
-    header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
-    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+    header = os.pread(fd, LOCAL_HEADER.size, info.header_offset)
+    if len(header) != LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
         raise ArchiveError("bad local file header", member=info.filename)
-    fields = _LOCAL_HEADER.unpack(header)
-    name = os.pread(fd, fields[9], info.header_offset + _LOCAL_HEADER.size)
+    fields = LOCAL_HEADER.unpack(header)
+    name = os.pread(fd, fields[9], info.header_offset + LOCAL_HEADER.size)
     if name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
         raise ArchiveError("the local header names another file", member=info.filename)
-    return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    return info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
 
 
 def _raw_chunks(fd: int, info: zipfile.ZipInfo) -> Iterator[bytes]:

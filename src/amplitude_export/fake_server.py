@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import zipfile
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from .archive import LOCAL_HEADER, crc32
 from .errors import UsageError
 from .synthetic import generate_hour, hour_uuids, utc_hour
 
@@ -399,7 +399,7 @@ class FakeExportServer:
         for name, path, size, crc in entries:
             raw = name.encode()
             flags = 0 if raw.isascii() else 0x800
-            headers.append(_LOCAL.pack(b"PK\x03\x04", 20, flags, 0, *stamp, crc, size, size, len(raw), 0) + raw)
+            headers.append(LOCAL_HEADER.pack(b"PK\x03\x04", 20, flags, 0, *stamp, crc, size, size, len(raw), 0) + raw)
             attributes = 0o40755 << 16 | 0x10 if path is None else 0o600 << 16  # as zipfile writes them
             central.append(_CENTRAL.pack(b"PK\x01\x02", 3 << 8 | 20, 20, flags, 0, *stamp, crc, size, size,
                                          len(raw), 0, 0, 0, 0, attributes, offset) + raw)
@@ -416,9 +416,7 @@ class FakeExportServer:
             for header, (_, path, _, _) in zip(headers, entries, strict=True):
                 yield header
                 if path is not None:
-                    with path.open("rb") as source:
-                        while chunk := source.read(_CHUNK):
-                            yield chunk
+                    yield from _file_chunks(path)
             yield directory + end_record
 
         return total, corrupt_at if len(entries) > 1 else 0, chunks()
@@ -429,9 +427,8 @@ class FakeExportServer:
             known = self._crcs.get(path)
         if known is None:
             crc = 0
-            with path.open("rb") as source:
-                while chunk := source.read(_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
+            for chunk in _file_chunks(path):
+                crc = crc32(chunk, crc)
             known = (path.stat().st_size, crc)
             with self._lock:
                 self._crcs[path] = known
@@ -660,7 +657,6 @@ def _hours(start: datetime | str, end: datetime | str) -> list[datetime]:
     return [first + HOUR * index for index in range(int((last - first) / HOUR) + 1)]
 
 
-_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # zip local file header (signature ... extra length), then the name
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, then the name
 _END = struct.Struct("<4sHHHHIIH")  # end of central directory record
 

@@ -12,15 +12,13 @@ member — raises `StreamAbandoned`: the sink rolls back, and the window is load
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import zipfile
 from pathlib import Path
 
-from .archive import ArchiveMember, MemberStream, parse_member_name
+from .archive import LOCAL_HEADER, ArchiveMember, MemberStream, parse_member_name
 from .windows import Window
 
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip local file header, before its name and extra field
 _END_OF_MEMBERS = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")  # central directory, end records
 
 
@@ -111,18 +109,18 @@ class LiveMembers:
         return MemberStream(self.live.read, self._starts[index], member.size, member.crc, member.name)
 
     def _scan_one(self) -> None:
-        header = self.live.read(self._next, _LOCAL_HEADER.size)
+        header = self.live.read(self._next, LOCAL_HEADER.size)
         if header[:4] in _END_OF_MEMBERS:
             self._done = True
             return
-        if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        if len(header) < LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
             raise StreamAbandoned(f"no zip entry at byte {self._next}")
-        _, _, flags, method, _, _, crc, size, full_size, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        _, _, flags, method, _, _, crc, size, full_size, name_length, extra_length = LOCAL_HEADER.unpack(header)
         if flags & 0x09 or 0xFFFFFFFF in (size, full_size):
             raise StreamAbandoned("entries with data descriptors, encryption or ZIP64 sizes are read once landed")
-        raw_name = self.live.read(self._next + _LOCAL_HEADER.size, name_length)
+        raw_name = self.live.read(self._next + LOCAL_HEADER.size, name_length)
         name = raw_name.decode("utf-8" if flags & 0x800 else "cp437")
-        start = self._next + _LOCAL_HEADER.size + name_length + extra_length
+        start = self._next + LOCAL_HEADER.size + name_length + extra_length
         self._next = start + size
         if name.endswith("/") or not name.endswith(".json.gz"):
             return  # skipped, as list_members skips them
