@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import stamina.instrumentation
-from rich.logging import RichHandler
 
 from .progress import Reporter, RichReporter
 
@@ -58,6 +57,8 @@ def setup_logging(
     logger.propagate = False
     console_level = logging.DEBUG if verbose else logging.INFO
     if isinstance(reporter, RichReporter):
+        from rich.logging import RichHandler
+
         console: logging.Handler = RichHandler(console=reporter.console, show_path=False, markup=False)
         console.setLevel(logging.WARNING if not verbose else logging.DEBUG)
     else:

@@ -92,6 +92,7 @@ def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
             con = duckdb.connect(str(Path(scratch) / "copy.duckdb"), config={"threads": 2, "memory_limit": "1GB"})
             try:
                 con.execute("SET TimeZone = 'UTC'")
+                con.execute("SET enable_progress_bar = false")  # DuckDB's own bar: on stdout under `python -c`
                 _postgres_views(con, dest, Path(scratch))
                 yield con
             finally:
@@ -100,6 +101,7 @@ def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
     con = duckdb.connect(":memory:", config={"threads": 2, "memory_limit": "1GB"})
     try:
         con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ shown and cast as UTC whatever the machine's zone
+        con.execute("SET enable_progress_bar = false")  # DuckDB's own bar: on stdout under `python -c`
         scheme = scheme.lower()
         if scheme == "duckdb":
             _duckdb_views(con, Path(rest).expanduser())

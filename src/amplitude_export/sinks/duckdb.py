@@ -91,8 +91,11 @@ def events_ddl(table: str, *, json_type: str = "JSON", temp: bool = False, seq: 
 
 
 def configure(con: duckdb.DuckDBPyConnection) -> None:
-    """Make TIMESTAMPTZ come back as UTC whatever the machine's zone (needs the built-in ICU extension)."""
+    """Make TIMESTAMPTZ come back as UTC whatever the machine's zone (needs the built-in ICU extension), and keep
+    DuckDB's own progress bar off: under `python -c` or in a notebook it drew one on stdout for every statement
+    over 2 s (a window's insert), beside ours."""
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")
 
 
 def check_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
