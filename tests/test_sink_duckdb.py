@@ -30,7 +30,7 @@ from amplitude_export.errors import DestinationBusyError, DestinationError
 from amplitude_export.ledger import EMPTY, FAILED, HourRecord
 from amplitude_export.schema import ALL_COLUMNS, ARROW_SCHEMA, DUCKDB_TYPES
 from amplitude_export.sinks import open_sink
-from amplitude_export.sinks.duckdb import DuckDBSink
+from amplitude_export.sinks.duckdb import ROW_GROUP_SIZE, DuckDBSink
 
 TESTS = Path(__file__).parent
 
@@ -202,6 +202,22 @@ def test_a_wide_window_loads_under_a_small_memory_limit(tmp_path: Path) -> None:
         assert sum(r.duplicates for r in records) == 20
 
 
+def test_inserts_write_row_groups_of_the_sinks_size_into_any_path(tmp_path: Path) -> None:
+    # the file is attached with ROW_GROUP_SIZE (DuckDB's default, 122,880 rows, would give one row group here),
+    # under a path that needs quoting in SQL
+    path = tmp_path / "it's here" / "events.duckdb"
+    with DuckDBSink(path, threads=1) as s:
+        w = window(0, 1)
+        s.write_window("p", w, synthetic_batches(w, 36_000, duplicate_every=0), finisher(w))
+        sizes = s.connection.sql(
+            "SELECT sum(count) FROM pragma_storage_info('events') WHERE column_name = 'uuid'"
+            " AND segment_type = 'VARCHAR' GROUP BY row_group_id ORDER BY row_group_id"
+        ).fetchall()
+    assert [row[0] for row in sizes] == [ROW_GROUP_SIZE, 72_000 - ROW_GROUP_SIZE]
+    with DuckDBSink(path, read_only=True) as again:
+        assert count(again) == 72_000
+
+
 def test_open_sink_and_open_errors_name_the_path(tmp_path: Path) -> None:
     s = open_sink(f"duckdb:{tmp_path / 'a' / 'b.duckdb'}")
     assert s.description == f"duckdb:{tmp_path / 'a' / 'b.duckdb'}"
@@ -229,7 +245,7 @@ def _spawn(code: str, marker: Path) -> subprocess.Popen[bytes]:
 def test_a_second_process_holding_the_file_makes_it_busy(tmp_path: Path) -> None:
     path, marker = tmp_path / "events.duckdb", tmp_path / "ready"
     code = (
-        "import sys, time, pathlib\nfrom amplitude_export.sinks.duckdb import DuckDBSink\n"
+        "import sys, time, pathlib\nfrom amplitude_export.sinks.duckdb import ROW_GROUP_SIZE, DuckDBSink\n"
         f"s = DuckDBSink(pathlib.Path({str(path)!r}))\n"
         f"pathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(60)\n"
     )

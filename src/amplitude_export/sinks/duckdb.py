@@ -38,6 +38,13 @@ SEQ = "_seq"  # arrival order of a staged row: the lowest wins among rows sharin
 
 COLUMNS_SQL = ", ".join(quote(name) for name in COLUMN_NAMES)
 
+# The file is attached under this name (not opened as the default database) so that its inserts can use smaller
+# row groups: DuckDB holds each inserting thread's open row group uncompressed, ~200 MB at its default 122,880
+# rows of these wide events, and every fresh page costs a fault. 61,440 rows: ~85 MB less RSS and ~0.06 s less
+# per day, for a 4 % larger file (73 against 70 MB for 504 k events; docs/PARSE_PATH.md). Per attach, not stored.
+ALIAS = "amplitude"
+ROW_GROUP_SIZE = 61_440
+
 # The ledger's columns, one per HourRecord field, in the dataclass's order.
 LEDGER_COLUMNS: dict[str, str] = {
     "project": "VARCHAR NOT NULL",
@@ -357,6 +364,27 @@ class _WriteBehind:
             self._thread.join()
 
 
+def _attach(path: Path, *, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
+    """A connection whose default database is the file at `path` (see ALIAS); cursors need `cursor_on`."""
+    con = duckdb.connect(":memory:", config=config)
+    try:
+        literal = str(path).replace("'", "''")
+        mode = "READ_ONLY, " if read_only else ""
+        con.execute(f"ATTACH '{literal}' AS {ALIAS} ({mode}ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+        con.execute(f"USE {ALIAS}")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def cursor_on(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A cursor of `con` that sees the attached file as its default database (a cursor starts on `memory`)."""
+    cursor = con.cursor()
+    cursor.execute(f"USE {ALIAS}")
+    return cursor
+
+
 class DuckDBSink:
     """Events and their ledger in one DuckDB file; see the module docstring for how a window is written."""
 
@@ -384,7 +412,7 @@ class DuckDBSink:
         try:
             if not read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.connection = duckdb.connect(str(self.path), read_only=read_only, config=config)
+            self.connection = _attach(self.path, read_only=read_only, config=config)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise DestinationBusyError(
@@ -501,7 +529,7 @@ class DuckDBSink:
         makes DuckDB re-append the whole window at commit (measured: +3.4 s for the second day of a two-day
         run, 0.05 s without). `_drop_taken` still checks every other hour after the insert.
         """
-        cursor = self.connection.cursor()
+        cursor = cursor_on(self.connection)
         try:
             table = cursor.sql(
                 f"SELECT o.uuid FROM {EVENTS} AS o WHERE o.uuid IS NOT NULL"
@@ -525,7 +553,7 @@ class DuckDBSink:
         """
         con = self.connection
         if uuids is not None:
-            cursor = con.cursor()
+            cursor = cursor_on(con)
             try:
                 # a first load into an empty table (or one holding only this window) has nothing to check
                 if not cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {EVENTS} AS o WHERE {_OTHERS})",
