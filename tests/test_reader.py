@@ -177,16 +177,38 @@ def test_members_the_zip_deflated_as_well_read_the_same(tmp_path: Path, workers:
     assert got.drop(["_run_id"]).equals(expected.drop(["_run_id"])) and got.num_rows == 1200
 
 
+@pytest.mark.parametrize("inflater", ["isal", "stdlib"])
 @pytest.mark.parametrize("cut", [0.5, 0.99])
-def test_a_truncated_gzip_names_the_member(tmp_path: Path, cut: float) -> None:
+def test_a_truncated_gzip_names_the_member(
+    tmp_path: Path, cut: float, inflater: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if inflater == "stdlib":  # where ISA-L is missing
+        monkeypatch.setattr(reader_module, "_GzipFile", gzip.GzipFile)
     body = gzip.compress(b"\n".join(event(str(i)) for i in range(500)))
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(member(17, 0), gzip.compress(event("ok")))
         archive.writestr(member(17, 1), body[: int(len(body) * cut)])  # the zip CRC is right, the gzip is short
     with pytest.raises(ArchiveError) as caught:
-        read(path)
+        read(path, workers=1)
     assert caught.value.member == member(17, 1)
+    assert "truncated" in str(caught.value)
+
+
+@pytest.mark.parametrize("inflater", ["isal", "stdlib"])
+def test_members_of_several_gzip_streams_and_blocks_inflate_whole(
+    tmp_path: Path, inflater: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if inflater == "stdlib":
+        monkeypatch.setattr(reader_module, "_GzipFile", gzip.GzipFile)
+    monkeypatch.setattr(reader_module, "_MAX_OUT", 4096)  # many blocks per member, lines cut across them
+    lines = [event(str(i)) for i in range(600)]
+    body = gzip.compress(b"\n".join(lines[:250]) + b"\n") + gzip.compress(b"\n".join(lines[250:]))
+    path = tmp_path / "a.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(member(17, 0), body)
+    table = read(path, workers=1)[1]
+    assert table.column("uuid").to_pylist() == [str(i) for i in range(600)]
 
 
 def test_rows_follow_member_order(tmp_path: Path) -> None:

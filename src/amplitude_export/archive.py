@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .errors import ArchiveError
 
@@ -144,6 +145,15 @@ class MemberStream:
         self._at += size
         self._crc = crc32(data, self._crc)
         return data
+
+    def readinto(self, buffer: Any) -> int:
+        """`read` into `buffer`, as a gzip reader asks for its input."""
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
 
     def __enter__(self) -> MemberStream:
         return self
