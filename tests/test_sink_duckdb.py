@@ -245,7 +245,7 @@ def _spawn(code: str, marker: Path) -> subprocess.Popen[bytes]:
 def test_a_second_process_holding_the_file_makes_it_busy(tmp_path: Path) -> None:
     path, marker = tmp_path / "events.duckdb", tmp_path / "ready"
     code = (
-        "import sys, time, pathlib\nfrom amplitude_export.sinks.duckdb import ROW_GROUP_SIZE, DuckDBSink\n"
+        "import sys, time, pathlib\nfrom amplitude_export.sinks.duckdb import DuckDBSink\n"
         f"s = DuckDBSink(pathlib.Path({str(path)!r}))\n"
         f"pathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(60)\n"
     )

@@ -31,6 +31,7 @@ import pyarrow as pa
 from .errors import DestinationBusyError, DestinationError, UsageError
 from .ledger import EMPTY, FAILED, LOADED, TOO_LARGE, HourRecord
 from .schema import KNOWN_SOURCES
+from .sinks.duckdb import configure
 from .windows import HOUR, floor_hour, label_hour
 
 TOP = 15  # rows kept for event types and countries; the rest is one "(other)" row
@@ -91,8 +92,7 @@ def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
         with tempfile.TemporaryDirectory(prefix="amplitude-report-") as scratch:
             con = duckdb.connect(str(Path(scratch) / "copy.duckdb"), config={"threads": 2, "memory_limit": "1GB"})
             try:
-                con.execute("SET TimeZone = 'UTC'")
-                con.execute("SET enable_progress_bar = false")  # DuckDB's own bar: on stdout under `python -c`
+                configure(con)
                 _postgres_views(con, dest, Path(scratch))
                 yield con
             finally:
@@ -100,8 +100,7 @@ def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
         return
     con = duckdb.connect(":memory:", config={"threads": 2, "memory_limit": "1GB"})
     try:
-        con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ shown and cast as UTC whatever the machine's zone
-        con.execute("SET enable_progress_bar = false")  # DuckDB's own bar: on stdout under `python -c`
+        configure(con)  # TIMESTAMPTZ shown and cast as UTC whatever the machine's zone; no progress bar
         scheme = scheme.lower()
         if scheme == "duckdb":
             _duckdb_views(con, Path(rest).expanduser())
