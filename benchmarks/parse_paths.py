@@ -30,7 +30,7 @@ import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import orjson
+import msgspec
 
 DAY = datetime(2025, 7, 1, tzinfo=UTC)
 CANDIDATES = ("gzip", "inflate", "reader1", "reader2", "duckdb")
@@ -52,7 +52,7 @@ def build_archive(workdir: Path, events: int, members_per_hour: int) -> tuple[Pa
                 lines = generate_hour(hour, project_id=123, seed=1, events=per_hour)
                 size = -(-len(lines) // members_per_hour)
                 for n in range(members_per_hour):
-                    body = b"".join(orjson.dumps(e) + b"\n" for e in lines[n * size : (n + 1) * size])
+                    body = b"".join(msgspec.json.encode(e) + b"\n" for e in lines[n * size : (n + 1) * size])
                     name = f"123/123_{hour:%Y-%m-%d}_{hour.hour}#{n}.json.gz"
                     data = gzip.compress(body, compresslevel=6)
                     out.writestr(name, data)

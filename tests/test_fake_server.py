@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
+import msgspec
 import pytest
 import schemathesis
 from conftest import REAL_EVENTS
@@ -63,14 +63,14 @@ def read_members(body: bytes) -> dict[str, list[bytes]]:
 
 
 def events_of(body: bytes) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for lines in read_members(body).values() for line in lines]
+    return [msgspec.json.decode(line) for lines in read_members(body).values() for line in lines]
 
 
 # -- the generator -------------------------------------------------------------------------------------------
 
 
 def test_export_keys_match_a_real_export_line() -> None:
-    real = orjson.loads(REAL_EVENTS.read_text().splitlines()[0])
+    real = msgspec.json.decode(REAL_EVENTS.read_text().splitlines()[0])
     assert tuple(real) == EXPORT_KEYS
     assert len(EXPORT_KEYS) == 55
 
@@ -104,13 +104,13 @@ def test_generated_events_look_like_real_exports() -> None:
         for key, value in event["event_properties"].items():
             drift.setdefault(key, set()).add(type(value))
     assert any({int, str} <= kinds or {float, str} <= kinds for kinds in drift.values())
-    text = orjson.dumps(events).decode()
+    text = msgspec.json.encode(events).decode()
     for sample in ("東京", "ü", "🎉", "서울"):
         assert sample in text
 
     uuids = [event["uuid"] for event in events]
     assert 0 < len(uuids) - len(set(uuids)) < 50  # a few exact repeats inside the hour
-    size = sum(len(orjson.dumps(event)) for event in events) / len(events)
+    size = sum(len(msgspec.json.encode(event)) for event in events) / len(events)
     assert 1400 < size < 2000  # the benchmark assumes about 1.7 KB per event
 
 
@@ -160,7 +160,7 @@ def test_archive_members_are_named_and_filled_as_amplitude_does(fake_server: Fak
     for name, lines in members.items():
         hour = int(MEMBER.match(name).group(3))  # type: ignore[union-attr]
         for line in lines:
-            event = orjson.loads(line)
+            event = msgspec.json.decode(line)
             assert tuple(event) == EXPORT_KEYS or set(event) < set(EXPORT_KEYS)
             assert event["server_upload_time"].startswith(f"2024-03-01 {hour:02d}:")
     events = events_of(response.content)
@@ -256,7 +256,7 @@ def test_same_request_gives_same_bytes_until_the_hour_is_reexported(fake_server:
     assert old[hour1] != new[hour1]
     after = fake_server.expected_uuids("20240301T01", "20240301T01")
     assert before < after  # the re-export keeps the old events and adds some
-    assert {orjson.loads(line)["uuid"] for line in new[hour1]} == after
+    assert {msgspec.json.decode(line)["uuid"] for line in new[hour1]} == after
 
 
 # -- faults --------------------------------------------------------------------------------------------------
@@ -396,8 +396,8 @@ def test_malformed_lines_are_served_and_counted() -> None:
     for name, lines in members.items():
         for line in lines:
             try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError:
+                value = msgspec.json.decode(line)
+            except msgspec.DecodeError:
                 bad += 1
                 assert name.endswith("#0.json.gz")
                 continue

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-import orjson
+import msgspec
 
 from .archive import LOCAL_HEADER, crc32
 from .errors import UsageError
@@ -346,7 +346,7 @@ class FakeExportServer:
         lines = self.hour_lines(hour)
         position = 0
         for index, (count, path) in enumerate(zip(counts, paths, strict=True)):
-            chunk = [orjson.dumps(event) for event in lines[position : position + count]]
+            chunk = [msgspec.json.encode(event) for event in lines[position : position + count]]
             position += count
             if self.malformed_lines and index == 0:
                 chunk.insert(min(1, len(chunk)), MALFORMED_LINES[0])
