@@ -30,7 +30,7 @@ from amplitude_export.errors import UsageError
 from amplitude_export.fake_server import FakeExportServer
 from amplitude_export.ledger import TOO_LARGE
 from amplitude_export.pipeline import run
-from amplitude_export.report import TOP, write_report
+from amplitude_export.report import TOP, vega_versions, write_report
 from amplitude_export.sinks import open_sink
 from amplitude_export.sinks.duckdb import DuckDBSink, record_from_row
 from amplitude_export.status import spans
@@ -281,11 +281,38 @@ def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> Non
                 "svg .mark-line, svg path, svg rect').length])"
             )
             rendered = page.evaluate("document.body.dataset.rendered")
+            marks = dict(page.evaluate(
+                "[...document.querySelectorAll('.chart')].map(c => [c.id, [...c.querySelectorAll('svg g.role-mark')]"
+                ".map(g => g.getAttribute('class').split(' ')[0] + ' ' + g.children.length).sort()])"
+            ))  # fmt: skip
+            versions = page.evaluate("({vega: vega.version, 'vega-lite': vegaLite.version, "
+                                     "'vega-embed': vegaEmbed.version})")  # fmt: skip
+            page.locator("#chart-types svg g.mark-rect path").first.hover()  # vega-embed's tooltip handler
+            page.wait_for_selector("#vg-tooltip-element.visible", timeout=5_000)
+            tooltip = page.inner_text("#vg-tooltip-element")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
     assert len(charts) == 7 and rendered == "7/7", charts
     assert all(count > 0 for _, count in charts), charts
+    # one mark per row of each chart's data: the charts draw the figures the page embeds
+    data = island(report)
+    drawn = [len([row for row in data[name] if not row.get("other")]) for name in ("event_types", "platforms",
+                                                                                  "countries")]  # fmt: skip
+    assert marks == {
+        "chart-hourly": [f"mark-rect {len(data['hourly'])}"] * 2,  # the ledger's shading and the bars
+        "chart-daily": [f"mark-rect {len(data['daily'])}"],
+        "chart-users": ["mark-line 1", "mark-line 1", f"mark-symbol {2 * len(data['daily'])}"],
+        "chart-types": [f"mark-rect {drawn[0]}"],
+        "chart-platforms": [f"mark-rect {drawn[1]}"],
+        "chart-countries": [f"mark-rect {drawn[2]}"],
+        "chart-lateness": [f"mark-rect {len(data['lateness']['buckets'])}"],
+    }
+    assert versions == vega_versions()  # the scripts inlined are the ones package data names
+    top = data["event_types"][0]
+    assert " ".join(tooltip.replace(",", "").split()) == (
+        f"event_type {top['value']} events {top['events']} users (approx.) {top['users']} share {top['share']:.1%}"
+    )
     assert problems == []
     assert requests == [report.as_uri()]  # nothing but the file itself: no CDN, no fonts
     assert (tmp_path / "report.png").stat().st_size > 10_000

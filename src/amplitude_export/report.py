@@ -8,8 +8,8 @@ For PostgreSQL the columns the figures need are streamed by COPY into a DuckDB f
 the page's size grows with the number of days and hours in the range, not with the number of events.
 
 The page embeds its figures once, as JSON (`<script type="application/json" id="report-data">`), and draws them
-with Vega-Lite specs built by Altair; the Vega, Vega-Lite and vega-embed JavaScript comes inlined from the
-`vl-convert-python` wheel, so the page opens offline. See docs/REPORT.md.
+with Vega-Lite specs (`chart_specs`); the Vega, Vega-Lite and vega-embed JavaScript ships with the package
+(`report_assets/`, refreshed by tools/vendor_vega.sh) and is inlined, so the page opens offline. See docs/REPORT.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -616,105 +617,135 @@ STATUS_COLORS = {
     TOO_LARGE: "#9d2a2a",
     MISSING: "#f2a93b",
 }
+ASSETS = resources.files("amplitude_export") / "report_assets"
+VEGA_FILES = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")  # in load order: embed needs the other two
+
+
+def vega_versions() -> dict[str, str]:
+    """The versions of the Vega, Vega-Lite and vega-embed builds the report inlines (tools/vendor_vega.sh)."""
+    return json.loads((ASSETS / "versions.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def _field(name: str, kind: str, **more: Any) -> dict[str, Any]:
+    return {"field": name, "type": kind, **more}
 
 
 def chart_specs() -> dict[str, dict[str, Any]]:
     """The Vega-Lite spec of each chart, by the id of its container; data comes from named datasets at render."""
-    import altair as alt
+    schema = f"https://vega.github.io/schema/vega-lite/v{vega_versions()['vega-lite'].split('.')[0]}.json"
+    hour = _field("hour", "temporal", scale={"type": "utc"})
+    hour_label = _field("label", "nominal", title="hour")
+    hourly = {
+        "data": {"name": "hourly"},
+        "transform": [
+            {"calculate": "time(toDate(datum.hour)) + 3600000", "as": "hour_end"},
+            {"calculate": "utcFormat(toDate(datum.hour), '%Y-%m-%d %H:00 UTC')", "as": "label"},
+        ],
+        "layer": [
+            # every hour, shaded unless loaded: filtering instead would leave an empty layer, which Vega warns about
+            {
+                "mark": "rect",
+                "encoding": {
+                    "x": hour,
+                    "x2": {"field": "hour_end"},
+                    "color": _field("status", "nominal"),  # the layers share the colour scale set below
+                    "opacity": {"condition": {"test": "datum.status == 'loaded'", "value": 0}, "value": 0.45},
+                    "tooltip": [hour_label, _field("status", "nominal"), _field("reason", "nominal")],
+                },
+            },
+            # rects from hour to hour + 1 and from 0 up: a bar mark with x and x2 would be drawn horizontally
+            {
+                "mark": "rect",
+                "encoding": {
+                    "x": {**hour, "title": "upload hour (UTC)"},
+                    "x2": {"field": "hour_end"},
+                    "y": _field("events", "quantitative", title="events"),
+                    "y2": {"datum": 0},
+                    "color": _field(
+                        "status", "nominal", title="ledger", legend={"symbolOpacity": 1},
+                        scale={"domain": list(STATUS_COLORS), "range": list(STATUS_COLORS.values())},
+                    ),
+                    "tooltip": [hour_label, _field("events", "quantitative"), _field("status", "nominal"),
+                                _field("attempts", "quantitative"),
+                                _field("split_from", "nominal", title="split from")],
+                },
+            },
+        ],
+        "width": "container",
+        "height": 220,
+    }  # fmt: skip
+    day = _field("day", "temporal", timeUnit="utcyearmonthdate", title="event day (UTC)")
+    day_tip = _field("day", "nominal", title="day")
+    daily = {
+        "data": {"name": "daily"},
+        "transform": [{"calculate": "datum.final ? 'final' : 'still filling in'", "as": "state"}],
+        "mark": "bar",
+        "encoding": {
+            "x": day,
+            "y": _field("events", "quantitative", title="events"),
+            "color": _field("state", "nominal", title="day",
+                            scale={"domain": ["final", "still filling in"], "range": ["#4c78a8", "#a0c4e8"]}),
+            "tooltip": [day_tip, *(_field(n, "quantitative") for n in ("events", "users", "new_users")),
+                        _field("state", "nominal")],
+        },
+        "width": "container",
+        "height": 200,
+    }  # fmt: skip
+    users = {
+        "data": {"name": "daily"},
+        "transform": [
+            {"fold": ["users", "new_users"], "as": ["measure", "count"]},
+            {"calculate": "datum.measure == 'users' ? 'active users' : 'new users'", "as": "measure"},
+        ],
+        "mark": {"type": "line", "point": True},
+        "encoding": {
+            "x": day,
+            "y": _field("count", "quantitative", title="distinct amplitude_id"),
+            "color": _field("measure", "nominal", title=None),
+            "strokeDash": _field("final", "nominal", legend=None,
+                                 scale={"domain": [True, False], "range": [[1, 0], [4, 3]]}),
+            "tooltip": [day_tip, _field("measure", "nominal"), _field("count", "quantitative")],
+        },
+        "width": "container",
+        "height": 200,
+    }  # fmt: skip
 
-    utc = alt.Scale(type="utc")
-    status_scale = alt.Scale(domain=list(STATUS_COLORS), range=list(STATUS_COLORS.values()))
-    hour_label = "utcFormat(toDate(datum.hour), '%Y-%m-%d %H:00 UTC')"
-    hourly = alt.Chart(alt.NamedData("hourly")).transform_calculate(
-        hour_end="time(toDate(datum.hour)) + 3600000", label=hour_label
-    )
-    # rects from hour to hour + 1 and from 0 up: a bar mark with x and x2 would be drawn horizontally
-    bars = hourly.mark_rect().encode(
-        x=alt.X("hour:T", scale=utc, title="upload hour (UTC)"),
-        x2="hour_end:T",
-        y=alt.Y("events:Q", title="events"),
-        y2=alt.datum(0),
-        color=alt.Color("status:N", scale=status_scale, title="ledger", legend=alt.Legend(symbolOpacity=1)),
-        tooltip=[alt.Tooltip("label:N", title="hour"), "events:Q", "status:N", "attempts:Q",
-                 alt.Tooltip("split_from:N", title="split from")],
-    )
-    # every hour, shaded unless loaded: filtering instead would leave an empty layer, which Vega warns about
-    marks = hourly.mark_rect().encode(
-        x=alt.X("hour:T", scale=utc),
-        x2="hour_end:T",
-        color=alt.Color("status:N", scale=status_scale),
-        opacity=alt.condition("datum.status == 'loaded'", alt.value(0), alt.value(0.45)),
-        tooltip=[alt.Tooltip("label:N", title="hour"), "status:N", "reason:N"],
-    )
-    day = alt.X("utcyearmonthdate(day):T", title="event day (UTC)")
-    daily = (
-        alt.Chart(alt.NamedData("daily"))
-        .transform_calculate(state="datum.final ? 'final' : 'still filling in'")
-        .mark_bar()
-        .encode(
-            x=day,
-            y=alt.Y("events:Q", title="events"),
-            color=alt.Color(
-                "state:N",
-                scale=alt.Scale(domain=["final", "still filling in"], range=["#4c78a8", "#a0c4e8"]),
-                title="day",
-            ),
-            tooltip=[alt.Tooltip("day:N", title="day"), "events:Q", "users:Q", "new_users:Q", "state:N"],
-        )
-    )
-    users = (
-        alt.Chart(alt.NamedData("daily"))
-        .transform_fold(["users", "new_users"], as_=["measure", "count"])
-        .transform_calculate(measure="datum.measure == 'users' ? 'active users' : 'new users'")
-        .mark_line(point=True)
-        .encode(
-            x=day,
-            y=alt.Y("count:Q", title="distinct amplitude_id"),
-            color=alt.Color("measure:N", title=None),
-            strokeDash=alt.StrokeDash(
-                "final:N", scale=alt.Scale(domain=[True, False], range=[[1, 0], [4, 3]]), legend=None
-            ),
-            tooltip=[alt.Tooltip("day:N", title="day"), "measure:N", "count:Q"],
-        )
-    )
+    def ranked(name: str, title: str) -> dict[str, Any]:
+        return {
+            "data": {"name": name},
+            "transform": [{"filter": "!datum.other"}],
+            "mark": "bar",
+            "encoding": {
+                "y": _field("value", "nominal", sort=None, title=title),
+                "x": _field("events", "quantitative", title="events", axis={"format": "~s"}),
+                "tooltip": [_field("value", "nominal", title=title), _field("events", "quantitative"),
+                            _field("users", "quantitative", title="users (approx.)"),
+                            _field("share", "quantitative", format=".1%")],
+            },
+            "width": 270,  # fixed: "container" width with a discrete height makes Vega-Lite warn
+        }  # fmt: skip
 
-    def ranked(name: str, title: str) -> alt.Chart:
-        return (
-            alt.Chart(alt.NamedData(name))
-            .transform_filter("!datum.other")
-            .mark_bar()
-            .encode(
-                y=alt.Y("value:N", sort=None, title=title),
-                x=alt.X("events:Q", title="events", axis=alt.Axis(format="~s")),
-                tooltip=[
-                    alt.Tooltip("value:N", title=title),
-                    "events:Q",
-                    alt.Tooltip("users:Q", title="users (approx.)"),
-                    alt.Tooltip("share:Q", format=".1%"),
-                ],
-            )
-            .properties(width=270)
-        )  # fixed: "container" width with a discrete height makes Vega-Lite warn
-
-    lateness = (
-        alt.Chart(alt.NamedData("lateness"))
-        .mark_bar()
-        .encode(
-            x=alt.X("bucket:N", sort=alt.SortField("order"), title="server_upload_time - event_time"),
-            y=alt.Y("events:Q", title="events", scale=alt.Scale(type="sqrt")),  # keeps the long tail visible
-            tooltip=["bucket:N", "events:Q"],
-        )
-    )
+    lateness = {
+        "data": {"name": "lateness"},
+        "mark": "bar",
+        "encoding": {
+            "x": _field("bucket", "nominal", sort={"field": "order"}, title="server_upload_time - event_time"),
+            "y": _field("events", "quantitative", title="events", scale={"type": "sqrt"}),  # the long tail shows
+            "tooltip": [_field("bucket", "nominal"), _field("events", "quantitative")],
+        },
+        "width": "container",
+        "height": 200,
+    }
     charts = {
-        "chart-hourly": (marks + bars).properties(width="container", height=220),
-        "chart-daily": daily.properties(width="container", height=200),
-        "chart-users": users.properties(width="container", height=200),
+        "chart-hourly": hourly,
+        "chart-daily": daily,
+        "chart-users": users,
         "chart-types": ranked("event_types", "event_type"),
         "chart-platforms": ranked("platforms", "platform"),
         "chart-countries": ranked("countries", "country"),
-        "chart-lateness": lateness.properties(width="container", height=200),
+        "chart-lateness": lateness,
     }
-    return {key: chart.to_dict(validate=True) for key, chart in charts.items()}
+    return {key: {"$schema": schema, **spec} for key, spec in charts.items()}
 
 
 def _script_safe(text: str) -> str:
@@ -722,17 +753,14 @@ def _script_safe(text: str) -> str:
     return text.replace("</", "<\\/")
 
 
+def _vega_credit() -> str:
+    return ", ".join(f"{name} {version}" for name, version in vega_versions().items())
+
+
 def _javascript() -> str:
-    """Vega, Vega-Lite and vega-embed as one script, from the vl-convert-python wheel (no network)."""
-    try:
-        import vl_convert
-        from altair.utils._importers import vl_version_for_vl_convert
-    except ImportError as exc:
-        raise UsageError(
-            f"the report needs altair and vl-convert-python, dependencies of amplitude-export: reinstall it or "
-            f"pip install altair vl-convert-python ({exc})"
-        ) from None
-    bundle = vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert())  # type: ignore[call-arg]
+    """Vega, Vega-Lite and vega-embed, shipped as package data (no network), as one script."""
+    notice = f"/*! {_vega_credit()}: BSD-3-Clause; licences in amplitude_export/report_assets/LICENSES.txt */\n"
+    bundle = notice + "\n".join((ASSETS / name).read_text(encoding="utf-8") for name in VEGA_FILES)
     # only `</script` could end the element early; replacing every `</` would break regex literals like /</g
     return re.sub(r"</(script)", r"<\\/\1", bundle, flags=re.IGNORECASE)
 
@@ -947,7 +975,7 @@ consecutive hours of one day with the same status.</p>
         )
     }
 </details></section>
-<footer>Charts: Vega-Lite via Altair, JavaScript inlined; the figures are in the
+<footer>Charts: {html.escape(_vega_credit())}, inlined (BSD-3-Clause); the figures are in the
 <code>report-data</code> JSON block of this file.</footer>
 """
     return f"""<!DOCTYPE html>
