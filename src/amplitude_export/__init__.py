@@ -58,5 +58,14 @@ def read_events(
     *,
     project: str | None = None,
 ) -> pd.DataFrame:
-    """Like `read_arrow`, as a pandas DataFrame (timestamps UTC-aware, JSON columns as text)."""
+    """Like `read_arrow`, as a pandas DataFrame (timestamps UTC-aware, JSON columns as text).
+
+    pandas is an extra (`pip install 'amplitude-export[pandas]'`); without it this raises a UsageError naming it,
+    before reading anything."""
+    try:
+        import pandas  # noqa: F401 - only to fail before the read, naming the extra
+    except ImportError:
+        from .errors import UsageError
+
+        raise UsageError("read_events needs pandas: pip install 'amplitude-export[pandas]'") from None
     return read_arrow(dest, start, end, project=project).to_pandas()

@@ -154,14 +154,6 @@ def _in_daemon_thread(function: Callable[..., Download], *args: Any, **kwargs: A
     return future
 
 
-def _warm_arrow() -> None:
-    """Make pyarrow import pandas now, while the first download streams: it does so at its first `pa.array` or
-    `pa.scalar` (~0.4 s here), which would otherwise fall on the first window's load."""
-    import pyarrow as pa
-
-    pa.scalar(0)
-
-
 def fetch_windows(
     client: ExportClient,
     windows: Iterable[Window],
@@ -202,16 +194,12 @@ def fetch_windows(
                 file.close()
         return take
 
-    warm = True
     try:
         while queue or running:
             while queue and len(running) < concurrency:
                 window = queue.pop()
                 running[_in_daemon_thread(client.fetch, window, raw_dir, on_bytes=reporter.add_bytes,
                                           fresh=window in fresh, on_live=offer(window) if live else None)] = window
-            if warm:
-                _warm_arrow()
-                warm = False
             while not (done := wait(running, timeout=_LIVE_POLL if live else None, return_when=FIRST_COMPLETED)[0]):
                 first = min(list(offers), default=None)  # a copy: a fetch thread may add to it meanwhile
                 if first is not None:
