@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/amplitude_export_run_benchmark"))
     parser.add_argument("--only", default=",".join(CANDIDATES))
     parser.add_argument("--baseline-src", type=Path,
-                        help="also run `duckdb` with PYTHONPATH=this src dir (an older checkout), as `duckdb-base`")
+                        help="also run `duckdb`, `postgres` with PYTHONPATH=this src dir (older checkout), as `*-base`")
     parser.add_argument("--landed", action="store_true", help="put the archive in the data dir before each run")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -325,7 +325,9 @@ def main() -> None:
 
     names = [n for n in args.only.split(",") if n]
     if args.baseline_src:
-        names.insert(names.index("duckdb") + 1 if "duckdb" in names else len(names), "duckdb-base")
+        for base in ("duckdb", "postgres"):
+            if base in names:
+                names.insert(names.index(base) + 1, f"{base}-base")
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--days", str(args.days), "--events-per-day", str(args.events_per_day),
          "--members-per-hour", str(args.members_per_hour), "--gzip-level", str(args.gzip_level),
@@ -358,7 +360,7 @@ def main() -> None:
         info = machine()
         pg_note = postgres_ready() if "postgres" in names else None
         if pg_note:
-            names.remove("postgres")
+            names = [n for n in names if not n.startswith("postgres")]
         mode = "archive already landed in the data dir" if args.landed else "download from the fake server included"
         header = [
             (
@@ -378,7 +380,7 @@ def main() -> None:
         if pg_note:
             header.append(f"PostgreSQL skipped: {pg_note}.")
         if args.baseline_src:
-            header.append(f"`duckdb-base`: the same command with the package imported from {args.baseline_src}.")
+            header.append(f"`*-base`: the same command with the package imported from {args.baseline_src}.")
         print("\n".join(header), flush=True)
 
         results: dict[str, list[tuple[float, float, tuple[int, int], int]]] = {name: [] for name in names}
@@ -397,7 +399,7 @@ def main() -> None:
                     command = _run_command(url, f"duckdb:{data_dir / 'events.duckdb'}", data_dir, day, last)
                 elif name == "parquet":
                     command = _run_command(url, f"parquet:{data_dir / 'events'}", data_dir, day, last)
-                elif name == "postgres":
+                elif name in ("postgres", "postgres-base"):
                     drop_schema(schema)
                     command = [sys.executable, "-c", _PG_SCRIPT, url, PG_URL, schema, str(data_dir),
                                f"{day:%Y-%m-%d}", f"{last:%Y-%m-%d}"]
@@ -405,11 +407,11 @@ def main() -> None:
                     raise SystemExit(f"unknown candidate {name}")
                 try:
                     env = None
-                    if name == "duckdb-base":
+                    if name.endswith("-base"):
                         env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
                     wall, cpu, peak, out = measure(command, env)
                 finally:
-                    if name == "postgres":
+                    if name.startswith("postgres"):
                         drop_schema(schema)
                 events = lines if name == "gzip" else count_events(out)
                 results[name].append((wall, cpu, peak, events))

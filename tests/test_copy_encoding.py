@@ -36,8 +36,11 @@ def test_the_compiled_encoder_writes_the_arrow_encoders_bytes() -> None:
     assert postgres._fastparse is not None
     batch = _batch()
     for piece in (batch, batch.slice(0, 1), batch.slice(17, 150), batch.slice(batch.num_rows - 5)):
-        expected = postgres._encode_with_arrow(piece, 41).to_pybytes()
-        assert postgres.encode_binary(piece, 41).to_pybytes() == expected
+        for first_seq in (41, None):  # numbered for the stage, unnumbered for `events` itself
+            expected = postgres._encode_with_arrow(piece, first_seq).to_pybytes()
+            assert postgres.encode_binary(piece, first_seq).to_pybytes() == expected
+    numbered, plain = postgres.encode_binary(batch, 0).to_pybytes(), postgres.encode_binary(batch, None).to_pybytes()
+    assert len(numbered) - len(plain) == 12 * batch.num_rows  # one bigint field (length and value) a row
 
 
 def test_rows_that_need_cleaning_are_cleaned_first() -> None:

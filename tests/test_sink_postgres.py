@@ -447,19 +447,23 @@ sink.write_window("p1", window, batches(), finish_then_stall)
 """
 
 
-@pytest.mark.parametrize("point", ["batches", "finish"])
-def test_kill_9_mid_write_then_rewrite_is_exact(schema: str, point: str) -> None:
-    with PostgresSink(URL, schema=schema) as sink:
-        first = event_rows(H0, 20, seed=8)
-        write(sink, Window(H0, H0), first)
-        ledger_before = sink.ledger("p1")
-    code = CHILD.format(tests=str(Path(__file__).parent), schema=schema, point=point)
+def kill_9_when_stalled(code: str) -> None:
+    """Run `code` in a Python subprocess and SIGKILL it once it prints "stalled"."""
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "stalled"
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait(10)
+
+
+@pytest.mark.parametrize("point", ["batches", "finish"])
+def test_kill_9_mid_write_then_rewrite_is_exact(schema: str, point: str) -> None:
+    with PostgresSink(URL, schema=schema) as sink:
+        first = event_rows(H0, 20, seed=8)
+        write(sink, Window(H0, H0), first)
+        ledger_before = sink.ledger("p1")
+    kill_9_when_stalled(CHILD.format(tests=str(Path(__file__).parent), schema=schema, point=point))
     # wait=True: the server may take a moment to notice the dead client and release its lock
     with PostgresSink(URL, schema=schema, wait=True) as sink:
         assert set(stored(sink)) == {r["uuid"] for r in first}

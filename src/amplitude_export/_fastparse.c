@@ -797,7 +797,8 @@ static inline void put_be64(char *out, uint64_t u) {
 #define PG_EPOCH_US 946684800000000LL /* PostgreSQL counts timestamps from 2000-01-01 UTC */
 
 /* encode_copy(columns, rows, first_seq): binary COPY rows for one batch, and a final bigint field numbering the
- * rows from first_seq. columns: (kind, validity or None, values, data or None, offset) per column, in order. */
+ * rows from first_seq (none when first_seq < 0). columns: (kind, validity or None, values, data or None, offset)
+ * per column, in order. */
 static PyObject *encode_copy(PyObject *module, PyObject *args) {
     (void)module;
     PyObject *columns;
@@ -838,7 +839,8 @@ static PyObject *encode_copy(PyObject *module, PyObject *args) {
         }
     }
     /* the size first: 2 bytes of field count per row, 4 of length per field, the values, 12 for the number */
-    size_t size = (size_t)rows * (2 + 4 * (ncols + 1) + 8);
+    int numbered = first_seq >= 0;
+    size_t size = (size_t)rows * (2 + 4 * (ncols + numbered) + 8 * numbered);
     for (Py_ssize_t i = 0; i < ncols; i++) {
         CopyColumn *c = &cols[i];
         if (c->kind == 's' || c->kind == 'j') {
@@ -858,8 +860,8 @@ static PyObject *encode_copy(PyObject *module, PyObject *args) {
     char *w = out;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows; r++) {
-        w[0] = (char)((ncols + 1) >> 8);
-        w[1] = (char)(ncols + 1);
+        w[0] = (char)((ncols + numbered) >> 8);
+        w[1] = (char)(ncols + numbered);
         w += 2;
         for (Py_ssize_t i = 0; i < ncols; i++) {
             CopyColumn *c = &cols[i];
@@ -906,9 +908,11 @@ static PyObject *encode_copy(PyObject *module, PyObject *args) {
                 break;
             }
         }
-        put_be32(w, 8);
-        put_be64(w + 4, (uint64_t)(first_seq + r));
-        w += 12;
+        if (numbered) {
+            put_be32(w, 8);
+            put_be64(w + 4, (uint64_t)(first_seq + r));
+            w += 12;
+        }
     }
     Py_END_ALLOW_THREADS
     result = take(&out, (size_t)(w - out));

@@ -3,8 +3,9 @@
 A sink holds a session-level advisory lock on its destination (database + schema) for its whole life, so two
 runs never interleave windows; each write also takes the transaction-scoped lock, so any writer that does not
 hold the session lock still cannot commit between our delete and our insert. Batches reach the server by binary
-COPY (encoded column-wise by Arrow, see `encode_binary`) into a temporary staging table; one
-`INSERT ... SELECT DISTINCT ON (uuid)` moves the first row of each uuid into `events`. See docs/POSTGRES.md.
+COPY (see `encode_binary`) straight into `events`, a chunk at a time under a savepoint; a chunk that meets a uuid
+stored under another hour goes to a temporary staging table instead, merged with `ON CONFLICT (uuid) DO NOTHING`
+(`_WindowLoad`). See docs/POSTGRES.md.
 
 jsonb refuses `\\u0000` and lone UTF-16 surrogate escapes, and text refuses the NUL character. Rather than lose
 such a row, the sink stores the offending escape or character as literal text (`\\u0000`), which is documented.
@@ -13,9 +14,10 @@ such a row, the sink stores the offending escape or character as literal text (`
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -87,6 +89,13 @@ _JSONB_VERSION = pa.scalar(b"\x01", pa.binary())
 _COLLATE = {"uuid": ' COLLATE "C"'}  # byte order: uuids need no locale, and sorts and the key get faster
 _ZONED = pa.timestamp("us", tz="UTC")
 _COPY_KINDS = [COMPILED_KINDS[column.kind] for column in ALL_COLUMNS]  # the compiled encoder's codes
+# A window's rows go straight into `events`, a chunk at a time, each chunk under a savepoint: a chunk that meets a
+# uuid stored under another hour is rolled back and re-sent to the stage, so the chunk size bounds what a conflict
+# wastes and the rows held for re-sending. Past 64 subtransactions other sessions' snapshots get slower, so a
+# window opens fewer; after a few conflicts the rest of the window goes to the stage directly.
+CHUNK_BYTES = 64 << 20
+MAX_SAVEPOINTS = 48
+MAX_CONFLICTS = 2
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
@@ -199,8 +208,9 @@ def _field(column: pa.Array, values: np.ndarray, width: int) -> list[pa.Array]:
     return [_fixed_size(lengths, 4), pc.if_else(valid, _fixed_size(values, width), _EMPTY)]
 
 
-def encode_binary(batch: pa.RecordBatch, first_seq: int) -> pa.Buffer:
-    """One batch as binary COPY rows (no file header) in ARROW_SCHEMA's order, numbered from `first_seq`.
+def encode_binary(batch: pa.RecordBatch, first_seq: int | None) -> pa.Buffer:
+    """One batch as binary COPY rows (no file header) in ARROW_SCHEMA's order, numbered from `first_seq` in a
+    last bigint field (no such field when `first_seq` is None).
 
     Each column becomes Arrow binary arrays of per-row fields, and one element-wise join in Arrow's C++ lays
     them out row by row, so no Python loop touches a row. Binary COPY saves the server about half of CSV's
@@ -215,14 +225,15 @@ def encode_binary(batch: pa.RecordBatch, first_seq: int) -> pa.Buffer:
         for code, column in zip(_COPY_KINDS, batch.columns, strict=True):
             buffers = column.buffers()
             columns.append((code, buffers[0], buffers[1], buffers[2] if len(buffers) > 2 else None, column.offset))
-        return pa.py_buffer(_fastparse.encode_copy(columns, batch.num_rows, first_seq))
+        return pa.py_buffer(_fastparse.encode_copy(columns, batch.num_rows, -1 if first_seq is None else first_seq))
     return _encode_with_arrow(batch, first_seq)
 
 
-def _encode_with_arrow(batch: pa.RecordBatch, first_seq: int) -> pa.Buffer:
+def _encode_with_arrow(batch: pa.RecordBatch, first_seq: int | None) -> pa.Buffer:
     """`encode_binary` without the compiled encoder: each column as Arrow binary arrays of per-row fields."""
     n = batch.num_rows
-    parts: list[pa.Array] = [_fixed_size(np.full(n, len(COLUMN_NAMES) + 1, ">i2"), 2)]
+    fields = len(COLUMN_NAMES) + (first_seq is not None)
+    parts: list[pa.Array] = [_fixed_size(np.full(n, fields, ">i2"), 2)]
     for field, column in zip(ARROW_SCHEMA, batch.columns, strict=True):
         kind = field.type
         if kind == pa.string():
@@ -244,13 +255,116 @@ def _encode_with_arrow(batch: pa.RecordBatch, first_seq: int) -> pa.Buffer:
             parts += _field(column, column.fill_null(False).to_numpy(zero_copy_only=False).astype("u1"), 1)
         else:
             raise TypeError(f"no binary COPY encoding for {field}")
-    parts += [
-        _fixed_size(np.full(n, 8, ">i4"), 4),
-        _fixed_size(np.arange(first_seq, first_seq + n, dtype=">i8"), 8),
-    ]
+    if first_seq is not None:
+        parts += [
+            _fixed_size(np.full(n, 8, ">i4"), 4),
+            _fixed_size(np.arange(first_seq, first_seq + n, dtype=">i8"), 8),
+        ]
     rows = pc.binary_join_element_wise(*parts, _EMPTY)
     offsets = np.frombuffer(rows.buffers()[1], np.int32)
     return rows.buffers()[2][offsets[rows.offset] : offsets[rows.offset + n]]
+
+
+class _WindowLoad:
+    """Sends one window's rows to the server inside the window's transaction (the caller deletes its hours first).
+
+    Rows go by binary COPY straight into `events`, `chunk_bytes` of encoded rows at a time, each chunk under a
+    savepoint, so the rows need no second pass through a stage. That is safe because `first` drops the window's
+    repeated uuids before they are sent, and the rows the window's reload deleted no longer conflict. A uuid
+    stored under another hour or project still makes the COPY fail (UNIQUE): the chunk is rolled back to its
+    savepoint and its rows (held until the chunk commits) are sent to the stage, which `_insert` merges with
+    `ON CONFLICT (uuid) DO NOTHING`, so the stored row wins as before. Once `first` overflows, rows pass with
+    their repeats: from then on all go to the stage, where the merge keeps the first copy of each uuid by `_seq`
+    (every earlier row, in `events` already, wins over a later one by the conflict).
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], events: sql.Identifier, first: FirstCopies, chunk_bytes: int):
+        self.conn = conn
+        self.events = events
+        self.first = first
+        self.chunk_bytes = chunk_bytes
+        self.staged: Counter[datetime] = Counter()  # rows per upload hour the batches held
+        self.inserted: Counter[datetime] = Counter()  # rows per upload hour committed straight into `events`
+        self.route: Counter[str] = Counter()  # rows sent "direct" and to the "stage"; chunks that "conflicted"
+        self.stage_rows = 0
+        self._savepoints = 0
+        self._stage_made = False
+
+    def send(self, batches: Iterable[pa.RecordBatch]) -> None:
+        parts = self._parts(batches)
+        pending = next(parts, None)
+        while pending is not None:
+            direct = self.route["conflicted"] < MAX_CONFLICTS and self._savepoints < MAX_SAVEPOINTS
+            if not direct or self.first.overflowed:
+                self._to_stage(itertools.chain([pending], parts))
+                return
+            pending = self._chunk(pending, parts)
+
+    def _parts(self, batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, int]]:
+        """Each batch without the repeats `first` drops, and the `_seq` of its first row (arrival order)."""
+        seq = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            for item in pc.value_counts(batch.column("_upload_hour")).to_pylist():
+                self.staged[item["values"]] += item["counts"]
+            part = self.first.filter(batch)
+            if part.num_rows:
+                yield part, seq
+                seq += part.num_rows
+
+    def _copy(self, table: sql.Composable, numbered: bool) -> Any:
+        columns = (*COLUMN_NAMES, "_seq") if numbered else COLUMN_NAMES
+        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+            table, sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        cursor = self.conn.cursor()
+        # a queue and a thread send to the server while the next batch is encoded: the two overlap on two cores
+        return cursor.copy(statement, writer=QueuedLibpqWriter(cursor))
+
+    def _chunk(
+        self, first_part: tuple[pa.RecordBatch, int], parts: Iterator[tuple[pa.RecordBatch, int]]
+    ) -> tuple[pa.RecordBatch, int] | None:
+        """COPY parts into `events` under a savepoint until `chunk_bytes`; the part that starts the next chunk."""
+        held = [first_part]  # re-sent to the stage if the chunk conflicts
+        following = None
+        self._savepoints += 1
+        try:
+            with self.conn.transaction(), self._copy(self.events, numbered=False) as copy:
+                copy.write(COPY_SIGNATURE)
+                size = 0
+                for index, (part, seq) in enumerate(itertools.chain([first_part], parts)):
+                    if index and (self.first.overflowed or size >= self.chunk_bytes):
+                        following = (part, seq)
+                        break
+                    if index:
+                        held.append((part, seq))
+                    data = encode_binary(part, None)
+                    copy.write(data)
+                    size += data.size
+        except psycopg.errors.UniqueViolation:
+            self.route["conflicted"] += 1
+            self._to_stage(held)
+            return following
+        for part, _ in held:
+            self.route["direct"] += part.num_rows
+            for item in pc.value_counts(part.column("_upload_hour")).to_pylist():
+                self.inserted[item["values"]] += item["counts"]
+        return following
+
+    def _to_stage(self, parts: Iterable[tuple[pa.RecordBatch, int]]) -> None:
+        stage = sql.Identifier(_STAGE)
+        if not self._stage_made:
+            self.conn.execute(
+                sql.SQL("CREATE TEMP TABLE {} (LIKE {}, _seq bigint) ON COMMIT DROP").format(stage, self.events)
+            )
+            self._stage_made = True
+        with self._copy(stage, numbered=True) as copy:
+            copy.write(COPY_SIGNATURE)
+            for part, seq in parts:
+                copy.write(encode_binary(part, seq))
+                self.route["stage"] += part.num_rows
+                self.stage_rows += part.num_rows
 
 
 class PostgresSink:
@@ -284,6 +398,8 @@ class PostgresSink:
         self._events = sql.Identifier(schema, "events")
         self._ledger = sql.Identifier(schema, LEDGER_TABLE)
         self._ledger_missing: set[str] = set()  # added columns an older ledger lacks (read-only opens only)
+        self.chunk_bytes = CHUNK_BYTES
+        self.route: Counter[str] = Counter()  # the last window's rows by way in (`_WindowLoad.route`)
         try:
             self._conn = psycopg.connect(
                 url, autocommit=True, connect_timeout=connect_timeout, application_name="amplitude-export"
@@ -429,7 +545,6 @@ class PostgresSink:
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, first row per uuid, and record them, in one transaction."""
         conn = self.conn
-        staged: Counter[datetime] = Counter()
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
@@ -440,14 +555,13 @@ class PostgresSink:
                     ),
                     [project, window.start, window.end],
                 )
-                conn.execute(
-                    sql.SQL("CREATE TEMP TABLE {} (LIKE {}, _seq bigint) ON COMMIT DROP").format(
-                        sql.Identifier(_STAGE), self._events
-                    )
-                )
-                first = FirstCopies(self._seen_limit)
-                self._copy(conn, with_project(batches, project), staged, first)
-                inserted = self._insert(conn, sort=first.overflowed)
+                load = _WindowLoad(conn, self._events, FirstCopies(self._seen_limit), self.chunk_bytes)
+                load.send(with_project(batches, project))
+                self.route = load.route
+                staged = load.staged
+                inserted = load.inserted
+                if load.stage_rows:
+                    inserted.update(self._insert(conn, sort=load.first.overflowed))
                 records = finish()
                 self._check_hours(window, staged, records)
                 now = self._now()
@@ -467,33 +581,8 @@ class PostgresSink:
             ) from None
         return records
 
-    def _copy(
-        self,
-        conn: psycopg.Connection[Any],
-        batches: Iterable[pa.RecordBatch],
-        staged: Counter[datetime],
-        first: FirstCopies,
-    ) -> None:
-        """Stream the batches into the staging table by binary COPY, numbering rows in arrival order; repeated
-        uuids are counted in `staged` but dropped before they are sent (`first`)."""
-        columns = sql.SQL(", ").join(map(sql.Identifier, (*COLUMN_NAMES, "_seq")))
-        statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(sql.Identifier(_STAGE), columns)
-        seq = 0
-        cursor = conn.cursor()
-        # a queue and a thread send to the server while the next batch is encoded: the two overlap on two cores
-        with cursor.copy(statement, writer=QueuedLibpqWriter(cursor)) as copy:
-            copy.write(COPY_SIGNATURE)
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                for item in pc.value_counts(batch.column("_upload_hour")).to_pylist():
-                    staged[item["values"]] += item["counts"]
-                part = first.filter(batch)
-                copy.write(encode_binary(part, seq))
-                seq += part.num_rows
-
     def _insert(self, conn: psycopg.Connection[Any], *, sort: bool) -> dict[datetime, int]:
-        """Move the first row of each uuid into `events`; rows per upload hour actually inserted.
+        """Move the staged rows whose uuid `events` lacks into `events`; rows per upload hour actually inserted.
 
         The stage holds each uuid once unless the window had more uuids than `FirstCopies` keeps (`sort`): only
         then is the stage sorted to pick the first copies (a sort of the whole window: ~1 s per 500 k events).
