@@ -13,10 +13,11 @@ import pytest
 from conftest import POSTGRES_URL as URL
 from test_sink_postgres import H0, batches_of, event_rows, finisher, first_per_uuid, kill_9_when_stalled, stored
 
-from amplitude_export.sinks.postgres import MAX_CONFLICTS, PostgresSink
+from amplitude_export.sinks.postgres import MAX_CONFLICTS, NEARBY, PostgresSink
 from amplitude_export.windows import HOUR, Window
 
 H1 = H0 + HOUR
+FAR = H1 + 12 * HOUR  # beyond NEARBY of H0 and H1: its uuids are not dropped on the way in
 
 
 def fresh(hour: datetime, events: int, seed: int = 1) -> list[dict[str, Any]]:
@@ -45,6 +46,15 @@ def sink(pg_schema: str) -> Any:
         yield opened
 
 
+def test_the_indexed_text_columns_compare_bytes(sink: PostgresSink) -> None:
+    """Every row's COPY updates the uuid key and the (_project, _upload_hour) index: byte order keeps the
+    comparisons off the locale's collation."""
+    collations = dict(sink.conn.execute(
+        "SELECT column_name, collation_name FROM information_schema.columns WHERE table_schema = %s"
+        " AND table_name = 'events' AND column_name IN ('uuid', '_project')", [sink.schema]).fetchall())
+    assert collations == {"uuid": "C", "_project": "C"}
+
+
 def test_first_load_and_reload_go_straight_into_events(sink: PostgresSink) -> None:
     window = Window(H0, H1)
     rows = fresh(H0, 300) + fresh(H1, 300, seed=2)
@@ -61,18 +71,20 @@ def test_first_load_and_reload_go_straight_into_events(sink: PostgresSink) -> No
     assert set(stored(sink)) == uuids(changed)
 
 
-def test_a_chunk_meeting_a_uuid_stored_elsewhere_goes_through_the_stage(sink: PostgresSink) -> None:
-    a = fresh(H0, 100)
-    write(sink, Window(H0, H0), a)
+@pytest.mark.parametrize("stored_at, conflicts", [(FAR, 1), (H0, 0), (H1 + NEARBY, 0)], ids=["far", "near", "edge"])
+def test_a_uuid_stored_under_another_hour_wins(sink: PostgresSink, stored_at: datetime, conflicts: int) -> None:
+    """Far away it makes its chunk go through the stage; near the window it is dropped before it is sent."""
+    a = fresh(stored_at, 100)
+    write(sink, Window(stored_at, stored_at), a)
     b = fresh(H1, 400, seed=3)
     b[250] = {**a[7], "_upload_hour": H1, "_line": b[250]["_line"], "city": "copy under H1"}  # in the third batch
     records = write(sink, Window(H1, H1), b)
-    assert sink.route == {"direct": 300, "conflicted": 1, "stage": 100}
+    assert sink.route == ({"direct": 300, "conflicted": 1, "stage": 100} if conflicts else {"direct": 399})
     assert (records[0].events_loaded, records[0].duplicates) == (399, 1)
     got = stored(sink)
     assert set(got) == uuids(a) | uuids(b)
-    assert (got[a[7]["uuid"]]["_upload_hour"], got[a[7]["uuid"]]["city"]) == (H0, a[7]["city"])
-    assert sink.count_by_hour("p1") == {H0: 100, H1: 399}
+    assert (got[a[7]["uuid"]]["_upload_hour"], got[a[7]["uuid"]]["city"]) == (stored_at, a[7]["city"])
+    assert sink.count_by_hour("p1") == {stored_at: 100, H1: 399}
     assert sink.ledger("p1")[H1].events_loaded == 399
 
 
@@ -93,8 +105,8 @@ def test_after_a_few_conflicts_the_rest_of_the_window_goes_to_the_stage(sink: Po
 
 def test_past_the_seen_limit_the_first_copy_still_wins(pg_schema: str) -> None:
     with PostgresSink(URL, schema=pg_schema) as sink:
-        taken = fresh(H1, 10, seed=9)
-        write(sink, Window(H1, H1), taken)
+        taken = fresh(FAR, 10, seed=9)
+        write(sink, Window(FAR, FAR), taken)
     with PostgresSink(URL, schema=pg_schema, seen_limit=150) as sink:
         sink.chunk_bytes = 1
         rows = fresh(H0, 400)
@@ -113,7 +125,7 @@ def test_past_the_seen_limit_the_first_copy_still_wins(pg_schema: str) -> None:
 
 # Runs in a subprocess: writes a window in chunks of one batch and stalls inside the batches after `at` of them,
 # printing "stalled" for the parent to kill it there, with savepoints released, a chunk conflicted, or the rest
-# of the window streaming into the stage (`conflicts` batches repeat a uuid stored under the other hour).
+# of the window streaming into the stage (`conflicts` batches repeat a uuid stored under FAR).
 CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
@@ -132,8 +144,8 @@ sink.write_window("p1", Window(H1, H1), batches(), finisher(Window(H1, H1), rows
 
 
 def kill_rows(conflicts: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A window of H0 stored first, and the rows of H1 whose first `conflicts` batches repeat one of its uuids."""
-    a = fresh(H0, 60)
+    """A window of FAR stored first, and the rows of H1 whose first `conflicts` batches repeat one of its uuids."""
+    a = fresh(FAR, 60)
     rows = fresh(H1, 400, seed=5)
     for batch in range(conflicts):
         rows[batch * 50 + 10] = {**a[batch], "_upload_hour": H1, "_line": batch * 50 + 11}
@@ -148,7 +160,7 @@ def kill_rows(conflicts: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 def test_kill_9_on_any_path_then_rerun_is_exact(pg_schema: str, at: int, conflicts: int) -> None:
     a, rows = kill_rows(conflicts)
     with PostgresSink(URL, schema=pg_schema) as sink:
-        write(sink, Window(H0, H0), a)
+        write(sink, Window(FAR, FAR), a)
         write(sink, Window(H1, H1), rows[-30:])  # a window already stored, which the killed reload must not lose
         before, ledger_before = cities(sink), sink.ledger("p1")
     kill_9_when_stalled(CHILD.format(tests=str(Path(__file__).parent), schema=pg_schema, conflicts=conflicts, at=at))

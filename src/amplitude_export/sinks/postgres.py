@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -86,7 +86,8 @@ COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # binary COPY header: signa
 _PG_EPOCH_US = 946_684_800_000_000  # PostgreSQL counts timestamps from 2000-01-01 UTC
 _EMPTY = pa.scalar(b"", pa.binary())
 _JSONB_VERSION = pa.scalar(b"\x01", pa.binary())
-_COLLATE = {"uuid": ' COLLATE "C"'}  # byte order: uuids need no locale, and sorts and the key get faster
+# byte order: uuids and project names need no locale, and the key, the hour index and sorts get faster
+_COLLATE = {"uuid": ' COLLATE "C"', "_project": ' COLLATE "C"'}
 _ZONED = pa.timestamp("us", tz="UTC")
 _COPY_KINDS = [COMPILED_KINDS[column.kind] for column in ALL_COLUMNS]  # the compiled encoder's codes
 # A window's rows go straight into `events`, a chunk at a time, each chunk under a savepoint: a chunk that meets a
@@ -96,6 +97,9 @@ _COPY_KINDS = [COMPILED_KINDS[column.kind] for column in ALL_COLUMNS]  # the com
 CHUNK_BYTES = 64 << 20
 MAX_SAVEPOINTS = 48
 MAX_CONFLICTS = 2
+# An event Amplitude received again lands in a later upload hour, usually a near one: the uuids the project holds
+# this many hours either side of a window are dropped on the way in, so such a repeat makes no chunk conflict.
+NEARBY = timedelta(hours=6)
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
@@ -555,7 +559,8 @@ class PostgresSink:
                     ),
                     [project, window.start, window.end],
                 )
-                load = _WindowLoad(conn, self._events, FirstCopies(self._seen_limit), self.chunk_bytes)
+                first = FirstCopies(self._seen_limit, self._nearby_uuids(conn, project, window))
+                load = _WindowLoad(conn, self._events, first, self.chunk_bytes)
                 load.send(with_project(batches, project))
                 self.route = load.route
                 staged = load.staged
@@ -580,6 +585,15 @@ class PostgresSink:
                 f"{self.description}: cannot write window {window}: {self._message(exc)}"
             ) from None
         return records
+
+    def _nearby_uuids(self, conn: psycopg.Connection[Any], project: str, window: Window) -> pa.Array:
+        """The project's uuids `NEARBY` hours either side of the window (its own hours were just emptied), which
+        the index on (_project, _upload_hour) finds without reading other hours."""
+        query = sql.SQL(
+            "SELECT uuid FROM {} WHERE _project = %s AND _upload_hour BETWEEN %s AND %s AND uuid IS NOT NULL"
+        ).format(self._events)
+        rows = conn.execute(query, [project, window.start - NEARBY, window.end + NEARBY]).fetchall()
+        return pa.array([row[0] for row in rows], pa.string())
 
     def _insert(self, conn: psycopg.Connection[Any], *, sort: bool) -> dict[datetime, int]:
         """Move the staged rows whose uuid `events` lacks into `events`; rows per upload hour actually inserted.
