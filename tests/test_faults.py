@@ -159,6 +159,14 @@ def test_a_base_url_with_the_export_path_is_refused_with_one_line(tmp_path: Path
     assert "/api/2/export" in line
 
 
+def test_a_base_url_with_credentials_is_refused_without_printing_them(tmp_path: Path) -> None:
+    result = run_cli("run", *KEYS, "--base-url", f"http://me:{SECRET}@127.0.0.1:9", "--start", "2024-03-01",
+                     cwd=tmp_path)
+    assert result.returncode == 2 and SECRET not in result.stderr + result.stdout, result.stderr
+    assert error_lines(result) == ["error: --base-url must not carry credentials: give http://127.0.0.1:9 and set "
+                                   "AMP_API_KEY and AMP_SECRET_KEY"]
+
+
 def test_the_url_the_fake_server_prints_is_the_one_the_tool_takes(tmp_path: Path) -> None:
     base = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
     server = subprocess.Popen(
@@ -288,6 +296,8 @@ BAD_INPUT = {
                         "2024-03-01", "--dest", "mysql://x/y"],
     "schema on duckdb": ["run", *KEYS, "--base-url", "http://127.0.0.1:9", "--start", "2024-03-01", "--schema",
                          "s"],
+    "no window hours": ["run", *KEYS, "--base-url", "http://127.0.0.1:9", "--start", "2024-03-01",
+                        "--window-hours", "0"],
     "extract bad date": ["extract", *KEYS, "--base-url", "http://127.0.0.1:9", "--start", "yesterday"],
     "extract no credentials": ["extract", "--start", "2024-03-01"],
     "load bad destination": ["load", "--dest", "mysql://x/y"],

@@ -87,6 +87,8 @@ def reports_errors(func: F) -> F:
         except AmplitudeExportError as exc:
             _fail(_message(exc), exc.exit_code)
         except OSError as exc:
+            if isinstance(exc, BrokenPipeError):  # stdout closed (`| head`): nothing to say, nowhere to say it
+                raise
             error = StorageError.from_os_error(exc)
             _fail(str(error), error.exit_code)
         except KeyboardInterrupt:
@@ -117,7 +119,7 @@ def range_options(func: F) -> F:
     options = [
         click.option("--start", help="First UTC upload hour: YYYYMMDDTHH, YYYYMMDD, YYYY-MM-DD or YYYY-MM-DDTHH."),
         click.option("--end", help="Last UTC upload hour, inclusive (a bare date means its hour 23)."),
-        click.option("--window-hours", type=int, default=24, show_default=True,
+        click.option("--window-hours", type=click.IntRange(min=1), default=24, show_default=True,
                      help="Hours per request (windows of 24+ hours start at midnight)."),
         click.option("--lag-hours", type=click.FloatRange(min=0), default=2, show_default=True,
                      help="Hours Amplitude needs after an hour closes before it can be exported."),
