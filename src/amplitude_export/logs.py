@@ -33,7 +33,8 @@ class _Once(logging.Filter):
         return fresh
 
 
-FATAL.addFilter(_Once())
+_ONCE = _Once()
+FATAL.addFilter(_ONCE)
 
 
 class RunLogHandler(logging.FileHandler):
@@ -103,6 +104,7 @@ def setup_logging(
     driver.propagate = False
     _remove_handlers(logger)
     _remove_handlers(FATAL, logging.FileHandler)
+    _ONCE.last = None  # a new run's log starts afresh
     _remove_handlers(driver, _AsDebug)
     logger.propagate = False
     console_level = logging.DEBUG if verbose else logging.INFO
