@@ -132,7 +132,7 @@ def test_wrong_secret_exits_3_without_printing_it(tmp_path: Path) -> None:
                          cwd=tmp_path, env={"AMP_API_KEY": server.api_key, "AMP_SECRET_KEY": SECRET,
                                             "AMP_BASE_URL": server.url})
     assert result.returncode == 3, result.stderr
-    assert "region" in result.stderr and "credentials" in result.stderr
+    assert "AMP_SECRET_KEY" in result.stderr and "credentials" in result.stderr
     assert SECRET not in result.stderr + result.stdout
     for log_file in (tmp_path / "logs").glob("*.log"):
         assert SECRET not in log_file.read_text()

@@ -96,12 +96,25 @@ def test_404_is_an_empty_window(tmp_path: Path) -> None:
 def test_401_stops_at_once_naming_credentials_and_region(tmp_path: Path) -> None:
     with FakeExportServer(secret_key="right") as server:
         credentials = Credentials(server.api_key, Secret("wrong-secret-xyz"), "us", server.url)
-        with ExportClient(credentials) as client, pytest.raises(AuthError) as info:
+        # the fake server stands in for the US host; the EU host is not there, so the probe finds nothing
+        with ExportClient(credentials, region_hosts={"us": server.url, "eu": "http://127.0.0.1:9"}) as client, \
+                pytest.raises(AuthError) as info:
             client.fetch(DAY, tmp_path)
         assert len(server.requests) == 1
     message = str(info.value)
-    assert "401" in message and "region" in message and "wrong-secret-xyz" not in message
-    assert "wrong-secret-xyz" not in repr(client)
+    assert "401" in message and "US host" in message and "--region" in message
+    assert "wrong-secret-xyz" not in message and "wrong-secret-xyz" not in repr(client)
+
+
+def test_401_from_a_custom_host_blames_no_region(tmp_path: Path) -> None:
+    with FakeExportServer(secret_key="right") as server:
+        credentials = Credentials(server.api_key, Secret("wrong-secret-xyz"), "us", server.url)
+        with ExportClient(credentials) as client, pytest.raises(AuthError) as info:
+            client.fetch(DAY, tmp_path)
+        url = server.url
+    message = str(info.value)
+    assert "401" in message and f"host {url} (--base-url)" in message and "--base-url is the" in message
+    assert "region" not in message and "US host" not in message
 
 
 def test_400_is_too_large_and_504_after_retries_is_too_large(tmp_path: Path) -> None:

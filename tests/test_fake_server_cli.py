@@ -39,12 +39,12 @@ def fake_server_cli(cache: Path, *flags: str) -> Iterator[str]:
         seen = []
         for line in process.stderr:  # the log line, then the announcement
             seen.append(line)
-            match = re.search(r"fake Export API on (http://\S+/api/2/export)", line)
+            match = re.search(r"fake Export API on (http://\S+) \(pass it as --base-url", line)
             if match:
                 break
         else:
             pytest.fail(f"fake-server exited {process.wait()} without serving: {''.join(seen)}")
-        yield match.group(1)
+        yield match.group(1) + "/api/2/export"
     finally:
         process.terminate()  # the members it built stay in CACHE, under tmp_path
         process.wait(timeout=10)

@@ -2,9 +2,9 @@
 errors to exit codes.
 
 Exit codes: 0 done; 1 some windows failed (or `verify` found problems): the rest completed and the next run
-retries them; 2 bad input (dates, flags, a directory that cannot be created, a busy port, destination URL);
-3 Amplitude refused the credentials; 4 the destination cannot be opened or written; 5 another run holds the
-destination; 130 interrupted.
+retries them; 2 bad input (dates, flags, a directory that cannot be created, a busy port, destination URL),
+refused before anything is created; 3 Amplitude refused the credentials; 4 the data dir, log dir or destination
+cannot be opened or written (a full disk); 5 another run holds the destination; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import click
 
 from . import __version__
 from .config import REGION_HOSTS, load_credentials
-from .errors import EXIT_INTERRUPTED, AmplitudeExportError, UsageError
+from .errors import EXIT_INTERRUPTED, AmplitudeExportError, DestinationBusyError, StorageError, UsageError
 
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from .config import Credentials
     from .sinks import Sink
 
 log = logging.getLogger("amplitude_export")
@@ -42,29 +43,61 @@ EXIT_CODES = """\b
 Exit codes:
   0  done
   1  some windows failed (the rest completed; the next run retries them)
-  2  bad input: dates, flags, paths, ports, destination URL
-  3  Amplitude refused the credentials (check the region)
-  4  the destination cannot be opened or written
-  5  another run holds the destination
+  2  bad input: dates, flags, paths, ports, base or destination URL (nothing is created)
+  3  Amplitude refused the credentials (check the keys, and the region)
+  4  the data dir, log dir or destination cannot be written (e.g. no space left)
+  5  another run holds the destination (--wait queues instead)
   130 interrupted"""
 
 
 def _fail(message: str, code: int) -> None:
+    logs = sys.modules.get(f"{__package__}.logs")
+    if logs is not None:  # the run's log file, once a command has opened one
+        logs.FATAL.error("%s", message)
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
 
+def _message(exc: AmplitudeExportError) -> str:
+    """The error's line; a busy destination says how to queue, where the command can."""
+    message = str(exc)
+    context = click.get_current_context(silent=True)
+    can_wait = context is not None and any(param.name == "wait" for param in context.command.params)
+    if isinstance(exc, DestinationBusyError) and can_wait and "--wait" not in message:
+        message += "; pass --wait to queue behind it"
+    return message
+
+
+def _check_log(code: int | str | None) -> None:
+    """End with exit 4 if the run's log file could not be written (the run itself went on without it)."""
+    logs = sys.modules.get(f"{__package__}.logs")
+    failure = logs.log_failure() if logs is not None else None
+    if failure is not None and code in (0, 1, None):
+        _fail(str(failure), failure.exit_code)
+
+
 def reports_errors(func: F) -> F:
-    """Turn our errors into one line on stderr and their exit code (never a traceback for expected errors)."""
+    """Turn our errors into one line on stderr (and in the run's log) and their exit code, never a traceback for
+    expected errors. An OSError that reaches here (a file that cannot be written) is exit 4, like a full disk."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except AmplitudeExportError as exc:
-            _fail(str(exc), exc.exit_code)
+            _fail(_message(exc), exc.exit_code)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):  # stdout closed (`| head`): nothing to say, nowhere to say it
+                raise
+            error = StorageError.from_os_error(exc)
+            _fail(str(error), error.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
+        except SystemExit as exc:
+            _check_log(exc.code)
+            raise
+        _check_log(0)
+        return result
 
     return wrapper  # type: ignore[return-value]
 
@@ -86,7 +119,7 @@ def range_options(func: F) -> F:
     options = [
         click.option("--start", help="First UTC upload hour: YYYYMMDDTHH, YYYYMMDD, YYYY-MM-DD or YYYY-MM-DDTHH."),
         click.option("--end", help="Last UTC upload hour, inclusive (a bare date means its hour 23)."),
-        click.option("--window-hours", type=int, default=24, show_default=True,
+        click.option("--window-hours", type=click.IntRange(min=1), default=24, show_default=True,
                      help="Hours per request (windows of 24+ hours start at midnight)."),
         click.option("--lag-hours", type=click.FloatRange(min=0), default=2, show_default=True,
                      help="Hours Amplitude needs after an hour closes before it can be exported."),
@@ -94,6 +127,9 @@ def range_options(func: F) -> F:
                      help="Attempts per window for 5xx, 429, timeouts and broken bodies."),
         click.option("--retry-wait", type=click.FloatRange(0, 600), default=2.0, show_default=True,
                      help="First backoff in seconds; it doubles (with jitter) up to 120 s."),
+        click.option("--read-timeout", type=click.FloatRange(0, min_open=True), default=60, show_default=True,
+                     metavar="SECONDS", help="Seconds without a byte of an answer's body before the attempt is "
+                     "retried (an answer may take up to 5 minutes to start)."),
         click.option("--concurrency", type=click.IntRange(1, 32), default=2, show_default=True,
                      help="Windows downloaded at once (Amplitude allows 5 per project)."),
         click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
@@ -161,23 +197,57 @@ def cli() -> None:
     """
 
 
-def _client(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
-            max_attempts: int, **client_options: Any) -> Any:
+def _client(credentials: Credentials, max_attempts: int, **client_options: Any) -> Any:
     from .client import ExportClient
 
-    credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
     return ExportClient(credentials, max_attempts=max_attempts, **client_options)
 
 
-def _make_dirs(**dirs: Path) -> None:
+def _check_range(start: str | None, end: str | None, lag_hours: float, *, incremental: bool) -> None:
+    """Refuse dates that do not parse (or an end before the start) before anything is created."""
+    from datetime import UTC
+    from datetime import datetime as moment
+
+    from .windows import parse_hour, resolve_range
+
+    if incremental and start is None:  # `run` continues after the ledger's last hour: only an end to check
+        if end is not None:
+            parse_hour(end, is_end=True)
+        return
+    resolve_range(start, end, now=moment.now(UTC), lag_hours=lag_hours)
+
+
+def _make_dirs(**dirs: Path) -> list[Path]:
     """Create the command's directories up front: one that cannot be created is bad input (exit 2), named by its
-    option, not a traceback halfway through the run."""
+    option, not a traceback halfway through the run. Returns the directories it created (the outermost of each
+    path), for `_unless_refused`."""
+    created = []
     for option, path in dirs.items():
+        missing = [p for p in (path, *path.parents) if not p.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             flag = "--" + option.replace("_", "-")
             raise UsageError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
+        created += missing[-1:]
+    return created
+
+
+@contextlib.contextmanager
+def _unless_refused(created: list[Path], log_path: Path | None) -> Iterator[None]:
+    """Input refused (exit 2) once the directories and the log exist, e.g. a destination URL: remove them again,
+    so a refused command leaves nothing behind. Only directories left empty are removed."""
+    try:
+        yield
+    except UsageError:
+        from .logs import discard_run_log
+
+        discard_run_log(log_path)
+        for top in created:
+            for path in sorted((top, *top.rglob("*")), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        raise
 
 
 def _start_logging(log_dir: Path, run_id: str, progress: bool | None, verbose: bool) -> Any:
@@ -195,8 +265,8 @@ def _start_logging(log_dir: Path, run_id: str, progress: bool | None, verbose: b
 @reports_errors
 def extract(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
             start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
-            retry_wait: float, concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None,
-            verbose: bool) -> None:
+            retry_wait: float, read_timeout: float, concurrency: int, data_dir: Path, log_dir: Path,
+            progress: bool | None, verbose: bool) -> None:
     """Download archives only: each window lands as DATA_DIR/raw/<start>_<end>.zip, verified.
 
     With neither --start nor --end, the range is yesterday (UTC). Complete archives are not fetched again.
@@ -209,10 +279,12 @@ def extract(api_key: str | None, secret_key: str | None, region: str | None, bas
     from .pipeline import extract as do_extract
     from .pipeline import new_run_id
 
+    credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
+    _check_range(start, end, lag_hours, incremental=False)
     _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
-    with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client, reporter:
+    with _client(credentials, max_attempts, wait_initial=retry_wait, read_timeout=read_timeout) as client, reporter:
         report = do_extract(client, start=start, end=end, data_dir=data_dir, window_hours=window_hours,
                             lag_hours=lag_hours, concurrency=concurrency, reporter=reporter, run_id=run_id)
     click.echo(report.summary())
@@ -296,7 +368,8 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 @click.option("--keep-raw/--no-keep-raw", default=True, show_default=True, help="Keep archives after loading.")
 @click.option("--refresh", is_flag=True, help="Load windows again even if loaded (their rows are replaced).")
 @click.option("--lookback-hours", type=click.IntRange(0, 24 * 60), default=72, show_default=True,
-              help="Incremental runs re-check this many loaded hours before the end and reload those that changed.")
+              help="Incremental runs re-check this many hours before the end (loaded ones, and empty ones: "
+                   "a 404 may precede data) and reload those that changed.")
 @click.option("--size-budget-mb", type=click.IntRange(1, 4000), default=1024, show_default=True,
               help="Plan windows whose archives (as learned from earlier runs) stay under this size; "
                    "windows are also kept under the ~1.8 M lines a window deduplicates in memory.")
@@ -306,9 +379,9 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 @reports_errors
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
         start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
-        retry_wait: float, concurrency: int, data_dir: Path, log_dir: Path, progress: bool | None, verbose: bool,
-        dest: str | None, project: str | None, keep_raw: bool, refresh: bool, lookback_hours: int,
-        size_budget_mb: int, workers: int, wait: bool) -> None:
+        retry_wait: float, read_timeout: float, concurrency: int, data_dir: Path, log_dir: Path,
+        progress: bool | None, verbose: bool, dest: str | None, project: str | None, keep_raw: bool, refresh: bool,
+        lookback_hours: int, size_budget_mb: int, workers: int, wait: bool) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
     With no --start, continue after the last loaded hour up to the last ready hour or --end (the first run takes
@@ -323,11 +396,15 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
     from .pipeline import new_run_id
     from .pipeline import run as do_run
 
-    _make_dirs(data_dir=data_dir, log_dir=log_dir)
+    credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
+    _check_range(start, end, lag_hours, incremental=True)
+    url = _dest(dest, data_dir)
+    created = _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
-    with _client(api_key, secret_key, region, base_url, max_attempts, wait_initial=retry_wait) as client:
-        sink = _open_for_writing(_dest(dest, data_dir), wait)
+    with _client(credentials, max_attempts, wait_initial=retry_wait, read_timeout=read_timeout) as client:
+        with _unless_refused(created, log_path):
+            sink = _open_for_writing(url, wait)
         try:
             with reporter:
                 report = do_run(client, sink, project=project or client.credentials.api_key, start=start, end=end,
@@ -368,10 +445,12 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     from .pipeline import load as do_load
     from .pipeline import new_run_id
 
-    _make_dirs(data_dir=data_dir, log_dir=log_dir)
+    url = _dest(dest, data_dir)
+    created = _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
     reporter, log_path = _start_logging(log_dir, run_id, progress, verbose)
-    sink = _open_for_writing(_dest(dest, data_dir), wait)
+    with _unless_refused(created, log_path):
+        sink = _open_for_writing(url, wait)
     try:
         with reporter:
             report = do_load(sink, project=_project(project, api_key, sink, reading=False), data_dir=data_dir,
@@ -425,41 +504,46 @@ def status(dest: str | None, project: str | None, api_key: str | None, data_dir:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
               help="With --deep, the archives kept under DATA_DIR/raw are hashed again.")
 @click.option("--deep", is_flag=True, help="Also re-read the kept archives and compare their hashes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts and every problem, hour by hour, as JSON.")
 @reports_errors
-def verify(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, deep: bool) -> None:
+def verify(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, deep: bool,
+           as_json: bool) -> None:
     """Prove the destination is complete: every hour from the first to the last loaded is present and whole.
 
-    Compares the ledger with the rows of `events` per upload hour; exit 0 when complete, 1 naming each bad hour.
+    Compares the ledger with the rows of `events` per upload hour; exit 0 when complete, 1 naming the bad hours
+    (a line per run of consecutive hours with the same problem; --json lists every hour). Counts the hours loaded
+    and those empty (the Export API had no data for them).
 
     \b
     Example:
       amplitude-export verify
       amplitude-export verify --dest parquet:events/ --deep
+      amplitude-export verify --json
     """
-    from rich.console import Console
-    from rich.table import Table
-
+    from .pipeline import plural
     from .sinks import open_sink
     from .verify import verify as do_verify
 
     sink = open_sink(_dest(dest, data_dir), read_only=True)
     try:
-        result = do_verify(sink, _project(project, api_key, sink), deep=deep, raw_dir=data_dir / "raw")
+        name = _project(project, api_key, sink)
+        result = do_verify(sink, name, deep=deep, raw_dir=data_dir / "raw")
+        where = sink.description
     finally:
         sink.close()
-    console = Console(soft_wrap=True)  # the verdict stays one line when piped
+    if as_json:
+        click.echo(json.dumps({"destination": where, "project": name, **result.to_dict()}, indent=2))
+        sys.exit(0 if result.complete else 1)
     if result.problems:
-        count = len(result.problems)
-        table = Table(title=f"{count} problem{'' if count == 1 else 's'}")
-        for name in ("hour", "problem", "detail"):
-            table.add_column(name)
-        for problem in result.problems:
-            table.add_row(problem.label, problem.kind, problem.detail)
-        console.print(table)
+        runs = result.runs
+        click.echo(f"{plural(len(result.problems), 'problem')}"
+                   + (f" in {plural(len(runs), 'run')} of hours:" if len(runs) < len(result.problems) else ":"))
+        for run_of_hours in runs:
+            click.echo(f"  {run_of_hours.describe()}")
     span = f"{result.first:%Y-%m-%dT%H}..{result.last:%Y-%m-%dT%H}" if result.first and result.last else "nothing"
     verdict = "complete" if result.complete else "NOT complete"
-    console.print(f"{span}: {result.hours_checked} hours checked, {result.archives_hashed} archive hours hashed: "
-                  f"{verdict}")
+    click.echo(f"{span}: {result.hours_checked:,} hours checked ({result.hours_loaded:,} loaded, "
+               f"{result.hours_empty:,} empty), {result.archives_hashed:,} archive hours hashed: {verdict}")
     sys.exit(0 if result.complete else 1)
 
 
@@ -527,14 +611,14 @@ def _fault_list(text: str | None) -> list[str]:
               help="Put one non-JSON line and one JSON array into each hour's first member.")
 @click.option("--faults", metavar="LIST",
               help="Comma-separated faults for the first requests of every window, in order; from: "
-              "500, 502, 503, 504, 429, truncate, corrupt, notzip, slow, reset.")
+              "500, 502, 503, 504, 429, truncate, corrupt, notzip, slow, stall, reset.")
 @click.option("--fault-rate", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
               help="Share of requests after --faults answered with a random transient fault "
               "(500, 503, 429, truncated body).")
 @click.option("--retry-after", type=click.FloatRange(min=0), default=1, show_default=True,
               help="Seconds in the Retry-After header of a 429.")
 @click.option("--slow-seconds", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="How long a `slow` fault waits before answering.")
+              help="How long a `slow` fault waits before answering, and a `stall` half-way through the body.")
 @click.option("--timeout-over-hours", type=click.IntRange(min=0), default=None,
               help="Answer 504 for windows longer than this many hours, as large exports do.")
 @click.option("--max-archive-bytes", type=click.IntRange(min=1), default=None,
@@ -570,7 +654,8 @@ def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, 
     options: dict[str, Any] = {"events_per_hour": events_per_hour} if events_per_hour is not None else {}
 
     def announce(url: str) -> None:
-        click.echo(f"fake Export API on {url}/api/2/export (api key {api_key!r}); Ctrl-C stops", err=True)
+        click.echo(f"fake Export API on {url} (pass it as --base-url; it serves /api/2/export with api key "
+                   f"{api_key!r}); Ctrl-C stops", err=True)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     serve(host, port, ready=announce, api_key=api_key, secret_key=secret_key, seed=seed, project_id=project_id,

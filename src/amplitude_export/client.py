@@ -2,14 +2,16 @@
 
 It streams the answer to `<name>.zip.part`, checks the zip (central directory and every member's CRC) and only
 then renames it to `<name>.zip`, so a `.zip` on disk is always whole. Transient trouble (5xx, 429, timeouts,
-short or broken bodies) is retried with exponential backoff and jitter (stamina), honouring `Retry-After`.
-`classify()` is the one place that maps a status code to what happens next.
+short or broken bodies, a body that stops arriving for `read_timeout` seconds) is retried with exponential
+backoff and jitter (stamina), honouring `Retry-After`. A `.part` that cannot be written (a full disk) is removed
+and ends the run with StorageError. `classify()` is the one place that maps a status code to what happens next.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,7 @@ from .errors import (
     AmplitudeExportError,
     ArchiveError,
     AuthError,
+    StorageError,
     TransientError,
     WindowTooLargeError,
 )
@@ -35,6 +38,12 @@ log = logging.getLogger(__name__)
 
 EXPORT_PATH = "/api/2/export"
 CHUNK = 1 << 20
+# Seconds without a byte of an answer's body before the attempt is given up and retried: once an export starts
+# it streams steadily, so a long silence is a stalled connection, not a large export.
+READ_TIMEOUT = 60.0
+# Seconds for an answer to start: the Export API may prepare a large export before its first byte.
+FIRST_BYTE_TIMEOUT = 300.0
+ANSWER_QUOTE = 300  # characters of a refusal's body quoted in messages
 
 OK = "ok"  # a fresh archive was landed
 EMPTY = "empty"  # 404: no data in the window
@@ -53,25 +62,48 @@ class Download:
     split_from: Window | None = None  # the planned window this one is a part of (set by `pipeline.fetch_windows`)
 
 
-def classify(response: httpx.Response, window: Window, credentials: Credentials) -> None:
+def classify(response: httpx.Response, window: Window, credentials: Credentials,
+             region_hosts: dict[str, str] | None = None) -> None:
     """Raise the error that a non-200, non-404 answer means; return for 200 and 404."""
     status = response.status_code
     if status in (200, 404):
         return
     if status in (401, 403):
+        if credentials.base_url in (region_hosts or REGION_HOSTS).values():
+            where = credentials.host_label
+            advice = ("check AMP_API_KEY and AMP_SECRET_KEY, and --region (credentials of an EU project are "
+                      "refused by the US host, and the other way round)")
+        else:  # a proxy or the fake server: no region to blame
+            where = f"host {credentials.base_url} (--base-url)"
+            advice = "check AMP_API_KEY and AMP_SECRET_KEY, and that --base-url is the Export API's host"
         raise AuthError(
             f"Amplitude refused the credentials ({status}) for API key {credentials.api_key!r} on the "
-            f"{credentials.host_label}: check AMP_API_KEY and AMP_SECRET_KEY, and --region "
-            "(credentials of an EU project are refused by the US host, and the other way round)",
+            f"{where}: {advice}",
             status=status,
         )
     if status == 400:
-        raise WindowTooLargeError("400: the export is over Amplitude's 4 GB limit", window=str(window), status=400)
+        raise WindowTooLargeError(f"400: {quote_answer(response)}", window=str(window), status=400)
     if status == 429:
         raise TransientError("429 rate limited", window=str(window), retry_after=_retry_after(response))
     if status >= 500:
         raise TransientError(f"{status} server error", window=str(window), retry_after=_retry_after(response))
     raise AmplitudeExportError(f"{window}: unexpected answer {status} from the Export API")
+
+
+def quote_answer(response: httpx.Response) -> str:
+    """The first words of an answer's body, on one line, for a message (the server says why it refused)."""
+    body = b""
+    try:
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > ANSWER_QUOTE * 4:
+                break
+    except httpx.HTTPError:
+        pass
+    text = " ".join(body.decode("utf-8", "replace").split())
+    if not text:
+        return "(no explanation in the answer)"
+    return text if len(text) <= ANSWER_QUOTE else text[: ANSWER_QUOTE - 3] + "..."
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -99,11 +131,21 @@ class ExportClient:
         max_attempts: int = 6,
         wait_initial: float = 2.0,
         wait_max: float = 120.0,
-        timeout: float = 300.0,
+        read_timeout: float = READ_TIMEOUT,
+        first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
         region_hosts: dict[str, str] | None = None,
     ) -> None:
+        """`read_timeout`: seconds without a byte of a body, `first_byte_timeout`: seconds for an answer to start;
+        past either the attempt is a transient failure and is retried."""
+        for name, value in (("read_timeout", read_timeout), ("first_byte_timeout", first_byte_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
         self.credentials = credentials
+        self.read_timeout = read_timeout
+        self.first_byte_timeout = first_byte_timeout
+        self._parts: set[Path] = set()  # `.part` files being written, removed by close() if left behind
+        self._parts_lock = threading.Lock()
         self.region_hosts = dict(region_hosts or REGION_HOSTS)
         self._transport = transport
         self._region_hint: str | None | bool = False  # False: not probed yet
@@ -113,7 +155,7 @@ class ExportClient:
         self._http = httpx.Client(
             base_url=credentials.base_url,
             auth=httpx.BasicAuth(credentials.api_key, credentials.secret_key.reveal()),
-            timeout=httpx.Timeout(timeout, connect=30.0),
+            timeout=httpx.Timeout(first_byte_timeout, connect=30.0),
             transport=transport,
             follow_redirects=True,
             headers={"User-Agent": f"amplitude-export/{__version__}"},
@@ -123,8 +165,13 @@ class ExportClient:
         return f"ExportClient({self.credentials.base_url!r}, api_key={self.credentials.api_key!r})"
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool, and remove the `.part` files of downloads cut off by an error elsewhere
+        (a daemon download thread may still hold one when a run stops)."""
         self._http.close()
+        with self._parts_lock:
+            left, self._parts = self._parts, set()
+        for part in left:
+            part.unlink(missing_ok=True)
 
     def __enter__(self) -> ExportClient:
         return self
@@ -152,7 +199,10 @@ class ExportClient:
         final = raw_dir / f"{window.name}.zip"
         if final.exists() and not fresh:
             return Download(window, CACHED, final, final.stat().st_size, 0)
-        raw_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            raw_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError.from_os_error(exc, raw_dir) from None
         try:
             return self._fetch_with_retries(window, final, on_bytes, on_live)
         except AuthError as exc:
@@ -202,10 +252,16 @@ class ExportClient:
     ) -> Download:
         part = final.with_name(final.name + ".part")
         live: LiveFile | None = None
-        landed = False
+        landed = answered = False
+        with self._parts_lock:
+            self._parts.add(part)
         try:
             with self._http.stream("GET", EXPORT_PATH, params=window.params()) as response:
-                classify(response, window, self.credentials)
+                # the body's reads wait `read_timeout`: httpcore takes the read timeout from the request's
+                # extensions when the body starts (tested with a body that stalls)
+                response.request.extensions["timeout"]["read"] = self.read_timeout
+                answered = True
+                classify(response, window, self.credentials, self.region_hosts)
                 if response.status_code == 404:
                     return Download(window, EMPTY, None, 0, attempt_no)
                 expected = response.headers.get("content-length")
@@ -230,6 +286,11 @@ class ExportClient:
             self._verify(part, window)
             os.replace(part, final)
             landed = True
+        except httpx.ReadTimeout as exc:
+            part.unlink(missing_ok=True)
+            reason = (f"no data for {self.read_timeout:g} s (read timeout)" if answered
+                      else f"no answer within {self.first_byte_timeout:g} s")
+            raise TransientError(reason, window=str(window)) from exc
         except httpx.TimeoutException as exc:
             part.unlink(missing_ok=True)
             raise TransientError(f"timed out ({type(exc).__name__})", window=str(window)) from exc
@@ -237,7 +298,12 @@ class ExportClient:
             # a connection closed before Content-Length bytes arrived lands here (RemoteProtocolError)
             part.unlink(missing_ok=True)
             raise TransientError(f"connection failed: {type(exc).__name__}: {exc}", window=str(window)) from exc
+        except OSError as exc:  # the archive cannot be written (a full disk): no retry helps, stop the run
+            part.unlink(missing_ok=True)
+            raise StorageError.from_os_error(exc, part) from None
         finally:
+            with self._parts_lock:
+                self._parts.discard(part)
             if live is not None:
                 if landed:
                     live.finished(final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -80,9 +81,8 @@ def load_credentials(
     chosen_region = (pick(region, "AMP_REGION") or "us").lower()
     if chosen_region not in REGION_HOSTS:
         raise UsageError(f"unknown region {chosen_region!r}: use us or eu")
-    url = (pick(base_url, "AMP_BASE_URL") or REGION_HOSTS[chosen_region]).rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--base-url must start with http:// or https://, got {url!r}")
+    url = pick(base_url, "AMP_BASE_URL")
+    url = check_base_url(url, "--base-url" if base_url else "AMP_BASE_URL") if url else REGION_HOSTS[chosen_region]
     missing = [name for name, value in (("AMP_API_KEY", key), ("AMP_SECRET_KEY", secret)) if not value]
     if missing:
         raise UsageError(
@@ -90,6 +90,40 @@ def load_credentials(
         )
     assert key and secret
     return Credentials(api_key=key, secret_key=Secret(secret), region=chosen_region, base_url=url)
+
+
+def check_base_url(url: str, source: str = "--base-url") -> str:
+    """`url` as the base the client adds `/api/2/export` to: `http(s)://host[:port]`, a trailing slash allowed.
+
+    Anything after the host is refused rather than guessed at: a base URL with a path (such as the export path
+    itself) makes every request answer 404, which would read as hours without data.
+    """
+    text = url.strip()
+    parts = urlsplit(text)
+    shown = _without_password(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{source} must look like https://host[:port], got {shown!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise UsageError(f"{source} {shown}: the port is not a number from 0 to 65535") from None
+    origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    if "@" in parts.netloc:
+        raise UsageError(f"{source} must not carry credentials: give {origin} and set AMP_API_KEY and "
+                         "AMP_SECRET_KEY")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        what = "a path" if parts.path not in ("", "/") else "a query"
+        raise UsageError(f"{source} {shown} has {what}: give the host alone, {origin} (the tool adds "
+                         "/api/2/export itself)")
+    return origin
+
+
+def _without_password(url: str) -> str:
+    """`url` with any user and password in it replaced by ***, for messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def other_region(region: str) -> str:

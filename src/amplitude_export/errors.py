@@ -4,9 +4,11 @@
     ├── UsageError                  bad input (dates, flags, URLs): fix the command        -> exit 2
     ├── AuthError                   401/403: wrong credentials or wrong region: stop       -> exit 3
     ├── DestinationError            the destination cannot be opened or written            -> exit 4
+    │   ├── StorageError            a file in the data dir, log dir or destination cannot be
+    │   │                           written (full disk, read-only, a file in the way)      -> exit 4
     │   └── DestinationBusyError    another run holds the destination's lock               -> exit 5
     ├── TransientError              5xx, 429, timeouts, short or broken bodies: retry
-    ├── WindowTooLargeError         400 (over 4 GB) or a 504 that outlived its retries: split the window
+    ├── WindowTooLargeError         400 (too large) or a 504 that outlived its retries: split the window
     ├── ArchiveError                a landed archive fails its zip/gzip checks: fetch it again
     └── WindowFailedError           one hour still failed after retries and splits: report, go on
 
@@ -14,6 +16,9 @@ Each error carries the fields that build its message (window, status, member, li
 """
 
 from __future__ import annotations
+
+import errno
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
@@ -53,6 +58,26 @@ class DestinationError(AmplitudeExportError):
     exit_code = EXIT_DESTINATION
 
 
+class StorageError(DestinationError):
+    """A file under the data dir or log dir, or of the destination, cannot be written: a full disk, a read-only
+    filesystem, a file where a directory should be. The message names the path and the OS's reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, path: str | Path | None = None) -> StorageError:
+        """The error for `exc`, naming the file it names, else `path` (a failed `write` names none)."""
+        where = exc.filename if exc.filename is not None else path
+        if exc.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        else:
+            reason = exc.strerror or str(exc)
+        return cls(where if where is not None else "a file", reason)
+
+
 class DestinationBusyError(DestinationError):
     """Another run holds the destination's lock, so this run would interleave windows with it."""
 
@@ -73,7 +98,7 @@ class TransientError(AmplitudeExportError):
 
 
 class WindowTooLargeError(AmplitudeExportError):
-    """The window is too large for one request (400 over 4 GB, or a 504 that persisted): split it."""
+    """The window is too large for one request (a 400, or a 504 that persisted): split it."""
 
     def __init__(self, reason: str, *, window: str, status: int, attempts: int = 1) -> None:
         super().__init__(f"{window}: {reason}")

@@ -3,8 +3,8 @@
 It speaks the contract in `contract/amplitude-export-openapi.yml`: `GET /api/2/export?start=&end=` with HTTP
 Basic auth answers 200 (a zip of gzipped NDJSON members named as Amplitude names them), 400, 401 or 404. On
 top of the contract it can misbehave on purpose, deterministically, the ways the real API does: 5xx, 429 with
-Retry-After, 504 for long windows, bodies cut short, corrupt or not a zip, slow answers, reset connections,
-re-exported hours.
+Retry-After, 504 for long windows, bodies cut short, corrupt or not a zip, slow answers, bodies that stall
+half-way, reset connections, re-exported hours.
 
 Events come from `synthetic.generate_hour`, so the server knows exactly which events it serves
 (`expected_uuids`, `expected_events`) and exactly-once tests can compare a destination with it.
@@ -54,7 +54,7 @@ EXPORT_PATH = "/api/2/export"
 HOUR = timedelta(hours=1)
 MAX_WINDOW_HOURS = 365 * 24  # the Export API answers at most 365 days per request
 _PACED_CHUNK = 1 << 14  # bytes sent at a time when `bytes_per_second` paces a body
-FAULTS = ("500", "502", "503", "504", "429", "truncate", "corrupt", "notzip", "slow", "reset")
+FAULTS = ("500", "502", "503", "504", "429", "truncate", "corrupt", "notzip", "slow", "stall", "reset")
 RANDOM_FAULTS = ("500", "503", "429", "truncate")  # the transient faults `fault_rate` draws from
 
 # Amplitude's own words for its answers (from its Export API documentation)
@@ -586,7 +586,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Disposition", f'attachment; filename="{start_text}-{end_text}.zip"')
             self.end_headers()
             limit = size // 2 if fault == "truncate" else size
-            self._stream(chunks, limit, corrupt_at if fault == "corrupt" else None)
+            self._stream(chunks, limit, corrupt_at if fault == "corrupt" else None,
+                         stall_at=size // 2 if fault == "stall" else None)
             if fault == "truncate":
                 self._close_now()
         except (BrokenPipeError, ConnectionResetError):
@@ -610,18 +611,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _stream(self, chunks: Iterator[bytes], limit: int, corrupt_at: int | None) -> None:
+    def _stream(self, chunks: Iterator[bytes], limit: int, corrupt_at: int | None, *,
+                stall_at: int | None = None) -> None:
         """Send the first `limit` bytes of `chunks` in bounded pieces, flipping a few bytes at `corrupt_at` if
-        given, at `bytes_per_second` if set."""
+        given, at `bytes_per_second` if set, pausing `slow_seconds` once `stall_at` bytes are sent."""
         sent = 0
         pace = self.server.fake.bytes_per_second
         piece = _PACED_CHUNK if pace else _CHUNK
         began = time.monotonic()
         for chunk in chunks:
-            for at in range(0, len(chunk), piece):
-                if sent >= limit:
-                    break
-                data = chunk[at : at + min(piece, limit - sent)]
+            at = 0
+            while at < len(chunk) and sent < limit:
+                end = limit if stall_at is None or sent >= stall_at else min(limit, stall_at)
+                data = chunk[at : at + min(piece, end - sent)]
+                at += len(data)
                 if pace:
                     time.sleep(max(0.0, began + sent / pace - time.monotonic()))
                 if corrupt_at is not None and sent <= corrupt_at < sent + len(data):
@@ -631,6 +634,9 @@ class _Handler(BaseHTTPRequestHandler):
                     data = bytes(flipped)
                 self.wfile.write(data)
                 sent += len(data)
+                if sent == stall_at:
+                    self.wfile.flush()
+                    time.sleep(self.server.fake.slow_seconds)
         self.wfile.flush()
 
     def _close_now(self) -> None:

@@ -12,7 +12,7 @@ from datetime import datetime
 LOADED = "loaded"  # the hour's events are in the destination
 EMPTY = "empty"  # the Export API answered 404: no data in that hour
 FAILED = "failed"  # retries and splits did not get the hour; `reason` says why
-TOO_LARGE = "too_large"  # one hour alone is over the Export API's 4 GB: needs Amplitude's S3 export
+TOO_LARGE = "too_large"  # 400 (too large) even for one hour alone; `reason` quotes the answer: S3 export
 
 STATUSES = (LOADED, EMPTY, FAILED, TOO_LARGE)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import stamina.instrumentation
 
+from .errors import StorageError
 from .progress import Reporter, RichReporter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -17,6 +18,56 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FATAL = logging.getLogger("amplitude_export.fatal")
 FATAL.propagate = False
 FATAL.addHandler(logging.NullHandler())
+
+
+class _Once(logging.Filter):
+    """Lets a message through once in a row: a sink may log the error that ends a run before the CLI does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        fresh, self.last = message != self.last, message
+        return fresh
+
+
+_ONCE = _Once()
+FATAL.addFilter(_ONCE)
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's log file. A write that fails (a full disk) does not print logging's traceback: the handler
+    keeps the error (`failure`), stops writing, and the CLI ends the run with it (exit 4)."""
+
+    failure: StorageError | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        if self.failure is None:
+            self.failure = StorageError.from_os_error(exc, self.baseFilename)
+        stream, self.stream = self.stream, None  # type: ignore[assignment]
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            super().emit(record)
+
+
+def log_failure() -> StorageError | None:
+    """The error that stopped the run's log file from being written, if one did."""
+    for handler in logging.getLogger("amplitude_export").handlers:
+        if isinstance(handler, RunLogHandler) and handler.failure is not None:
+            return handler.failure
+    return None
 
 
 class _AsDebug(logging.Handler):
@@ -53,6 +104,7 @@ def setup_logging(
     driver.propagate = False
     _remove_handlers(logger)
     _remove_handlers(FATAL, logging.FileHandler)
+    _ONCE.last = None  # a new run's log starts afresh
     _remove_handlers(driver, _AsDebug)
     logger.propagate = False
     console_level = logging.DEBUG if verbose else logging.INFO
@@ -69,15 +121,27 @@ def setup_logging(
     if log_dir is None:
         driver.addHandler(_AsDebug(None))
         return None
-    log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{run_id}.log"
-    file_handler = logging.FileHandler(path, encoding="utf-8")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = RunLogHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise StorageError.from_os_error(exc, path) from None
     file_handler.setFormatter(logging.Formatter(FORMAT))
     file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.addHandler(file_handler)
     FATAL.addHandler(file_handler)
     driver.addHandler(_AsDebug(file_handler))
     return path
+
+
+def discard_run_log(path: Path | None) -> None:
+    """Close the run's log file and delete it: for a command refused as bad input, which leaves nothing behind."""
+    for name in ("amplitude_export", FATAL.name, "psycopg"):
+        _remove_handlers(logging.getLogger(name), RunLogHandler)
+        _remove_handlers(logging.getLogger(name), _AsDebug)
+    if path is not None:
+        path.unlink(missing_ok=True)
 
 
 def _remove_handlers(owner: logging.Logger, kind: type[logging.Handler] = logging.Handler) -> None:

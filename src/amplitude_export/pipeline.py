@@ -226,8 +226,9 @@ def fetch_windows(
                             lineage[half] = (planned or window, spent + exc.attempts)
                         queue.extend(reversed(halves))
                     elif exc.status == 400:
-                        yield window, Failure(TOO_LARGE, "over 4 GB even for one hour: this hour needs "
-                                                         "Amplitude's S3 export", spent + exc.attempts, planned)
+                        yield window, Failure(TOO_LARGE, f"{exc.reason} (for this hour alone: Amplitude's S3 "
+                                                         "export has hours too large for the Export API)",
+                                              spent + exc.attempts, planned)
                     else:
                         yield window, Failure(FAILED, exc.reason, spent + exc.attempts, planned)
                 except TransientError as exc:
@@ -504,8 +505,9 @@ def run(
 
     With no `start`, continue from the hour after the last one loaded (the first run takes yesterday, or the day
     of `end` if that is earlier), up to the last ready hour (or `end`); hours failed by earlier runs are tried
-    again, and the loaded hours among the `lookback_hours` before the run's end are fetched again and reloaded
-    only if Amplitude changed them. Archives already on disk are reused, not fetched again.
+    again, and the loaded and empty hours among the `lookback_hours` before the run's end are fetched again and
+    reloaded only if Amplitude changed them (a 404 never removes loaded rows: see `_answered_404`). Archives
+    already on disk are reused, not fetched again.
     """
     reporter = reporter or Reporter()
     moment = now or datetime.now(UTC)
@@ -536,8 +538,8 @@ def run(
     too_large = sorted(h for h, r in ledger.items() if r.status == TOO_LARGE and first <= h <= ready)
     if too_large and not refresh:
         report.notes.append(
-            f"{plural(len(too_large), 'hour')} over the Export API's 4 GB limit (use Amplitude's S3 export): "
-            + ", ".join(label_hour(h) for h in too_large[:10]))
+            f"{plural(len(too_large), 'hour')} the Export API refused with 400 even alone (`status` quotes its "
+            "answer; Amplitude's S3 export has them): " + ", ".join(label_hour(h) for h in too_large[:10]))
     raw_dir = data_dir / "raw"
     windows = plan_around_landed(_fit(sorted(windows), ledger, size_budget), landed_windows(raw_dir))
     recheck = _fit(recheck, ledger, size_budget)
@@ -569,12 +571,7 @@ def run(
                         attempts=result.attempts, split_from=result.split_from)
                 outcome = WindowOutcome(window, result.status, reason=result.reason, attempts=result.attempts)
         elif result.status == EMPTY:
-            if window in fresh:
-                outcome = WindowOutcome(window, "unchanged", reason="404 on re-check; rows kept")
-            else:
-                _record(sink, project, window, LEDGER_EMPTY, report.run_id, attempts=result.attempts,
-                        split_from=result.split_from)
-                outcome = WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
+            outcome = _answered_404(sink, project, ledger, window, result, report, recheck=window in fresh)
         elif window in fresh:
             assert result.path is not None
             outcome, hours = _recheck_window(sink, project, ledger, window, result.path, run_id=report.run_id,
@@ -595,7 +592,7 @@ def run(
                     + ", ".join(label_hour(h) for h in sorted(changed)) + " (reloaded)")
         else:
             rechecked = sum(w.hours for w in recheck)
-            note = (f"lookback: the {plural(rechecked, 'loaded hour')} re-checked "
+            note = (f"lookback: the {plural(rechecked, 'hour')} re-checked (loaded or empty) "
                     f"{'is' if rechecked == 1 else 'are'} unchanged")
         log.info(note)
         report.notes.append(note)
@@ -603,17 +600,46 @@ def run(
     return report
 
 
+NOT_FOUND = "the Export API answered 404 (no data)"
+
+
+def _answered_404(sink: Sink, project: str, ledger: dict[datetime, HourRecord], window: Window, result: Download,
+                  report: RunReport, *, recheck: bool) -> WindowOutcome:
+    """Record a window that answered 404: its hours are empty, except those the ledger holds as loaded.
+
+    A 404 is weak evidence: Amplitude has answered 404 for hours that later had data, and a wrong host answers
+    404 for everything. So loaded hours keep their rows and ledger rows, and if they held events the run warns
+    loudly (log, stderr and its summary); the lookback asks empty hours again.
+    """
+    held = [hour for hour in window.each_hour() if (r := ledger.get(hour)) is not None and r.status == LOADED]
+    events = sum(ledger[hour].events_loaded for hour in held)
+    for part in _runs([hour for hour in window.each_hour() if hour not in held]):
+        _record(sink, project, part, LEDGER_EMPTY, report.run_id, reason=NOT_FOUND, attempts=result.attempts,
+                split_from=result.split_from)
+    if events:
+        note = (f"{window}: the Export API answered 404 (no data) for hours the ledger holds {events:,} events "
+                "of: their rows are kept; if this persists, check --base-url and the project's keys")
+        log.warning(note)
+        report.notes.append(f"WARNING {note}")
+        return WindowOutcome(window, "kept", reason="404 for hours loaded with events; rows kept",
+                             attempts=result.attempts)
+    if recheck:
+        return WindowOutcome(window, "unchanged", reason="404 on re-check", attempts=result.attempts)
+    return WindowOutcome(window, "empty", reason="no data (404)", attempts=result.attempts)
+
+
 def lookback_windows(
     ledger: dict[datetime, HourRecord], end: datetime, lookback_hours: int, window_hours: int,
     *, exclude: list[Window],
 ) -> list[Window]:
-    """Windows over the loaded hours among the `lookback_hours` up to `end` that this run does not load anyway."""
+    """Windows over the loaded and empty hours among the `lookback_hours` up to `end` that this run does not load
+    anyway: Amplitude re-exports loaded hours, and has answered 404 for hours that later had data."""
     windows: list[Window] = []
     run_start: datetime | None = None
     hour = end - HOUR * (lookback_hours - 1)
     while hour <= end + HOUR:
         record = ledger.get(hour)
-        wanted = (hour <= end and record is not None and record.status == LOADED
+        wanted = (hour <= end and record is not None and record.status in DONE_STATUSES
                   and not any(w.start <= hour <= w.end for w in exclude))
         if wanted and run_start is None:
             run_start = hour
@@ -628,15 +654,18 @@ def _recheck_window(
     sink: Sink, project: str, ledger: dict[datetime, HourRecord], window: Window, archive: Path, *,
     run_id: str, data_dir: Path, workers: int, keep_raw: bool, attempts: int = 1, split_from: Window | None = None,
 ) -> tuple[WindowOutcome, list[datetime]]:
-    """Compare each hour's content hash with the ledger; reload only the runs of hours that changed."""
+    """Compare each hour's content hash with the ledger; reload only the runs of hours that changed (an hour the
+    ledger holds as empty changed if it has members now)."""
     from .archive import content_hash, list_members
 
     members = list_members(archive)
     changed = []
     for hour in window.each_hour():
         record = ledger.get(hour)
-        digest = content_hash(archive, [m for m in members if m.upload_hour == hour])
-        if record is None or record.content_hash != digest:
+        own = [m for m in members if m.upload_hour == hour]
+        if record is not None and record.status == LEDGER_EMPTY and not own:
+            continue
+        if record is None or record.content_hash != content_hash(archive, own):
             changed.append(hour)
     outcome = WindowOutcome(window, "unchanged", bytes=archive.stat().st_size)
     for run_window in _runs(changed):

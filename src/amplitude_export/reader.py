@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from . import schema
 from .archive import ArchiveMember, content_hash, list_members, open_member
-from .errors import ArchiveError
+from .errors import ArchiveError, StorageError
 from .ledger import EMPTY, LOADED, HourRecord, MemberInfo
 from .live import LiveFile, LiveMembers, StreamAbandoned
 from .windows import Window
@@ -724,6 +724,7 @@ class WindowReader:
         self._member_hour: list[datetime] = []
         self._hours: dict[datetime, _HourStats] = {}
         self._finished = False
+        self._read_all = False  # every part read: the rejects file is whole
         self._records: list[HourRecord] | None = None
         self._hashes: concurrent.futures.Future[_Hashes] | None = None
         # streamed: the landed archive, its members (central directory) and their hashes, once it has landed
@@ -773,14 +774,18 @@ class WindowReader:
                     self._stats(part.member).members.append(member)
                 self._count(part)
                 if part.rejects and rejects_path is not None:
-                    if rejects_file is None:
-                        rejects_path.parent.mkdir(parents=True, exist_ok=True)
-                        rejects_file = open(rejects_path, "wb")
-                    rejects_file.writelines(_ENCODE(reject) + b"\n" for reject in part.rejects)
+                    try:
+                        if rejects_file is None:
+                            rejects_path.parent.mkdir(parents=True, exist_ok=True)
+                            rejects_file = open(rejects_path, "wb")
+                        rejects_file.writelines(_ENCODE(reject) + b"\n" for reject in part.rejects)
+                    except OSError as exc:  # a full disk, a file where the directory should be: stop the run
+                        raise StorageError.from_os_error(exc, rejects_path) from None
                 if part.batch is not None and part.batch.num_rows:
                     yield part.batch
             if self.live is not None:
                 self._check_landed()
+            self._read_all = True
         except ArchiveError as exc:
             if self.live is None:
                 raise
@@ -788,8 +793,20 @@ class WindowReader:
         finally:
             parts.close()  # stops worker processes at once if the consumer gave up early
             if rejects_file is not None:
-                rejects_file.close()
+                self._close_rejects(rejects_file, rejects_path, keep=self._read_all)
         self._finished = True
+
+    @staticmethod
+    def _close_rejects(file: Any, path: Path | None, *, keep: bool) -> None:
+        """Close the window's rejects file; unless every line was read, remove it: the window's rows roll back,
+        and so do its rejects."""
+        try:
+            file.close()
+        except OSError as exc:
+            if keep:
+                raise StorageError.from_os_error(exc, path) from None
+        if not keep and path is not None:
+            path.unlink(missing_ok=True)
 
     def _arriving(self, live: LiveMembers) -> Iterator[tuple[int, ArchiveMember]]:
         """The live archive's members as they arrive, added to the reader's list before their parts are read."""

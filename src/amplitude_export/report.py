@@ -944,7 +944,7 @@ ahead of Amplitude's; counted as &lt; 1 min); {lateness["unknown"]:,} lack one o
         )
     }
 <h3>Windows split</h3>
-<p class="note">Planned windows the Export API refused whole (400 over 4 GB, or 504 after every retry), so the run
+<p class="note">Planned windows the Export API refused whole (a 400 "too large", or 504 after every retry), so the run
 fetched them in halves, down to single hours if need be; attempts: the most requests any of its hours took,
 those of the windows it was split from included.</p>
 {

@@ -1,5 +1,9 @@
 """What the destination holds: the ledger grouped into spans of hours, or hour by hour, and where the next run
-starts."""
+starts.
+
+`spans` cuts at midnight (the `--json` form and the report want days); the table joins consecutive days with the
+same status and reason into one row, so a month loaded is one line.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UsageError
-from .ledger import HourRecord
+from .ledger import EMPTY, LOADED, HourRecord
 from .pipeline import incremental_start, plural
 from .sinks import Sink
 from .windows import HOUR, label_hour, parse_hour
@@ -48,6 +52,21 @@ def spans(ledger: dict[datetime, HourRecord]) -> list[dict[str, Any]]:
     return out
 
 
+def joined(days: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`spans` with consecutive spans of the same status and reason joined across midnight, totals added up."""
+    out: list[dict[str, Any]] = []
+    for span in days:
+        last = out[-1] if out else None
+        if last is not None and last["status"] == span["status"] and last["reason"] == span["reason"] \
+                and parse_hour(last["end"]) + HOUR == parse_hour(span["start"]):
+            for key in ("hours", "events", "duplicates", "rejects", "bytes"):
+                last[key] += span[key]
+            last["end"], last["run_id"] = span["end"], span["run_id"]
+        else:
+            out.append(dict(span))
+    return out
+
+
 def hour_range(start: str | None, end: str | None) -> tuple[datetime | None, datetime | None]:
     """`--start`/`--end` as UTC hours (either may be open; a bare end date means its hour 23)."""
     first = parse_hour(start) if start is not None else None
@@ -62,9 +81,9 @@ def status_data(
 ) -> dict[str, Any]:
     """Everything `status` shows, as plain data (the `--json` form).
 
-    `windows` groups the hours into spans; `ledger` is every ledger row in full, one per hour (`HourRecord.to_dict`,
-    members with name, size and CRC). `start`/`end` limit both, and the totals, to those hours; `next_run_starts`
-    always comes from the whole ledger.
+    `windows` groups the hours into spans (cut at midnight); `ledger` is every ledger row in full, one per hour
+    (`HourRecord.to_dict`, members with name, size and CRC). `start`/`end` limit both, and the totals, to those
+    hours; `next_run_starts` always comes from the whole ledger.
     """
     full = sink.ledger(project)
     ledger = {hour: record for hour, record in full.items()
@@ -77,6 +96,8 @@ def status_data(
         "end": label_hour(end) if end else None,
         "next_run_starts": label_hour(resume) if resume else None,
         "hours": len(ledger),
+        "hours_loaded": sum(r.status == LOADED for r in ledger.values()),
+        "hours_empty": sum(r.status == EMPTY for r in ledger.values()),
         "events": sum(r.events_loaded for r in ledger.values()),
         "failed_hours": [label_hour(h) for h, r in sorted(ledger.items()) if r.status in ("failed", "too_large")],
         "windows": spans(ledger),
@@ -106,7 +127,7 @@ def _spans_table(data: dict[str, Any]) -> Table:
     for name in ("start", "end", "status", "events", "duplicates", "rejects", "bytes", "reason"):
         numeric = name in ("events", "duplicates", "rejects", "bytes")
         table.add_column(name, justify="right" if numeric else "left", no_wrap=name != "reason")
-    for span in data["windows"]:
+    for span in joined(data["windows"]):
         table.add_row(span["start"], span["end"], span["status"], f"{span['events']:,}", f"{span['duplicates']:,}",
                       f"{span['rejects']:,}", f"{span['bytes']:,}", span["reason"] or "",
                       style=_STYLES.get(span["status"]))
@@ -148,6 +169,9 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
     else:
         resume = data["next_run_starts"]
         nxt = f"next run starts at {resume} UTC" if resume else "the next run without --start takes yesterday"
-        console.print(f"{data['events']:,} events in {data['hours']} hours{limited}; {nxt}")
+        empty = data["hours_empty"]
+        console.print(f"{data['events']:,} events in {plural(data['hours'], 'hour')}{limited} "
+                      f"({data['hours_loaded']:,} loaded, {empty:,} empty"
+                      f"{': the Export API had no data for them' if empty else ''}); {nxt}")
     if data["failed_hours"]:
         console.print(f"[red]{plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")

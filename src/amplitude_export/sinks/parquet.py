@@ -572,7 +572,10 @@ class ParquetSink:
                     f"{self.root} holds Parquet files but no {STATE_FILE}: not written by amplitude-export, "
                     "or its state was lost; use an empty directory"
                 )
-            self._save_state({}, {})
+            try:
+                self._save_state({}, {})
+            except OSError as exc:  # a full disk
+                raise DestinationError(f"cannot write {self.root}/{STATE_FILE}: {_first_line(exc)}") from None
             return {}, {}
         try:
             state = json.loads(text)
