@@ -6,7 +6,7 @@ The library is what the CLI calls: `pipeline.run` / `pipeline.extract` / `pipeli
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -19,16 +19,11 @@ __all__ = ["__version__", "read_arrow", "read_events"]
 
 
 def _hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
-    from .windows import parse_hour
+    from .windows import HOUR, as_hour
 
-    if value is None or isinstance(value, datetime):
-        return value
-    hour = parse_hour(value, is_end=is_end)
-    if is_end:
-        # the end hour is inclusive: take every microsecond of it
-        from datetime import timedelta
-
-        return hour + timedelta(hours=1) - timedelta(microseconds=1)
+    hour = as_hour(value, is_end=is_end)
+    if hour is not None and is_end:
+        return hour + HOUR - timedelta(microseconds=1)  # the end hour is inclusive: every microsecond of it
     return hour
 
 
@@ -41,12 +36,14 @@ def read_arrow(
 ) -> pa.Table:
     """The loaded events of `dest` (`duckdb:PATH`, `parquet:DIR`, `postgresql://...`) as an Arrow table,
     optionally only those whose `server_upload_time` falls in the UTC hours start..end (inclusive), and only
-    those of `project` (the `--project` they were loaded under; all projects when None)."""
+    those of `project` (the `--project` they were loaded under; all projects when None). `start` and `end` take
+    the CLI's forms (`2024-03-01`, `20240301T05`, ...) or aware datetimes, which name the hour that holds them."""
     from .sinks import open_sink
 
+    first, last = _hour(start, is_end=False), _hour(end, is_end=True)
     sink = open_sink(dest, read_only=True)
     try:
-        return sink.read_arrow(_hour(start, is_end=False), _hour(end, is_end=True), project)
+        return sink.read_arrow(first, last, project)
     finally:
         sink.close()
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 from .config import load_credentials
 from .errors import AmplitudeExportError, UsageError
 from .schema import ARROW_SCHEMA
-from .windows import HOUR, Window, floor_hour, last_ready_hour, plan_windows, resolve_range
+from .windows import HOUR, Window, as_hour, floor_hour, last_ready_hour, plan_windows, resolve_range
 
 if TYPE_CHECKING:
     from dlt.extract.source import DltSource
@@ -81,8 +81,8 @@ def amplitude_source(
     except ImportError:
         raise UsageError(f"amplitude_source needs dlt: {INSTALL}") from None
     credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
-    first = _as_hour(start, is_end=False)
-    last = _as_hour(end, is_end=True)
+    first = as_hour(start, is_end=False)
+    last = as_hour(end, is_end=True)
     if first is not None and last is not None and last < first:
         raise UsageError(f"end {last:%Y-%m-%dT%H} is before start {first:%Y-%m-%dT%H}")
     # a backfill (start and end) filters on [start, end + 1 h) and leaves dlt's cursor alone
@@ -109,18 +109,6 @@ def amplitude_source(
         return events
 
     return amplitude()
-
-
-def _as_hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
-    from .windows import parse_hour
-
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise UsageError(f"{value!r} has no time zone: pass an aware datetime (UTC)")
-        return floor_hour(value)
-    return parse_hour(value, is_end=is_end)
 
 
 def _plan_range(

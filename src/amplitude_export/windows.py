@@ -43,6 +43,18 @@ def parse_hour(text: str, *, is_end: bool = False) -> datetime:
     )
 
 
+def as_hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
+    """The UTC hour a library caller's start or end names: a string as `parse_hour` reads it, an aware datetime
+    as the hour that contains it (a naive one is refused: its zone is unknown)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise UsageError(f"{value!r} has no time zone: pass an aware datetime (UTC)")
+        return floor_hour(value)
+    return parse_hour(value, is_end=is_end)
+
+
 def floor_hour(moment: datetime) -> datetime:
     """The UTC hour that contains `moment`."""
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
