@@ -37,3 +37,16 @@ def test_demo_loads_every_served_event_once_and_writes_the_report(tmp_path: Path
     report = data / "report.html"
     assert f"report: {report}" in result.stdout and report.stat().st_size > 100_000
     assert "demo-secret" not in result.stdout + result.stderr
+    for line in help_examples("demo"):  # what `demo --help` suggests next runs here, on what the demo left
+        if line != "amplitude-export demo":
+            ran = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                 env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+            assert ran.returncode == 0, f"{line}\n{ran.stdout}{ran.stderr}"
+
+
+def help_examples(command: str) -> list[str]:
+    """The lines under "Example:" in `amplitude-export COMMAND --help`."""
+    shown = subprocess.run([str(Path(sys.executable).with_name("amplitude-export")), command, "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    block = shown.split("Example:\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines()]

@@ -677,7 +677,11 @@ def demo(data_dir: Path, days: int, progress: bool | None) -> None:
     \b
     Example:
       amplitude-export demo
-      duckdb demo-data/amplitude.duckdb "select event_type, count(*) from events group by 1"
+      amplitude-export verify --dest duckdb:demo-data/amplitude.duckdb
+      python -c "import amplitude_export as ax; print(ax.read_events('duckdb:demo-data/amplitude.duckdb'))"
+
+    The `python` there is the one amplitude-export is installed in (`.venv/bin/python` after the README's
+    install).
     """
     from .demo import run_demo
 
