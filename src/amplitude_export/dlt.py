@@ -3,7 +3,7 @@
     import dlt
     from amplitude_export.dlt import amplitude_source
 
-    pipeline = dlt.pipeline("amplitude", destination="duckdb", dataset_name="amplitude")
+    pipeline = dlt.pipeline("amplitude_export", destination="duckdb", dataset_name="amplitude")
     pipeline.run(amplitude_source(start="2024-03-01"))   # then, from cron: pipeline.run(amplitude_source())
 
 The windows, retries, splitting and parsing are the package's own (`windows`, `client`, `pipeline.fetch_windows`,
