@@ -678,7 +678,7 @@ def demo(data_dir: Path, days: int, progress: bool | None) -> None:
     Example:
       amplitude-export demo
       amplitude-export verify --dest duckdb:demo-data/amplitude.duckdb
-      python -c "import amplitude_export as ax; print(ax.read_events('duckdb:demo-data/amplitude.duckdb'))"
+      python -c "import duckdb; duckdb.connect('demo-data/amplitude.duckdb').sql('FROM events').show()"
 
     The `python` there is the one amplitude-export is installed in (`.venv/bin/python` after the README's
     install).
