@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from amplitude_export.fake_server import FakeExportServer, member_name, parse_param
-from amplitude_export.synthetic import EXPORT_KEYS, OPTIONAL_KEYS, generate_hour, hour_uuids
+from amplitude_export.synthetic import EXPORT_KEYS, NEW_KEYS, OPTIONAL_KEYS, generate_hour, hour_uuids
 
 API_KEY, SECRET_KEY = "demo-key", "demo-secret"  # as the `fake_server` fixture in conftest.py
 DAY = datetime(2024, 3, 1, tzinfo=UTC)  # the `fake_server` fixture's one day of data
@@ -77,7 +77,7 @@ def test_export_keys_match_a_real_export_line() -> None:
 
 def test_generated_events_look_like_real_exports() -> None:
     hour = datetime(2024, 3, 1, 5, tzinfo=UTC)
-    events = generate_hour(hour, project_id=187520, seed=0, events=5000)
+    events = generate_hour(hour, project_id=187520, seed=0, events=5000, variation=0)
     assert len(events) == 5000
     full = [event for event in events if len(event) == 55]
     assert all(tuple(event) == EXPORT_KEYS for event in full)
@@ -112,6 +112,45 @@ def test_generated_events_look_like_real_exports() -> None:
     assert 0 < len(uuids) - len(set(uuids)) < 50  # a few exact repeats inside the hour
     size = sum(len(msgspec.json.encode(event)) for event in events) / len(events)
     assert 1400 < size < 2000  # the benchmark assumes about 1.7 KB per event
+
+
+def test_a_varied_hour_varies_a_few_lines_as_real_exports_do() -> None:
+    hour = datetime(2024, 3, 1, 5, tzinfo=UTC)
+    uniform = generate_hour(hour, project_id=187520, seed=0, events=5000, variation=0)
+    varied = generate_hour(hour, project_id=187520, seed=0, events=5000)
+    assert [e["uuid"] for e in varied] == [e["uuid"] for e in uniform]  # the same events, some of them varied
+    changed = [(a, b) for a, b in zip(uniform, varied, strict=True) if a != b]
+    assert 0.01 * 5000 < len(changed) < 0.03 * 5000  # DEFAULT_VARIATION: 2 %
+    seen = set()
+    for before, after in changed:
+        assert after["uuid"] == before["uuid"]
+        for key in set(before) | set(after):
+            old, new = before.get(key, "absent"), after.get(key, "absent")
+            if old == new and type(old) is type(new):
+                continue
+            if new == "absent":
+                seen.add("omitted key")
+            elif old == "absent":
+                seen.add("new key")
+            elif key == "paying":
+                assert isinstance(new, bool)
+                seen.add("paying boolean")
+            elif key == "is_attribution_event":
+                assert new == "false"
+                seen.add("string for a boolean")
+            elif isinstance(new, str) and isinstance(old, (int, float)):
+                assert new in (str(old), str(float(old)))  # after an integral float, perhaps
+                seen.add("number as string")
+            elif isinstance(new, float) and isinstance(old, int):
+                assert new == old
+                seen.add("integral float")
+            elif key.endswith("_time"):
+                assert new == old[:19]
+                seen.add("no microseconds")
+            elif isinstance(new, list) and isinstance(old, str) or key == "amplitude_attribution_ids":
+                seen.add("array or string")
+    assert seen >= {"omitted key", "new key", "paying boolean", "number as string", "integral float",
+                    "no microseconds", "array or string", "string for a boolean"}
 
 
 def test_generator_is_deterministic_and_versions_change_content() -> None:
@@ -161,7 +200,9 @@ def test_archive_members_are_named_and_filled_as_amplitude_does(fake_server: Fak
         hour = int(MEMBER.match(name).group(3))  # type: ignore[union-attr]
         for line in lines:
             event = msgspec.json.decode(line)
-            assert tuple(event) == EXPORT_KEYS or set(event) < set(EXPORT_KEYS)
+            known = [key for key in event if key in EXPORT_KEYS]  # in export order, some omitted
+            assert known == [key for key in EXPORT_KEYS if key in event]
+            assert set(event) - set(EXPORT_KEYS) <= NEW_KEYS
             assert event["server_upload_time"].startswith(f"2024-03-01 {hour:02d}:")
     events = events_of(response.content)
     assert len(events) == fake_server.expected_events("20240301T04", "20240301T06") == 60

@@ -41,7 +41,8 @@ def event_rows(
 ) -> list[dict[str, Any]]:
     """Synthetic export lines of one upload hour as rows of ARROW_SCHEMA (what the archive reader yields)."""
     rows = []
-    for line, event in enumerate(generate_hour(hour, project_id=1, seed=seed, events=events), start=1):
+    # uniform lines: each value fits its column, so the rows are the events' values as they are
+    for line, event in enumerate(generate_hour(hour, project_id=1, seed=seed, events=events, variation=0), start=1):
         row: dict[str, Any] = {}
         for column in EXPORT_COLUMNS:
             value = event.get(column.source)

@@ -1,16 +1,19 @@
 /* Decode export lines straight into Arrow column buffers: the reader's fast path (see reader.py, docs/PARSE_PATH.md).
  *
- * A Parser knows the export's top-level keys and each one's kind. parse(lines) turns a list of lines (bytes, known
- * to be valid UTF-8) into one (null_count, validity, buffer, buffer) tuple per column, or returns None as soon as
- * any line is anything but the common case: not an object, an unknown or repeated or escaped key, a value that does
- * not fit its column exactly, a timestamp not written `YYYY-MM-DD HH:MM:SS[.ffffff]`, a blank line, invalid JSON.
- * The caller then parses that batch with the msgspec path, which handles every case (rejects, `_extra`). So this
- * code only has to be right on what it accepts, and strict: it accepts no text that the msgspec path would treat
- * differently (tests/test_fastparse.py checks both paths against each other, line for line and on mutated lines).
+ * A Parser knows the export's top-level keys and each one's kind. parse(segments) turns lines into one
+ * (null_count, validity, buffer, buffer) tuple per column and one more for `_extra`. It handles the variation
+ * real exports have, per value: a value that does not fit its column (a string where a number is expected, a
+ * number too large, a timestamp written another way) and a key the schema does not know go to `_extra` verbatim,
+ * exactly as the msgspec path (reader._slow) keeps them. Only a line it cannot take as a whole is handed back, by
+ * itself, for the msgspec path to decide (reject it, or keep it): invalid UTF-8 or JSON, not an object, an
+ * escaped or repeated key, nesting deeper than MAX_DEPTH, no string uuid when one is required. Its rows must
+ * equal the msgspec path's row for row (tests/test_fastparse.py checks both paths against each other on every
+ * awkward value and on mutated lines; tests/test_fuzz_sanitizers.py runs it under ASan and UBSan).
  * The GIL is released while parsing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <locale.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -342,95 +345,193 @@ static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
     return era * 146097 + (int64_t)doe - 719468;
 }
 
-/* `"YYYY-MM-DD HH:MM:SS[.f{1,6}]"` (opening quote at p[-1]) as microseconds; the position after it, or NULL. */
-static const char *read_time(const char *p, const char *end, int64_t *out) {
-    if (end - p < 20) return NULL;
-    const char *s = p;
+/* s[0:n] as microseconds if it is `YYYY-MM-DD[ T]HH:MM:SS[.f{1,6}]`, a real date and time of years 1-9999: 1, else 0.
+ * The same rule as reader._is_timestamp. */
+static int parse_time(const char *s, size_t n, int64_t *out) {
+    if (n != 19 && (n < 21 || n > 26)) return 0;
     for (int i = 0; i < 19; i++) {
         char c = s[i];
-        int want_digit = !(i == 4 || i == 7 || i == 10 || i == 13 || i == 16);
-        if (want_digit ? !is_digit(c) : c != (i == 4 || i == 7 ? '-' : i == 10 ? ' ' : ':')) return NULL;
+        if (i == 4 || i == 7) {
+            if (c != '-') return 0;
+        } else if (i == 10) {
+            if (c != ' ' && c != 'T') return 0;
+        } else if (i == 13 || i == 16) {
+            if (c != ':') return 0;
+        } else if (!is_digit(c)) {
+            return 0;
+        }
     }
     int year = two(s) * 100 + two(s + 2), month = two(s + 5), day = two(s + 8);
     int hour = two(s + 11), minute = two(s + 14), second = two(s + 17);
     static const int month_days[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    if (year < 1 || month < 1 || month > 12 || day < 1 || day > month_days[month - 1]) return NULL;
-    if (month == 2 && day == 29 && !(year % 4 == 0 && (year % 100 != 0 || year % 400 == 0))) return NULL;
-    if (hour > 23 || minute > 59 || second > 59) return NULL;
-    p += 19;
+    if (year < 1 || month < 1 || month > 12 || day < 1 || day > month_days[month - 1]) return 0;
+    if (month == 2 && day == 29 && !(year % 4 == 0 && (year % 100 != 0 || year % 400 == 0))) return 0;
+    if (hour > 23 || minute > 59 || second > 59) return 0;
     int64_t micros = 0;
-    if (*p == '.') {
-        p++;
-        int digits = 0;
-        while (p < end && is_digit(*p) && digits < 7) {
-            micros = micros * 10 + (*p - '0');
-            p++;
-            digits++;
+    if (n > 19) {
+        if (s[19] != '.') return 0;
+        size_t digits = 0;
+        for (size_t i = 20; i < n; i++, digits++) {
+            if (!is_digit(s[i])) return 0;
+            micros = micros * 10 + (s[i] - '0');
         }
-        if (digits == 0 || digits > 6) return NULL;
         for (; digits < 6; digits++) micros *= 10;
     }
-    if (p >= end || *p != '"') return NULL;
     int64_t seconds = days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second;
     *out = seconds * 1000000 + micros;
-    return p + 1;
+    return 1;
 }
 
-static const char *read_int(const char *p, const char *end, int64_t *out) {
-    int integral;
-    const char *q = scan_number(p, end, &integral);
-    if (!q || !integral) return NULL;
+/* A JSON string whose opening quote is at p[-1], for a timestamp column: *next is set after its closing quote.
+ * 1 if it is a timestamp (*out set), 0 if a string that is not, -1 if it is no valid JSON string. */
+static int read_time(const char *p, const char *end, int64_t *out, Buf *scratch, const char **next) {
+    const char *q = plain_run(p, end);
+    if (q < end && *q == '"') {
+        *next = q + 1;
+        return parse_time(p, (size_t)(q - p), out);
+    }
+    scratch->len = 0; /* escapes (or a raw control character): decode first, as msgspec would */
+    q = read_string(p, end, scratch);
+    if (!q) return -1;
+    *next = q;
+    return parse_time(scratch->data, scratch->len, out);
+}
+
+/* The integer token p[0:n] (JSON syntax, no fraction or exponent) if it fits int64: 1, else 0. */
+static int int_token(const char *p, size_t n, int64_t *out) {
     int negative = *p == '-';
-    const char *d = p + negative;
-    if (q - d > 19) return NULL;
+    const char *d = p + negative, *end = p + n;
+    if (end - d > 19) return 0;
     uint64_t value = 0;
-    for (; d < q; d++) value = value * 10 + (uint64_t)(*d - '0'); /* 19 digits fit in uint64 */
-    if (negative ? value > (uint64_t)INT64_MAX + 1 : value > (uint64_t)INT64_MAX) return NULL;
+    for (; d < end; d++) value = value * 10 + (uint64_t)(*d - '0'); /* 19 digits fit in uint64 */
+    if (negative ? value > (uint64_t)INT64_MAX + 1 : value > (uint64_t)INT64_MAX) return 0;
     *out = negative ? (int64_t)(0 - value) : (int64_t)value;
-    return q;
+    return 1;
 }
 
-static const char *read_float(const char *p, const char *end, double *out) {
-    int integral;
-    const char *q = scan_number(p, end, &integral);
-    if (!q || q - p > 64) return NULL;
-    if (integral && q - p > 16) return NULL; /* a big integer: let the msgspec path decide */
-    char text[72];
-    memcpy(text, p, q - p);
-    text[q - p] = 0;
-    char *stop;
-    double value = strtod(text, &stop); /* the token is a valid JSON number; strtod rounds correctly */
-    if (stop != text + (q - p) || !isfinite(value)) return NULL;
-    *out = value;
-    return q;
+#ifdef __GLIBC__
+static locale_t c_locale; /* numbers are read with a '.' whatever locale the process set */
+#endif
+
+/* The number token p[0:n] (JSON syntax) as the nearest double, as msgspec and Python read it (overflow: inf). */
+static double float_token(const char *p, size_t n) {
+    char small[80];
+    char *text = n < sizeof(small) ? small : malloc(n + 1);
+    if (!text) return NAN;
+    memcpy(text, p, n);
+    text[n] = 0;
+#ifdef __GLIBC__
+    double value = c_locale ? strtod_l(text, NULL, c_locale) : strtod(text, NULL);
+#else
+    double value = strtod(text, NULL);
+#endif
+    if (text != small) free(text);
+    return value;
+}
+
+#define TWO_53 9007199254740992.0
+#define TWO_63 9223372036854775808.0
+
+/* A number token for an integer column: an integer in int64, or a fraction or exponent of an integral value in
+ * int64 (1.0, 1e3), as reader._fit takes it. 1 and *out set if it fits, else 0. */
+static int fit_int(const char *p, size_t n, int integral, int64_t *out) {
+    if (integral) return int_token(p, n, out);
+    double d = float_token(p, n);
+    if (!(d >= -TWO_63 && d < TWO_63) || d != trunc(d)) return 0; /* NaN and inf fail the range test */
+    *out = (int64_t)d;
+    return 1;
+}
+
+/* A number token for a float column: a finite value, and an integer only if a double holds it exactly. */
+static int fit_float(const char *p, size_t n, int integral, double *out) {
+    if (integral) {
+        int64_t v;
+        if (!int_token(p, n, &v) || v > (int64_t)TWO_53 || v < -(int64_t)TWO_53) return 0;
+        *out = (double)v; /* "-0" is the integer 0, so 0.0 */
+        return 1;
+    }
+    double d = float_token(p, n);
+    if (!isfinite(d)) return 0;
+    *out = d;
+    return 1;
 }
 
 /* ---------------------------------------------------------------------------------------------- lines */
 
+#define MAX_UNKNOWN 16 /* unknown keys in one line before it goes to the slow path */
+
 typedef struct {
     const Parser *parser;
-    Column *cols;
+    Column *cols; /* the parser's columns, then `_extra` */
+    Column *extra;
     int64_t row;
     int require_uuid;
     uint8_t seen[MAX_COLUMNS];
+    Buf scratch;
+    int nunknown;
+    const char *unknown[MAX_UNKNOWN];
+    size_t unknown_len[MAX_UNKNOWN];
 } Batch;
 
 static inline void set_bit(uint8_t *bits, int64_t i) { bits[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+static inline void clear_bit(uint8_t *bits, int64_t i) { bits[i >> 3] &= (uint8_t)~(1u << (i & 7)); }
 
-/* Parse one line into row `b->row`; 0 on success, -1 to give the batch to the slow path. */
+/* `"key":value` onto the row's `_extra` object (opened by the first one); -1 if out of memory. */
+static int extra_add(Batch *b, const char *key, size_t key_len, const char *value, size_t value_len) {
+    Buf *e = &b->extra->data;
+    if (buf_reserve(e, key_len + value_len + 4)) return -1;
+    e->data[e->len] = e->len == (size_t)b->extra->offsets[b->row] ? '{' : ',';
+    e->data[e->len + 1] = '"';
+    memcpy(e->data + e->len + 2, key, key_len);
+    e->len += key_len + 2;
+    e->data[e->len] = '"';
+    e->data[e->len + 1] = ':';
+    memcpy(e->data + e->len + 2, value, value_len);
+    e->len += value_len + 2;
+    return 0;
+}
+
+static inline int is_blank(const char *p, const char *end) {
+    for (; p < end; p++)
+        if (!(*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n' || *p == '\v' || *p == '\f')) return 0;
+    return 1;
+}
+
+/* Undo what a line wrote before it turned out to need the slow path. */
+static void rollback(Batch *b, size_t extra_len) {
+    int64_t row = b->row;
+    for (int col = 0; col < b->parser->ncols; col++) {
+        if (!b->seen[col]) continue;
+        Column *c = &b->cols[col];
+        clear_bit(c->validity, row);
+        if (c->bools) clear_bit(c->bools, row);
+        if (c->offsets) c->data.len = (size_t)c->offsets[row];
+    }
+    b->extra->data.len = extra_len;
+}
+
+/* Parse one line into row `b->row`: 1 for a row, 0 for a blank line, -1 if it needs the slow path (nothing kept:
+ * not valid JSON, not an object, an escaped or repeated key, nesting too deep, no string uuid when one is
+ * required). A value that does not fit its column, and an unknown key, go to `_extra` as the slow path puts them. */
 static int parse_line(Batch *b, const char *p, const char *end) {
     const Parser *parser = b->parser;
     int64_t row = b->row;
+    size_t extra_len = b->extra->data.len;
     memset(b->seen, 0, parser->ncols);
+    b->nunknown = 0;
+    const char *start = p;
     p = skip_ws(p, end);
-    if (p >= end || *p != '{') return -1;
+    if (p >= end || *p != '{') {
+        if (is_blank(start, end)) return 0;
+        return -1;
+    }
     p = skip_ws(p + 1, end);
     int guess = 0;
     if (p < end && *p == '}') {
         p++;
     } else {
         for (;;) {
-            if (p >= end || *p != '"') return -1;
+            if (p >= end || *p != '"') goto slow;
             const char *key = ++p;
             int col = -1;
             if (guess < parser->ncols) { /* keys usually come in the schema's order: try the next one first */
@@ -442,84 +543,120 @@ static int parse_line(Batch *b, const char *p, const char *end) {
             }
             if (col < 0) {
                 while (p < end && *p != '"' && *p != '\\' && (uint8_t)*p >= 0x20) p++;
-                if (p >= end || *p != '"') return -1;
+                if (p >= end || *p != '"') goto slow;
                 col = lookup(parser, key, p - key, guess);
             }
-            if (col < 0 || b->seen[col]) return -1;
-            b->seen[col] = 1;
-            guess = col + 1;
+            size_t key_len = (size_t)(p - key);
             p = skip_ws(p + 1, end);
-            if (p >= end || *p != ':') return -1;
+            if (p >= end || *p != ':') goto slow;
             p = skip_ws(p + 1, end);
-            if (p >= end) return -1;
-            Column *c = &b->cols[col];
-            if (c->kind == K_JSON) {
+            if (p >= end) goto slow;
+            if (col < 0) { /* an unknown key: its value, verbatim, to _extra */
+                for (int i = 0; i < b->nunknown; i++)
+                    if (b->unknown_len[i] == key_len && memcmp(b->unknown[i], key, key_len) == 0) goto slow;
+                if (b->nunknown == MAX_UNKNOWN) goto slow;
+                b->unknown[b->nunknown] = key;
+                b->unknown_len[b->nunknown++] = key_len;
                 const char *value_end = skip_value(p, end, 0);
-                if (!value_end) return -1;
-                if (!is_null(p, value_end) || value_end - p != 4) {
-                    size_t n = value_end - p;
-                    if (buf_reserve(&c->data, n)) return -1;
-                    memcpy(c->data.data + c->data.len, p, n);
-                    c->data.len += n;
-                    set_bit(c->validity, row);
-                }
+                if (!value_end || extra_add(b, key, key_len, p, (size_t)(value_end - p))) goto slow;
                 p = value_end;
-            } else if (is_null(p, end)) {
-                p += 4;
             } else {
-                switch (c->kind) {
-                case K_STRING:
-                    if (*p != '"') return -1;
-                    p = read_string(p + 1, end, &c->data);
-                    break;
-                case K_TIME:
-                    if (*p != '"') return -1;
-                    p = read_time(p + 1, end, &c->ints[row]);
-                    break;
-                case K_INT:
-                    p = read_int(p, end, &c->ints[row]);
-                    break;
-                case K_FLOAT:
-                    p = read_float(p, end, &c->floats[row]);
-                    break;
-                case K_BOOL:
-                    if (end - p >= 4 && memcmp(p, "true", 4) == 0) {
-                        set_bit(c->bools, row);
-                        p += 4;
-                    } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
-                        p += 5;
-                    } else {
-                        return -1;
+                if (b->seen[col]) goto slow;
+                b->seen[col] = 1;
+                guess = col + 1;
+                Column *c = &b->cols[col];
+                const char *fit = NULL; /* the end of a value stored in its column */
+                if (c->kind == K_JSON) {
+                    fit = skip_value(p, end, 0);
+                    if (!fit) goto slow;
+                    if (fit - p != 4 || !is_null(p, fit)) {
+                        size_t n = fit - p;
+                        if (buf_reserve(&c->data, n)) goto slow;
+                        memcpy(c->data.data + c->data.len, p, n);
+                        c->data.len += n;
+                        set_bit(c->validity, row);
                     }
-                    break;
-                default:
-                    return -1;
+                } else if (*p == 'n') {
+                    if (!is_null(p, end)) goto slow;
+                    fit = p + 4;
+                } else {
+                    int integral, got;
+                    const char *q;
+                    switch (c->kind) {
+                    case K_STRING:
+                        if (*p == '"' && !(fit = read_string(p + 1, end, &c->data))) goto slow;
+                        break;
+                    case K_TIME:
+                        if (*p == '"') {
+                            got = read_time(p + 1, end, &c->ints[row], &b->scratch, &q);
+                            if (got < 0) goto slow;
+                            if (got) fit = q;
+                        }
+                        break;
+                    case K_INT:
+                    case K_FLOAT:
+                        if (*p == '-' || is_digit(*p)) {
+                            q = scan_number(p, end, &integral);
+                            if (!q) goto slow;
+                            got = c->kind == K_INT ? fit_int(p, q - p, integral, &c->ints[row])
+                                                   : fit_float(p, q - p, integral, &c->floats[row]);
+                            if (got) fit = q;
+                        }
+                        break;
+                    case K_BOOL:
+                        if (end - p >= 4 && memcmp(p, "true", 4) == 0) {
+                            set_bit(c->bools, row);
+                            fit = p + 4;
+                        } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
+                            fit = p + 5;
+                        }
+                        break;
+                    }
+                    if (fit) set_bit(c->validity, row);
                 }
-                if (!p) return -1;
-                set_bit(c->validity, row);
+                if (fit) {
+                    p = fit;
+                } else { /* a value that does not fit its column: verbatim to _extra, under the key as written */
+                    const char *value_end = skip_value(p, end, 0);
+                    if (!value_end || extra_add(b, key, key_len, p, (size_t)(value_end - p))) goto slow;
+                    p = value_end;
+                }
             }
             p = skip_ws(p, end);
-            if (p >= end) return -1;
+            if (p >= end) goto slow;
             if (*p == '}') {
                 p++;
                 break;
             }
-            if (*p != ',') return -1;
+            if (*p != ',') goto slow;
             p = skip_ws(p + 1, end);
         }
     }
-    if (skip_ws(p, end) != end) return -1;
-    if (b->require_uuid && parser->uuid_col >= 0 && !b->seen[parser->uuid_col]) return -1;
-    for (int col = 0; col < parser->ncols; col++) {
+    if (skip_ws(p, end) != end) goto slow;
+    if (b->require_uuid && parser->uuid_col >= 0 &&
+        !(b->cols[parser->uuid_col].validity[row >> 3] & (1u << (row & 7))))
+        goto slow;
+    Column *x = b->extra;
+    if (x->data.len > extra_len) {
+        if (buf_reserve(&x->data, 1)) goto slow;
+        x->data.data[x->data.len++] = '}';
+        set_bit(x->validity, row);
+    }
+    for (int col = 0; col <= parser->ncols; col++) {
         Column *c = &b->cols[col];
-        if (c->offsets) {
-            if (c->data.len > INT32_MAX) return -1;
-            c->offsets[row + 1] = (int32_t)c->data.len;
-        }
+        if (c->offsets && c->data.len > INT32_MAX) goto slow;
+    }
+    for (int col = 0; col <= parser->ncols; col++) {
+        Column *c = &b->cols[col];
+        if (c->offsets) c->offsets[row + 1] = (int32_t)c->data.len;
         if (!(c->validity[row >> 3] & (1u << (row & 7)))) c->nulls++;
     }
     b->row++;
-    return 0;
+    return 1;
+slow:
+    rollback(b, extra_len);
+    clear_bit(b->extra->validity, row);
+    return -1;
 }
 
 static void free_columns(Column *cols, int n) {
@@ -642,6 +779,12 @@ static void release_views(Py_buffer *views, Py_ssize_t n) {
     free(views);
 }
 
+typedef struct {
+    Py_ssize_t line; /* index of the line in the call's lines */
+    const char *start;
+    size_t len;
+} SlowLine;
+
 static PyObject *Parser_parse(Parser *self, PyObject *args) {
     PyObject *segments;
     int require_uuid = 0;
@@ -658,19 +801,23 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
         }
         total += views[i].len;
     }
+    int ncols = self->ncols;
     int64_t cap = (int64_t)(total / 1024) + nseg + 16; /* rows; grown when a batch has shorter lines */
-    Column *cols = calloc(self->ncols, sizeof(Column));
-    int failed = !cols;
-    for (int i = 0; i < self->ncols && !failed; i++) {
+    Column *cols = calloc(ncols + 1, sizeof(Column));
+    int64_t *line_of_row = calloc(cap + 1, sizeof(int64_t));
+    int failed = !cols || !line_of_row;
+    for (int i = 0; i <= ncols && !failed; i++) {
         Column *c = &cols[i];
-        c->kind = self->kinds[i];
+        c->kind = i < ncols ? self->kinds[i] : K_JSON; /* the last one is _extra */
         size_t bitmap = (size_t)(cap + 8) / 8;
         failed |= !(c->validity = calloc(bitmap, 1));
         switch (c->kind) {
         case K_STRING:
         case K_JSON:
             failed |= !(c->offsets = calloc(cap + 1, sizeof(int32_t)));
-            failed |= buf_reserve(&c->data, c->kind == K_JSON ? total / 8 + 64 : 64 * (size_t)cap + 64);
+            failed |= buf_reserve(&c->data, i == ncols           ? 256
+                                            : c->kind == K_JSON ? total / 8 + 64
+                                                                : 64 * (size_t)cap + 64);
             break;
         case K_INT:
         case K_TIME:
@@ -685,49 +832,90 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
         }
     }
     if (failed) {
-        if (cols) free_columns(cols, self->ncols);
+        if (cols) free_columns(cols, ncols + 1);
+        free(line_of_row);
         release_views(views, nseg);
         return PyErr_NoMemory();
     }
-    Batch batch = {.parser = self, .cols = cols, .row = 0, .require_uuid = require_uuid};
+    Batch batch = {.parser = self, .cols = cols, .extra = &cols[ncols], .row = 0, .require_uuid = require_uuid};
+    SlowLine *slow = NULL;
+    size_t nslow = 0, slow_cap = 0;
+    Py_ssize_t line = 0;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nseg && ok; i++) {
         const char *p = views[i].buf, *end = p + views[i].len;
-        for (;;) {
+        for (;; line++) {
             const char *nl = memchr(p, '\n', end - p);
             const char *line_end = nl ? nl : end;
             if (batch.row == cap) {
-                if (grow_rows(cols, self->ncols, cap, cap * 2)) {
+                int64_t *more = realloc(line_of_row, (cap * 2 + 1) * sizeof(int64_t));
+                if (!more || grow_rows(cols, ncols + 1, cap, cap * 2)) {
+                    if (more) line_of_row = more;
                     ok = 0;
                     break;
                 }
+                line_of_row = more;
                 cap *= 2;
             }
-            if (!utf8_valid((const uint8_t *)p, line_end - p) || parse_line(&batch, p, line_end)) {
-                ok = 0;
-                break;
+            int got = utf8_valid((const uint8_t *)p, line_end - p) ? parse_line(&batch, p, line_end) : -1;
+            if (got > 0) {
+                line_of_row[batch.row - 1] = line;
+            } else if (got < 0) {
+                if (nslow == slow_cap) {
+                    slow_cap = slow_cap ? slow_cap * 2 : 16;
+                    SlowLine *more = realloc(slow, slow_cap * sizeof(SlowLine));
+                    if (!more) {
+                        ok = 0;
+                        break;
+                    }
+                    slow = more;
+                }
+                slow[nslow++] = (SlowLine){line, p, (size_t)(line_end - p)};
             }
             if (!nl) break;
             p = nl + 1;
         }
+        line++;
     }
     Py_END_ALLOW_THREADS
+    free(batch.scratch.data);
+    PyObject *slow_list = ok ? PyList_New((Py_ssize_t)nslow) : NULL;
+    for (size_t i = 0; slow_list && i < nslow; i++) {
+        PyObject *item = Py_BuildValue("(ny#)", slow[i].line, slow[i].start, (Py_ssize_t)slow[i].len);
+        if (!item) {
+            Py_CLEAR(slow_list);
+            break;
+        }
+        PyList_SET_ITEM(slow_list, (Py_ssize_t)i, item);
+    }
+    free(slow);
     release_views(views, nseg);
-    if (!ok) {
-        free_columns(cols, self->ncols);
-        Py_RETURN_NONE;
+    if (!slow_list) {
+        free_columns(cols, ncols + 1);
+        free(line_of_row);
+        return ok ? NULL : PyErr_NoMemory();
     }
     int64_t rows = batch.row;
     size_t bitmap = (size_t)(rows + 8) / 8;
-    PyObject *out = PyTuple_New(self->ncols);
-    if (!out) {
-        free_columns(cols, self->ncols);
+    PyObject *out = PyTuple_New(ncols + 1);
+    PyObject *numbers = NULL;
+    if (out && rows != line) { /* some lines were blank or went to the slow path: say which each row is */
+        numbers = take(&line_of_row, sizeof(int64_t) * rows);
+    } else if (out) {
+        numbers = Py_NewRef(Py_None);
+    }
+    free(line_of_row);
+    if (!out || !numbers) {
+        Py_XDECREF(out);
+        Py_XDECREF(numbers);
+        Py_DECREF(slow_list);
+        free_columns(cols, ncols + 1);
         return NULL;
     }
-    for (int i = 0; i < self->ncols; i++) {
+    for (int i = 0; i <= ncols; i++) {
         Column *c = &cols[i];
-        PyObject *validity = c->nulls ? take(&c->validity, bitmap) : (Py_INCREF(Py_None), Py_None);
+        PyObject *validity = c->nulls ? take(&c->validity, bitmap) : Py_NewRef(Py_None);
         PyObject *values, *data;
         switch (c->kind) {
         case K_STRING:
@@ -738,15 +926,15 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
         case K_INT:
         case K_TIME:
             values = take(&c->ints, sizeof(int64_t) * rows);
-            data = (Py_INCREF(Py_None), Py_None);
+            data = Py_NewRef(Py_None);
             break;
         case K_FLOAT:
             values = take(&c->floats, sizeof(double) * rows);
-            data = (Py_INCREF(Py_None), Py_None);
+            data = Py_NewRef(Py_None);
             break;
         default:
             values = take(&c->bools, bitmap);
-            data = (Py_INCREF(Py_None), Py_None);
+            data = Py_NewRef(Py_None);
             break;
         }
         PyObject *item = (validity && values && data)
@@ -757,13 +945,15 @@ static PyObject *Parser_parse(Parser *self, PyObject *args) {
             Py_XDECREF(values);
             Py_XDECREF(data);
             Py_DECREF(out);
-            free_columns(cols, self->ncols);
+            Py_DECREF(numbers);
+            Py_DECREF(slow_list);
+            free_columns(cols, ncols + 1);
             return NULL;
         }
         PyTuple_SET_ITEM(out, i, item);
     }
-    free_columns(cols, self->ncols);
-    return Py_BuildValue("(NL)", out, (long long)rows);
+    free_columns(cols, ncols + 1);
+    return Py_BuildValue("(NLNnN)", out, (long long)rows, numbers, line, slow_list);
 }
 
 /* ---------------------------------------------------------------------------------------------- COPY */
@@ -979,8 +1169,10 @@ static void Parser_dealloc(Parser *self) {
 
 static PyMethodDef Parser_methods[] = {
     {"parse", (PyCFunction)Parser_parse, METH_VARARGS,
-     "parse(segments, require_uuid=False): (columns, rows), a (null_count, validity, values, data) tuple per\n"
-     "column; or None to give the batch to the slow path. Each segment holds whole lines separated by newlines."},
+     "parse(segments, require_uuid=False): (columns, rows, numbers, lines, slow). columns: a (null_count,\n"
+     "validity, values, data) tuple per column and one for _extra; numbers: each row's line index (None when\n"
+     "row i is line i); lines: the lines read; slow: [(line index, bytes)] of the lines left to the slow path.\n"
+     "Each segment holds whole lines separated by newlines."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1280,6 +1472,9 @@ static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
 
 PyMODINIT_FUNC PyInit__fastparse(void) {
     init_tables();
+#ifdef __GLIBC__
+    if (!c_locale) c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0);
+#endif
     if (PyType_Ready(&ParserType) < 0 || PyType_Ready(&BufferType) < 0 || PyType_Ready(&StringSetType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

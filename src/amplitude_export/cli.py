@@ -609,6 +609,9 @@ def _fault_list(text: str | None) -> list[str]:
 @click.option("--empty-hours", metavar="HOURS", help="Comma-separated hours without data, e.g. 2024-03-01T05.")
 @click.option("--malformed-lines", is_flag=True,
               help="Put one non-JSON line and one JSON array into each hour's first member.")
+@click.option("--variation", type=click.FloatRange(0, 1), default=None,
+              help="Share of lines that vary as real exports do (documented types, omitted and new keys, "
+              "numbers as strings, ...; default 0.02); 0 for uniform lines.")
 @click.option("--faults", metavar="LIST",
               help="Comma-separated faults for the first requests of every window, in order; from: "
               "500, 502, 503, 504, 429, truncate, corrupt, notzip, slow, stall, reset.")
@@ -628,7 +631,8 @@ def _fault_list(text: str | None) -> list[str]:
 @reports_errors
 def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, project_id: int,
                 events_per_hour: int | None, members_per_hour: int, data_start: str | None, data_end: str | None,
-                empty_hours: str | None, malformed_lines: bool, faults: str | None, fault_rate: float,
+                empty_hours: str | None, malformed_lines: bool, variation: float | None, faults: str | None,
+                fault_rate: float,
                 retry_after: float, slow_seconds: float, timeout_over_hours: int | None,
                 max_archive_bytes: int | None, cache_dir: Path | None) -> None:
     """Serve a faithful fake Amplitude Export API (for demos, tests and your own pipelines).
@@ -661,6 +665,7 @@ def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, 
     serve(host, port, ready=announce, api_key=api_key, secret_key=secret_key, seed=seed, project_id=project_id,
           members_per_hour=members_per_hour, data_start=first, data_end=last,
           empty_hours=_hour_list("--empty-hours", empty_hours), malformed_lines=malformed_lines,
+          **({} if variation is None else {"variation": variation}),
           faults=_fault_list(faults), fault_rate=fault_rate, retry_after=retry_after, slow_seconds=slow_seconds,
           timeout_over_hours=timeout_over_hours, max_archive_bytes=max_archive_bytes, cache_dir=cache_dir, **options)
 

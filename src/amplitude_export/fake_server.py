@@ -46,7 +46,7 @@ import msgspec
 
 from .archive import LOCAL_HEADER, crc32
 from .errors import UsageError
-from .synthetic import generate_hour, hour_uuids, utc_hour
+from .synthetic import DEFAULT_VARIATION, generate_hour, hour_uuids, utc_hour
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ class FakeExportServer:
         cache_dir: str | os.PathLike[str] | None = None,
         compresslevel: int = 1,
         bytes_per_second: float | None = None,
+        variation: float = DEFAULT_VARIATION,
     ) -> None:
         """Configure the server; nothing listens until `start()` or `with`.
 
@@ -143,12 +144,15 @@ class FakeExportServer:
         `timeout_over_hours` makes longer windows always answer 504. `malformed_lines` puts one non-JSON line
         and one JSON array into member #0 of every hour. `compresslevel` is the members' gzip level (1: fast).
         `bytes_per_second` paces archive bodies as a real network would (loopback is far faster).
+        `variation` is the share of lines that vary as real exports do (synthetic.VARIATIONS; 0: uniform).
         """
         unknown = [fault for fault in faults if fault not in FAULTS]
         if unknown:
             raise ValueError(f"unknown faults {unknown}; choose from {FAULTS}")
         if bytes_per_second is not None and not bytes_per_second > 0:
             raise ValueError(f"bytes_per_second must be a positive number, not {bytes_per_second!r}")
+        if not 0 <= variation <= 1:
+            raise ValueError(f"variation must be a share between 0 and 1, not {variation!r}")
         self.api_key = api_key
         self._secret_key = secret_key
         self.host = host
@@ -170,6 +174,7 @@ class FakeExportServer:
         self.malformed_lines = malformed_lines
         self.compresslevel = compresslevel
         self.bytes_per_second = bytes_per_second
+        self.variation = variation
         self.requests: list[tuple[str | None, str | None, int]] = []  # (start, end, status); 0 = reset
         self._versions: dict[datetime, int] = {}
         self._crcs: dict[Path, tuple[int, int]] = {}  # member file -> (size, CRC-32)
@@ -287,6 +292,7 @@ class FakeExportServer:
             version=self.hour_version(hour),
             # the version-0 count: a re-export of the previous hour keeps those uuids, so this hour stays
             previous_events=self._base_events(hour - HOUR),
+            variation=self.variation,
         )
 
     def expected_uuids(self, start: datetime | str, end: datetime | str) -> set[str]:
@@ -332,7 +338,7 @@ class FakeExportServer:
         key = (
             f"{self.project_id}_{self.seed}_{hour:%Y%m%dT%H}_v{self.hour_version(hour)}_n{events}"
             f"_p{self._base_events(hour - HOUR)}_m{len(counts)}"
-            f"_x{int(self.malformed_lines)}_z{self.compresslevel}"
+            f"_x{int(self.malformed_lines)}_z{self.compresslevel}_r{self.variation:g}"
         )
         assert self._cache_dir is not None, "the server is not started"
         paths = [self._cache_dir / f"{key}#{index}.json.gz" for index in range(len(counts))]

@@ -429,6 +429,9 @@ def load_window(
         size = reader.path.stat().st_size  # the landed archive
     if reader.rejects_total:
         log.warning("%s: %d lines rejected, see %s", window, reader.rejects_total, data_dir / "rejects")
+    # the compiled parser's share: lines it gave to the msgspec path (invalid JSON, say) are read ~10x slower
+    log.info("%s: %d of %d lines parsed by the compiled parser", window,
+             reader.lines_total - reader.slow_lines, reader.lines_total)
     if not keep_raw:
         reader.path.unlink(missing_ok=True)
     return WindowOutcome(

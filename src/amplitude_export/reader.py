@@ -23,6 +23,7 @@ import importlib.abc
 import logging
 import multiprocessing
 import queue as queue_module
+import re
 import sys
 import threading
 import zipfile
@@ -65,14 +66,15 @@ REJECT_TEXT_LIMIT = 10_000
 _MAX_OUT = 1 << 22  # decompressed bytes per inflate call: bounds memory even for a zip bomb
 _QUEUE_PARTS = 2  # batches a worker may have waiting; bounds memory across processes
 _INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_EXACT = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]  # integers a double holds exactly
 _TS_TYPE = pa.timestamp("us", tz="UTC")
 _NAIVE_TS = pa.timestamp("us")
 _FAST_TYPES: dict[str, Any] = {
     schema.STRING: str | None,
     schema.INTEGER: _INT64 | None,
-    schema.FLOAT: float | None,
+    schema.FLOAT: _EXACT | float | None,
     schema.BOOLEAN: bool | None,
-    schema.TIMESTAMP: str | None,  # validated and cast column-wise by Arrow
+    schema.TIMESTAMP: str | None,  # checked column-wise (_timestamps_misfit), cast by Arrow
     schema.JSON: msgspec.Raw,  # the original text, untouched; JSON null arrives as Raw(b"null")
 }
 _COLUMNS = schema.EXPORT_COLUMNS
@@ -89,8 +91,8 @@ _FAST = msgspec.json.Decoder(_Event)
 _RAW = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENCODE = msgspec.json.encode
 _LOGGED_UNKNOWN: set[str] = set()  # unknown keys are logged once per process, not once per line
-# Decodes a batch of lines straight into Arrow buffers, or gives it back (None) to the msgspec path when any line
-# is not the common case. Tests set it to None to check the msgspec path alone.
+# Decodes a chunk of lines straight into Arrow buffers, `_extra` included, giving back only the lines it cannot
+# decode as a whole for the msgspec path. Tests set it to None to check the msgspec path alone.
 FAST_PARSER = (
     _fastparse.Parser(
         tuple(c.source.encode() for c in _COLUMNS), "".join(schema.COMPILED_KINDS[c.kind] for c in _COLUMNS)
@@ -108,6 +110,7 @@ class _Part:
     lines: int  # non-blank lines
     rejects: list[dict[str, Any]]
     unknown: set[str]
+    slow: int = 0  # of those lines, how many the msgspec path parsed (the rest: the compiled parser)
 
 
 @dataclass(frozen=True)
@@ -125,19 +128,44 @@ class _Context:
 # ---------------------------------------------------------------------------------------------------- values
 
 
+# A timestamp column holds `YYYY-MM-DD HH:MM:SS[.f]` (or with `T`), up to 6 digits of fraction, years 1-9999, a
+# real date and time; any other text goes to `_extra`. The compiled parser's parse_time applies the same rule.
+_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+_TIMESTAMP_MATCH = re.compile(_TIMESTAMP).fullmatch
+_FIRST_DAY_US = -62135596800 * 10**6  # 0001-01-01 00:00:00 in microseconds since the epoch
+
+
+def _is_timestamp(text: str) -> bool:
+    if not _TIMESTAMP_MATCH(text):
+        return False
+    try:
+        datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
+                 int(text[17:19]))
+    except ValueError:
+        return False
+    return True
+
+
 def _fit(kind: str, value: Any) -> tuple[bool, Any]:
-    """Whether a decoded value fits a column kind, and the value to store (integral floats become ints)."""
+    """Whether a decoded value fits a column kind, and the value to store (integral floats become ints).
+
+    A float column takes any finite number, but an integer only if a double holds it exactly (|i| <= 2**53);
+    an integer column takes an integer in int64, or a float whose value is one (1.0, 1e3).
+    """
     if value is None:
         return True, None
-    if kind in (schema.STRING, schema.TIMESTAMP):
+    if kind == schema.STRING:
         return isinstance(value, str), value
+    if kind == schema.TIMESTAMP:
+        return isinstance(value, str) and _is_timestamp(value), value
     if kind == schema.INTEGER:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
         return ok, value
     if kind == schema.FLOAT:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 2**53
+        ok = isinstance(value, float) or (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53)
         return ok, float(value) if ok else value
     if kind == schema.BOOLEAN:
         return isinstance(value, bool), value
@@ -163,6 +191,8 @@ def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict
         return "not a JSON object"
     except msgspec.DecodeError as exc:
         return f"invalid JSON: {exc}"
+    except RecursionError:
+        return "JSON nested too deeply"
     if require_uuid and not isinstance(_value(raw.get("uuid", msgspec.Raw(b"null"))), str):
         return "no string uuid"
     values: dict[str, Any] = {}
@@ -207,35 +237,29 @@ def _json_column(values: Sequence[Any]) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), len(texts), buffers)
 
 
-def _cast_timestamps(texts: pa.Array) -> pa.Array | None:
-    try:
-        return texts.cast(_NAIVE_TS)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return None
+def _timestamps_misfit(events: list[Any]) -> set[int]:
+    """The events with a timestamp text that is not one (`_is_timestamp`), found column by column with Arrow."""
+    misfit: set[int] = set()
+    for column in _COLUMNS:
+        if column.kind != schema.TIMESTAMP:
+            continue
+        texts = pa.array([getattr(event, column.name) for event in events], pa.string())
+        good = pc.match_substring_regex(texts, "^" + _TIMESTAMP + "$")
+        if pc.all(good).as_py() is not False:
+            try:  # the calendar (no 31 April, no 24:00) and years 1-9999
+                cast = texts.cast(_NAIVE_TS)
+                if pc.all(pc.greater_equal(cast.cast(pa.int64()), _FIRST_DAY_US)).as_py() is not False:
+                    continue
+            except pa.ArrowInvalid:
+                pass
+        misfit.update(row for row, text in enumerate(texts.to_pylist()) if text is not None and not _is_timestamp(text))
+    return misfit
 
 
-def _timestamp_column(values: list[Any], source: str, extras: dict[int, dict[str, Any]]) -> pa.Array:
-    """Cast `YYYY-MM-DD HH:MM:SS[.ffffff]` (UTC) texts in one go; find malformed ones by halving only on failure."""
-    texts = pa.array(values, pa.string())
-    cast = _cast_timestamps(texts)
-    if cast is None:
-        pieces: list[pa.Array] = []
-
-        def split(offset: int, length: int) -> None:
-            piece = _cast_timestamps(texts.slice(offset, length))
-            if piece is not None:
-                pieces.append(piece)
-            elif length == 1:
-                extras.setdefault(offset, {})[source] = values[offset]
-                pieces.append(pa.nulls(1, _NAIVE_TS))
-            else:
-                half = length // 2
-                split(offset, half)
-                split(offset + half, length - half)
-
-        split(0, len(texts))
-        cast = pa.concat_arrays(pieces)
-    return cast.cast(_TS_TYPE)  # the export's times are UTC without a zone: label them, do not shift them
+def _timestamp_column(values: list[Any]) -> pa.Array:
+    """`YYYY-MM-DD HH:MM:SS[.ffffff]` texts (UTC, already checked) as timestamps."""
+    # the export's times are UTC without a zone: label them, do not shift them
+    return pa.array(values, pa.string()).cast(_NAIVE_TS).cast(_TS_TYPE)
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -264,52 +288,77 @@ def _invalid_utf8(lines: list[bytes]) -> set[int]:
 
 
 def _parse(
-    lines: list[bytes], first: int, member: ArchiveMember, index: int, ctx: _Context, utf8: bool = False
+    lines: list[bytes],
+    first: int,
+    member: ArchiveMember,
+    index: int,
+    ctx: _Context,
+    utf8: bool = False,
+    numbers: Sequence[int] | None = None,
 ) -> _Part:
-    """Turn some lines of one member (line `first` onwards) into a typed batch, rejects and counts.
+    """Turn some lines of one member (line `first` onwards, or lines `numbers`) into a typed batch, rejects and
+    counts.
 
     `utf8` says the lines are known to be valid UTF-8 (checked as decompressed blocks); else each is checked.
+    A line decodes straight into the typed struct, or else (an unknown key, a value of another type, not JSON)
+    through `_slow`; a struct whose timestamp texts are not all timestamps is decoded again through `_slow`.
     """
+    if numbers is None:
+        numbers = range(first, first + len(lines))
     events: list[Any] = []
-    numbers: list[int] = []
+    kept: list[int] = []  # the line (index into `lines`) of each event
     extras: dict[int, dict[str, Any]] = {}
     rejects: list[dict[str, Any]] = []
     unknown: set[str] = set()
     decode = _FAST.decode
     require_uuid = ctx.require_uuid
+    fitted = False  # every line decoded straight into the struct
     if utf8:  # the common case: every line fits the struct, decoded without a Python loop of our own
         try:
             events = list(map(decode, lines))
-            if not (require_uuid and any(event.uuid is None for event in events)):
-                return _columns(events, range(first, first + len(lines)), {}, [], unknown, member, index, ctx)
-        except msgspec.DecodeError:
+            fitted = not (require_uuid and any(event.uuid is None for event in events))
+        except (msgspec.DecodeError, RecursionError):
             pass
-        events = []
-    invalid = set() if utf8 else _invalid_utf8(lines)
-    for number, line in enumerate(lines, first):
-        if invalid and number - first in invalid:
-            text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
-            rejects.append({"member": member.name, "line": number, "error": "invalid UTF-8", "text": text})
-            continue
-        try:
-            event = decode(line)
-            if require_uuid and event.uuid is None:
-                raise msgspec.ValidationError("no uuid")
-            events.append(event)
-        except msgspec.DecodeError:
-            if not line.strip():
-                continue
-            result = _slow(line, unknown, require_uuid)
-            if isinstance(result, str):
+        if not fitted:
+            events = []
+    if fitted:
+        kept = list(range(len(lines)))
+    else:
+        invalid = set() if utf8 else _invalid_utf8(lines)
+        for at, line in enumerate(lines):
+            if invalid and at in invalid:
                 text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
-                rejects.append({"member": member.name, "line": number, "error": result, "text": text})
+                rejects.append({"member": member.name, "line": numbers[at], "error": "invalid UTF-8", "text": text})
                 continue
-            event, extra = result
+            try:
+                event = decode(line)
+                if require_uuid and event.uuid is None:
+                    raise msgspec.ValidationError("no uuid")
+                events.append(event)
+            except (msgspec.DecodeError, RecursionError):
+                if not line.strip():
+                    continue
+                result = _slow(line, unknown, require_uuid)
+                if isinstance(result, str):
+                    text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
+                    rejects.append({"member": member.name, "line": numbers[at], "error": result, "text": text})
+                    continue
+                event, extra = result
+                if extra:
+                    extras[len(events)] = extra
+                events.append(event)
+            kept.append(at)
+    if events:
+        for row in _timestamps_misfit(events):  # only struct-decoded rows: `_slow` checked its own
+            result = _slow(lines[kept[row]], unknown, require_uuid)
+            assert not isinstance(result, str)  # it decoded into the struct
+            events[row], extra = result
             if extra:
-                extras[len(events)] = extra
-            events.append(event)
-        numbers.append(number)
-    return _columns(events, numbers, extras, rejects, unknown, member, index, ctx)
+                extras[row] = extra
+    rows_numbers = numbers if fitted else [numbers[at] for at in kept]
+    part = _columns(events, rows_numbers, extras, rejects, unknown, member, index, ctx)
+    part.slow = part.lines
+    return part
 
 
 def _columns(
@@ -333,7 +382,7 @@ def _columns(
         if column.kind == schema.JSON:
             arrays.append(_json_column(values))
         elif column.kind == schema.TIMESTAMP:
-            arrays.append(_timestamp_column(values, column.source, extras))
+            arrays.append(_timestamp_column(values))
         else:
             arrays.append(pa.array(values, schema.ARROW_TYPES[column.kind]))
     extra_texts = [None] * len(events)
@@ -347,21 +396,36 @@ def _buffer_part(
     buffers: tuple[tuple[int, bytes | None, bytes, bytes | None], ...],
     first: int,
     rows: int,
+    lines: Any,
     member: ArchiveMember,
     index: int,
     ctx: _Context,
 ) -> _Part:
-    """The part for lines the compiled parser decoded: its buffers wrapped as Arrow arrays, without a copy."""
+    """The part for lines the compiled parser decoded: its buffers wrapped as Arrow arrays, without a copy.
+
+    `lines`: each row's line index in the chunk (a buffer of int64), or None when row i is line i.
+    """
     arrays = []
-    for column, (nulls, validity, values, data) in zip(_COLUMNS, buffers, strict=True):
+    for kind, (nulls, validity, values, data) in zip(_COMPILED_KINDS, buffers, strict=True):
         wrapped = [None if validity is None else pa.py_buffer(validity), pa.py_buffer(values)]
         if data is not None:
             wrapped.append(pa.py_buffer(data))
-        arrays.append(pa.Array.from_buffers(schema.ARROW_TYPES[column.kind], rows, wrapped, null_count=nulls))
-    line_numbers = np.arange(first, first + rows, dtype=np.int64)
+        arrays.append(pa.Array.from_buffers(schema.ARROW_TYPES[kind], rows, wrapped, null_count=nulls))
+    if lines is None:
+        line_numbers = np.arange(first, first + rows, dtype=np.int64)
+    else:
+        line_numbers = np.frombuffer(lines, np.int64, count=rows) + first
     numbers = pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(line_numbers)])
-    batch = _batch(arrays, pa.nulls(rows, pa.string()), numbers, member, ctx)
-    return _Part(index, batch, rows, [], set())
+    extra = arrays.pop()
+    unknown: set[str] = set()
+    if extra.null_count < rows:  # the keys of `_extra` the schema does not know (the rest are misfit values)
+        for text in extra.drop_null().to_pylist():
+            unknown.update(key for key in _RAW.decode(text) if key not in schema.KNOWN_SOURCES)
+    batch = _batch(arrays, extra, numbers, member, ctx) if rows else None
+    return _Part(index, batch, rows, [], unknown)
+
+
+_COMPILED_KINDS = [column.kind for column in _COLUMNS] + [schema.JSON]  # the compiled parser's columns, `_extra`
 
 
 def _batch(
@@ -460,16 +524,30 @@ def _parse_chunk(
 ) -> tuple[_Part, int]:
     """The part for one chunk (line `first` onwards) and its number of lines, blank ones included.
 
-    The compiled parser takes the chunk when it can (every line the common case), else the msgspec path does.
+    The compiled parser takes every line it can decode as a whole; the few it gives back (not JSON, say) are
+    parsed by the msgspec path, and their rows (if any) put back in line order.
     """
     if FAST_PARSER is not None:
-        parsed = FAST_PARSER.parse(segments, ctx.require_uuid)
-        if parsed is not None:
-            buffers, rows = parsed
-            return _buffer_part(buffers, first, rows, member, index, ctx), rows
+        buffers, rows, row_lines, count, slow = FAST_PARSER.parse(segments, ctx.require_uuid)
+        part = _buffer_part(buffers, first, rows, row_lines, member, index, ctx)
+        if slow:
+            other = _parse([line for _, line in slow], first, member, index, ctx,
+                           numbers=[first + at for at, _ in slow])
+            part = _merged(part, other)
+        return part, count
     data = b"\n".join(segments)  # segments end at line ends
     lines = data.split(b"\n")
     return _parse(lines, first, member, index, ctx, _is_utf8(data)), len(lines)
+
+
+def _merged(fast: _Part, slow: _Part) -> _Part:
+    """One part of the compiled parser's rows and the msgspec path's, in line order."""
+    batch = fast.batch if slow.batch is None else slow.batch
+    if fast.batch is not None and slow.batch is not None:
+        table = pa.Table.from_batches([fast.batch, slow.batch])
+        order = np.argsort(table.column("_line").to_numpy(), kind="stable")
+        batch = table.take(order).combine_chunks().to_batches()[0]
+    return _Part(fast.member, batch, fast.lines + slow.lines, slow.rejects, fast.unknown | slow.unknown, slow.lines)
 
 
 def _opener(archive: zipfile.ZipFile, handle: Any) -> _Opener:
@@ -583,7 +661,7 @@ def _worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any) -
         if message[0] == "part":
             part = message[1]
             payload = part.batch.serialize().to_pybytes() if part.batch is not None else None
-            message = ("part", part.member, payload, part.lines, part.rejects, part.unknown)
+            message = ("part", part.member, payload, part.lines, part.rejects, part.unknown, part.slow)
         out.put(message)
 
     _produce(ctx, members, send)
@@ -719,6 +797,7 @@ class WindowReader:
         self.require_uuid = require_uuid
         self.rejects_total = 0
         self.lines_total = 0
+        self.slow_lines = 0  # lines the msgspec path parsed; lines_total - slow_lines: the compiled parser
         self.unknown_fields: set[str] = set()
         self._members: list[ArchiveMember] = []
         self._member_hour: list[datetime] = []
@@ -852,6 +931,7 @@ class WindowReader:
         stats.lines += part.lines
         stats.rejects += len(part.rejects)
         self.lines_total += part.lines
+        self.slow_lines += part.slow
         self.rejects_total += len(part.rejects)
         for key in sorted(part.unknown - _LOGGED_UNKNOWN):
             _LOGGED_UNKNOWN.add(key)
@@ -936,11 +1016,11 @@ class WindowReader:
         for process in processes:
             process.start()
         def unpack(message: tuple[Any, ...]) -> _Part:
-            _, index, payload, lines, rejects, unknown = message
+            _, index, payload, lines, rejects, unknown, slow = message
             batch = None
             if payload is not None:
                 batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema.ARROW_SCHEMA)
-            return _Part(index, batch, lines, rejects, unknown)
+            return _Part(index, batch, lines, rejects, unknown, slow)
 
         try:
             yield from self._in_member_order(

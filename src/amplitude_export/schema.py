@@ -76,7 +76,7 @@ EXPORT_COLUMNS: tuple[Column, ...] = (
     _col("os_name", STRING),
     _col("os_version", STRING),
     _col("partner_id", STRING),
-    _col("paying", STRING),  # documented loosely; seen only as null, so kept as text
+    _col("paying", BOOLEAN),  # documented a boolean; until 0.x a text column (sinks migrate it, docs/SCHEMA.md)
     _col("plan", JSON),
     _col("platform", STRING),
     _col("processed_time", TIMESTAMP),
@@ -106,6 +106,12 @@ PROVENANCE_COLUMNS: tuple[Column, ...] = (EXTRA, UPLOAD_HOUR, MEMBER, LINE, RUN_
 ALL_COLUMNS: tuple[Column, ...] = EXPORT_COLUMNS + PROVENANCE_COLUMNS
 COLUMN_NAMES: tuple[str, ...] = tuple(column.name for column in ALL_COLUMNS)
 KNOWN_SOURCES: frozenset[str] = frozenset(column.source for column in EXPORT_COLUMNS)
+
+# Columns whose kind changed since the first release, with their old kind. A destination made before keeps the
+# old type until its sink opens it for writing and migrates it (docs/SCHEMA.md): each old value that does not
+# fit the new kind goes to `_extra`, and each value `_extra` kept because it did not fit the old kind but fits the
+# new one comes back into the column, so the rows are what a load by this version gives.
+RETYPED: dict[str, str] = {"paying": STRING}
 
 ARROW_TYPES: dict[str, pa.DataType] = {
     STRING: pa.string(),

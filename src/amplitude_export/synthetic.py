@@ -6,6 +6,11 @@ user ids, late events, a few duplicate uuids (inside the hour and, occasionally,
 about 1.7 KB of JSON per event. The same arguments always give the same events; `version` simulates
 Amplitude re-exporting an hour with changed content.
 
+`variation` (default `DEFAULT_VARIATION`, 2 %) is the share of lines that vary at the top level as real exports
+do (`VARIATIONS`): `paying` and `sample_rate` with their documented types, keys some SDKs omit, keys Amplitude
+added later, numbers sent as strings, integral numbers written as floats, timestamps without microseconds, and
+an array or a bare string where the documented type is a string. Variation 0 gives the uniform lines of old.
+
 Uuids depend on (project, seed, hour, position) only, never on `version` or on other events, so the uuid of
 a previous hour's event can be named without generating that hour (cross-hour duplicates rely on this).
 """
@@ -41,6 +46,7 @@ OPTIONAL_KEYS: tuple[str, ...] = (
     "ip_address",
 )  # fmt: skip
 
+DEFAULT_VARIATION = 0.02  # share of lines varied as real exports vary (VARIATIONS)
 DUPLICATE_RATE = 0.002  # share of an hour's lines that repeat an event of the same hour
 MISSING_KEYS_RATE = 0.005  # share of events that lack OPTIONAL_KEYS
 NULL_USER_RATE = 0.12  # share of users (devices) without a user_id
@@ -324,6 +330,7 @@ def generate_hour(
     events: int,
     version: int = 0,
     previous_events: int = 0,
+    variation: float = DEFAULT_VARIATION,
 ) -> list[Event]:
     """The `events` export lines of upload hour `hour` (UTC), deterministic for the arguments.
 
@@ -331,6 +338,8 @@ def generate_hour(
     `previous_events` (the line count of the hour before) is given, about one event in 5,000, and one more in
     half of the hours, reuses a uuid of that hour, as when Amplitude receives an event again in a later upload
     hour. A different `version` changes every event's content but keeps the uuids and cross-hour repeats.
+    About `variation` of the lines vary (`VARIATIONS`, one to three each), drawn from a stream of their own: the
+    other lines, and every uuid, are those of variation 0.
     """
     if events <= 0:
         return []
@@ -360,6 +369,8 @@ def generate_hour(
     finally:
         if gc_was_enabled:
             gc.enable()
+    if variation > 0:
+        vary(lines, random.Random(_hour_key(project_id, seed, hour) + f":vary:v{version}".encode()), variation)
 
     for _ in range(events - distinct):
         # the same event twice in one hour: an exact copy at another position
@@ -493,3 +504,79 @@ def _event(
         for key in OPTIONAL_KEYS:
             del event[key]
     return event
+
+
+# ---------------------------------------------------------------------------------------------- variation
+
+
+def _documented_types(event: Event, rng: random.Random) -> None:
+    event["paying"] = rng.random() < 0.3  # documented a boolean; seen as null in most exports
+    if rng.random() < 0.5:
+        event["sample_rate"] = rng.choice((0.1, 0.5, 1))
+
+
+def _omitted_keys(event: Event, rng: random.Random) -> None:
+    for key in rng.sample(OPTIONAL_KEYS + ("dma", "idfa", "adid", "partner_id", "plan", "source_id"), 3):
+        event.pop(key, None)
+
+
+# keys an export may carry that the schema does not know (yet): they land in _extra
+NEW_KEYS = frozenset({"$insert_origin", "event_source", "ingestion_metadata", "is_bot"})
+
+
+def _new_keys(event: Event, rng: random.Random) -> None:
+    event[rng.choice(("$insert_origin", "event_source", "ingestion_metadata"))] = rng.choice(
+        ("sdk", {"source_name": "segment", "version": 2}, None, 3))
+    if rng.random() < 0.3:
+        event["is_bot"] = False
+
+
+def _numbers_as_strings(event: Event, rng: random.Random) -> None:
+    for key in rng.sample(("event_id", "session_id", "app", "amplitude_id", "location_lat"), 2):
+        if event.get(key) is not None:
+            event[key] = str(event[key])
+
+
+def _integral_floats(event: Event, rng: random.Random) -> None:
+    for key in ("event_id", "session_id", "$schema"):
+        if isinstance(event.get(key), int):
+            event[key] = float(event[key])  # 241.0: a JS SDK's number, fits an integer column
+
+
+def _seconds_only(event: Event, rng: random.Random) -> None:
+    for key in ("client_event_time", "client_upload_time", "event_time", "processed_time", "server_received_time"):
+        value = event.get(key)
+        if isinstance(value, str) and rng.random() < 0.6:
+            event[key] = value[:19]
+
+
+def _arrays_and_strings(event: Event, rng: random.Random) -> None:
+    roll = rng.random()
+    if roll < 0.4:  # documented a string, often an array in real exports: both fit its JSON column
+        event["amplitude_attribution_ids"] = f"{rng.getrandbits(128):032x}"
+    elif roll < 0.7:
+        event["device_carrier"] = [event.get("device_carrier") or "Unknown"]  # an array where text is documented
+    else:
+        event["is_attribution_event"] = "false"  # a string where a boolean is documented
+
+
+# What a varied line may get (one to three of them); each is seen in real exports or allowed by Amplitude's docs.
+VARIATIONS: tuple[Callable[[Event, random.Random], None], ...] = (
+    _documented_types, _omitted_keys, _new_keys, _numbers_as_strings, _integral_floats, _seconds_only,
+    _arrays_and_strings,
+)
+
+
+def vary(events: list[Event], rng: random.Random, share: float) -> None:
+    """Vary about `share` of `events` in place, each with one to three of `VARIATIONS`; `uuid` is never touched."""
+    for event in events:
+        if rng.random() < share:
+            for change in rng.sample(VARIATIONS, rng.choice((1, 1, 2, 3))):
+                change(event, rng)
+
+
+def encode_lines(events: list[Event]) -> list[bytes]:
+    """Events as export lines (compact JSON, UTF-8), as the fake server writes them."""
+    import orjson
+
+    return [orjson.dumps(event) for event in events]

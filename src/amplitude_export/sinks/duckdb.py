@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import HourRecord, MemberInfo
-from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, quote
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, RETYPED, quote
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
 
@@ -84,6 +84,9 @@ _LEDGER_ARROW: pa.Schema = pa.schema(
         for name, sql in LEDGER_COLUMNS.items()
     ]
 )
+
+
+_KINDS = {c.name: c.kind for c in ALL_COLUMNS}
 
 
 def events_ddl(table: str, *, json_type: str = "JSON", temp: bool = False, seq: bool = False) -> str:
@@ -442,6 +445,30 @@ class DuckDBSink:
         for name in ADDED_LEDGER_COLUMNS:
             if name not in present:
                 self.connection.execute(f"ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS {name} {LEDGER_COLUMNS[name]}")
+        types = dict(self.connection.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = ?", [EVENTS]
+        ).fetchall())
+        for name, old in RETYPED.items():
+            if types.get(name) == DUCKDB_TYPES[old]:
+                self._retype(name)
+
+    def _retype(self, name: str) -> None:
+        """Migrate a column of an older version's `events` to its kind now (schema.RETYPED), in one transaction."""
+        new, column, key = DUCKDB_TYPES[_KINDS[name]], quote(name), f"$.{name}"
+        con = self.connection
+        con.begin()
+        try:
+            con.execute(f"UPDATE {EVENTS} SET _extra = json_merge_patch(coalesce(_extra, '{{}}'), "
+                        f"json_object(?, {column})) WHERE {column} IS NOT NULL", [name])
+            con.execute(f"ALTER TABLE {EVENTS} ALTER {column} SET DATA TYPE {new} USING NULL")
+            con.execute(f"UPDATE {EVENTS} SET {column} = CAST(_extra->>? AS {new}), "
+                        "_extra = NULLIF(json_merge_patch(_extra, json_object(?, NULL)), '{}') "
+                        "WHERE json_type(_extra, ?) = ?", [key, name, key, new])
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
 
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""

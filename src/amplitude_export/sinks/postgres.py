@@ -36,7 +36,16 @@ from psycopg.types.json import Jsonb
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord, MemberInfo
 from ..logs import FATAL
-from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, COMPILED_KINDS, JSON_COLUMNS, POSTGRES_TYPES, quote
+from ..schema import (
+    ALL_COLUMNS,
+    ARROW_SCHEMA,
+    COLUMN_NAMES,
+    COMPILED_KINDS,
+    JSON_COLUMNS,
+    POSTGRES_TYPES,
+    RETYPED,
+    quote,
+)
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
 
@@ -459,6 +468,8 @@ class PostgresSink:
         ).fetchone()
         if exists and exists[0]:
             self._add_ledger_columns(alter=create)
+            if create:
+                self._retype_columns()
             return  # already there: needs no CREATE privilege on the database
         if not create:
             raise DestinationError(f"{self.description} holds no amplitude-export tables yet: run a load first")
@@ -509,6 +520,29 @@ class PostgresSink:
         for name in missing:  # only when missing: ALTER TABLE needs to own the table
             self.conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
                 self._ledger, sql.Identifier(name), sql.SQL(kinds[name])))
+
+    def _retype_columns(self) -> None:
+        """Migrate the columns of an older version's `events` whose kind changed (schema.RETYPED), each in one
+        transaction: old values that do not fit go to `_extra`, and values `_extra` kept that fit come back."""
+        types = dict(self.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'events'", [self.schema]).fetchall())
+        for name, old in RETYPED.items():
+            if types.get(name) != POSTGRES_TYPES[old]:
+                continue
+            new = POSTGRES_TYPES[next(c.kind for c in ALL_COLUMNS if c.name == name)]
+            column = sql.Identifier(name)
+            with self.conn.transaction():
+                self.conn.execute(sql.SQL(
+                    "UPDATE {} SET _extra = coalesce(_extra, '{{}}'::jsonb) || jsonb_build_object({}, {}) "
+                    "WHERE {} IS NOT NULL").format(self._events, sql.Literal(name), column, column))
+                self.conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING NULL").format(
+                    self._events, column, sql.SQL(new)))
+                self.conn.execute(sql.SQL(
+                    "UPDATE {} SET {} = (_extra->>{})::{}, _extra = NULLIF(_extra - {}, '{{}}'::jsonb) "
+                    "WHERE jsonb_typeof(_extra->{}) = {}").format(
+                    self._events, column, sql.Literal(name), sql.SQL(new), sql.Literal(name), sql.Literal(name),
+                    sql.Literal(new)))
 
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""
