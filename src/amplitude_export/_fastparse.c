@@ -23,7 +23,7 @@
 enum { K_STRING = 's', K_INT = 'i', K_FLOAT = 'f', K_BOOL = 'b', K_TIME = 't', K_JSON = 'j' };
 
 #define MAX_COLUMNS 256
-#define MAX_DEPTH 64 /* nested JSON deeper than this goes to the slow path */
+#define MAX_DEPTH 64 /* a value nested past MAX_DEPTH + 1 levels sends its line to the slow path */
 #define HASH_SIZE 512
 
 typedef struct {

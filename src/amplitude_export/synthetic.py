@@ -577,6 +577,7 @@ def vary(events: list[Event], rng: random.Random, share: float) -> None:
 
 def encode_lines(events: list[Event]) -> list[bytes]:
     """Events as export lines (compact JSON, UTF-8), as the fake server writes them."""
-    import orjson
+    import msgspec
 
-    return [orjson.dumps(event) for event in events]
+    encode = msgspec.json.encode
+    return [encode(event) for event in events]
