@@ -329,3 +329,17 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_reader_counts_the_lines_the_compiled_parser_did_not_take(tmp_path: Path) -> None:
+    from amplitude_export import synthetic
+
+    events = synthetic.generate_hour(HOUR, project_id=7, seed=2, events=3000, variation=0.05)
+    lines = synthetic.encode_lines(events)
+    lines[100:100] = [b"not json", b'{"uuid":"dup","uuid":"dup2"}']  # one reject, one kept by the msgspec path
+    path = make_zip(tmp_path / "a.zip", {member(17): b"\n".join(lines) + b"\n"})
+    reader, table = read(path)
+    assert reader.lines_total == 3002 and reader.rejects_total == 1 and table.num_rows == 3001
+    assert reader.slow_lines == 2  # the other 3000 lines, varied ones included, went the compiled way
+    assert table.column("_line").to_pylist() == [n for n in range(1, 3003) if n != 101]
+    assert table.column("uuid")[100].as_py() == "dup2"

@@ -42,11 +42,9 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
-import msgspec
-
 from .archive import LOCAL_HEADER, crc32
 from .errors import UsageError
-from .synthetic import DEFAULT_VARIATION, generate_hour, hour_uuids, utc_hour
+from .synthetic import DEFAULT_VARIATION, encode_lines, generate_hour, hour_uuids, utc_hour
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +350,7 @@ class FakeExportServer:
         lines = self.hour_lines(hour)
         position = 0
         for index, (count, path) in enumerate(zip(counts, paths, strict=True)):
-            chunk = [msgspec.json.encode(event) for event in lines[position : position + count]]
+            chunk = encode_lines(lines[position : position + count])
             position += count
             if self.malformed_lines and index == 0:
                 chunk.insert(min(1, len(chunk)), MALFORMED_LINES[0])
