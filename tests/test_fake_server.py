@@ -448,6 +448,28 @@ def test_malformed_lines_are_served_and_counted() -> None:
     assert sum(len(lines) for lines in members.values()) == 20 + 4
 
 
+def test_a_lines_file_is_served_as_it_is_in_the_hours_of_its_upload_times(tmp_path: Path) -> None:
+    real = REAL_EVENTS.read_bytes().splitlines()  # five uploaded 2025-07-01 17:xx, one in 2023, one in 2021
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b"\n".join(real) + b"\n\n")  # a blank line is skipped
+    with FakeExportServer(lines_file=corpus, members_per_hour=2) as server:
+        assert server.expected_events("20250701T00", "20250701T23") == 5
+        assert server.expected_uuids("20230101T00", "20230101T23") == {msgspec.json.decode(real[5])["uuid"]}
+        members = read_members(get(server, "20250701T17", "20250701T17").content)
+        assert list(members) == [member_name(187520, datetime(2025, 7, 1, 17, tzinfo=UTC), n) for n in (0, 1)]
+        # byte for byte, in the file's order, split over the hour's members
+        assert [line for lines in members.values() for line in lines] == real[:5]
+        assert get(server, "20250701T16", "20250701T16").status_code == 404
+        assert read_members(get(server, "20230101T19", "20230101T19").content) == {
+            member_name(187520, datetime(2023, 1, 1, 19, tzinfo=UTC), 0): [real[5]]
+        }
+        with pytest.raises(ValueError, match="as it is"):
+            server.set_hour_version(datetime(2025, 7, 1, 17, tzinfo=UTC), 1)
+    corpus.write_bytes(real[0] + b"\n" + b'{"uuid": "no upload time"}\n')
+    with pytest.raises(ValueError, match="line 2: no server_upload_time"):
+        FakeExportServer(lines_file=corpus)
+
+
 def test_logs_never_hold_the_secret(fake_server: FakeExportServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     get(fake_server, "20240301T00", "20240301T00")

@@ -7,7 +7,8 @@ Retry-After, 504 for long windows, bodies cut short, corrupt or not a zip, slow 
 half-way, reset connections, re-exported hours.
 
 Events come from `synthetic.generate_hour`, so the server knows exactly which events it serves
-(`expected_uuids`, `expected_events`) and exactly-once tests can compare a destination with it.
+(`expected_uuids`, `expected_events`) and exactly-once tests can compare a destination with it. Given a
+`lines_file` instead, it serves that file's lines as they are, each in the hour of its `server_upload_time`.
 
 Each hour's members are built once and cached on disk (a temporary directory unless `cache_dir` is given); a
 response is assembled from them into a temporary file and streamed with a bounded buffer, so a day of a
@@ -115,6 +116,7 @@ class FakeExportServer:
         project_id: int = 187520,
         seed: int = 0,
         events_per_hour: int | Callable[[datetime], int] = default_events_per_hour,
+        lines_file: str | os.PathLike[str] | None = None,
         data_start: datetime | None = None,
         data_end: datetime | None = None,
         empty_hours: Iterable[datetime] = (),
@@ -133,6 +135,9 @@ class FakeExportServer:
         variation: float = DEFAULT_VARIATION,
     ) -> None:
         """Configure the server; nothing listens until `start()` or `with`.
+
+        `lines_file` (NDJSON) replaces the generated events and `events_per_hour`: each of its lines is served
+        byte for byte, in file order, in the upload hour of its `server_upload_time`.
 
         `events_per_hour` is a count or a function of the hour. Hours before `data_start`, after `data_end` or
         in `empty_hours` have no data. An hour is split into `members_per_hour` members, more if a member
@@ -158,6 +163,7 @@ class FakeExportServer:
         self.project_id = project_id
         self.seed = seed
         self.events_per_hour = events_per_hour
+        self._corpus = _CorpusFile(Path(lines_file)) if lines_file is not None else None
         self.data_start = utc_hour(data_start) if data_start else None
         self.data_end = utc_hour(data_end) if data_end else None
         self.empty_hours = {utc_hour(hour) for hour in empty_hours}
@@ -257,6 +263,8 @@ class FakeExportServer:
         Version v > 0 changes every event's content and adds v * 2% more events (at least v), keeping the
         earlier events' uuids.
         """
+        if self._corpus is not None:
+            raise ValueError("a lines_file is served as it is: it has no other versions")
         with self._lock:
             self._versions[utc_hour(hour)] = version
 
@@ -270,6 +278,8 @@ class FakeExportServer:
             return 0
         if (self.data_start and hour < self.data_start) or (self.data_end and hour > self.data_end):
             return 0
+        if self._corpus is not None:
+            return self._corpus.count(hour)
         base = self.events_per_hour(hour) if callable(self.events_per_hour) else self.events_per_hour
         return max(0, base)
 
@@ -282,6 +292,10 @@ class FakeExportServer:
     def hour_lines(self, hour: datetime) -> list[dict[str, Any]]:
         """The events served for `hour`, in member order (without malformed lines)."""
         hour = utc_hour(hour)
+        if self._corpus is not None:
+            import msgspec
+
+            return [msgspec.json.decode(line) for line in self._hour_lines_bytes(hour)]
         return generate_hour(
             hour,
             project_id=self.project_id,
@@ -297,6 +311,9 @@ class FakeExportServer:
         """The distinct uuids served for upload hours start..end (inclusive), as they stand now."""
         uuids: set[str] = set()
         for hour in _hours(start, end):
+            if self._corpus is not None:
+                uuids |= {event["uuid"] for event in self.hour_lines(hour) if event.get("uuid")}
+                continue
             uuids |= hour_uuids(
                 hour,
                 project_id=self.project_id,
@@ -339,6 +356,8 @@ class FakeExportServer:
             f"_x{int(self.malformed_lines)}_z{self.compresslevel}_r{self.variation:g}"
         )
         assert self._cache_dir is not None, "the server is not started"
+        if self._corpus is not None:
+            key += self._corpus.key
         paths = [self._cache_dir / f"{key}#{index}.json.gz" for index in range(len(counts))]
         names = [member_name(self.project_id, hour, index) for index in range(len(counts))]
         with self._build_lock:
@@ -347,10 +366,10 @@ class FakeExportServer:
         return list(zip(names, paths, strict=True))
 
     def _build_hour(self, hour: datetime, counts: list[int], paths: list[Path]) -> None:
-        lines = self.hour_lines(hour)
+        lines = self._hour_lines_bytes(hour)
         position = 0
         for index, (count, path) in enumerate(zip(counts, paths, strict=True)):
-            chunk = encode_lines(lines[position : position + count])
+            chunk = lines[position : position + count]
             position += count
             if self.malformed_lines and index == 0:
                 chunk.insert(min(1, len(chunk)), MALFORMED_LINES[0])
@@ -359,6 +378,12 @@ class FakeExportServer:
             partial = path.with_suffix(".tmp")
             partial.write_bytes(body)
             os.replace(partial, path)
+
+    def _hour_lines_bytes(self, hour: datetime) -> list[bytes]:
+        """The hour's lines as they are sent, without their line ends."""
+        if self._corpus is not None:
+            return self._corpus.lines(hour) if self.hour_events(hour) else []
+        return encode_lines(self.hour_lines(hour))
 
     def window_members(self, start: datetime, end: datetime) -> list[tuple[str, Path]]:
         """Every member of the window start..end (inclusive hours), in (hour, n) order."""
@@ -665,6 +690,42 @@ def _hours(start: datetime | str, end: datetime | str) -> list[datetime]:
     first = parse_param(start, is_end=False) if isinstance(start, str) else utc_hour(start)
     last = parse_param(end, is_end=True) if isinstance(end, str) else utc_hour(end)
     return [first + HOUR * index for index in range(int((last - first) / HOUR) + 1)]
+
+
+class _CorpusFile:
+    """An NDJSON file's lines by the upload hour of their `server_upload_time` (offsets only: the file may be large)."""
+
+    _UPLOAD_HOUR = re.compile(rb'"server_upload_time"\s*:\s*"(\d{4})-(\d{2})-(\d{2})[ T](\d{2})')
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offsets: dict[datetime, list[int]] = {}
+        offset = 0
+        with path.open("rb") as source:
+            for number, line in enumerate(source, 1):
+                if line.strip():
+                    match = self._UPLOAD_HOUR.search(line)
+                    if match is None:
+                        raise ValueError(f"{path}, line {number}: no server_upload_time to place it in an hour")
+                    year, month, day, hour = (int(part) for part in match.groups())
+                    self._offsets.setdefault(datetime(year, month, day, hour, tzinfo=UTC), []).append(offset)
+                offset += len(line)
+        stat = path.stat()
+        # cached members are named by this: an edited file gets new ones
+        self.key = "_c" + hashlib.blake2b(
+            f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=6
+        ).hexdigest()
+
+    def count(self, hour: datetime) -> int:
+        return len(self._offsets.get(hour, ()))
+
+    def lines(self, hour: datetime) -> list[bytes]:
+        with self.path.open("rb") as source:
+            found = []
+            for offset in self._offsets.get(hour, ()):
+                source.seek(offset)
+                found.append(source.readline().rstrip(b"\r\n"))
+            return found
 
 
 _CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # central directory entry, then the name
