@@ -1,11 +1,12 @@
 """Measure the candidate parse paths side by side, interleaved, with `gzip -dc` as the floor.
 
     .venv/bin/python benchmarks/parse_paths.py --events 480000 --rounds 3
+    .venv/bin/python benchmarks/parse_paths.py --tiny      # 480 events, 1 round, a fresh workdir: the test runs this
 
 Builds (once, cached under --workdir) a synthetic day archive shaped like an export (several gzipped NDJSON members
 per upload hour, ~1.7 KB per event, from `amplitude_export.synthetic`), then runs every candidate in its own
-subprocess, round-robin, so machine noise hits them alike. Reports events/s, CPU seconds (children included) and
-peak RSS summed over the candidate's process tree (sampled every 20 ms). Results: docs/PARSE_PATH.md.
+subprocess, round-robin, so machine noise hits them alike. Reports events/s, CPU seconds and peak RSS of the
+candidate's process tree (benchmarks/measure.py).
 
 Candidates
     gzip        `gzip -dc` over the extracted members to /dev/null: the floor to beat
@@ -22,15 +23,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import shutil
 import statistics
-import subprocess
 import sys
-import time
+import tempfile
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
+from measure import measure
 
 DAY = datetime(2025, 7, 1, tzinfo=UTC)
 CANDIDATES = ("gzip", "inflate", "reader1", "reader2", "duckdb")
@@ -52,7 +54,8 @@ def build_archive(workdir: Path, events: int, members_per_hour: int) -> tuple[Pa
                 lines = generate_hour(hour, project_id=123, seed=1, events=per_hour)
                 size = -(-len(lines) // members_per_hour)
                 for n in range(members_per_hour):
-                    body = b"".join(msgspec.json.encode(e) + b"\n" for e in lines[n * size : (n + 1) * size])
+                    part = lines[n * size : (n + 1) * size]
+                    body = b"".join(msgspec.json.encode(e) + b"\n" for e in part)
                     name = f"123/123_{hour:%Y-%m-%d}_{hour.hour}#{n}.json.gz"
                     data = gzip.compress(body, compresslevel=6)
                     out.writestr(name, data)
@@ -87,7 +90,7 @@ def run_reader(archive: Path, workdir: Path, workers: int) -> int:
     reader = WindowReader(archive, window, run_id="bench", rejects_dir=workdir / "rejects", workers=workers)
     rows = 0
     for batch in reader.batches():
-        con.execute("INSERT INTO events SELECT * FROM batch")
+        con.execute("INSERT INTO events BY NAME SELECT * FROM batch")
         rows += batch.num_rows
     reader.hour_records()
     con.close()
@@ -102,12 +105,13 @@ def run_duckdb(files: list[Path], workdir: Path) -> int:
     spec = "{" + ", ".join(f"'{c.source}': '{types[c.kind]}'" for c in schema.EXPORT_COLUMNS) + "}"
     names = ", ".join(f"'{f}'" for f in files)
     select = ", ".join(
-        f"{schema.quote(c.source)}" + ("::TIMESTAMPTZ" if c.kind == schema.TIMESTAMP else "")
+        schema.quote(c.source) + ("::TIMESTAMPTZ" if c.kind == schema.TIMESTAMP else "") + " AS " + schema.quote(c.name)
         for c in schema.EXPORT_COLUMNS
     )
     con.execute("SET TimeZone='UTC'")
     con.execute(
-        f"INSERT INTO events SELECT {select}, NULL, NULL, filename, NULL, 'bench' FROM read_json([{names}], "
+        f"INSERT INTO events BY NAME SELECT {select}, filename AS _member, 'bench' AS _run_id "
+        f"FROM read_json([{names}], "
         f"format='newline_delimited', columns={spec}, filename=true, ignore_errors=true, "
         "timestampformat='%Y-%m-%d %H:%M:%S.%f')"
     )
@@ -144,51 +148,6 @@ def child(name: str, archive: Path, files: list[Path], workdir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ harness
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _tree(pid: int, cpu: dict[int, float]) -> int:
-    """Resident bytes of a process and all its descendants, from /proc; records each one's CPU seconds in `cpu`.
-
-    Walking the tree (not RUSAGE_CHILDREN) is what counts forkserver workers, which are not our children.
-    """
-    total = 0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            with open(f"/proc/{current}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            cpu[current] = (int(fields[11]) + int(fields[12])) / _TICK
-            with open(f"/proc/{current}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as children:
-                    stack += [int(c) for c in children.read().split()]
-        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-            continue
-    return total
-
-
-def measure(command: list[str]) -> tuple[float, float, int, str]:
-    """Wall seconds, CPU seconds (user+sys of the whole process tree), peak summed RSS, stdout."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peak = 0
-    cpu: dict[int, float] = {}
-    while process.poll() is None:
-        peak = max(peak, _tree(process.pid, cpu))
-        time.sleep(0.02)
-    wall = time.perf_counter() - start
-    out = process.stdout.read() if process.stdout else ""
-    if process.returncode:
-        raise SystemExit(f"{command} failed with {process.returncode}")
-    return wall, sum(cpu.values()), peak, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=480_000)
@@ -196,8 +155,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/amplitude_export_bench"))
     parser.add_argument("--only", default=",".join(CANDIDATES))
+    parser.add_argument("--tiny", action="store_true", help="480 events, 1 round, in a fresh workdir")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.events, args.rounds = 480, 1
+        args.workdir = Path(tempfile.mkdtemp(prefix="amplitude-parse-paths-"))
+        try:
+            measure_all(args)
+        finally:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        return
+    measure_all(args)
+
+
+def measure_all(args: argparse.Namespace) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     archive, files = build_archive(args.workdir, args.events, args.members_per_hour)
     if args.child:
@@ -218,7 +190,10 @@ def main() -> None:
             else:
                 command = [sys.executable, __file__, "--events", str(args.events), "--members-per-hour",
                            str(args.members_per_hour), "--workdir", str(args.workdir), "--child", name]
-            wall, cpu, peak, out = measure(command)
+            result = measure(command)
+            if result.returncode:
+                raise SystemExit(f"{name} failed ({result.returncode}):\n{result.output[-3000:]}")
+            wall, cpu, peak, out = result.wall, result.cpu, result.rss, result.output.strip()[-40:]
             results[name].append((wall, cpu, peak))
             print(f"round {round_ + 1} {name:8s} {wall:6.2f} s  cpu {cpu:6.2f} s  peak {peak / 2**20:6.0f} MiB  "
                   f"{out.strip()}", flush=True)

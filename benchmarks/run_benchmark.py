@@ -1,34 +1,39 @@
-"""End-to-end benchmark: the real `amplitude-export run` against the fake Export API, with `gzip -dc` as the floor.
+"""End-to-end benchmark: this tool and the peers a user would otherwise pick, against the fake Export API.
 
-    .venv/bin/python benchmarks/run_benchmark.py --rounds 3
-    .venv/bin/python benchmarks/run_benchmark.py --rounds 1 --only gzip,duckdb --write-docs
-    .venv/bin/python benchmarks/run_benchmark.py --span-days 2 --only gzip,duckdb     # two days, one window each
+    .venv/bin/python benchmarks/run_benchmark.py --rounds 3 --write-docs     # the table in docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/run_benchmark.py --only gzip,duckdb --datasets synthetic-2pct
+    .venv/bin/python benchmarks/run_benchmark.py --only gzip,duckdb --baseline-src /path/to/old/src   # A/B
+    .venv/bin/python benchmarks/run_benchmark.py --tiny     # a few hundred events, 1 round: the test runs this
 
-The fake server (`FakeExportServer`) runs in its own process, so its CPU never counts against the tool. It serves
-a fixed synthetic dataset: `--days` days (default 2) of `--events-per-day` events (default 504 000, so 1 008 000
-in all; ~1.7 KB of NDJSON each, `--members-per-hour` gzip members per hour at `--gzip-level`). Members are built
-once and cached under `--cache-dir`, so re-runs start in seconds.
+Datasets, one day each, each served by its own fake server process (so its CPU never counts against a candidate):
 
-Every round runs each candidate once, in turn (interleaved), so the machine's noise hits them alike:
+    synthetic       `synthetic.py`'s day with no line varied (`--events-per-day` events)
+    synthetic-2pct  the same with 2 % of lines varied as real exports vary (needs the fake server's `variation`)
+    real-lines      a corpus grown from the seven real export lines in tests/data (benchmarks/corpus.py:
+                    mutated, `--corpus-lines` lines), served as it is (`FakeExportServer(lines_file=...)`)
 
-    gzip      `gzip -dc` over the day's members (extracted from the archive beforehand) to /dev/null: the floor
+Candidates, each run once per round and dataset, in turn (interleaved), so the machine's noise hits them alike:
+
+    gzip      `gzip -dc` over the day's members (extracted beforehand) to /dev/null: the floor
     duckdb    `amplitude-export run` for the day into a fresh DuckDB file
-    parquet   `amplitude-export run` for the day into a fresh Parquet directory
-    postgres  the same pipeline into a fresh PostgreSQL schema (skipped with a note when unreachable); the CLI
-              has no `--schema`, so this one runs `pipeline.run` in a subprocess with `PostgresSink(schema=...)`
+    parquet   the same into a fresh Parquet directory
+    postgres  the same into a fresh PostgreSQL schema (reported unavailable when the server is not reachable)
+    pandas    benchmarks/peers/pandas_script.py: download, unzip, `pd.read_json` per member, concat, DuckDB
+    airbyte   Airbyte's `airbyte-source-amplitude` from PyPI, in benchmarks/.venv-airbyte (made on first use
+              unless `--tiny`), reading the events stream (benchmarks/peers/airbyte_source.py)
 
-A run downloads the day from the fake server over loopback (fresh data dir) unless `--landed`, which puts the
-archive into the data dir first (outside the timing) so only the load is measured. For each candidate: wall
-seconds, events/s, CPU seconds (user+sys of the whole process tree: the CLI, the forkserver and the parse
-workers; sampled from /proc every 50 ms, the root process's own figure exact from `wait4`) and peak RSS and
-PSS summed over the tree (PSS counts a page shared by several processes once; RSS is sampled every 50 ms, PSS
-every 0.5 s, as reading it is dear). Medians over rounds; peaks are maxima. `--write-docs` puts the table into
-docs/BENCHMARKS.md.
+Every candidate but gzip downloads the day from the fake server over loopback (unless `--landed`, which puts
+the archive in the tool's data dir beforehand). Measured per run: wall seconds, CPU seconds and peak RSS and PSS
+of the whole process tree (benchmarks/measure.py), and for this tool the share of lines its compiled parser
+took, when the run reports it. Medians over rounds; peaks are maxima.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
+import inspect
 import os
 import platform
 import re
@@ -38,161 +43,164 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from measure import Measured, measure
+
 ROOT = Path(__file__).resolve().parent.parent
-DAY0 = datetime(2025, 7, 1, tzinfo=UTC)
-API_KEY, SECRET_KEY = "bench-key", "bench-secret"
-CANDIDATES = ("gzip", "duckdb", "parquet", "postgres")
+HERE = ROOT / "benchmarks"
+DAY = datetime(2025, 7, 1, tzinfo=UTC)
+LAST = DAY + timedelta(hours=23)
+API_KEY, SECRET_KEY = "bench-key", "bench-secret-0123"  # Airbyte masks the secret in its logs: keep it long
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-_TICK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
+DATASETS = {"synthetic": 0.0, "synthetic-2pct": 0.02, "real-lines": None}  # name -> lines varied (None: corpus)
+CANDIDATES = ("gzip", "duckdb", "parquet", "postgres", "pandas", "airbyte")
+TOOL = ("duckdb", "duckdb-base", "parquet", "postgres")
+AIRBYTE = "airbyte-source-amplitude==0.6.19"
+AIRBYTE_VENV = HERE / ".venv-airbyte"
 
 
-# ---------------------------------------------------------------------------------------------- the server
+@dataclass
+class Dataset:
+    name: str
+    variation: float | None
+    corpus: Path | None = None
+    url: str = ""
+    members: list[Path] = field(default_factory=list)
+    archive: Path | None = None
+    lines: int = 0
+    raw_bytes: int = 0
+    unavailable: str = ""  # why the dataset cannot be served, if it cannot
+
+
+# ---------------------------------------------------------------------------------------------- the servers
+
+
+def variation_supported() -> bool:
+    from amplitude_export.fake_server import FakeExportServer
+
+    return "variation" in inspect.signature(FakeExportServer).parameters
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Server process: build (or find in the cache) every member, then print the URL and serve until killed."""
+    """Server process: build (or find in the cache) every member of the day, print the URL, serve until killed."""
     from amplitude_export.fake_server import FakeExportServer
 
-    last = DAY0 + timedelta(days=args.days) - timedelta(hours=1)
+    options: dict[str, object] = {}
+    if args.corpus:
+        options["lines_file"] = args.corpus
+    else:
+        options["events_per_hour"] = args.events_per_day // 24
+        if variation_supported():
+            options["variation"] = args.variation
     server = FakeExportServer(
-        api_key=API_KEY,
-        secret_key=SECRET_KEY,
-        seed=7,
-        events_per_hour=args.events_per_day // 24,
-        members_per_hour=args.members_per_hour,
-        data_start=DAY0,
-        data_end=last,
-        cache_dir=args.cache_dir / "members",
-        compresslevel=args.gzip_level,
-    )
+        api_key=API_KEY, secret_key=SECRET_KEY, seed=7, members_per_hour=args.members_per_hour, data_start=DAY,
+        data_end=LAST, cache_dir=args.members_dir, compresslevel=args.gzip_level, **options,
+    )  # fmt: skip
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     server.start()
-    server.window_members(DAY0, last)  # build the members now, not inside the first timed run
+    server.window_members(DAY, LAST)  # build the members now, not inside the first timed run
     print(server.url, flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.stop()
 
 
-# ---------------------------------------------------------------------------------------------- measuring
+def _source_key(*paths: Path) -> str:
+    """Cached data is keyed by the code that makes it, so a changed generator never serves stale members."""
+    digest = hashlib.blake2b(digest_size=5)
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
-_PSS_EVERY = 10  # polls: reading smaps_rollup of a 700 MB process costs ~13 ms of kernel time on this VM
-
-def _tree(pid: int, cpu: dict[int, float], *, pss_too: bool = True) -> tuple[int, int]:
-    """Resident and proportional bytes (RSS, PSS) of `pid` and all its descendants; records each one's CPU
-    seconds so far in `cpu`. PSS (0 unless `pss_too`) is dear to read: polled every 50 ms it took ~0.8 CPU s
-    from a 4 s run of the tool (the same two cores), so `measure` reads it every `_PSS_EVERY` polls.
-
-    Walking /proc (not RUSAGE_CHILDREN) is what counts the parse workers: they are the forkserver's children,
-    and the forkserver is never waited for. PSS splits each shared page among the processes that map it, so
-    its sum is the tree's real footprint; the RSS sum counts the libraries the workers share once per process.
-    """
-    rss = pss = 0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            with open(f"/proc/{current}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            cpu[current] = (int(fields[11]) + int(fields[12])) / _TICK
-            rss += int(fields[21]) * _PAGE  # rss, in pages
-            if pss_too:
-                with open(f"/proc/{current}/smaps_rollup") as rollup:
-                    for line in rollup:
-                        if line.startswith("Pss:"):
-                            pss += int(line.split()[1]) * 1024
-                            break
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as children:
-                    stack += [int(c) for c in children.read().split()]
-        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-            continue
-    return rss, pss
+def start_server(dataset: Dataset, args: argparse.Namespace) -> subprocess.Popen[str]:
+    package = ROOT / "src" / "amplitude_export"
+    key = _source_key(package / "synthetic.py", package / "fake_server.py")
+    command = [
+        sys.executable, __file__, "--serve", "--members-per-hour", str(args.members_per_hour),
+        "--gzip-level", str(args.gzip_level), "--events-per-day", str(args.events_per_day),
+        "--members-dir", str(args.cache_dir / f"members-{dataset.name}-{args.events_per_day}-{key}"),
+    ]  # fmt: skip
+    if dataset.corpus:
+        command += ["--corpus", str(dataset.corpus)]
+    else:
+        command += ["--variation", str(dataset.variation)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
-def measure(
-    command: list[str], env: dict[str, str] | None = None
-) -> tuple[float, float, tuple[int, int], str]:
-    """Wall seconds, CPU seconds of the process tree, peak summed (RSS, PSS), and stdout+stderr of `command`."""
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the process ends
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    peak = peak_pss = 0
-    cpu: dict[int, float] = {}
-    polls = 0
-    while True:
-        rss, pss = _tree(process.pid, cpu, pss_too=polls % _PSS_EVERY == 0)
-        polls += 1
-        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            process.returncode = os.waitstatus_to_exitcode(status)
-            break
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    # wait4 gives the root's CPU plus that of every descendant it (transitively) reaped; the samples add the
-    # ones never reaped (parse workers under an unwaited forkserver). Each undercounts, neither double counts.
-    total = max(sum(cpu.values()), usage.ru_utime + usage.ru_stime)
-    log.seek(0)
-    out = log.read().decode(errors="replace")
-    log.close()
-    if process.returncode:
-        raise SystemExit(f"{command[:3]}... failed with exit code {process.returncode}:\n{out[-3000:]}")
-    return wall, total, (peak, peak_pss), out
+def build_corpus(args: argparse.Namespace) -> Path:
+    import corpus
+
+    key = _source_key(HERE / "corpus.py", corpus.REAL_LINES)
+    path = args.cache_dir / f"corpus-{args.corpus_lines}-{key}.jsonl"
+    if not path.exists():
+        print(f"building the corpus of {args.corpus_lines:,} lines from the real ones...", flush=True)
+    return corpus.build(path, args.corpus_lines, DAY)
+
+
+def land(dataset: Dataset, args: argparse.Namespace, work: Path) -> None:
+    """Download the day's archive (for `--landed`) and extract its members (for `gzip -dc`)."""
+    target = work / f"{dataset.name}.zip"
+    data_dir = work / f"landing-{dataset.name}"
+    command = [
+        str(ROOT / ".venv/bin/amplitude-export"), "extract", "--base-url", dataset.url, "--api-key", API_KEY,
+        "--secret-key", SECRET_KEY, "--start", f"{DAY:%Y-%m-%d}", "--end", f"{DAY:%Y-%m-%d}", "--data-dir",
+        str(data_dir), "--log-dir", str(data_dir / "logs"), "--no-progress", "--lag-hours", "0",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    (archive,) = (data_dir / "raw").glob("*.zip")
+    archive.rename(target)
+    shutil.rmtree(data_dir)
+    dataset.archive = target
+    members = work / f"members-{dataset.name}"
+    members.mkdir()
+    with zipfile.ZipFile(target) as zf:
+        for info in zf.infolist():
+            if info.filename.endswith(".json.gz"):
+                path = members / info.filename.replace("/", "_")
+                path.write_bytes(zf.read(info))
+                dataset.members.append(path)
+    raw = subprocess.run(["sh", "-c", 'gzip -dc "$@" | wc -lc', "sh", *map(str, dataset.members)],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    dataset.lines, dataset.raw_bytes = int(raw[0]), int(raw[1])
 
 
 # ---------------------------------------------------------------------------------------------- candidates
 
 
-def _run_command(url: str, dest: str, data_dir: Path, day: datetime, last: datetime) -> list[str]:
-    return [
-        str(ROOT / ".venv/bin/amplitude-export"), "run", "--base-url", url, "--api-key", API_KEY,
-        "--secret-key", SECRET_KEY, "--start", f"{day:%Y-%m-%d}", "--end", f"{last:%Y-%m-%d}",
-        "--dest", dest, "--data-dir", str(data_dir), "--log-dir", str(data_dir / "logs"), "--no-progress",
-        "--lag-hours", "0",
-    ]  # fmt: skip
+def airbyte_python(create: bool) -> tuple[Path | None, str]:
+    """The Airbyte connector's interpreter, made on first use if `create`; else None and why not."""
+    python = AIRBYTE_VENV / "bin" / "python"
+    if not python.exists():
+        if not create:
+            return None, f"{AIRBYTE_VENV.relative_to(ROOT)} is not there (a run without --tiny makes it)"
+        print(f"installing {AIRBYTE} into {AIRBYTE_VENV.relative_to(ROOT)}...", flush=True)
+        made = subprocess.run([sys.executable, "-m", "venv", str(AIRBYTE_VENV)], capture_output=True, text=True)
+        if not made.returncode:
+            made = subprocess.run([str(python), "-m", "pip", "install", "-q", AIRBYTE], capture_output=True, text=True)
+        if made.returncode:
+            shutil.rmtree(AIRBYTE_VENV, ignore_errors=True)
+            last = (made.stderr.strip() or made.stdout.strip()).splitlines()[-1:]
+            return None, f"pip could not install {AIRBYTE}: {' '.join(last)}"
+    check = subprocess.run([str(python), "-c", "import source_amplitude"], capture_output=True, text=True)
+    if check.returncode:
+        return None, f"source_amplitude does not import: {check.stderr.strip().splitlines()[-1:]}"
+    return python, ""
 
 
-_PG_SCRIPT = """
-import sys
-from datetime import UTC, datetime
-from pathlib import Path
-from amplitude_export.client import ExportClient
-from amplitude_export.config import load_credentials
-from amplitude_export.pipeline import run
-from amplitude_export.sinks.postgres import PostgresSink
-url, dest, schema, data_dir, day, last = sys.argv[1:7]
-credentials = load_credentials(api_key="{key}", secret_key="{secret}", base_url=url)
-with ExportClient(credentials) as client:
-    sink = PostgresSink(dest, schema=schema)
-    try:
-        report = run(client, sink, project="{key}", start=day, end=last, data_dir=Path(data_dir), lag_hours=0)
-    finally:
-        sink.close()
-print(report.summary())
-sys.exit(report.exit_code)
-""".replace("{key}", API_KEY).replace("{secret}", SECRET_KEY)
-
-
-def postgres_ready() -> str | None:
-    """None if the PostgreSQL sink can be used, else why not."""
+def postgres_unavailable() -> str:
     try:
         import psycopg
 
-        from amplitude_export.sinks import postgres  # noqa: F401
-    except ImportError as exc:
-        return f"PostgreSQL sink not importable: {exc}"
-    try:
         psycopg.connect(PG_URL, connect_timeout=3).close()
+    except ImportError as exc:
+        return f"psycopg not importable: {exc}"
     except psycopg.Error as exc:
         return f"PostgreSQL not reachable at {PG_URL}: {str(exc).strip().splitlines()[0]}"
-    return None
+    return ""
 
 
 def drop_schema(schema: str) -> None:
@@ -202,90 +210,188 @@ def drop_schema(schema: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def land_archive(url: str, cache_dir: Path, day: datetime) -> Path:
-    """The day's archive, downloaded once from the fake server and kept in the cache."""
-    from amplitude_export.windows import Window
+def unavailable(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
+    """Candidate -> why it cannot run here (reported in the table, never a failure)."""
+    why: dict[str, str] = {}
+    if "postgres" in names and (reason := postgres_unavailable()):
+        why["postgres"] = reason
+    if "pandas" in names and importlib.util.find_spec("pandas") is None:
+        why["pandas"] = "pandas is not installed in this interpreter"
+    if "airbyte" in names:
+        args.airbyte_python, reason = airbyte_python(create=not args.tiny)
+        if reason:
+            why["airbyte"] = reason
+    return why
 
-    window = Window(day, day + timedelta(hours=23))
-    target = cache_dir / "landed" / f"{window.name}.zip"
-    if not target.exists():
-        data_dir = cache_dir / "landing"
+
+def command_for(name: str, dataset: Dataset, data_dir: Path, args: argparse.Namespace) -> list[str]:
+    day = f"{DAY:%Y-%m-%d}"
+    if name == "gzip":
+        return ["sh", "-c", 'gzip -dc "$@" > /dev/null', "sh", *map(str, dataset.members)]
+    if name == "pandas":
+        return [sys.executable, str(HERE / "peers/pandas_script.py"), dataset.url, API_KEY, SECRET_KEY,
+                f"{DAY:%Y%m%dT%H}", f"{LAST:%Y%m%dT%H}", f"duckdb:{data_dir / 'events.duckdb'}"]  # fmt: skip
+    if name == "airbyte":
+        return [str(args.airbyte_python), str(HERE / "peers/airbyte_source.py"), dataset.url, API_KEY, SECRET_KEY, day]
+    dest = {
+        "duckdb": f"duckdb:{data_dir / 'events.duckdb'}",
+        "duckdb-base": f"duckdb:{data_dir / 'events.duckdb'}",
+        "parquet": f"parquet:{data_dir / 'events'}",
+        "postgres": PG_URL,
+    }[name]
+    command = [
+        str(ROOT / ".venv/bin/amplitude-export"), "run", "--base-url", dataset.url, "--api-key", API_KEY,
+        "--secret-key", SECRET_KEY, "--start", day, "--end", day, "--dest", dest, "--data-dir", str(data_dir),
+        "--log-dir", str(data_dir / "logs"), "--no-progress", "--lag-hours", "0",
+    ]  # fmt: skip
+    if name == "postgres":
+        command += ["--schema", data_dir.name.replace("-", "_")]
+    return command
+
+
+_TOOL_COUNTS = re.compile(r"events loaded: ([\d,]+); duplicates dropped: ([\d,]+)(?:; lines rejected: ([\d,]+))?")
+# The reader's count of lines its compiled parser took, if the run reports one: "compiled path: N of M lines"
+_COMPILED = re.compile(r"compiled path\D{0,20}?([\d,]+) of ([\d,]+) lines", re.IGNORECASE)
+
+
+def lines_handled(name: str, result: Measured) -> int:
+    """How many lines the candidate says it took (loaded, dropped as duplicates or rejected)."""
+    if name in TOOL:
+        match = _TOOL_COUNTS.search(result.output)
+        if not match:
+            raise SystemExit(f"{name}: no 'events loaded' in the run's output:\n{result.output[-2000:]}")
+        return sum(int(group.replace(",", "")) for group in match.groups() if group)
+    return int(result.output.strip().splitlines()[-1])
+
+
+def compiled_share(text: str) -> float | None:
+    found = [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in _COMPILED.findall(text)]
+    taken, total = sum(a for a, _ in found), sum(b for _, b in found)
+    return taken / total if total else None
+
+
+@dataclass
+class Run:
+    result: Measured
+    lines: int
+    compiled: float | None
+
+
+def run_once(name: str, dataset: Dataset, work: Path, args: argparse.Namespace) -> Run:
+    data_dir = work / f"{name}-{dataset.name}-{os.getpid()}"
+    data_dir.mkdir()
+    if args.landed and name in TOOL and dataset.archive:
+        (data_dir / "raw").mkdir()
+        shutil.copyfile(dataset.archive, data_dir / "raw" / dataset.archive.name)
+    env = None
+    if name == "duckdb-base":
+        env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
+    schema = data_dir.name.replace("-", "_")
+    try:
+        result = measure(command_for(name, dataset, data_dir, args), env)
+        if result.returncode:
+            raise SystemExit(f"{name} on {dataset.name} failed ({result.returncode}):\n{result.output[-3000:]}")
+        logs = "".join(p.read_text(errors="replace") for p in (data_dir / "logs").glob("*") if p.is_file())
+        lines = dataset.lines if name == "gzip" else lines_handled(name, result)
+        return Run(result, lines, compiled_share(result.output + logs) if name in TOOL else None)
+    finally:
+        if name == "postgres":
+            drop_schema(schema)
         shutil.rmtree(data_dir, ignore_errors=True)
-        command = [
-            str(ROOT / ".venv/bin/amplitude-export"), "extract", "--base-url", url, "--api-key", API_KEY,
-            "--secret-key", SECRET_KEY, "--start", f"{day:%Y-%m-%d}", "--end", f"{day:%Y-%m-%d}",
-            "--data-dir", str(data_dir), "--log-dir", str(data_dir / "logs"), "--no-progress", "--lag-hours", "0",
-        ]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (data_dir / "raw" / target.name).rename(target)
-        shutil.rmtree(data_dir, ignore_errors=True)
-    return target
-
-
-def count_events(out: str) -> int:
-    match = re.search(r"events loaded: ([\d,]+); duplicates dropped: ([\d,]+)", out)
-    if not match:
-        raise SystemExit(f"no 'events loaded' in the run's output:\n{out[-2000:]}")
-    return int(match.group(1).replace(",", "")) + int(match.group(2).replace(",", ""))
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, str]:
+def machine(airbyte: Path | None) -> str:
     model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    except OSError:
-        mem_kb = 0
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     import duckdb
     import pyarrow
 
-    return {
-        "nproc": str(os.cpu_count()),
-        "memory": f"{mem_kb / 2**20:.1f} GiB",
-        "cpu": model,
-        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        "python": platform.python_version(),
-        "duckdb": duckdb.__version__,
-        "pyarrow": pyarrow.__version__,
-        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
+    from amplitude_export import __version__
+
+    versions = [f"amplitude-export {__version__}", f"Python {platform.python_version()}",
+                f"duckdb {duckdb.__version__}", f"pyarrow {pyarrow.__version__}"]  # fmt: skip
+    if importlib.util.find_spec("pandas"):
+        import pandas
+
+        versions.append(f"pandas {pandas.__version__}")
+    if airbyte:
+        versions.append(AIRBYTE.replace("==", " "))
+    gzip_version = subprocess.run(["gzip", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return (
+        f"Machine: {os.cpu_count()} cores ({model}), {mem_kb / 2**20:.1f} GiB RAM, load average at start "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}. Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. "
+        f"Versions: {', '.join(versions)}, {gzip_version}."
+    )
 
 
-def table(results: dict[str, list[tuple[float, float, tuple[int, int], int]]]) -> str:
-    floor = statistics.median(w / n for w, _, _, n in results["gzip"]) if results.get("gzip") else None
-    lines = [
-        (
-            "| candidate | events | wall s (median) | events/s | × `gzip -dc` | CPU s (median) | CPU µs/event | "
-            "peak RSS (sum, max) | peak PSS (sum, max) |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+def _median(runs: list[Run], value: str) -> float:
+    return statistics.median(getattr(run.result, value) for run in runs)
+
+
+def table(
+    datasets: list[Dataset], names: list[str], results: dict[tuple[str, str], list[Run]], why: dict[str, str]
+) -> str:
+    rows = [
+        "| dataset | candidate | events/s | × `gzip -dc` | wall s | CPU s | CPU µs/event | peak RSS | peak PSS "
+        "| compiled path |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, runs in results.items():
-        if not runs:
+    for dataset in datasets:
+        if dataset.unavailable:
+            rows.append(f"| {dataset.name} | – | unavailable: {dataset.unavailable} | | | | | | | |")
             continue
-        events = runs[0][3]
-        wall = statistics.median(w for w, _, _, _ in runs)
-        cpu = statistics.median(c for _, c, _, _ in runs)
-        peak = max(p[0] for _, _, p, _ in runs)
-        peak_pss = max(p[1] for _, _, p, _ in runs)
-        ratio = f"{floor / (wall / events):.2f}" if floor else "–"
-        lines.append(
-            f"| {name} | {events:,} | {wall:.1f} | {events / wall:,.0f} | {ratio} | {cpu:.1f} | "
-            f"{cpu / events * 1e6:.1f} | {peak / 2**20:,.0f} MiB | {peak_pss / 2**20:,.0f} MiB |"
-        )
-    return "\n".join(lines)
+        floor = results.get((dataset.name, "gzip"))
+        floor_rate = dataset.lines / _median(floor, "wall") if floor else None
+        for name in names:
+            if name in why:
+                rows.append(f"| {dataset.name} | {name} | unavailable: {why[name]} | | | | | | | |")
+                continue
+            runs = results[dataset.name, name]
+            wall, cpu = _median(runs, "wall"), _median(runs, "cpu")
+            rate = dataset.lines / wall
+            shares = [run.compiled for run in runs if run.compiled is not None]
+            compiled = f"{min(shares):.2%}" if shares else ("n/a" if name in TOOL else "")
+            miss = {run.lines for run in runs} - {dataset.lines}
+            note = f" (took {miss.pop():,} of {dataset.lines:,} lines)" if miss else ""
+            rows.append(
+                f"| {dataset.name} | {name}{note} | {rate:,.0f} | {rate / floor_rate if floor_rate else 0:.2f} | "
+                f"{wall:.2f} | {cpu:.2f} | {cpu / dataset.lines * 1e6:.1f} | "
+                f"{max(r.result.rss for r in runs) / 2**20:,.0f} MiB | "
+                f"{max(r.result.pss for r in runs) / 2**20:,.0f} MiB | {compiled} |"
+            )
+    return "\n".join(rows)
 
 
-def write_docs(text: str) -> None:
-    """Replace the generated section of docs/BENCHMARKS.md (between the markers), or append one."""
-    path = ROOT / "docs" / "BENCHMARKS.md"
+def ratios(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -> str:
+    """The targets' ratios, from the medians above (events/s of one candidate over another's)."""
+
+    def rate(dataset: str, name: str) -> float | None:
+        runs = results.get((dataset, name))
+        lines = next(d.lines for d in datasets if d.name == dataset)
+        return lines / _median(runs, "wall") if runs else None
+
+    out = []
+    for dataset in (d.name for d in datasets if not d.unavailable):
+        pairs = [(f"duckdb ÷ {peer}", rate(dataset, "duckdb"), rate(dataset, peer)) for peer in ("pandas", "airbyte")]
+        pairs.append(("postgres ÷ duckdb", rate(dataset, "postgres"), rate(dataset, "duckdb")))
+        text = ", ".join(f"{label} {a / b:.1f}×" for label, a, b in pairs if a and b)
+        if text:
+            out.append(f"- {dataset}: {text}")
+    varied, plain = rate("synthetic-2pct", "duckdb"), rate("synthetic", "duckdb")
+    if varied and plain:
+        out.append(f"- duckdb on synthetic-2pct ÷ duckdb on synthetic: {varied / plain:.2f}×")
+    return "\n".join(out)
+
+
+def write_docs(path: Path, text: str) -> None:
+    """Replace the generated section of `path` (between the markers), or append one."""
     begin, end = "<!-- run_benchmark:begin -->", "<!-- run_benchmark:end -->"
     block = f"{begin}\n{text}\n{end}"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -299,135 +405,103 @@ def write_docs(text: str) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--days", type=int, default=2, help="days the fake server holds")
-    parser.add_argument("--day", type=int, default=0, help="which day (0-based) each run loads")
-    parser.add_argument("--span-days", type=int, default=1,
-                        help="days each run loads from --day on (one window per day; gzip -dc reads them all)")
-    parser.add_argument("--events-per-day", type=int, default=504_000)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--only", default=",".join(CANDIDATES), help="candidates, comma separated")
+    parser.add_argument("--events-per-day", type=int, default=504_000, help="synthetic datasets' events")
+    parser.add_argument("--corpus-lines", type=int, default=500_000, help="real-lines dataset's lines")
     parser.add_argument("--members-per-hour", type=int, default=3)
     parser.add_argument("--gzip-level", type=int, default=6, help="the members' gzip level")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/amplitude_export_run_benchmark"))
-    parser.add_argument("--only", default=",".join(CANDIDATES))
     parser.add_argument("--baseline-src", type=Path,
-                        help="also run `duckdb`, `postgres` with PYTHONPATH=this src dir (older checkout), as `*-base`")
-    parser.add_argument("--landed", action="store_true", help="put the archive in the data dir before each run")
-    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
+                        help="also run `duckdb` with PYTHONPATH=this src dir (an older checkout), as `duckdb-base`")
+    parser.add_argument("--landed", action="store_true", help="the tool's archive is in its data dir beforehand")
+    parser.add_argument("--tiny", action="store_true",
+                        help="480 events a dataset, 1 round, a fresh cache; the Airbyte virtualenv is not made")
+    parser.add_argument("--write-docs", action="store_true", help="write the table into --docs")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variation", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--members-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.events_per_day = args.corpus_lines = 480
+        args.rounds, args.members_per_hour, args.gzip_level = 1, 1, 1
+        args.cache_dir = Path(tempfile.mkdtemp(prefix="amplitude-bench-tiny-"))
     args.cache_dir = args.cache_dir.resolve()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.serve:
         serve(args)
         return
-
-    names = [n for n in args.only.split(",") if n]
+    names = [name for name in args.only.split(",") if name]
     if args.baseline_src:
-        for base in ("duckdb", "postgres"):
-            if base in names:
-                names.insert(names.index(base) + 1, f"{base}-base")
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--days", str(args.days), "--events-per-day", str(args.events_per_day),
-         "--members-per-hour", str(args.members_per_hour), "--gzip-level", str(args.gzip_level),
-         "--cache-dir", str(args.cache_dir)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    work = Path(tempfile.mkdtemp(prefix="amplitude-bench-", dir=args.cache_dir))
+        names.insert(names.index("duckdb") + 1 if "duckdb" in names else len(names), "duckdb-base")
+    datasets = [Dataset(name, DATASETS[name]) for name in args.datasets.split(",") if name]
+    servers: list[subprocess.Popen[str]] = []
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
     try:
-        print("starting the fake server (first start builds the members: a few minutes)...", flush=True)
-        url = server.stdout.readline().strip() if server.stdout else ""
-        if not url:
-            raise SystemExit("the fake server did not start")
-        day = DAY0 + timedelta(days=args.day)
-        last = day + timedelta(days=args.span_days - 1)
-        if args.span_days < 1 or args.day + args.span_days > args.days:
-            raise SystemExit(f"--day {args.day} --span-days {args.span_days} is outside the {args.days} days served")
-        archives = [land_archive(url, args.cache_dir, day + timedelta(days=n)) for n in range(args.span_days)]
-        members = work / "members"
-        members.mkdir()
-        for archive in archives:
-            with zipfile.ZipFile(archive) as zf:
-                infos = [i for i in zf.infolist() if i.filename.endswith(".json.gz")]
-                for info in infos:
-                    (members / info.filename.replace("/", "_")).write_bytes(zf.read(info))
-        files = sorted(members.glob("*.json.gz"))
-        raw_bytes = int(subprocess.run(["sh", "-c", f"gzip -dc {members}/*.json.gz | wc -c"],
-                                       capture_output=True, text=True, check=True).stdout)
-        lines = int(subprocess.run(["sh", "-c", f"gzip -dc {members}/*.json.gz | wc -l"],
-                                   capture_output=True, text=True, check=True).stdout)
-        info = machine()
-        pg_note = postgres_ready() if "postgres" in names else None
-        if pg_note:
-            names = [n for n in names if not n.startswith("postgres")]
-        mode = "archive already landed in the data dir" if args.landed else "download from the fake server included"
-        header = [
-            (
-                f"Machine: nproc {info['nproc']}, {info['memory']} RAM, {info['cpu']}; Python {info['python']}, "
-                f"duckdb {info['duckdb']}, pyarrow {info['pyarrow']}. Date: {info['date']}. Load average at "
-                f"start: {info['load']}."
-            ),
-            (
-                f"Dataset: the fake server holds {args.days} days × {args.events_per_day:,} events; each run loads "
-                + (f"day {day:%Y-%m-%d}" if day == last else f"days {day:%Y-%m-%d}..{last:%Y-%m-%d}")
-                + f": {lines:,} events in {len(files)} members, "
-                f"{sum(a.stat().st_size for a in archives) / 1e6:.1f} MB "
-                f"zipped (gzip level {args.gzip_level}), {raw_bytes / 1e6:.0f} MB of NDJSON "
-                f"({raw_bytes / max(lines, 1):,.0f} B/event). Runs: {mode}; {args.rounds} rounds, interleaved."
-            ),
-        ]
-        if pg_note:
-            header.append(f"PostgreSQL skipped: {pg_note}.")
+        why = unavailable(args, names)
+        for dataset in datasets:
+            if dataset.variation and not variation_supported():
+                dataset.unavailable = "the fake server has no `variation` option yet"
+                continue
+            if dataset.variation is None:
+                dataset.corpus = build_corpus(args)
+            servers.append(start_server(dataset, args))
+        print("starting the fake servers (the first start builds the members: minutes for a full day)...", flush=True)
+        served = [d for d in datasets if not d.unavailable]
+        for dataset, server in zip(served, servers, strict=True):
+            dataset.url = server.stdout.readline().strip() if server.stdout else ""
+            if not dataset.url:
+                raise SystemExit(f"the fake server for {dataset.name} did not start")
+            land(dataset, args, work)
+        header = [machine(getattr(args, "airbyte_python", None))]
+        for dataset in served:
+            assert dataset.archive is not None
+            header.append(
+                f"Dataset {dataset.name}: {dataset.lines:,} lines in {len(dataset.members)} members, "
+                f"{dataset.archive.stat().st_size / 1e6:.1f} MB zipped (gzip level {args.gzip_level}), "
+                f"{dataset.raw_bytes / 1e6:,.0f} MB of NDJSON "
+                f"({dataset.raw_bytes / max(dataset.lines, 1):,.0f} B/line)."
+            )
+        mode = "archive in the tool's data dir beforehand" if args.landed else "download from the fake server included"
+        header.append(f"Runs: {mode}; {args.rounds} round(s), interleaved; medians, peaks are maxima.")
         if args.baseline_src:
-            header.append(f"`*-base`: the same command with the package imported from {args.baseline_src}.")
+            header.append(f"`duckdb-base`: the same command with the package imported from {args.baseline_src}.")
         print("\n".join(header), flush=True)
 
-        results: dict[str, list[tuple[float, float, tuple[int, int], int]]] = {name: [] for name in names}
+        results: dict[tuple[str, str], list[Run]] = {}
         for round_ in range(args.rounds):
-            for name in names:
-                data_dir = work / f"{name}-{round_}"
-                data_dir.mkdir()
-                if args.landed:
-                    (data_dir / "raw").mkdir()
-                    for archive in archives:
-                        shutil.copyfile(archive, data_dir / "raw" / archive.name)
-                schema = f"bench_{os.getpid()}_{round_}"
-                if name == "gzip":
-                    command = ["sh", "-c", "gzip -dc " + " ".join(str(f) for f in files) + " > /dev/null"]
-                elif name in ("duckdb", "duckdb-base"):
-                    command = _run_command(url, f"duckdb:{data_dir / 'events.duckdb'}", data_dir, day, last)
-                elif name == "parquet":
-                    command = _run_command(url, f"parquet:{data_dir / 'events'}", data_dir, day, last)
-                elif name in ("postgres", "postgres-base"):
-                    drop_schema(schema)
-                    command = [sys.executable, "-c", _PG_SCRIPT, url, PG_URL, schema, str(data_dir),
-                               f"{day:%Y-%m-%d}", f"{last:%Y-%m-%d}"]
-                else:
-                    raise SystemExit(f"unknown candidate {name}")
-                try:
-                    env = None
-                    if name.endswith("-base"):
-                        env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
-                    wall, cpu, peak, out = measure(command, env)
-                finally:
-                    if name.startswith("postgres"):
-                        drop_schema(schema)
-                events = lines if name == "gzip" else count_events(out)
-                results[name].append((wall, cpu, peak, events))
-                print(f"round {round_ + 1} {name:8s} {wall:7.2f} s  {events / wall:9,.0f} ev/s  cpu {cpu:7.2f} s  "
-                      f"peak {peak[0] / 2**20:6,.0f} MiB RSS {peak[1] / 2**20:6,.0f} MiB PSS  ({events:,} events)",
-                      flush=True)
-                shutil.rmtree(data_dir, ignore_errors=True)
-        text = "\n\n".join(["\n".join(header), table(results)])
+            for dataset in served:
+                for name in names:
+                    if name in why:
+                        continue
+                    run = run_once(name, dataset, work, args)
+                    results.setdefault((dataset.name, name), []).append(run)
+                    r = run.result
+                    print(f"round {round_ + 1} {dataset.name:14s} {name:11s} {r.wall:7.2f} s "
+                          f"{dataset.lines / r.wall:9,.0f} ev/s  cpu {r.cpu:7.2f} s  peak {r.rss / 2**20:6,.0f} MiB",
+                          flush=True)  # fmt: skip
+        text = "\n\n".join(["\n".join(header), table(datasets, names, results, why), ratios(datasets, results)])
         print("\n" + text)
         if args.write_docs:
-            write_docs(text)
-            print("\nwritten to docs/BENCHMARKS.md")
+            write_docs(args.docs, text)
+            print(f"\nwritten to {args.docs}")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
+        if args.tiny:
+            shutil.rmtree(args.cache_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

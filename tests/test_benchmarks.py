@@ -1,0 +1,79 @@
+"""The benchmarks run, on a tiny dataset, so they cannot rot; their numbers are never checked here (the machine is
+shared: speeds are compared only side by side in one run, by a person)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import corpus  # noqa: E402
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_the_end_to_end_benchmark_runs_every_candidate_on_every_dataset(tmp_path: Path) -> None:
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text(
+        "# Benchmarks\n\nabove\n\n<!-- run_benchmark:begin -->\nold table\n<!-- run_benchmark:end -->\n\nbelow\n"
+    )
+    out = run("run_benchmark.py", "--tiny", "--write-docs", "--docs", str(docs))
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    cells = {(row[0].strip(), row[1].strip()): [cell.strip() for cell in row[2:]] for row in rows[1:]}
+    for dataset in ("synthetic", "real-lines"):
+        # the tool's candidates and the floor always run (PostgreSQL is part of the test environment) ...
+        for name in ("gzip", "duckdb", "parquet", "postgres", "pandas"):
+            events_per_second, times_gzip = cells[dataset, name][:2]
+            assert float(events_per_second.replace(",", "")) > 0 and float(times_gzip) > 0, (dataset, name)
+        assert cells[dataset, "duckdb"][-1] == "n/a" or cells[dataset, "duckdb"][-1].endswith("%")
+        # ... and Airbyte's connector runs when its virtualenv is there, else says why not
+        airbyte = cells[dataset, "airbyte"][0]
+        assert airbyte.startswith("unavailable: ") or float(airbyte.replace(",", "")) > 0
+    assert ("synthetic-2pct", "–") in cells or ("synthetic-2pct", "duckdb") in cells
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nabove\n") and text.endswith("<!-- run_benchmark:end -->\n\nbelow\n")
+    assert "old table" not in text and "| real-lines | duckdb |" in text and "Machine: " in text
+
+
+@pytest.mark.slow
+def test_the_parse_paths_benchmark_runs() -> None:
+    out = run("parse_paths.py", "--tiny")
+    for name in ("gzip", "inflate", "reader1", "reader2", "duckdb"):
+        assert f"\n{name} " in out
+
+
+def test_the_corpus_grows_the_real_lines_into_a_varied_day(tmp_path: Path) -> None:
+    day = datetime(2025, 7, 1, tzinfo=UTC)
+    path = corpus.build(tmp_path / "corpus.jsonl", 2_000, day)
+    real = [json.loads(line) for line in corpus.REAL_LINES.read_text().splitlines()]
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(events) == 2_000
+    assert len({event["uuid"] for event in events}) == 2_000
+    # each line keeps a real line's keys (the trimmed one gains the uuid every export line has)
+    assert {frozenset(event) - {"uuid"} for event in events} == {frozenset(line) - {"uuid"} for line in real}
+    uploads = [event["server_upload_time"] for event in events]
+    assert uploads == sorted(uploads) and uploads[0] >= "2025-07-01 00" and uploads[-1] < "2025-07-02"
+    assert len({upload[:13] for upload in uploads}) == 24  # every hour of the day
+    assert any(len(upload) == 19 for upload in uploads)  # some without the fraction
+    assert len({event["device_id"] for event in events}) > 500
+    # the same property arrives as a number in some events and as a string in others
+    drop_ids = Counter(type(event["event_properties"]["Drop Id"]).__name__ for event in events
+                       if "Drop Id" in event["event_properties"])  # fmt: skip
+    assert drop_ids["int"] and drop_ids["str"]
+    assert path.read_bytes() == corpus.build(tmp_path / "again.jsonl", 2_000, day).read_bytes()  # deterministic
