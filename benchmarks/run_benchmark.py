@@ -24,8 +24,9 @@ Candidates, each run once per round and dataset, in turn (interleaved), so the m
 
 Every candidate but gzip downloads the day from the fake server over loopback (unless `--landed`, which puts
 the archive in the tool's data dir beforehand). Measured per run: wall seconds, CPU seconds and peak RSS and PSS
-of the whole process tree (benchmarks/measure.py), and for this tool the share of lines its compiled parser
-took, when the run reports it. Medians over rounds; peaks are maxima.
+of the whole process tree (benchmarks/measure.py); medians over rounds, peaks are maxima. Per dataset, outside
+the timing, the tool's reader reads the archive once to count the lines its compiled parser took (n/a while
+the reader has no such count).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Dataset:
     archive: Path | None = None
     lines: int = 0
     raw_bytes: int = 0
+    compiled: float | None = None  # share of lines the compiled parser took, if the reader counts them
     unavailable: str = ""  # why the dataset cannot be served, if it cannot
 
 
@@ -150,7 +152,9 @@ def land(dataset: Dataset, args: argparse.Namespace, work: Path) -> None:
         "--secret-key", SECRET_KEY, "--start", f"{DAY:%Y-%m-%d}", "--end", f"{DAY:%Y-%m-%d}", "--data-dir",
         str(data_dir), "--log-dir", str(data_dir / "logs"), "--no-progress", "--lag-hours", "0",
     ]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    extracted = subprocess.run(command, capture_output=True, text=True)
+    if extracted.returncode:
+        raise SystemExit(f"could not download {dataset.name}:\n{extracted.stdout[-2000:]}{extracted.stderr[-2000:]}")
     (archive,) = (data_dir / "raw").glob("*.zip")
     archive.rename(target)
     shutil.rmtree(data_dir)
@@ -166,6 +170,7 @@ def land(dataset: Dataset, args: argparse.Namespace, work: Path) -> None:
     raw = subprocess.run(["sh", "-c", 'gzip -dc "$@" | wc -lc', "sh", *map(str, dataset.members)],
                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
     dataset.lines, dataset.raw_bytes = int(raw[0]), int(raw[1])
+    dataset.compiled = compiled_share(target)
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -250,8 +255,21 @@ def command_for(name: str, dataset: Dataset, data_dir: Path, args: argparse.Name
 
 
 _TOOL_COUNTS = re.compile(r"events loaded: ([\d,]+); duplicates dropped: ([\d,]+)(?:; lines rejected: ([\d,]+))?")
-# The reader's count of lines its compiled parser took, if the run reports one: "compiled path: N of M lines"
-_COMPILED = re.compile(r"compiled path\D{0,20}?([\d,]+) of ([\d,]+) lines", re.IGNORECASE)
+# Reads the archive as the tool's runs do and prints the reader's line counts: all, and those the compiled parser
+# gave to the msgspec path ("-" while the reader does not count them).
+_PROBE = """
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from amplitude_export import reader
+from amplitude_export.windows import Window
+day = datetime.fromisoformat(sys.argv[2])
+probe = reader.WindowReader(Path(sys.argv[1]), Window(day, day + timedelta(hours=23)), run_id="probe", rejects_dir=None)
+for _ in probe.batches():
+    pass
+slow = probe.lines_total if reader.FAST_PARSER is None else getattr(probe, "slow_lines", None)
+print(probe.lines_total, "-" if slow is None else slow)
+"""
 
 
 def lines_handled(name: str, result: Measured) -> int:
@@ -264,17 +282,18 @@ def lines_handled(name: str, result: Measured) -> int:
     return int(result.output.strip().splitlines()[-1])
 
 
-def compiled_share(text: str) -> float | None:
-    found = [(int(a.replace(",", "")), int(b.replace(",", ""))) for a, b in _COMPILED.findall(text)]
-    taken, total = sum(a for a, _ in found), sum(b for _, b in found)
-    return taken / total if total else None
+def compiled_share(archive: Path) -> float | None:
+    """The share of the archive's lines the reader's compiled parser takes, or None if the reader cannot say."""
+    probe = subprocess.run([sys.executable, "-c", _PROBE, str(archive), DAY.isoformat()],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    total, slow = probe.stdout.split()
+    return None if slow == "-" or not int(total) else 1 - int(slow) / int(total)
 
 
 @dataclass
 class Run:
     result: Measured
     lines: int
-    compiled: float | None
 
 
 def run_once(name: str, dataset: Dataset, work: Path, args: argparse.Namespace) -> Run:
@@ -291,9 +310,7 @@ def run_once(name: str, dataset: Dataset, work: Path, args: argparse.Namespace) 
         result = measure(command_for(name, dataset, data_dir, args), env)
         if result.returncode:
             raise SystemExit(f"{name} on {dataset.name} failed ({result.returncode}):\n{result.output[-3000:]}")
-        logs = "".join(p.read_text(errors="replace") for p in (data_dir / "logs").glob("*") if p.is_file())
-        lines = dataset.lines if name == "gzip" else lines_handled(name, result)
-        return Run(result, lines, compiled_share(result.output + logs) if name in TOOL else None)
+        return Run(result, dataset.lines if name == "gzip" else lines_handled(name, result))
     finally:
         if name == "postgres":
             drop_schema(schema)
@@ -356,8 +373,7 @@ def table(
             runs = results[dataset.name, name]
             wall, cpu = _median(runs, "wall"), _median(runs, "cpu")
             rate = dataset.lines / wall
-            shares = [run.compiled for run in runs if run.compiled is not None]
-            compiled = f"{min(shares):.2%}" if shares else ("n/a" if name in TOOL else "")
+            compiled = "" if name not in TOOL else "n/a" if dataset.compiled is None else f"{dataset.compiled:.2%}"
             miss = {run.lines for run in runs} - {dataset.lines}
             note = f" (took {miss.pop():,} of {dataset.lines:,} lines)" if miss else ""
             rows.append(
