@@ -60,15 +60,20 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         peak_rss = peak_pss = polls = 0
         cpu: dict[int, float] = {}
-        while True:
-            rss, pss = _tree(process.pid, cpu, pss_too=polls % _PSS_EVERY == 0)
-            polls += 1
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                process.returncode = os.waitstatus_to_exitcode(status)
-                break
-            time.sleep(_POLL)
+        try:
+            while True:
+                rss, pss = _tree(process.pid, cpu, pss_too=polls % _PSS_EVERY == 0)
+                polls += 1
+                peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    process.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                time.sleep(_POLL)
+        except BaseException:  # stopped by hand: leave no candidate running
+            process.kill()
+            process.wait()
+            raise
         wall = time.perf_counter() - start
         # wait4 counts the root and every descendant it (transitively) reaped; the samples add the ones never
         # reaped. Each undercounts, neither double counts.

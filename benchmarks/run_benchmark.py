@@ -370,7 +370,10 @@ def table(
             if name in why:
                 rows.append(f"| {dataset.name} | {name} | unavailable: {why[name]} | | | | | | | |")
                 continue
-            runs = results[dataset.name, name]
+            runs = results.get((dataset.name, name))
+            if not runs:
+                rows.append(f"| {dataset.name} | {name} | not run (stopped) | | | | | | | |")
+                continue
             wall, cpu = _median(runs, "wall"), _median(runs, "cpu")
             rate = dataset.lines / wall
             compiled = "" if name not in TOOL else "n/a" if dataset.compiled is None else f"{dataset.compiled:.2%}"
@@ -495,17 +498,19 @@ def main() -> None:
         print("\n".join(header), flush=True)
 
         results: dict[tuple[str, str], list[Run]] = {}
-        for round_ in range(args.rounds):
-            for dataset in served:
-                for name in names:
-                    if name in why:
-                        continue
-                    run = run_once(name, dataset, work, args)
-                    results.setdefault((dataset.name, name), []).append(run)
-                    r = run.result
-                    print(f"round {round_ + 1} {dataset.name:14s} {name:11s} {r.wall:7.2f} s "
-                          f"{dataset.lines / r.wall:9,.0f} ev/s  cpu {r.cpu:7.2f} s  peak {r.rss / 2**20:6,.0f} MiB",
-                          flush=True)  # fmt: skip
+        try:
+            for round_ in range(args.rounds):
+                for dataset in served:
+                    for name in (name for name in names if name not in why):
+                        run = run_once(name, dataset, work, args)
+                        results.setdefault((dataset.name, name), []).append(run)
+                        r = run.result
+                        print(f"round {round_ + 1} {dataset.name:14s} {name:11s} {r.wall:7.2f} s "
+                              f"{dataset.lines / r.wall:9,.0f} ev/s  cpu {r.cpu:7.2f} s  "
+                              f"peak {r.rss / 2**20:6,.0f} MiB RSS {r.pss / 2**20:6,.0f} MiB PSS",
+                              flush=True)  # fmt: skip
+        except KeyboardInterrupt:  # a long run stopped by hand still reports the runs it finished
+            header.append(f"Stopped by hand in round {round_ + 1}: medians of the runs each candidate finished.")
         text = "\n\n".join(["\n".join(header), table(datasets, names, results, why), ratios(datasets, results)])
         print("\n" + text)
         if args.write_docs:
