@@ -389,23 +389,29 @@ def table(
 
 
 def ratios(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -> str:
-    """The targets' ratios, from the medians above (events/s of one candidate over another's)."""
+    """The targets' ratios from the medians above: events/s of one candidate over another's, and for the peers
+    also their CPU seconds over the tool's (steadier on a busy machine; PostgreSQL's server is not in its tree)."""
 
-    def rate(dataset: str, name: str) -> float | None:
+    def median(dataset: str, name: str, value: str) -> float | None:
         runs = results.get((dataset, name))
-        lines = next(d.lines for d in datasets if d.name == dataset)
-        return lines / _median(runs, "wall") if runs else None
+        return _median(runs, value) if runs else None
 
     out = []
     for dataset in (d.name for d in datasets if not d.unavailable):
-        pairs = [(f"duckdb ÷ {peer}", rate(dataset, "duckdb"), rate(dataset, peer)) for peer in ("pandas", "airbyte")]
-        pairs.append(("postgres ÷ duckdb", rate(dataset, "postgres"), rate(dataset, "duckdb")))
-        text = ", ".join(f"{label} {a / b:.1f}×" for label, a, b in pairs if a and b)
-        if text:
-            out.append(f"- {dataset}: {text}")
-    varied, plain = rate("synthetic-2pct", "duckdb"), rate("synthetic", "duckdb")
+        parts = []
+        for peer in ("pandas", "airbyte"):
+            tool, other = median(dataset, "duckdb", "wall"), median(dataset, peer, "wall")
+            tool_cpu, other_cpu = median(dataset, "duckdb", "cpu"), median(dataset, peer, "cpu")
+            if tool and other and tool_cpu and other_cpu:
+                parts.append(f"duckdb ÷ {peer} {other / tool:.1f}× (CPU {other_cpu / tool_cpu:.1f}×)")
+        postgres, duckdb = median(dataset, "postgres", "wall"), median(dataset, "duckdb", "wall")
+        if postgres and duckdb:
+            parts.append(f"postgres ÷ duckdb {duckdb / postgres:.2f}×")
+        if parts:
+            out.append(f"- {dataset}: {', '.join(parts)}")
+    varied, plain = median("synthetic-2pct", "duckdb", "wall"), median("synthetic", "duckdb", "wall")
     if varied and plain:
-        out.append(f"- duckdb on synthetic-2pct ÷ duckdb on synthetic: {varied / plain:.2f}×")
+        out.append(f"- duckdb on synthetic-2pct ÷ duckdb on synthetic: {plain / varied:.2f}×")
     return "\n".join(out)
 
 
