@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run_benchmark.py --rounds 3 --write-docs     # the table in docs/BENCHMARKS.md
     .venv/bin/python benchmarks/run_benchmark.py --only gzip,duckdb --datasets synthetic-2pct
-    .venv/bin/python benchmarks/run_benchmark.py --only gzip,duckdb --baseline-src /path/to/old/src   # A/B
+    .venv/bin/python benchmarks/run_benchmark.py --only gzip,duckdb,postgres --baseline-src /path/to/old/src  # A/B
     .venv/bin/python benchmarks/run_benchmark.py --tiny     # a few hundred events, 1 round: the test runs this
 
 Datasets, one day each, each served by its own fake server process (so its CPU never counts against a candidate):
@@ -59,7 +59,7 @@ API_KEY, SECRET_KEY = "bench-key", "bench-secret-0123"  # Airbyte masks the secr
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DATASETS = {"synthetic": 0.0, "synthetic-2pct": 0.02, "real-lines": None}  # name -> lines varied (None: corpus)
 CANDIDATES = ("gzip", "duckdb", "parquet", "postgres", "pandas", "airbyte")
-TOOL = ("duckdb", "duckdb-base", "parquet", "postgres")
+TOOL = ("duckdb", "duckdb-base", "parquet", "postgres", "postgres-base")
 AIRBYTE = "airbyte-source-amplitude==0.6.19"
 AIRBYTE_VENV = HERE / ".venv-airbyte"
 
@@ -218,8 +218,8 @@ def drop_schema(schema: str) -> None:
 def unavailable(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
     """Candidate -> why it cannot run here (reported in the table, never a failure)."""
     why: dict[str, str] = {}
-    if "postgres" in names and (reason := postgres_unavailable()):
-        why["postgres"] = reason
+    if any(name.startswith("postgres") for name in names) and (reason := postgres_unavailable()):
+        why.update({name: reason for name in names if name.startswith("postgres")})
     if "pandas" in names and importlib.util.find_spec("pandas") is None:
         why["pandas"] = "pandas is not installed in this interpreter"
     if "airbyte" in names:
@@ -240,16 +240,15 @@ def command_for(name: str, dataset: Dataset, data_dir: Path, args: argparse.Name
         return [str(args.airbyte_python), str(HERE / "peers/airbyte_source.py"), dataset.url, API_KEY, SECRET_KEY, day]
     dest = {
         "duckdb": f"duckdb:{data_dir / 'events.duckdb'}",
-        "duckdb-base": f"duckdb:{data_dir / 'events.duckdb'}",
         "parquet": f"parquet:{data_dir / 'events'}",
         "postgres": PG_URL,
-    }[name]
+    }[name.removesuffix("-base")]
     command = [
         str(ROOT / ".venv/bin/amplitude-export"), "run", "--base-url", dataset.url, "--api-key", API_KEY,
         "--secret-key", SECRET_KEY, "--start", day, "--end", day, "--dest", dest, "--data-dir", str(data_dir),
         "--log-dir", str(data_dir / "logs"), "--no-progress", "--lag-hours", "0",
     ]  # fmt: skip
-    if name == "postgres":
+    if name.startswith("postgres"):
         command += ["--schema", data_dir.name.replace("-", "_")]
     return command
 
@@ -303,7 +302,7 @@ def run_once(name: str, dataset: Dataset, work: Path, args: argparse.Namespace) 
         (data_dir / "raw").mkdir()
         shutil.copyfile(dataset.archive, data_dir / "raw" / dataset.archive.name)
     env = None
-    if name == "duckdb-base":
+    if name.endswith("-base"):
         env = {**os.environ, "PYTHONPATH": str(args.baseline_src.resolve())}
     schema = data_dir.name.replace("-", "_")
     try:
@@ -312,7 +311,7 @@ def run_once(name: str, dataset: Dataset, work: Path, args: argparse.Namespace) 
             raise SystemExit(f"{name} on {dataset.name} failed ({result.returncode}):\n{result.output[-3000:]}")
         return Run(result, dataset.lines if name == "gzip" else lines_handled(name, result))
     finally:
-        if name == "postgres":
+        if name.startswith("postgres"):
             drop_schema(schema)
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -441,7 +440,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gzip-level", type=int, default=6, help="the members' gzip level")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/amplitude_export_run_benchmark"))
     parser.add_argument("--baseline-src", type=Path,
-                        help="also run `duckdb` with PYTHONPATH=this src dir (an older checkout), as `duckdb-base`")
+                        help="also run duckdb and postgres with PYTHONPATH=this src dir (an older checkout), as *-base")
     parser.add_argument("--landed", action="store_true", help="the tool's archive is in its data dir beforehand")
     parser.add_argument("--tiny", action="store_true",
                         help="480 events a dataset, 1 round, a fresh cache; the Airbyte virtualenv is not made")
@@ -467,8 +466,9 @@ def main() -> None:
         serve(args)
         return
     names = [name for name in args.only.split(",") if name]
-    if args.baseline_src:
-        names.insert(names.index("duckdb") + 1 if "duckdb" in names else len(names), "duckdb-base")
+    for base in ("duckdb", "postgres") if args.baseline_src else ():
+        if base in names:
+            names.insert(names.index(base) + 1, f"{base}-base")
     datasets = [Dataset(name, DATASETS[name]) for name in args.datasets.split(",") if name]
     servers: list[subprocess.Popen[str]] = []
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
@@ -500,7 +500,7 @@ def main() -> None:
         mode = "archive in the tool's data dir beforehand" if args.landed else "download from the fake server included"
         header.append(f"Runs: {mode}; {args.rounds} round(s), interleaved; medians, peaks are maxima.")
         if args.baseline_src:
-            header.append(f"`duckdb-base`: the same command with the package imported from {args.baseline_src}.")
+            header.append(f"`*-base`: the same command with the package imported from {args.baseline_src}.")
         print("\n".join(header), flush=True)
 
         results: dict[tuple[str, str], list[Run]] = {}
