@@ -212,7 +212,7 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> 
 
     day = datetime(2024, 3, 1, tzinfo=UTC)
     with FakeExportServer(events_per_hour=30, data_start=day, data_end=day.replace(hour=23),
-                          faults=["slow"], slow_seconds=10) as server:
+                          faults=["slow"], slow_seconds=120) as server:
         args = ["run", "--base-url", server.url, "--api-key", server.api_key, "--secret-key", "demo-secret",
                 "--start", "2024-03-01", "--end", "2024-03-01", "--no-progress"]
         base = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
@@ -222,11 +222,9 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> 
         deadline = time.monotonic() + 20
         while not list(tmp_path.glob("logs/*.log")) and time.monotonic() < deadline:  # the run has started
             time.sleep(0.05)
-        time.sleep(1.0)  # well inside the server's 10 s stall on the window's first request
+        time.sleep(1.0)  # well inside the server's stall on the window's first request
         process.send_signal(signal.SIGINT)
-        started = time.monotonic()
-        out, err = process.communicate(timeout=20)
-        assert time.monotonic() - started < 5  # Ctrl-C does not wait for the stalled request
+        out, err = process.communicate(timeout=60)  # ends long before the 120 s stall would: it does not wait
         assert process.returncode == 130, err
         assert [line for line in err.splitlines() if line.startswith("error:")] == [
             "error: interrupted; a re-run picks up where this one stopped"]
