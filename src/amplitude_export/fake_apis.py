@@ -455,7 +455,7 @@ class FakeApis:
     def _unstage(self, amplitude_id: str, day: str) -> Any:
         with self._lock:
             for job in self.project.jobs:
-                if job.status == "staging" and job.day.isoformat() == day.replace("/", ""):
+                if job.status == "staging" and job.day.isoformat() == day:
                     for user in job.users:
                         if str(user["amplitude_id"]) == amplitude_id:
                             job.users.remove(user)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from .synthetic import _EVENT_TYPES, _users, utc_hour
@@ -100,10 +101,14 @@ class FakeProject:
         self._sample: dict[int, dict[str, Any]] | None = None
         self._property_types: dict[str, dict[str, set[str]]] = {name: {} for name, _ in _EVENT_TYPES}
         self._days: dict[date, dict[int, list[dict[str, Any]]]] = {}
-        self.pool = {user.template["amplitude_id"]: user for user in _users(project_id, seed)}
         self.cohort_generations: dict[str, int] = {}
         self.annotations = [self._annotation(index, *spec) for index, spec in enumerate(_ANNOTATIONS)]
         self.jobs: list[DeletionJob] = []
+
+    @cached_property
+    def pool(self) -> dict[int, Any]:
+        """amplitude_id -> the synthetic user (made on first use: a server that only exports never pays it)."""
+        return {user.template["amplitude_id"]: user for user in _users(self.project_id, self.seed)}
 
     # -- the sample ------------------------------------------------------------------------------------------
 
