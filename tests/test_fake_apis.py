@@ -50,6 +50,7 @@ def api(server: FakeExportServer) -> Iterator[httpx.Client]:
 
 
 def exported(client: httpx.Client, start: str, end: str) -> list[dict[str, Any]]:
+    """The window's events, amplitude_id as an int (varied lines carry it as a string)."""
     response = client.get("/api/2/export", params={"start": start, "end": end})
     assert response.status_code == 200, response.text
     events = []
@@ -57,6 +58,8 @@ def exported(client: httpx.Client, start: str, end: str) -> list[dict[str, Any]]
         for info in archive.infolist():
             if not info.is_dir():
                 events += [msgspec.json.decode(line) for line in gzip.decompress(archive.read(info)).splitlines()]
+    for event in events:
+        event["amplitude_id"] = int(event["amplitude_id"])
     return events
 
 
@@ -392,7 +395,7 @@ def test_a_job_only_removes_events_uploaded_up_to_its_day(server: FakeExportServ
 
 def test_fake_server_command_turns_the_faults_on(tmp_path: Path) -> None:
     with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY.replace(hour=23)) as twin:
-        victim = twin.hour_lines(DAY.replace(hour=5))[0]["amplitude_id"]
+        victim = int(twin.hour_lines(DAY.replace(hour=5))[0]["amplitude_id"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
     process = subprocess.Popen(
         [sys.executable, "-c", "from amplitude_export.cli import main; main()", "fake-server", "--port", "0",
@@ -403,7 +406,7 @@ def test_fake_server_command_turns_the_faults_on(tmp_path: Path) -> None:
     try:
         assert process.stderr is not None
         for line in process.stderr:
-            match = re.search(r"fake Export API on (http://\S+)/api/2/export", line)
+            match = re.search(r"fake Export API on (http://\S+) \(pass it as --base-url", line)
             if match:
                 break
         else:

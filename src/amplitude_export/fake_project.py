@@ -122,7 +122,7 @@ class FakeProject:
                 hour = self.start
                 while hour < self.start + DAY and hour <= self.end and lines < SAMPLE_LINES:
                     for event in self._generated(hour):
-                        entry = seen.setdefault(event["amplitude_id"], {"types": Counter(), "count": 0})
+                        entry = seen.setdefault(int(event["amplitude_id"]), {"types": Counter(), "count": 0})
                         entry["types"][event["event_type"]] += 1
                         entry["count"] += 1
                         lines += 1
@@ -261,7 +261,7 @@ class FakeProject:
                 users: dict[int, list[dict[str, Any]]] = {}
                 for hour in (first + HOUR * offset for offset in range(24)):
                     for event in self._lines(hour):
-                        users.setdefault(event["amplitude_id"], []).append(event)
+                        users.setdefault(int(event["amplitude_id"]), []).append(event)
                 self._days[day] = users
             return self._days[day]
 
@@ -285,12 +285,12 @@ class FakeProject:
         sessions: dict[tuple[int, int], int] = {}
         for amplitude_id, events in self.day_events(day).items():
             for event in events:
-                if event["session_id"] == -1:
+                session = int(float(event["session_id"]))  # varied lines carry it as a string or a float
+                if session == -1:
                     continue
                 moment = datetime.fromisoformat(event["event_time"]).replace(tzinfo=UTC)
                 millis = int(moment.timestamp() * 1000)
-                key = (amplitude_id, event["session_id"])
-                sessions[key] = max(sessions.get(key, 0), millis - event["session_id"])
+                sessions[(amplitude_id, session)] = max(sessions.get((amplitude_id, session), 0), millis - session)
         return round(sum(sessions.values()) / len(sessions) / 1000, 1) if sessions else 0.0
 
     # -- deletions -------------------------------------------------------------------------------------------

@@ -323,7 +323,8 @@ class FakeExportServer:
         users' events are gone from the hours up to the end of the job's day."""
         lines = self.generated_lines(hour)
         deleted = self._deleted_in(utc_hour(hour))
-        return [event for event in lines if event["amplitude_id"] not in deleted] if deleted else lines
+        # varied lines carry amplitude_id as a string
+        return [event for event in lines if int(event["amplitude_id"]) not in deleted] if deleted else lines
 
     def _deleted_in(self, hour: datetime) -> set[int]:
         """The amplitude ids whose events of upload hour `hour` a scrubbed deletion job removed."""
