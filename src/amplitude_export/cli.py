@@ -628,17 +628,31 @@ def _fault_list(text: str | None) -> list[str]:
               help="Answer 400 (too large) for windows whose zip would be bigger, as Amplitude does over 4 GB.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the built members here between runs (default: a temporary directory).")
+@click.option("--cohort-polls", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Status polls a cohort download answers JOB INPROGRESS before JOB COMPLETED.")
+@click.option("--cohort-quota", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Cohort downloads left this month; then 429 QuotaExceeded.")
+@click.option("--cohort-redirect-over", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Cohorts with more members send their file behind a 302 to a pre-signed link.")
+@click.option("--taxonomy-forbidden", is_flag=True, help="Taxonomy answers 403, as for a project without the plan.")
+@click.option("--delete-users", metavar="IDS",
+              help="Comma-separated amplitude ids (or user ids) in a finished deletion job: gone from exports.")
+@click.option("--api-latency", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds each answer of the other APIs takes (lets concurrent clients overlap).")
 @reports_errors
 def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, project_id: int,
                 events_per_hour: int | None, members_per_hour: int, data_start: str | None, data_end: str | None,
                 empty_hours: str | None, malformed_lines: bool, variation: float | None, faults: str | None,
                 fault_rate: float,
                 retry_after: float, slow_seconds: float, timeout_over_hours: int | None,
-                max_archive_bytes: int | None, cache_dir: Path | None) -> None:
+                max_archive_bytes: int | None, cache_dir: Path | None, cohort_polls: int, cohort_quota: int,
+                cohort_redirect_over: int, taxonomy_forbidden: bool, delete_users: str | None,
+                api_latency: float) -> None:
     """Serve a faithful fake Amplitude Export API (for demos, tests and your own pipelines).
 
     Faults in --faults hit the first requests of each window, in order, then it answers normally (and
-    --fault-rate adds random transient ones). Bad flag values: one line, exit 2.
+    --fault-rate adds random transient ones). The same port serves cohorts, annotations, the events list,
+    active users, session lengths, taxonomy and deletion jobs (README). Bad flag values: one line, exit 2.
 
     \b
     Example:
@@ -667,7 +681,12 @@ def fake_server(host: str, port: int, api_key: str, secret_key: str, seed: int, 
           empty_hours=_hour_list("--empty-hours", empty_hours), malformed_lines=malformed_lines,
           **({} if variation is None else {"variation": variation}),
           faults=_fault_list(faults), fault_rate=fault_rate, retry_after=retry_after, slow_seconds=slow_seconds,
-          timeout_over_hours=timeout_over_hours, max_archive_bytes=max_archive_bytes, cache_dir=cache_dir, **options)
+          timeout_over_hours=timeout_over_hours, max_archive_bytes=max_archive_bytes, cache_dir=cache_dir,
+          apis={"cohort_polls": cohort_polls, "cohort_quota": cohort_quota,
+                "cohort_redirect_over": cohort_redirect_over, "taxonomy_forbidden": taxonomy_forbidden,
+                "latency": api_latency,
+                "delete_users": [item.strip() for item in (delete_users or "").split(",") if item.strip()]},
+          **options)
 
 
 @cli.command(epilog=EXIT_CODES)

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .archive import LOCAL_HEADER, crc32
 from .errors import UsageError
+from .fake_apis import FakeApis
 from .synthetic import DEFAULT_VARIATION, encode_lines, generate_hour, hour_uuids, utc_hour
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class FakeExportServer:
         compresslevel: int = 1,
         bytes_per_second: float | None = None,
         variation: float = DEFAULT_VARIATION,
+        apis: Mapping[str, Any] | None = None,
     ) -> None:
         """Configure the server; nothing listens until `start()` or `with`.
 
@@ -148,6 +150,8 @@ class FakeExportServer:
         and one JSON array into member #0 of every hour. `compresslevel` is the members' gzip level (1: fast).
         `bytes_per_second` paces archive bodies as a real network would (loopback is far faster).
         `variation` is the share of lines that vary as real exports do (synthetic.VARIATIONS; 0: uniform).
+        `apis` are the options of the other APIs served on the same port (`fake_apis.FakeApis`: cohorts, annotations,
+        taxonomy, deletions, ...), reached as `self.apis`.
         """
         unknown = [fault for fault in faults if fault not in FAULTS]
         if unknown:
@@ -191,6 +195,9 @@ class FakeExportServer:
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._thinned: dict[tuple[datetime, int, str], tuple[int, set[str]]] = {}  # (lines, uuids) of hours
+        # deletions thinned, so counting and checking them does not generate them again
+        self.apis = FakeApis(self, **(apis or {}))
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -283,14 +290,32 @@ class FakeExportServer:
         base = self.events_per_hour(hour) if callable(self.events_per_hour) else self.events_per_hour
         return max(0, base)
 
-    def hour_events(self, hour: datetime) -> int:
-        """How many event lines (duplicates included, malformed lines not) the server serves for `hour`."""
-        hour = utc_hour(hour)
+    def _generated_events(self, hour: datetime) -> int:
+        """The hour's line count before deletions."""
         base = self._base_events(hour)
         return base + self.hour_version(hour) * max(1, base // 50) if base else 0
 
-    def hour_lines(self, hour: datetime) -> list[dict[str, Any]]:
-        """The events served for `hour`, in member order (without malformed lines)."""
+    def hour_events(self, hour: datetime) -> int:
+        """How many event lines (duplicates included, malformed lines not) the server serves for `hour`."""
+        hour = utc_hour(hour)
+        count = self._generated_events(hour)
+        if not count or not self._deleted_in(hour):
+            return count
+        return self._thinned_hour(hour)[0]
+
+    def _thinned_hour(self, hour: datetime) -> tuple[int, set[str]]:
+        key = (hour, self.hour_version(hour), self.apis.deletions_key())
+        with self._lock:
+            known = self._thinned.get(key)
+        if known is None:
+            lines = self.hour_lines(hour)
+            known = (len(lines), {event["uuid"] for event in lines})
+            with self._lock:
+                self._thinned[key] = known
+        return known
+
+    def generated_lines(self, hour: datetime) -> list[dict[str, Any]]:
+        """The events generated for `hour`, before deletion jobs removed any."""
         hour = utc_hour(hour)
         if self._corpus is not None:
             import msgspec
@@ -300,12 +325,30 @@ class FakeExportServer:
             hour,
             project_id=self.project_id,
             seed=self.seed,
-            events=self.hour_events(hour),
+            events=self._generated_events(hour),
             version=self.hour_version(hour),
             # the version-0 count: a re-export of the previous hour keeps those uuids, so this hour stays
             previous_events=self._base_events(hour - HOUR),
             variation=self.variation,
         )
+
+    def hour_lines(self, hour: datetime) -> list[dict[str, Any]]:
+        """The events served for `hour`, in member order (without malformed lines): a scrubbed deletion job's
+        users' events are gone from the hours up to the end of the job's day."""
+        lines = self.generated_lines(hour)
+        deleted = self._deleted_in(utc_hour(hour))
+        # varied lines carry amplitude_id as a string
+        return [event for event in lines if int(event["amplitude_id"]) not in deleted] if deleted else lines
+
+    def _deleted_in(self, hour: datetime) -> set[int]:
+        """The amplitude ids whose events of upload hour `hour` a scrubbed deletion job removed."""
+        return {key for key, day in self.apis.project.scrubbed().items()
+                if hour < datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)}
+
+    def forget_counts(self) -> None:
+        """Deletions changed: line counts of thinned hours are recomputed on demand."""
+        with self._lock:
+            self._thinned.clear()
 
     def expected_uuids(self, start: datetime | str, end: datetime | str) -> set[str]:
         """The distinct uuids served for upload hours start..end (inclusive), as they stand now."""
@@ -313,6 +356,9 @@ class FakeExportServer:
         for hour in _hours(start, end):
             if self._corpus is not None:
                 uuids |= {event["uuid"] for event in self.hour_lines(hour) if event.get("uuid")}
+                continue
+            if self._deleted_in(hour):
+                uuids |= self._thinned_hour(hour)[1]
                 continue
             uuids |= hour_uuids(
                 hour,
@@ -355,6 +401,8 @@ class FakeExportServer:
             f"_p{self._base_events(hour - HOUR)}_m{len(counts)}"
             f"_x{int(self.malformed_lines)}_z{self.compresslevel}_r{self.variation:g}"
         )
+        if self._deleted_in(hour):
+            key += f"_d{self.apis.deletions_key()}"
         assert self._cache_dir is not None, "the server is not started"
         if self._corpus is not None:
             key += self._corpus.key
@@ -514,6 +562,7 @@ def serve(
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # socketserver's 5 drops concurrent clients' connections, which then retry a second later
     fake: FakeExportServer
 
 
@@ -534,7 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
         start_text = query.get("start", [None])[0]
         end_text = query.get("end", [None])[0]
         if url.path != EXPORT_PATH:
-            self._answer(404, b"Not found")
+            fake.apis.serve(self, "GET", url)
             return
         if not fake._check_auth(self.headers.get("Authorization")):
             fake._record(start_text, end_text, 401)
@@ -624,6 +673,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             if target is not None:
                 target.unlink(missing_ok=True)
+
+    def do_POST(self) -> None:
+        self.server.fake.apis.serve(self, "POST", urlsplit(self.path))
+
+    def do_DELETE(self) -> None:
+        self.server.fake.apis.serve(self, "DELETE", urlsplit(self.path))
 
     def _answer(
         self,
