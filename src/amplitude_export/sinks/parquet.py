@@ -25,7 +25,6 @@ all), and the lock is a best-effort object `_state/lock` (see `FsspecDirectory`)
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +59,7 @@ from .duckdb import (
     time_filter,
     winners_sql,
 )
+from .filelock import FileLock
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pa_dataset
@@ -99,7 +99,7 @@ class LocalDirectory:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.label = str(root)
-        self._lock: IO[str] | None = None
+        self._lock = FileLock(root / LOCK_FILE)
 
     def abs(self, rel: str) -> str:
         """The absolute path DuckDB and pyarrow open."""
@@ -126,21 +126,12 @@ class LocalDirectory:
         (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
 
     def lock(self) -> bool:
-        """Take the exclusive lock for this process; False when another holder has it."""
-        handle = open(self.root / LOCK_FILE, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return False
-        self._lock = handle
-        return True
+        """Take the exclusive lock (a flock on `_state/lock`, see `filelock`); False when another run has it."""
+        return self._lock.acquire()
 
     def unlock(self) -> None:
-        """Release the lock (closing the descriptor drops the flock)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Release the lock."""
+        self._lock.release()
 
     def state_temp_files(self) -> Iterator[str]:
         """Temp files an interrupted state write left in `_state`."""
@@ -530,6 +521,7 @@ class ParquetSink:
         self.threads = threads
         self.row_group_size = row_group_size
         self.read_only = read_only
+        self._reader_spill: str | None = None  # a read-only open's own spill directory (see `_connect`)
         if read_only:
             try:
                 present = self.store.exists(STATE_FILE)
@@ -750,8 +742,11 @@ class ParquetSink:
             con.close()
 
     def close(self) -> None:
-        """Release the directory's lock (and, for fsspec, the local spill directory)."""
+        """Release the directory's lock (and any local spill directory of this sink)."""
         self.store.unlock()
+        if self._reader_spill is not None:
+            shutil.rmtree(self._reader_spill, ignore_errors=True)
+            self._reader_spill = None
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -767,11 +762,20 @@ class ParquetSink:
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A private in-memory DuckDB spilling to `_state/spill` (a local temp dir for fsspec); insertion order
-        is kept, for files."""
+        is kept, for files.
+
+        A read-only open spills into a temporary directory of its own and never creates `_state/spill`: it holds
+        no lock, so that directory belongs to whichever run writes meanwhile, which clears it when it opens."""
+        if self.read_only:
+            if self._reader_spill is None:
+                self._reader_spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
+            spill = self._reader_spill
+        else:
+            spill = self.store.spill_dir()
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": self.memory_limit,
             "threads": self.threads,
-            "temp_directory": self.store.spill_dir(),
+            "temp_directory": spill,
         }
         con = duckdb.connect(":memory:", config=config)
         configure(con)
