@@ -335,7 +335,7 @@ def _open_for_writing(url: str, wait: bool) -> Sink:
             return open_sink(url)
         except DestinationBusyError as exc:
             if not wait:
-                raise DestinationBusyError(f"{exc}; pass --wait to queue behind it") from None
+                raise
             if not announced:
                 log.warning("%s; waiting for it (--wait)", exc)
                 announced = True
