@@ -231,14 +231,11 @@ def test_open_sink_and_open_errors_name_the_path(tmp_path: Path) -> None:
         assert type(info.value) is DestinationError
 
 
-def _spawn(code: str, marker: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    deadline = time.monotonic() + 20
-    while not marker.exists():
-        assert proc.poll() is None, "the writer process died early"
-        assert time.monotonic() < deadline, "the writer process never got ready"
-        time.sleep(0.05)
+def _spawn(code: str, marker: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`code` in a child process (the tests' helpers importable), once it has written `marker`."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], env=env)
+    _wait_for(proc, marker)
     return proc
 
 
@@ -257,6 +254,64 @@ def test_a_second_process_holding_the_file_makes_it_busy(tmp_path: Path) -> None
         proc.kill()
         proc.wait()
     DuckDBSink(path).close()  # the lock dies with its process
+
+
+HOLD_BETWEEN_WINDOWS = """
+import os, pathlib, sys, time
+from sink_helpers import batch, finisher, two_windows
+from amplitude_export.sinks.duckdb import DuckDBSink
+path, ready, closed, go_on = (pathlib.Path(arg) for arg in sys.argv[1:5])
+sink = DuckDBSink(path)
+win, rows = two_windows()[0]
+sink.write_window("p", win, [batch(rows)], finisher(win, rows))
+ready.write_text("x")  # between windows, as a run is while it downloads the next one
+while not go_on.exists():
+    time.sleep(0.01)
+os.close(os.open(path, os.O_RDONLY))  # any close of any descriptor of the file drops DuckDB's own lock
+closed.write_text("x")
+time.sleep(60)
+"""
+
+
+def test_between_windows_no_other_process_gets_the_file(tmp_path: Path) -> None:
+    """A writer that has committed a window and waits for the next one keeps the file to itself: no second
+    writer, and (DuckDB's own lock intact) no reader; and the run's lock does not hang on DuckDB's, which any
+    close of a descriptor of the file in the writer's process drops."""
+    path, ready, closed, go_on = (tmp_path / name for name in ("events.duckdb", "ready", "closed", "go-on"))
+    proc = _spawn(HOLD_BETWEEN_WINDOWS, ready, *map(str, (path, ready, closed, go_on)))
+    try:
+        with pytest.raises(DestinationBusyError, match=str(path)):
+            DuckDBSink(path)
+        with pytest.raises(DestinationBusyError, match=str(path)):
+            DuckDBSink(path, read_only=True)
+        go_on.write_text("x")
+        _wait_for(proc, closed)
+        with pytest.raises(DestinationBusyError, match=str(path)):
+            DuckDBSink(path)
+    finally:
+        proc.kill()
+        proc.wait()
+    with DuckDBSink(path) as sink:  # both locks die with their process
+        assert sink.connection.execute("SELECT count(*) FROM events").fetchone() == (5,)
+
+
+def test_one_process_cannot_open_the_file_twice(tmp_path: Path) -> None:
+    path = tmp_path / "events.duckdb"
+    with DuckDBSink(path):
+        with pytest.raises(DestinationBusyError, match=str(path)):
+            DuckDBSink(path)
+        with pytest.raises(DestinationBusyError, match=str(path)):
+            DuckDBSink(path, read_only=True)
+    DuckDBSink(path).close()
+    assert (tmp_path / "events.duckdb.lock").exists()  # kept: see sinks/filelock.py
+
+
+def _wait_for(proc: subprocess.Popen[bytes], marker: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert proc.poll() is None, "the writer process died early"
+        assert time.monotonic() < deadline, "the writer process never got ready"
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("point", ["batches", "finish"])
@@ -292,19 +347,3 @@ def test_a_read_only_open_reads_rows_and_ledger(tmp_path: Path) -> None:
         assert sorted(s.ledger("p")) == [hour(0), hour(1)]
     with pytest.raises(DestinationError, match="missing.duckdb"):
         DuckDBSink(tmp_path / "missing.duckdb", read_only=True)
-
-
-def test_write_behind_flushes_the_file_while_a_window_inserts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The commit's flush finds the row groups on disk already; the thread stops with the insert."""
-    from amplitude_export.sinks import duckdb as duckdb_sink
-
-    path = tmp_path / "a.duckdb"
-    path.write_bytes(b"x")
-    flushed: list[int] = []
-    real = os.fdatasync
-    monkeypatch.setattr(duckdb_sink.os, "fdatasync", lambda fd: (flushed.append(fd), real(fd)))
-    with duckdb_sink._WriteBehind(path, every=0.01) as behind:
-        time.sleep(0.2)
-    assert flushed and behind._thread is not None and not behind._thread.is_alive()
-    with duckdb_sink._WriteBehind(tmp_path / "missing.duckdb") as behind:  # nothing to flush: no thread
-        assert behind._thread is None

@@ -274,9 +274,12 @@ def test_a_read_only_open_neither_locks_nor_writes(sink: ParquetSink, root: Path
     (w1, rows1), _ = two_windows()
     sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
     (root / "upload_date=2024-03-01" / ".tmp-in-progress").write_bytes(b"another run's temp file")
+    shutil.rmtree(root / "_state" / "spill", ignore_errors=True)
 
     reader = open_sink(f"parquet:{root}", read_only=True)  # while the writer holds the lock
     assert uuids(reader.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
+    assert reader.count_by_hour("p") == {hour(0): 3, hour(1): 2}
+    assert not (root / "_state" / "spill").exists()  # the writer's: it clears it whenever it opens
     assert sorted(reader.ledger("p")) == [hour(0), hour(1)]
     with pytest.raises(DestinationError, match="read-only"):
         reader.record_hours("p", [HourRecord(hour=hour(9), status=EMPTY)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid as uuid_module
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -223,6 +224,18 @@ def test_a_stale_lock_is_taken_over(url: str) -> None:
     ParquetSink(url).close()
     MEMORY.pipe_file(lock, b"{half")
     ParquetSink(url).close()
+
+
+def test_a_live_run_keeps_its_lock_fresh_between_windows(url: str) -> None:
+    """A run that spends longer than `lock_stale_after` between commits (a long download) keeps its lock."""
+    (w1, rows1), (w2, rows2) = two_windows()
+    with ParquetSink(url, lock_stale_after=0.4) as sink:
+        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        time.sleep(1.2)
+        with pytest.raises(DestinationBusyError, match="in use by another run"):
+            ParquetSink(url, lock_stale_after=0.4)
+        sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    assert not MEMORY.exists(url.removeprefix("memory://") + "/_state/lock")
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_committing(url: str) -> None:

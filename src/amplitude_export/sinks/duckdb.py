@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +28,7 @@ from ..ledger import HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, RETYPED, quote
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
+from .filelock import FileLock
 
 EVENTS = "events"
 LEDGER = "_amplitude_ledger"
@@ -328,43 +327,9 @@ def record_from_row(row: dict[str, Any]) -> HourRecord:
     return HourRecord(**values)
 
 
-class _WriteBehind:
-    """Flushes the database file to disk every `every` seconds on a thread while a window is inserted.
-
-    DuckDB writes a big insert's row groups to the file as they fill, and its commit waits for the disk to have
-    them all (fdatasync): ~0.1 s for a day of 500 k events here, after the last row. Flushed as they come, most
-    are on disk by then. Any error is left for the commit's own flush to report.
-    """
-
-    def __init__(self, path: Path, every: float = 0.25) -> None:
-        self._path = path
-        self._every = every
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _WriteBehind:
-        try:
-            fd = os.open(self._path, os.O_RDONLY)
-        except OSError:
-            return self
-        self._thread = threading.Thread(target=self._flush, args=(fd,), name="amplitude-export-flush", daemon=True)
-        self._thread.start()
-        return self
-
-    def _flush(self, fd: int) -> None:
-        try:
-            flush = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-            while not self._stop.wait(self._every):
-                flush(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+def lock_path(path: Path) -> Path:
+    """The run's lock file beside the database: `events.duckdb` -> `events.duckdb.lock` (kept, never deleted)."""
+    return path.with_name(path.name + ".lock")
 
 
 def _attach(path: Path, *, read_only: bool, config: dict[str, Any]) -> duckdb.DuckDBPyConnection:
@@ -412,18 +377,33 @@ class DuckDBSink:
             "temp_directory": str(temp),
             "preserve_insertion_order": False,  # lets inserts and sorts stream instead of buffering
         }
+        # a run's lock on the file, independent of DuckDB's own (see `filelock`); readers rely on DuckDB's
+        self._lock: FileLock | None = None
         try:
             if not read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock = FileLock(lock_path(self.path))
+                if not self._lock.acquire():
+                    self._lock = None
+                    raise DestinationBusyError(
+                        f"DuckDB database {self.path} is in use by another run ({lock_path(self.path).name})")
             self.connection = _attach(self.path, read_only=read_only, config=config)
         except duckdb.IOException as exc:
+            self._release()
             if "lock" in str(exc).lower():
                 raise DestinationBusyError(
                     f"DuckDB database {self.path} is in use by another process (it allows one writer)"
                 ) from None
             raise DestinationError(f"cannot open DuckDB database {self.path}: {_first_line(exc)}") from None
+        except duckdb.ResourceInUseException:
+            self._release()
+            raise DestinationBusyError(f"DuckDB database {self.path} is open in this process already") from None
         except (duckdb.Error, OSError) as exc:
+            self._release()
             raise DestinationError(f"cannot open DuckDB database {self.path}: {_first_line(exc)}") from None
+        except BaseException:
+            self._release()
+            raise
         configure(self.connection)
         if not read_only:
             # DuckDB's vacuum merges the partial row group each window leaves into full ones at every checkpoint,
@@ -508,8 +488,7 @@ class DuckDBSink:
             # all `threads` insert: with vacuum off (see __init__) the partial row groups two threads leave are
             # no longer rewritten at close, and with the reader's threads in this process the second DuckDB
             # thread finds a free core: 5.8-6.3 s instead of 7.1-7.7 s per 504 k events (docs/PARSE_PATH.md)
-            with _WriteBehind(self.path):
-                intake.insert_into(con, EVENTS)
+            intake.insert_into(con, EVENTS)
             if intake.overflowed:
                 self._drop_repeats(mine, params, intake.ranks)
             self._drop_taken(mine, params, None if intake.overflowed else lambda: intake.uuids)
@@ -647,8 +626,16 @@ class DuckDBSink:
         )
 
     def close(self) -> None:
-        """Close the connection, which releases DuckDB's file lock."""
-        self.connection.close()
+        """Close the connection, which releases DuckDB's file lock, then the run's lock."""
+        try:
+            self.connection.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> DuckDBSink:
         return self

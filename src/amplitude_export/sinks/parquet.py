@@ -25,7 +25,6 @@ all), and the lock is a best-effort object `_state/lock` (see `FsspecDirectory`)
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import uuid as uuid_module
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -60,6 +60,7 @@ from .duckdb import (
     time_filter,
     winners_sql,
 )
+from .filelock import FileLock
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pa_dataset
@@ -99,7 +100,7 @@ class LocalDirectory:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.label = str(root)
-        self._lock: IO[str] | None = None
+        self._lock = FileLock(root / LOCK_FILE)
 
     def abs(self, rel: str) -> str:
         """The absolute path DuckDB and pyarrow open."""
@@ -126,21 +127,12 @@ class LocalDirectory:
         (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
 
     def lock(self) -> bool:
-        """Take the exclusive lock for this process; False when another holder has it."""
-        handle = open(self.root / LOCK_FILE, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            return False
-        self._lock = handle
-        return True
+        """Take the exclusive lock (a flock on `_state/lock`, see `filelock`); False when another run has it."""
+        return self._lock.acquire()
 
     def unlock(self) -> None:
-        """Release the lock (closing the descriptor drops the flock)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Release the lock."""
+        self._lock.release()
 
     def state_temp_files(self) -> Iterator[str]:
         """Temp files an interrupted state write left in `_state`."""
@@ -226,9 +218,10 @@ class FsspecDirectory:
     - The state is written with one `pipe_file` (a single PUT): object stores make an object visible whole or not
       at all, so there is no temp file and no rename to trust.
     - There is no flock. The lock is an object `_state/lock` (owner token, host, pid, times), created with mode
-      `xb` where the filesystem supports exclusive create, refused while fresh, refreshed at every window and
-      checked again just before each commit. It is best effort: two runs starting in the same instant on a
-      filesystem without exclusive create can both get it. Running one writer at a time is the user's job.
+      `xb` where the filesystem supports exclusive create, refused while fresh, refreshed by a thread four times
+      per `stale_after` for as long as the sink is open (between windows too) and checked again just before each
+      commit. It is best effort: two runs starting in the same instant on a filesystem without exclusive create
+      can both get it. Running one writer at a time is the user's job.
     - Reads go through pyarrow datasets over the fsspec filesystem, registered in DuckDB; DuckDB's own httpfs
       never sees the URL (so it never needs credentials of its own). Spill files stay on local disk.
     """
@@ -239,6 +232,10 @@ class FsspecDirectory:
         self.label = url
         self.stale_after = stale_after
         self._token: str | None = None
+        self._lost = False  # another run took the lock over: no commit of ours may follow
+        self._guard = threading.Lock()  # the heartbeat and the writer refresh the lock object in turn
+        self._stop_beat: threading.Event | None = None
+        self._beat: threading.Thread | None = None
         self._spill: str | None = None
         self._scans = 0
         self._arrow_fs: Any = None
@@ -284,6 +281,7 @@ class FsspecDirectory:
         """Create `_state/lock` unless a fresh one exists; a stale one (dead run) is taken over."""
         for _ in range(2):
             if self._create_lock():
+                self._start_heartbeat()
                 return True
             holder = self._read_lock()
             if holder is not None and not self._stale(holder):
@@ -298,19 +296,43 @@ class FsspecDirectory:
 
     def refresh_lock(self) -> None:
         """Check the lock is still ours (a run that found it stale may have taken it) and renew its time."""
-        if self._token is None:
-            return
-        holder = self._read_lock()
-        if holder is None or holder.get("token") != self._token:
-            self._token = None
-            raise DestinationBusyError(
-                f"{self.label}: another run took over {LOCK_FILE} (it looked stale); this run stops before "
-                "committing, so nothing of it is kept"
-            )
-        self.fs.pipe_file(self.abs(LOCK_FILE), self._lock_body(holder.get("acquired")))
+        with self._guard:
+            if self._token is not None:
+                holder = self._read_lock()
+                if holder is not None and holder.get("token") == self._token:
+                    self.fs.pipe_file(self.abs(LOCK_FILE), self._lock_body(holder.get("acquired")))
+                    return
+                self._token, self._lost = None, True
+            if self._lost:
+                raise DestinationBusyError(
+                    f"{self.label}: another run took over {LOCK_FILE} (it looked stale); this run stops before "
+                    "committing, so nothing of it is kept"
+                )
+
+    def _start_heartbeat(self) -> None:
+        self._stop_beat = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(self._stop_beat,), daemon=True,
+                                      name="amplitude-export-lock")
+        self._beat.start()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Refresh the lock four times per `stale_after` while the run lives, so that it never looks stale
+        between windows (a long download) nor within one; a refresh that fails is tried again at the next beat,
+        and the check before each commit still decides."""
+        while not stop.wait(max(self.stale_after.total_seconds() / 4, 0.05)):
+            try:
+                self.refresh_lock()
+            except DestinationBusyError:
+                return
+            except Exception:  # noqa: BLE001 - a store's hiccup; the next beat or the commit's check decides
+                continue
 
     def unlock(self) -> None:
-        """Delete the lock if it is still ours; clean the local spill directory."""
+        """Stop refreshing the lock and delete it if it is still ours; clean the local spill directory."""
+        if self._stop_beat is not None and self._beat is not None:
+            self._stop_beat.set()
+            self._beat.join()
+            self._stop_beat = self._beat = None
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
@@ -530,6 +552,7 @@ class ParquetSink:
         self.threads = threads
         self.row_group_size = row_group_size
         self.read_only = read_only
+        self._reader_spill: str | None = None  # a read-only open's own spill directory (see `_connect`)
         if read_only:
             try:
                 present = self.store.exists(STATE_FILE)
@@ -750,8 +773,11 @@ class ParquetSink:
             con.close()
 
     def close(self) -> None:
-        """Release the directory's lock (and, for fsspec, the local spill directory)."""
+        """Release the directory's lock (and any local spill directory of this sink)."""
         self.store.unlock()
+        if self._reader_spill is not None:
+            shutil.rmtree(self._reader_spill, ignore_errors=True)
+            self._reader_spill = None
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -767,11 +793,20 @@ class ParquetSink:
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """A private in-memory DuckDB spilling to `_state/spill` (a local temp dir for fsspec); insertion order
-        is kept, for files."""
+        is kept, for files.
+
+        A read-only open spills into a temporary directory of its own and never creates `_state/spill`: it holds
+        no lock, so that directory belongs to whichever run writes meanwhile, which clears it when it opens."""
+        if self.read_only:
+            if self._reader_spill is None:
+                self._reader_spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
+            spill = self._reader_spill
+        else:
+            spill = self.store.spill_dir()
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": self.memory_limit,
             "threads": self.threads,
-            "temp_directory": self.store.spill_dir(),
+            "temp_directory": spill,
         }
         con = duckdb.connect(":memory:", config=config)
         configure(con)

@@ -1,0 +1,209 @@
+"""Two real `run` processes on one destination: one writer at a time, whenever the second one starts.
+
+The first run loads 2024-03-01..02, the second 2024-03-02..03 (they overlap on the 2nd), both in 6-hour windows
+from a fake server paced like a network, into the same destination and data directory. The second starts at
+stepped moments of the first one's life: together with it, and after each of its windows (so between windows
+too). Each run must either complete (exit 0) or be refused (exit 5, naming --wait); with --wait it must queue and
+complete. Afterwards the destination holds exactly the fake server's events of the ranges that completed, each
+once, and `verify` finds it complete. Runs on DuckDB, Parquet and the real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from conftest import POSTGRES_URL
+
+from amplitude_export import read_arrow
+from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.ledger import LOADED
+from amplitude_export.sinks import open_sink
+from amplitude_export.verify import verify
+from amplitude_export.windows import HOUR
+
+FIRST = ("2024-03-01", "2024-03-02")
+SECOND = ("2024-03-02", "2024-03-03")
+# small windows, so the second run can start between windows; windows of over 61,440 events (DuckDB's row
+# group here: e.g. AMP_CONCURRENCY_EVENTS=5500 AMP_CONCURRENCY_WINDOW_HOURS=12) make interleaved DuckDB writers
+# corrupt the file rather than only interleave, but take minutes
+WINDOW_HOURS = int(os.environ.get("AMP_CONCURRENCY_WINDOW_HOURS", 6))
+EVENTS_PER_HOUR = int(os.environ.get("AMP_CONCURRENCY_EVENTS", 40))
+WINDOWS = 48 // WINDOW_HOURS  # per run: two days
+WINDOW_DONE = re.compile(r"\[(\d+)/\d+\]")  # the progress line the log gets for each window
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
+
+
+def _day(text: str, hour: int = 0) -> datetime:
+    return datetime.fromisoformat(text).replace(hour=hour, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeExportServer]:
+    """Three days of 40 events an hour; an archive of 6 hours (~100 KB) takes ~0.2 s to arrive."""
+    with FakeExportServer(events_per_hour=EVENTS_PER_HOUR, data_start=_day(FIRST[0]), data_end=_day(SECOND[1], 23),
+                          bytes_per_second=500_000) as srv:
+        srv.window_members(_day(FIRST[0]), _day(SECOND[1], 23))  # build the members once, before any timing
+        yield srv
+
+
+# the CLI, imported and waiting for a line on stdin: a run starts within milliseconds of its cue, not after the
+# second or so an interpreter takes to import everything, so the offsets below are offsets of the runs themselves
+READY_RUN = """import sys
+from amplitude_export.cli import main
+import amplitude_export.pipeline, amplitude_export.reader, amplitude_export.sinks.duckdb
+import amplitude_export.sinks.parquet, amplitude_export.sinks.postgres
+sys.stdin.readline()
+main()
+"""
+
+
+def ready_run(server: FakeExportServer, dest: str, cwd: Path, days: tuple[str, str], name: str,
+              *, wait: bool = False) -> subprocess.Popen[str]:
+    """A `run` process that starts when `go` cues it."""
+    args = ["run", "--base-url", server.url, "--api-key", server.api_key, "--secret-key", "demo-secret",
+            "--start", days[0], "--end", days[1], "--window-hours", str(WINDOW_HOURS), "--dest", dest,
+            "--no-progress", "--log-dir", f"logs-{name}", *(["--wait"] if wait else [])]
+    return subprocess.Popen([sys.executable, "-c", READY_RUN, *args], cwd=cwd, env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def go(process: subprocess.Popen[str]) -> None:
+    assert process.stdin is not None
+    process.stdin.write("go\n")
+    process.stdin.flush()
+
+
+def windows_done(log_dir: Path) -> int:
+    """How many windows the run logging into `log_dir` has finished (0 before its log exists)."""
+    done = 0
+    for log in log_dir.glob("*.log"):
+        for found in WINDOW_DONE.findall(log.read_text(errors="replace")):
+            done = max(done, int(found))
+    return done
+
+
+def wait_for_windows(first: subprocess.Popen[str], log_dir: Path, count: int, timeout: float = 60) -> None:
+    """Return once the run has finished `count` windows (or has exited)."""
+    deadline = time.monotonic() + timeout
+    while windows_done(log_dir) < count and first.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the first run did not finish {count} windows in {timeout} s")
+        time.sleep(0.005)
+
+
+def hours_of(days: tuple[str, str]) -> list[datetime]:
+    hour, last, hours = _day(days[0]), _day(days[1], 23), []
+    while hour <= last:
+        hours.append(hour)
+        hour += HOUR
+    return hours
+
+
+def trial(server: FakeExportServer, dest: str, cwd: Path, after: int, delay: float, wait: bool) -> str:
+    """One trial; returns what happened, e.g. `after 3 windows +0.05 s --wait: exits [0, 0]`."""
+    first = ready_run(server, dest, cwd, FIRST, "first")
+    second = ready_run(server, dest, cwd, SECOND, "second", wait=wait)
+    go(first)
+    wait_for_windows(first, cwd / "logs-first", after)
+    time.sleep(delay)
+    go(second)
+    summary = f"after {after} windows +{delay:.2f} s{' --wait' if wait else ''}"
+    outcomes, errors = [], []
+    for process in (first, second):
+        out, err = process.communicate(timeout=120)
+        outcomes.append(process.returncode)
+        errors.append(" | ".join(line for line in err.splitlines() if line.startswith(("error:", "Traceback"))
+                                 or "Error" in line)[-300:])
+    summary += f": exits {outcomes}"
+
+    completed = [days for days, code in zip((FIRST, SECOND), outcomes, strict=True) if code == 0]
+    hours = sorted({hour for days in completed for hour in hours_of(days)})
+    expected = server.expected_uuids(hours[0], hours[-1]) if hours else set()
+    table = read_arrow(dest, project=server.api_key)
+    uuids = table.column("uuid").to_pylist()
+    assert len(uuids) == len(set(uuids)), f"{summary}: {len(uuids) - len(set(uuids))} duplicated rows"
+    assert set(uuids) == expected, (
+        f"{summary}: {len(expected - set(uuids))} events lost, {len(set(uuids) - expected)} unexpected")
+    sink = open_sink(dest, read_only=True)
+    try:
+        ledger = sink.ledger(server.api_key)
+        checked = verify(sink, server.api_key)  # what `verify` runs (its exit code is tested in test_cli)
+    finally:
+        sink.close()
+    assert checked.complete, f"{summary}: verify finds {[problem.detail for problem in checked.problems][:3]}"
+    missing = [hour for hour in hours if hour not in ledger or ledger[hour].status != LOADED]
+    assert not missing, f"{summary}: {len(missing)} hours missing from the ledger, from {missing[0]:%Y-%m-%dT%H}"
+    spans: dict[str, list[datetime]] = {}  # each run's first and last commit, from the ledger rows it left
+    for record in ledger.values():
+        assert record.run_id is not None and record.updated_at is not None
+        span = spans.setdefault(record.run_id, [record.updated_at, record.updated_at])
+        span[0], span[1] = min(span[0], record.updated_at), max(span[1], record.updated_at)
+    ordered = sorted(spans.values())
+    assert all(one[1] < other[0] for one, other in itertools.pairwise(ordered)), (
+        f"{summary}: the two runs committed windows in turns, so both wrote at once")
+    for code, error in zip(outcomes, errors, strict=True):
+        assert code in (0, 5), f"{summary}: {error}"
+        if code == 5:
+            assert "--wait" in error, f"{summary}: the refusal does not name --wait: {error}"
+    assert not (wait and outcomes[1] == 5), f"{summary}: --wait must queue, not refuse"
+    if after:
+        assert outcomes[0] == 0, f"{summary}: the first run had the destination alone and must complete"
+
+    return summary
+
+
+@pytest.fixture
+def schemas() -> Iterator[list[str]]:
+    """PostgreSQL schemas the test names (one per trial), dropped afterwards."""
+    import psycopg
+
+    names: list[str] = []
+    yield names
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        for name in names:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres"])
+def test_two_runs_on_one_destination_never_lose_or_duplicate_a_row(
+    kind: str, server: FakeExportServer, tmp_path: Path, schemas: list[str]
+) -> None:
+    rng = random.Random(os.environ.get("AMP_CONCURRENCY_SEED", kind))
+    trials = []
+    for number, after in enumerate(range(WINDOWS)):  # 0: together; k: once the first run finished k windows
+        cwd = tmp_path / f"trial-{number}"
+        cwd.mkdir()
+        if kind == "duckdb":
+            dest = f"duckdb:{cwd / 'events.duckdb'}"
+        elif kind == "parquet":
+            dest = f"parquet:{cwd / 'dataset'}"
+        else:
+            schemas.append(f"amp_test_{uuid.uuid4().hex[:12]}")
+            dest = f"{POSTGRES_URL}?schema={schemas[-1]}"
+        trials.append((dest, cwd, after, rng.uniform(0, 0.2), number % 2 == 1))
+
+    def attempt(number: int) -> str:
+        try:
+            return f"trial {number}: ok, " + trial(server, *trials[number])
+        except Exception as exc:  # noqa: BLE001 - every trial runs; the failures are listed together
+            return f"trial {number}: FAILED, {type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+    # a few trials at a time, each on its own destination: the runs mostly wait for the paced server
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(attempt, range(len(trials))))
+    print("\n".join(results))
+    failures = [result for result in results if ": FAILED, " in result]
+    assert not failures, f"{len(failures)} of {len(trials)} trials went wrong:\n" + "\n".join(failures)
