@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from s3 import LoopbackS3, loopback_s3
 
 from amplitude_export.fake_server import FakeExportServer
 
@@ -73,3 +74,16 @@ def pg_role() -> Iterator[tuple[str, str]]:
 def url_for(role: str) -> str:
     """POSTGRES_URL as `role` instead of postgres."""
     return POSTGRES_URL.replace("postgres@", f"{role}@", 1)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[LoopbackS3]:
+    """A real S3-compatible server (moto's server mode) on loopback for the session; see tests/s3.py."""
+    with loopback_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3: LoopbackS3) -> str:
+    """A fresh, empty bucket on the loopback S3 server."""
+    return s3.new_bucket()

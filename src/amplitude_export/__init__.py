@@ -7,7 +7,7 @@ The library is what the CLI calls: `pipeline.run` / `pipeline.extract` / `pipeli
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -33,15 +33,20 @@ def read_arrow(
     end: str | datetime | None = None,
     *,
     project: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> pa.Table:
     """The loaded events of `dest` (`duckdb:PATH`, `parquet:DIR`, `postgresql://...`) as an Arrow table,
     optionally only those whose `server_upload_time` falls in the UTC hours start..end (inclusive), and only
     those of `project` (the `--project` they were loaded under; all projects when None). `start` and `end` take
-    the CLI's forms (`2024-03-01`, `20240301T05`, ...) or aware datetimes, which name the hour that holds them."""
+    the CLI's forms (`2024-03-01`, `20240301T05`, ...) or aware datetimes, which name the hour that holds them.
+
+    `storage_options` go to the filesystem of a `parquet:` URL on object storage (fsspec's keyword arguments,
+    e.g. `{"endpoint_url": ..., "key": ..., "secret": ...}` for S3); without them its usual environment
+    variables and credential chain apply."""
     from .sinks import open_sink
 
     first, last = _hour(start, is_end=False), _hour(end, is_end=True)
-    sink = open_sink(dest, read_only=True)
+    sink = open_sink(dest, read_only=True, storage_options=storage_options)
     try:
         return sink.read_arrow(first, last, project)
     finally:
@@ -54,6 +59,7 @@ def read_events(
     end: str | datetime | None = None,
     *,
     project: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Like `read_arrow`, as a pandas DataFrame (timestamps UTC-aware, JSON columns as text).
 
@@ -65,4 +71,4 @@ def read_events(
         from .errors import UsageError
 
         raise UsageError("read_events needs pandas: pip install 'amplitude-export[pandas]'") from None
-    return read_arrow(dest, start, end, project=project).to_pandas()
+    return read_arrow(dest, start, end, project=project, storage_options=storage_options).to_pandas()

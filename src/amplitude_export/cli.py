@@ -85,12 +85,12 @@ def reports_errors(func: F) -> F:
         try:
             result = func(*args, **kwargs)
         except AmplitudeExportError as exc:
-            _fail(_message(exc), exc.exit_code)
+            _fail(_redact(_message(exc)), exc.exit_code)
         except OSError as exc:
             if isinstance(exc, BrokenPipeError):  # stdout closed (`| head`): nothing to say, nowhere to say it
                 raise
             error = StorageError.from_os_error(exc)
-            _fail(str(error), error.exit_code)
+            _fail(_redact(str(error)), error.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
         except SystemExit as exc:
@@ -256,6 +256,13 @@ def _start_logging(log_dir: Path, run_id: str, progress: bool | None, verbose: b
 
     reporter = make_reporter(progress)
     log_path = setup_logging(log_dir, run_id, reporter=reporter, verbose=verbose)
+    options = _storage_options()
+    if options:
+        from .logs import FATAL
+        from .storage import Redactor
+
+        for handler in {*logging.getLogger("amplitude_export").handlers, *FATAL.handlers}:
+            handler.addFilter(Redactor(options))
     return reporter, log_path
 
 
@@ -297,8 +304,43 @@ def _keep_schema(ctx: click.Context, _param: click.Parameter, value: str | None)
     ctx.meta["amplitude_export.schema"] = value
 
 
+def _keep_storage_options(ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> None:
+    ctx.meta["amplitude_export.storage_options"] = value
+
+
+def _storage_options() -> dict[str, Any]:
+    """--storage-option KEY=VALUE pairs as fsspec's keyword arguments (a bad pair: UsageError, exit 2)."""
+    from .storage import parse_options
+
+    context = click.get_current_context(silent=True)
+    return parse_options(context.meta.get("amplitude_export.storage_options") or () if context else ())
+
+
+def _sink_options() -> dict[str, Any]:
+    """open_sink's storage_options, when any were given."""
+    options = _storage_options()
+    return {"storage_options": options} if options else {}
+
+
+def _redact(text: str) -> str:
+    """`text` without the values of --storage-option (they may be secrets)."""
+    from .storage import redact
+
+    try:
+        return redact(text, _storage_options())
+    except UsageError:  # the options did not parse, so nothing reached a message
+        return text
+
+
 def dest_options(func: F) -> F:
-    """--dest, --schema and --project."""
+    """--dest, --schema, --storage-option and --project."""
+    func = click.option(
+        "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", expose_value=False,
+        callback=_keep_storage_options,
+        help="Passed to a parquet: URL's filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000, key=..., "
+        "secret=...; repeatable. true/false are booleans, a value starting with { or [ is JSON. Values are never "
+        "printed. Default: the store's environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    )(func)
     func = click.option(
         "--schema", envvar="AMP_PG_SCHEMA", expose_value=False, callback=_keep_schema,
         help="PostgreSQL schema for the tables (default amplitude; also ?schema=NAME in the URL). Env: AMP_PG_SCHEMA.",
@@ -332,7 +374,7 @@ def _open_for_writing(url: str, wait: bool) -> Sink:
     announced = False
     while True:
         try:
-            return open_sink(url)
+            return open_sink(url, **_sink_options())
         except DestinationBusyError as exc:
             if not wait:
                 raise
@@ -487,7 +529,7 @@ def status(dest: str | None, project: str | None, api_key: str | None, data_dir:
     from .status import hour_range, render_status, status_data
 
     first, last = hour_range(start, end)
-    sink = open_sink(_dest(dest, data_dir), read_only=True)
+    sink = open_sink(_dest(dest, data_dir), read_only=True, **_sink_options())
     try:
         data = status_data(sink, _project(project, api_key, sink), start=first, end=last)
     finally:
@@ -524,7 +566,7 @@ def verify(dest: str | None, project: str | None, api_key: str | None, data_dir:
     from .sinks import open_sink
     from .verify import verify as do_verify
 
-    sink = open_sink(_dest(dest, data_dir), read_only=True)
+    sink = open_sink(_dest(dest, data_dir), read_only=True, **_sink_options())
     try:
         name = _project(project, api_key, sink)
         result = do_verify(sink, name, deep=deep, raw_dir=data_dir / "raw")
@@ -567,7 +609,8 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
     from .windows import parse_hour
 
     path = write_report(_dest(dest, data_dir), out, start=parse_hour(start) if start is not None else None,
-                        end=parse_hour(end, is_end=True) if end is not None else None, project=project)
+                        end=parse_hour(end, is_end=True) if end is not None else None, project=project,
+                        **_sink_options())
     click.echo(f"report written to {path}")
 
 

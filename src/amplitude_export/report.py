@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import pyarrow as pa
@@ -62,6 +62,7 @@ def write_report(
     start: datetime | None = None,
     end: datetime | None = None,
     project: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Path:
     """Write the HTML report of destination `dest` to `out`; return `out`.
 
@@ -70,8 +71,9 @@ def write_report(
 
     `start` and `end` are UTC upload hours, both inclusive (default: everything the destination holds). `project`
     picks the ledger to read; by default the only one there (a destination holding several needs it named).
+    `storage_options` go to the filesystem of a `parquet:` URL on object storage, as for `read_arrow`.
     """
-    with open_views(dest) as con:
+    with open_views(dest, storage_options) as con:
         data = gather(con, start=start, end=end, project=project)
     data["meta"]["destination"] = dest
     out = Path(out)
@@ -84,11 +86,13 @@ def write_report(
 
 
 @contextmanager
-def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
+def open_views(dest: str, storage_options: dict[str, Any] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB connection on which `dest` appears as views `all_events` and `ledger`, read-only."""
     scheme, sep, rest = dest.partition(":")
     if not sep or not rest:
         raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
+    if storage_options and scheme.lower() != "parquet":
+        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...)")
     if scheme.lower() in ("postgresql", "postgres"):
         with tempfile.TemporaryDirectory(prefix="amplitude-report-") as scratch:
             con = duckdb.connect(str(Path(scratch) / "copy.duckdb"), config={"threads": 2, "memory_limit": "1GB"})
@@ -106,7 +110,7 @@ def open_views(dest: str) -> Iterator[duckdb.DuckDBPyConnection]:
         if scheme == "duckdb":
             _duckdb_views(con, Path(rest).expanduser())
         elif scheme == "parquet":
-            _parquet_views(con, rest)
+            _parquet_views(con, rest, storage_options)
         else:
             raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
         yield con
@@ -183,15 +187,16 @@ def _postgres_views(con: duckdb.DuckDBPyConnection, url: str, scratch: Path) -> 
     con.unregister("_ledger_arrow")
 
 
-def _parquet_views(con: duckdb.DuckDBPyConnection, root: str) -> None:
+def _parquet_views(con: duckdb.DuckDBPyConnection, root: str, storage_options: dict[str, Any] | None) -> None:
     """Events from the files the state names (not a glob: a crashed run's orphans are not data), ledger from JSON.
 
     `root` is anything the Parquet sink opens: a directory, `file://`, or any fsspec URL (`s3://`, `memory://`).
     """
+    from .sinks import open_sink
     from .sinks.duckdb import events_ddl, records_table
     from .sinks.parquet import LocalDirectory, ParquetSink
 
-    with ParquetSink(root, read_only=True) as sink:
+    with cast(ParquetSink, open_sink(f"parquet:{root}", read_only=True, storage_options=storage_options)) as sink:
         files = sorted(sink.files)
         ledgers = sink.state_ledger
         store = sink.store

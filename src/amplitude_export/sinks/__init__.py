@@ -7,15 +7,16 @@ together, so the destination is the only record of progress.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from ..errors import UsageError
+from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..windows import Window
 
@@ -193,20 +194,45 @@ class FirstCopies:
         return batch if keep is None else batch.filter(keep)
 
 
-def open_sink(dest: str, **options: object) -> Sink:
-    """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR` or `postgresql://...`."""
+def _client_error(exc: Exception) -> bool:
+    """Whether `exc` is botocore's own (no endpoint, no credentials): s3fs turns the server's answers into
+    OSError, but not these."""
+    exceptions = sys.modules.get("botocore.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.BotoCoreError)
+
+
+def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **options: object) -> Sink:
+    """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR` or `postgresql://...`.
+
+    `storage_options` go to the filesystem of a `parquet:` URL on object storage (`s3://`, `gs://`, ...); an
+    error's message never shows their values."""
     scheme, sep, rest = dest.partition(":")
     if not sep:
         raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
     scheme = scheme.lower()
+    if storage_options and (
+        scheme != "parquet" or "://" not in rest or rest.lower().startswith(("file://", "local://"))
+    ):
+        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...)")
     if scheme == "duckdb":
         from .duckdb import DuckDBSink
 
         return DuckDBSink(Path(rest), **options)  # type: ignore[arg-type]
     if scheme == "parquet":
+        from ..storage import redact
         from .parquet import ParquetSink
 
-        return ParquetSink(rest, **options)  # type: ignore[arg-type]
+        try:
+            return ParquetSink(rest, storage_options=storage_options, **options)  # type: ignore[arg-type]
+        except AmplitudeExportError as exc:
+            exc.args = (redact(str(exc), storage_options),)
+            raise
+        except Exception as exc:
+            if not _client_error(exc):
+                raise
+            detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                            storage_options)
+            raise DestinationError(f"cannot open Parquet dataset {rest}: {detail}") from None
     if scheme in ("postgresql", "postgres"):
         try:
             from .postgres import PostgresSink

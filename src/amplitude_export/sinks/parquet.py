@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..schema import ARROW_SCHEMA
+from ..storage import fsspec_options
 from ..windows import HOUR, Window
 from . import with_project
 from .duckdb import (
@@ -505,7 +506,7 @@ def open_store(root: str, storage_options: dict[str, Any] | None = None,
     except ImportError:
         raise UsageError(f"parquet:{root} needs fsspec: {install}") from None
     try:
-        fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(root, **fsspec_options(protocol.split("::")[-1], storage_options))
     except ImportError as exc:
         hint = install if extra else f"{exc} (pip install the package it names)"
         raise UsageError(f"parquet:{root}: the {protocol}:// filesystem is not installed: {hint}") from None

@@ -1,0 +1,106 @@
+"""Storage options: what object-store destinations pass to their filesystem (credentials, endpoint, region).
+
+`--storage-option KEY=VALUE` (repeatable) becomes a dict handed to fsspec as keyword arguments, the same dict the
+library takes as `storage_options=`. Values are strings, except `true`/`false` (booleans) and values starting
+with `{` or `[`, which are JSON (nested options such as `client_kwargs={"region_name": "eu-west-1"}`).
+
+Values may be secrets, so nothing here ever puts one in a message, and `redact` takes them out of text that
+came from elsewhere (a library's error naming the endpoint, a log line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from .errors import UsageError
+
+MASK = "***"
+MIN_MASKED = 3  # shorter values are no secret, and masking them would garble every message
+
+
+def parse_options(pairs: Iterable[str], flag: str = "--storage-option") -> dict[str, Any]:
+    """`KEY=VALUE` strings as a dict; a pair without `=`, an empty key or bad JSON is a UsageError that names the
+    option by its position, never by its text (which may be a secret)."""
+    options: dict[str, Any] = {}
+    for position, pair in enumerate(pairs, 1):
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{flag} #{position}: expected KEY=VALUE (the value is not shown)")
+        options[key] = _value(value, f"{flag} {key}")
+    return options
+
+
+def _value(text: str, where: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"{where}: a value starting with {{ or [ must be JSON ({exc.msg} at "
+                             f"character {exc.pos}; the value is not shown)") from None
+    return text
+
+
+def fsspec_options(protocol: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments for an fsspec filesystem of `protocol`: `options`, plus for S3 the region from
+    `AWS_REGION` when neither the options nor `AWS_DEFAULT_REGION` give one (botocore reads only the latter;
+    the AWS CLI, DuckDB and delta-rs read both). Endpoint and keys come from botocore's own chain
+    (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, roles) unless given here."""
+    result = dict(options or {})
+    region = os.environ.get("AWS_REGION")
+    if protocol in ("s3", "s3a") and region and not os.environ.get("AWS_DEFAULT_REGION"):
+        client = dict(result.get("client_kwargs") or {})
+        if "region_name" not in client:
+            client["region_name"] = region
+            result["client_kwargs"] = client
+    return result
+
+
+def secrets_of(options: Mapping[str, Any] | None) -> list[str]:
+    """Every string value in `options` (nested ones too) long enough to mask, longest first."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> Iterator[str]:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                yield from walk(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                yield from walk(item)
+
+    for value in walk(dict(options or {})):
+        if len(value) >= MIN_MASKED:
+            found.add(value)
+    return sorted(found, key=len, reverse=True)  # a value inside a longer one must not break the longer one
+
+
+def redact(text: str, options: Mapping[str, Any] | None) -> str:
+    """`text` with every storage option value in it replaced by `***`."""
+    for secret in secrets_of(options):
+        text = text.replace(secret, MASK)
+    return text
+
+
+class Redactor(logging.Filter):
+    """A handler filter that masks storage option values in records (message and traceback) before they are
+    written."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.options = dict(options)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), self.options), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.options)
+        return True
