@@ -1,4 +1,6 @@
-"""The Parquet sink through fsspec URLs (`memory://` here; `s3://`, `gs://`, `az://` take the same path).
+"""The Parquet sink through fsspec URLs: `s3://` on the loopback S3 server (moto, tests/s3.py), which has what
+real object stores have (no rename, no flock, conditional PUT for the lock); `memory://` only where a filesystem
+must lack something S3 has. `gs://` and `az://` take the same path through fsspec.
 
 The same windows written through a URL and to a local directory must give the same files and rows, and the
 crash and lock rules must hold without an atomic rename or a flock.
@@ -12,14 +14,17 @@ import sys
 import time
 import uuid as uuid_module
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import stamina
+from s3 import LoopbackS3
 from sink_helpers import (
     EXPECTED_UUIDS,
     Crash,
@@ -47,23 +52,46 @@ from amplitude_export.sinks.parquet import FsspecDirectory, LocalDirectory, Parq
 MEMORY = fsspec.filesystem("memory")
 
 
+@dataclass(frozen=True)
+class Lake:
+    """A dataset URL on an fsspec filesystem, and that filesystem to look behind the sink's back."""
+
+    url: str
+    fs: Any
+    options: dict[str, Any]
+
+    @property
+    def root(self) -> str:
+        return self.url.split("://", 1)[1]
+
+    def sink(self, **kwargs: Any) -> ParquetSink:
+        return ParquetSink(self.url, storage_options=self.options, **kwargs)
+
+    def files(self) -> list[str]:
+        """Every file under the partitions, temp files included, relative to the root."""
+        self.fs.invalidate_cache()
+        return sorted(p.removeprefix(self.root + "/") for p in self.fs.find(self.root) if "/upload_date=" in p)
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.fs.cat_file(f"{self.root}/_state/ledger.json"))  # type: ignore[no-any-return]
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+
 @pytest.fixture
-def url() -> Iterator[str]:
-    """A fresh `memory://` dataset URL (the memory filesystem is global to the process), removed afterwards."""
+def lake(s3: LoopbackS3, s3_bucket: str) -> Lake:
+    """A dataset URL in a fresh bucket on the loopback S3 server."""
+    return Lake(f"s3://{s3_bucket}/lake", s3.filesystem(), s3.options)
+
+
+@pytest.fixture
+def memory_lake() -> Iterator[Lake]:
+    """A fresh `memory://` dataset (the memory filesystem is global to the process), removed afterwards."""
     name = f"/test-{uuid_module.uuid4().hex[:12]}"
-    yield f"memory://{name}/lake"
+    yield Lake(f"memory://{name}/lake", MEMORY, {})
     if MEMORY.exists(name):
         MEMORY.rm(name, recursive=True)
-
-
-def files_at(url: str) -> list[str]:
-    """Every file under the URL's partitions, temp files included, relative to the root."""
-    root = url.removeprefix("memory://")
-    return sorted(p.removeprefix(root + "/") for p in MEMORY.find(root) if "/upload_date=" in p)
-
-
-def state_at(url: str) -> dict[str, object]:
-    return json.loads(MEMORY.cat_file(url.removeprefix("memory://") + "/_state/ledger.json"))  # type: ignore[no-any-return]
 
 
 def local_files(root: Path) -> list[str]:
@@ -89,63 +117,64 @@ def comparable(ledger: dict[datetime, HourRecord]) -> list[dict[str, object]]:
     return [{**r.to_dict(), "updated_at": None} for r in ledger.values()]
 
 
-def test_a_url_holds_the_same_files_rows_and_ledger_as_a_local_directory(url: str, tmp_path: Path) -> None:
-    with ParquetSink(url) as remote, ParquetSink(str(tmp_path / "lake")) as local:
-        assert isinstance(remote.store, FsspecDirectory) and remote.description == f"parquet:{url}"
+def test_a_url_holds_the_same_files_rows_and_ledger_as_a_local_directory(lake: Lake, tmp_path: Path) -> None:
+    with lake.sink() as remote, ParquetSink(str(tmp_path / "lake")) as local:
+        assert isinstance(remote.store, FsspecDirectory) and remote.description == f"parquet:{lake.url}"
         write_scenario(remote)
         write_scenario(local)
         assert remote.read_arrow().equals(local.read_arrow())
         assert comparable(remote.ledger("p")) == comparable(local.ledger("p"))
         assert remote.count_by_hour("p") == local.count_by_hour("p")
-    assert files_at(url) == local_files(tmp_path / "lake")
-    assert state_at(url)["files"] == json.loads((tmp_path / "lake" / "_state" / "ledger.json").read_text())["files"]
-    assert not MEMORY.exists(url.removeprefix("memory://") + "/_state/lock")  # released on close
+    assert lake.files() == local_files(tmp_path / "lake")
+    assert lake.state()["files"] == json.loads((tmp_path / "lake" / "_state" / "ledger.json").read_text())["files"]
+    assert not lake.fs.exists(lake.root + "/_state/lock")  # released on close
 
     # what an outside reader sees: hive partitions, `_state` skipped (pyarrow ignores `_` and `.` prefixes)
-    lake = ds.dataset(url.removeprefix("memory://"), filesystem=MEMORY, format="parquet", partitioning="hive")
-    assert lake.schema.remove_metadata().equals(ARROW_SCHEMA.append(lake.schema.field("upload_date")))
-    table = lake.to_table()
+    outside = ds.dataset(lake.root, filesystem=lake.fs, format="parquet", partitioning="hive")
+    assert outside.schema.remove_metadata().equals(ARROW_SCHEMA.append(outside.schema.field("upload_date")))
+    table = outside.to_table()
     assert sorted(table.column("uuid").to_pylist()) == sorted(EXPECTED_UUIDS + ["n1", "n2", "n3"])
-    for path in MEMORY.find(url.removeprefix("memory://")):
+    for path in lake.fs.find(lake.root):
         if path.endswith(".parquet"):
-            with MEMORY.open(path) as handle:
+            with lake.fs.open(path) as handle:
                 assert pq.read_schema(handle).remove_metadata().equals(ARROW_SCHEMA)
 
 
-def test_read_arrow_and_read_events_take_the_url(url: str) -> None:
-    with ParquetSink(url) as sink:
+def test_read_arrow_and_read_events_take_the_url(lake: Lake) -> None:
+    with lake.sink() as sink:
         for w, rows in two_windows():
             sink.write_window("p", w, [batch(rows)], finisher(w, rows))
-    dest = f"parquet:{url}"
-    assert uuids(amplitude_export.read_arrow(dest)) == EXPECTED_UUIDS
-    assert uuids(amplitude_export.read_arrow(dest, start="2024-03-01T02", end="2024-03-01T03")) == [
-        "u6", "u7", "u8", "u9"]
-    assert len(amplitude_export.read_events(dest)) == len(EXPECTED_UUIDS)
+    dest = f"parquet:{lake.url}"
+    options = lake.options
+    assert uuids(amplitude_export.read_arrow(dest, storage_options=options)) == EXPECTED_UUIDS
+    assert uuids(amplitude_export.read_arrow(dest, start="2024-03-01T02", end="2024-03-01T03",
+                                             storage_options=options)) == ["u6", "u7", "u8", "u9"]
+    assert len(amplitude_export.read_events(dest, storage_options=options)) == len(EXPECTED_UUIDS)
     with pytest.raises(DestinationError, match="not a Parquet dataset"):
-        amplitude_export.read_arrow(f"parquet:{url}-missing")
+        amplitude_export.read_arrow(f"parquet:{lake.url}-missing", storage_options=options)
 
 
-def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(url: str) -> None:
+def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(lake: Lake) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    with ParquetSink(url) as sink:
+    with lake.sink() as sink:
         sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        before = files_at(url)
+        before = lake.files()
         with pytest.raises(Crash):
             sink.write_window("p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1),
                               finisher(w2, rows2))
-        assert files_at(url) == before
+        assert lake.files() == before
         assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
         sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
         assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
 
 
 def test_files_moved_but_never_committed_are_orphans_removed_on_open(
-    url: str, monkeypatch: pytest.MonkeyPatch
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    with ParquetSink(url) as sink:
+    with lake.sink() as sink:
         sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        committed = files_at(url)
+        committed = lake.files()
 
         def die(*args: object) -> None:
             raise Crash("killed between the moves and the state write")
@@ -153,25 +182,25 @@ def test_files_moved_but_never_committed_are_orphans_removed_on_open(
         monkeypatch.setattr(sink, "_save_state", die)
         with pytest.raises(Crash):  # replaces w1 and adds w2's hours: every new file is moved into place first
             sink.write_window("p", window(0, 3), [batch(rows1 + rows2)], finisher(window(0, 3), rows1 + rows2))
-    assert len(files_at(url)) > len(committed)
+    assert len(lake.files()) > len(committed)
     # and a move that died half way: an object store's mv is a copy then a delete
-    root = url.removeprefix("memory://")
+    root = lake.root
     live = f"{root}/{committed[0]}"
-    MEMORY.copy(live, f"{root}/upload_date=2024-03-01/.tmp-half-moved")
-    MEMORY.copy(live, f"{root}/upload_date=2024-03-01/20240301T00_20240301T01.1.parquet")
-    MEMORY.copy(live, f"{root}/upload_date=2024-03-07/20240307T00_20240307T00.parquet")
+    lake.fs.copy(live, f"{root}/upload_date=2024-03-01/.tmp-half-moved")
+    lake.fs.copy(live, f"{root}/upload_date=2024-03-01/20240301T00_20240301T01.1.parquet")
+    lake.fs.copy(live, f"{root}/upload_date=2024-03-07/20240307T00_20240307T00.parquet")
 
-    with ParquetSink(url) as sink:
-        assert files_at(url) == committed
+    with lake.sink() as sink:
+        assert lake.files() == committed
         assert uuids(sink.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
         assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
         sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
         assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
 
 
-def test_a_failed_move_is_cleaned_at_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_move_is_cleaned_at_once(lake: Lake, monkeypatch: pytest.MonkeyPatch) -> None:
     (w1, rows1), _ = two_windows()
-    with ParquetSink(url) as sink:
+    with lake.sink() as sink:
         store = sink.store
         assert isinstance(store, FsspecDirectory)
 
@@ -183,23 +212,23 @@ def test_a_failed_move_is_cleaned_at_once(url: str, monkeypatch: pytest.MonkeyPa
         with pytest.raises(DestinationError, match="connection reset"):
             sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
         monkeypatch.undo()
-        assert files_at(url) == []
-    with ParquetSink(url) as sink:
-        assert files_at(url) == [] and sink.ledger("p") == {}
+        assert lake.files() == []
+    with lake.sink() as sink:
+        assert lake.files() == [] and sink.ledger("p") == {}
 
 
-def test_one_writer_at_a_time_with_a_lock_object(url: str) -> None:
-    lock = url.removeprefix("memory://") + "/_state/lock"
-    sink = ParquetSink(url)
-    holder = json.loads(MEMORY.cat_file(lock))
+def test_one_writer_at_a_time_with_a_lock_object(lake: Lake) -> None:
+    lock = lake.root + "/_state/lock"
+    sink = lake.sink()
+    holder = json.loads(lake.fs.cat_file(lock))
     assert holder["pid"] == os.getpid() and holder["token"]
     with pytest.raises(DestinationBusyError, match="in use by another run"):
-        ParquetSink(url)
-    reader = open_sink(f"parquet:{url}", read_only=True)  # readers take no lock
+        lake.sink()
+    reader = open_sink(f"parquet:{lake.url}", read_only=True, storage_options=lake.options)  # readers take no lock
     reader.close()
     sink.close()
-    assert not MEMORY.exists(lock)
-    ParquetSink(url).close()
+    assert not lake.fs.exists(lock)
+    lake.sink().close()
 
 
 def lock_body(**fields: object) -> bytes:
@@ -208,51 +237,51 @@ def lock_body(**fields: object) -> bytes:
     return json.dumps({**body, **fields}).encode()
 
 
-def test_a_stale_lock_is_taken_over(url: str) -> None:
-    lock = url.removeprefix("memory://") + "/_state/lock"
-    ParquetSink(url).close()
-    MEMORY.pipe_file(lock, lock_body())
+def test_a_stale_lock_is_taken_over(lake: Lake) -> None:
+    lock = lake.root + "/_state/lock"
+    lake.sink().close()
+    lake.fs.pipe_file(lock, lock_body())
     with pytest.raises(DestinationBusyError, match="another-host"):
-        ParquetSink(url)
+        lake.sink()
     old = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
-    MEMORY.pipe_file(lock, lock_body(refreshed=old))  # a run on another machine died two hours ago
-    ParquetSink(url).close()
+    lake.fs.pipe_file(lock, lock_body(refreshed=old))  # a run on another machine died two hours ago
+    lake.sink().close()
     import socket
 
     dead = 2**22 + 12345  # above the default pid_max: never a live process
-    MEMORY.pipe_file(lock, lock_body(host=socket.gethostname(), pid=dead))  # a run on this machine was killed
-    ParquetSink(url).close()
-    MEMORY.pipe_file(lock, b"{half")
-    ParquetSink(url).close()
+    lake.fs.pipe_file(lock, lock_body(host=socket.gethostname(), pid=dead))  # a run on this machine was killed
+    lake.sink().close()
+    lake.fs.pipe_file(lock, b"{half")
+    lake.sink().close()
 
 
-def test_a_live_run_keeps_its_lock_fresh_between_windows(url: str) -> None:
+def test_a_live_run_keeps_its_lock_fresh_between_windows(lake: Lake) -> None:
     """A run that spends longer than `lock_stale_after` between commits (a long download) keeps its lock."""
     (w1, rows1), (w2, rows2) = two_windows()
-    with ParquetSink(url, lock_stale_after=0.4) as sink:
+    with lake.sink(lock_stale_after=0.4) as sink:
         sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
         time.sleep(1.2)
         with pytest.raises(DestinationBusyError, match="in use by another run"):
-            ParquetSink(url, lock_stale_after=0.4)
+            lake.sink(lock_stale_after=0.4)
         sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
-    assert not MEMORY.exists(url.removeprefix("memory://") + "/_state/lock")
+    assert not lake.fs.exists(lake.root + "/_state/lock")
 
 
-def test_a_run_whose_lock_was_taken_over_stops_before_committing(url: str) -> None:
+def test_a_run_whose_lock_was_taken_over_stops_before_committing(lake: Lake) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    lock = url.removeprefix("memory://") + "/_state/lock"
-    with ParquetSink(url) as sink:
+    lock = lake.root + "/_state/lock"
+    with lake.sink() as sink:
         sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        before = files_at(url)
-        MEMORY.pipe_file(lock, lock_body())  # another run found our lock stale and took it
+        before = lake.files()
+        lake.fs.pipe_file(lock, lock_body())  # another run found our lock stale and took it
 
         def finish() -> list[HourRecord]:
             return finisher(w2, rows2)()
 
         with pytest.raises(DestinationBusyError, match="took over"):
             sink.write_window("p", w2, [batch(rows2)], finish)
-        assert files_at(url) == before and sorted(sink.ledger("p")) == [hour(0), hour(1)]
-    assert json.loads(MEMORY.cat_file(lock))["token"] == "someone"  # not ours to delete
+        assert lake.files() == before and sorted(sink.ledger("p")) == [hour(0), hour(1)]
+    assert json.loads(lake.fs.cat_file(lock))["token"] == "someone"  # not ours to delete
 
 
 def test_missing_fsspec_or_protocol_names_the_install_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -273,12 +302,12 @@ def test_missing_fsspec_or_protocol_names_the_install_line(monkeypatch: pytest.M
         assert isinstance(sink.store, LocalDirectory)
 
 
-def test_run_end_to_end_into_a_memory_url(url: str, fake_server: FakeExportServer, tmp_path: Path) -> None:
+def test_run_end_to_end_into_a_url(lake: Lake, fake_server: FakeExportServer, tmp_path: Path) -> None:
     day = datetime(2024, 3, 1, tzinfo=UTC)
     credentials = Credentials(fake_server.api_key, Secret("demo-secret"), "us", fake_server.url)
     with stamina.set_testing(True, attempts=100, cap=True):
         for _ in range(2):  # the second run finds every hour done
-            sink = open_sink(f"parquet:{url}")
+            sink = open_sink(f"parquet:{lake.url}", storage_options=lake.options)
             try:
                 with ExportClient(credentials) as client:
                     report = run(client, sink, project="p", start="2024-03-01", end="2024-03-01",
@@ -286,11 +315,14 @@ def test_run_end_to_end_into_a_memory_url(url: str, fake_server: FakeExportServe
             finally:
                 sink.close()
             assert report.exit_code == 0, report.summary()
-    stored = amplitude_export.read_arrow(f"parquet:{url}").column("uuid").to_pylist()
+    stored = uuids(amplitude_export.read_arrow(f"parquet:{lake.url}", storage_options=lake.options))
     assert len(stored) == len(set(stored)) and set(stored) == fake_server.expected_uuids(day, day.replace(hour=23))
 
 
-def test_a_filesystem_without_exclusive_create_still_gets_one_lock(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_filesystem_without_exclusive_create_still_gets_one_lock(
+    memory_lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On memory://: S3 (and moto) have conditional PUTs, so only a stand-in can lack exclusive create."""
     real_open = MEMORY.open
 
     def no_x(path: str, mode: str = "rb", **kwargs: object) -> object:
@@ -299,12 +331,12 @@ def test_a_filesystem_without_exclusive_create_still_gets_one_lock(url: str, mon
         return real_open(path, mode, **kwargs)
 
     monkeypatch.setattr(MEMORY, "open", no_x)
-    with ParquetSink(url) as sink:
+    with memory_lake.sink() as sink:
         with pytest.raises(DestinationBusyError):
-            ParquetSink(url)
+            memory_lake.sink()
         (w1, rows1), _ = two_windows()
         sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-    ParquetSink(url).close()
+    memory_lake.sink().close()
 
 
 def test_warehouses_doc_declares_every_column_in_order() -> None:
