@@ -22,7 +22,7 @@ import amplitude_export
 from amplitude_export.errors import DestinationError, UsageError
 from amplitude_export.fake_server import FakeExportServer
 from amplitude_export.sinks.parquet import ParquetSink
-from amplitude_export.storage import parse_options
+from amplitude_export.storage import fsspec_options, parse_options
 
 DAY = datetime(2024, 3, 1, tzinfo=UTC)
 KEY_ID = "AKIALOOPBACKKEYID0001"
@@ -184,6 +184,8 @@ NOT_HERE = "storage options apply to parquet: URLs on object storage"
         ("run", f"secret={SECRET}", "duckdb:x.duckdb", NOT_HERE),
         ("report", f"secret={SECRET}", "duckdb:x.duckdb", NOT_HERE),
         ("verify", f"secret={SECRET}", "parquet:lake", NOT_HERE),
+        ("status", f"bogus={SECRET}", "parquet:s3://bucket/lake", "the storage options do not suit its filesystem"),
+        ("status", f"anon={SECRET}", "parquet:s3://bucket/lake", "storage option anon takes true or false"),
     ],
 )
 def test_a_bad_storage_option_is_one_line_exit_2_without_its_value(
@@ -248,6 +250,13 @@ def test_aws_region_is_used_when_nothing_else_names_a_region(
     assert region({**s3.options, "client_kwargs": {"region_name": "ap-south-1"}}) == "ap-south-1"
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")  # botocore's own variable wins
     assert region({**s3.options, "max_concurrency": 2}) == "us-west-2"
+
+
+def test_options_typed_for_the_filesystem() -> None:
+    assert fsspec_options("s3", parse_options(["max_concurrency=4", "anon=true", "key=123", "endpoint_url=u"])) == {
+        "max_concurrency": 4, "anon": True, "key": "123", "endpoint_url": "u"}
+    with pytest.raises(UsageError, match="use_ssl takes true or false"):
+        fsspec_options("s3", {"use_ssl": "no"})
 
 
 def test_parse_options_types() -> None:

@@ -1,8 +1,9 @@
 """Storage options: what object-store destinations pass to their filesystem (credentials, endpoint, region).
 
 `--storage-option KEY=VALUE` (repeatable) becomes a dict handed to fsspec as keyword arguments, the same dict the
-library takes as `storage_options=`. Values are strings, except `true`/`false` (booleans) and values starting
-with `{` or `[`, which are JSON (nested options such as `client_kwargs={"region_name": "eu-west-1"}`).
+library takes as `storage_options=`. Values are strings, except `true`/`false` (booleans), values starting
+with `{` or `[`, which are JSON (nested options such as `client_kwargs={"region_name": "eu-west-1"}`), and
+digits given for a parameter of the filesystem's constructor whose default is an integer (`max_concurrency=4`).
 
 Values may be secrets, so nothing here ever puts one in a message, and `redact` takes them out of text that
 came from elsewhere (a library's error naming the endpoint, a log line).
@@ -10,15 +11,18 @@ came from elsewhere (a library's error naming the endpoint, a log line).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .errors import UsageError
 
 MASK = "***"
+INTEGER = re.compile(r"^-?\d+$")
 MIN_MASKED = 3  # shorter values are no secret, and masking them would garble every message
 
 
@@ -52,7 +56,7 @@ def fsspec_options(protocol: str, options: Mapping[str, Any] | None) -> dict[str
     `AWS_REGION` when neither the options nor `AWS_DEFAULT_REGION` give one (botocore reads only the latter;
     the AWS CLI, DuckDB and delta-rs read both). Endpoint and keys come from botocore's own chain
     (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, roles) unless given here."""
-    result = dict(options or {})
+    result = _typed(protocol, dict(options or {}))
     region = os.environ.get("AWS_REGION")
     if protocol in ("s3", "s3a") and region and not os.environ.get("AWS_DEFAULT_REGION"):
         client = dict(result.get("client_kwargs") or {})
@@ -60,6 +64,27 @@ def fsspec_options(protocol: str, options: Mapping[str, Any] | None) -> dict[str
             client["region_name"] = region
             result["client_kwargs"] = client
     return result
+
+
+def _typed(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options given as text whose parameter in the filesystem's constructor defaults to an integer, as integers
+    (`max_concurrency=4` from the command line); text for a boolean parameter is a UsageError (any non-empty
+    string would count as true); every other value as given."""
+    import fsspec
+
+    try:
+        parameters = inspect.signature(fsspec.get_filesystem_class(protocol).__init__).parameters
+    except (ValueError, TypeError):
+        return options
+    for key, value in options.items():
+        parameter = parameters.get(key)
+        if parameter is None or not isinstance(value, str):
+            continue
+        if type(parameter.default) is bool:
+            raise UsageError(f"storage option {key} takes true or false (the value given is not shown)")
+        if type(parameter.default) is int and INTEGER.match(value):
+            options[key] = int(value)
+    return options
 
 
 def secrets_of(options: Mapping[str, Any] | None) -> list[str]:

@@ -228,10 +228,14 @@ def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **opt
             exc.args = (redact(str(exc), storage_options),)
             raise
         except Exception as exc:
-            if not _client_error(exc):
-                raise
             detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                             storage_options)
+            if storage_options and isinstance(exc, TypeError | AttributeError | ValueError):
+                # the filesystem's constructor or session refused an option (unknown name, wrong type)
+                raise UsageError(f"parquet:{rest}: the storage options do not suit its filesystem: "
+                                 f"{type(exc).__name__}: {detail}") from None
+            if not _client_error(exc):
+                raise
             raise DestinationError(f"cannot open Parquet dataset {rest}: {detail}") from None
     if scheme in ("postgresql", "postgres"):
         try:
