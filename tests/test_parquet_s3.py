@@ -80,8 +80,8 @@ def test_run_with_the_endpoint_as_a_storage_option_is_exact_readable_and_idempot
     assert status.returncode == 0, said(status)
     assert str(len(expected)) in status.stdout and "2024-03-02T00" in status.stdout
     verify = cli("verify", "--dest", dest, *options, env=env, cwd=tmp_path)
-    assert verify.returncode == 0 and "24 hours checked, 0 archive hours hashed: complete" in verify.stdout, said(
-        verify)
+    assert verify.returncode == 0 and "24 hours checked" in verify.stdout, said(verify)
+    assert "0 archive hours hashed: complete" in verify.stdout, said(verify)
     deep = cli("verify", "--deep", "--dest", dest, *options, env=env, cwd=tmp_path)
     assert deep.returncode == 0 and "24 archive hours hashed: complete" in deep.stdout, said(deep)
     report = cli("report", "--dest", dest, *options, "--out", "report.html", env=env, cwd=tmp_path)
