@@ -29,7 +29,7 @@ from pathlib import Path
 import isal.isal_zlib as isal_zlib
 import msgspec
 
-from amplitude_export import reader, synthetic
+from amplitude_export import parse, reader, synthetic
 from amplitude_export.windows import Window
 
 HOUR = datetime(2024, 3, 1, 14, tzinfo=UTC)
@@ -62,7 +62,7 @@ def medians(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[st
 
 
 def read_window(path: Path, window: Window, parser: object) -> int:
-    reader.FAST_PARSER = parser
+    parse.FAST_PARSER = parser
     return sum(batch.num_rows for batch in
                reader.WindowReader(path, window, run_id="bench", rejects_dir=None, workers=1).batches())
 
@@ -82,13 +82,13 @@ def main() -> None:
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zipped:
             zipped.writestr(f"1/1_{HOUR:%Y-%m-%d_%-H}#0.json.gz", member)
         window = Window(HOUR, HOUR)
-        compiled = reader.FAST_PARSER
+        compiled = parse.FAST_PARSER
         assert compiled is not None, "the compiled parser is not built: pip install -e . with a C compiler"
         read = read_window(archive, window, compiled)
         assert read == read_window(archive, window, None) > len(lines) * 0.99, read  # both read the archive
         got = medians({
             "json": lambda: [json.loads(line) for line in lines],
-            "msgspec": lambda: [reader._FAST.decode(line) for line in lines],
+            "msgspec": lambda: [parse.EVENT_DECODER.decode(line) for line in lines],
             "zlib inflate": lambda: gzip.zlib.decompress(member, 31),
             "isal inflate": lambda: isal_zlib.decompress(member, 31),
             "zlib crc": lambda: gzip.zlib.crc32(text),
@@ -96,7 +96,7 @@ def main() -> None:
             "reader, compiled": lambda: read_window(archive, window, compiled),
             "reader, msgspec": lambda: read_window(archive, window, None),
         }, args.rounds)
-        reader.FAST_PARSER = compiled
+        parse.FAST_PARSER = compiled
     memory = {kind: float(subprocess.run([sys.executable, "-c", MEMORY, kind], capture_output=True, text=True,
                                          check=True).stdout) for kind in ("set", "stringset")}
     print(f"{len(lines):,} lines of {len(text) / len(lines):,.0f} B, {args.rounds} rounds (medians, seconds): "

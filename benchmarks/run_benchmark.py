@@ -262,11 +262,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from amplitude_export import reader
 from amplitude_export.windows import Window
+try:
+    from amplitude_export.parse import FAST_PARSER
+except ImportError:  # a baseline from before the parse module
+    from amplitude_export.reader import FAST_PARSER
 day = datetime.fromisoformat(sys.argv[2])
 probe = reader.WindowReader(Path(sys.argv[1]), Window(day, day + timedelta(hours=23)), run_id="probe", rejects_dir=None)
 for _ in probe.batches():
     pass
-slow = probe.lines_total if reader.FAST_PARSER is None else getattr(probe, "slow_lines", None)
+slow = probe.lines_total if FAST_PARSER is None else getattr(probe, "slow_lines", None)
 print(probe.lines_total, "-" if slow is None else slow)
 """
 

@@ -8,13 +8,13 @@ from datetime import UTC, datetime
 import pyarrow as pa
 from conftest import REAL_EVENTS
 
-from amplitude_export import reader, synthetic
+from amplitude_export import parse, synthetic
 from amplitude_export.archive import ArchiveMember
 from amplitude_export.sinks import postgres
 
 HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
 MEMBER = ArchiveMember("123_2025-07-01_10#1.json.gz", HOUR, 1, 0, 0)
-CTX = reader._Context("x.zip", "run", "default", HOUR, 4096, False)
+CTX = parse.Context("x.zip", "run", "default", HOUR, 4096, False)
 
 
 def _batch() -> pa.RecordBatch:
@@ -27,7 +27,7 @@ def _batch() -> pa.RecordBatch:
         b'{"uuid":"o3","event_time":"1970-01-01 00:00:00","data":"text","event_properties":[1,{"a":null}]}',
         b"{}",
     ]
-    part = reader._parse_chunk(lines, 1, MEMBER, 0, CTX)[0]
+    part = parse.parse_chunk(lines, 1, MEMBER, 0, CTX)[0]
     assert not part.rejects
     return part.batch
 

@@ -18,14 +18,14 @@ import msgspec
 import pytest
 from conftest import REAL_EVENTS
 
-from amplitude_export import reader, synthetic
+from amplitude_export import parse, synthetic
 from amplitude_export.archive import ArchiveMember
 
 HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
 MEMBER = ArchiveMember("123_2025-07-01_10#1.json.gz", HOUR, 1, 0, 0)
-CTX = reader._Context("x.zip", "run", "default", HOUR, 4096, False)
-STRICT = reader._Context("x.zip", "run", "default", HOUR, 4096, True)
-KEYS = [column.source for column in reader._COLUMNS]
+CTX = parse.Context("x.zip", "run", "default", HOUR, 4096, False)
+STRICT = parse.Context("x.zip", "run", "default", HOUR, 4096, True)
+KEYS = [column.source for column in parse.COLUMNS]
 TOKENS = [
     b"null", b"1", b"-0", b"1.0", b"1e2", b"1E+2", b"1.5", b"-1.25e-3", b"0.1", b"01", b".5", b"-", b"4.9e-324",
     b"9223372036854775807", b"9223372036854775808", b"-9223372036854775808", b"-9223372036854775809",
@@ -54,21 +54,21 @@ def _lines(path=REAL_EVENTS) -> list[bytes]:
     return [line for line in path.read_bytes().splitlines() if line.strip()]
 
 
-def both(lines: list[bytes], ctx: reader._Context = CTX) -> tuple[reader._Part, reader._Part]:
+def both(lines: list[bytes], ctx: parse.Context = CTX) -> tuple[parse.Part, parse.Part]:
     """(the part of a chunk of `lines` through the compiled parser, the part through the msgspec path alone)."""
-    fast, count = reader._parse_chunk(list(lines), 1, MEMBER, 0, ctx)
+    fast, count = parse.parse_chunk(list(lines), 1, MEMBER, 0, ctx)
     assert count == len(lines)
-    saved = reader.FAST_PARSER
-    reader.FAST_PARSER = None
+    saved = parse.FAST_PARSER
+    parse.FAST_PARSER = None
     try:
-        slow, count = reader._parse_chunk(list(lines), 1, MEMBER, 0, ctx)
+        slow, count = parse.parse_chunk(list(lines), 1, MEMBER, 0, ctx)
     finally:
-        reader.FAST_PARSER = saved
+        parse.FAST_PARSER = saved
     assert count == len(lines)
     return fast, slow
 
 
-def assert_same(fast: reader._Part, slow: reader._Part, what: object) -> None:
+def assert_same(fast: parse.Part, slow: parse.Part, what: object) -> None:
     assert (fast.batch is None) == (slow.batch is None), what
     if fast.batch is not None:
         assert fast.batch.schema == slow.batch.schema, what
@@ -80,14 +80,14 @@ def assert_same(fast: reader._Part, slow: reader._Part, what: object) -> None:
     assert slow.slow == slow.lines, what  # the msgspec path alone parses every line
 
 
-def taken(part: reader._Part) -> bool:
+def taken(part: parse.Part) -> bool:
     """Whether the compiled parser took every line of the part."""
     return part.slow == 0
 
 
 def test_the_compiled_parser_is_built() -> None:
     # setup.py builds it wherever a C compiler is at hand (this machine and CI have gcc): its absence is a defect
-    assert reader.FAST_PARSER is not None
+    assert parse.FAST_PARSER is not None
 
 
 def test_real_export_lines_take_the_fast_path_and_match() -> None:
@@ -108,10 +108,10 @@ def test_a_synthetic_hour_takes_the_fast_path_and_matches(variation: float) -> N
     assert (len(extras) > 0) == (variation > 0)  # varied lines keep their misfit values and new keys in _extra
 
 
-@pytest.mark.parametrize("kind", sorted({column.kind for column in reader._COLUMNS}))
+@pytest.mark.parametrize("kind", sorted({column.kind for column in parse.COLUMNS}))
 def test_every_awkward_value_in_every_kind(kind: str) -> None:
     chunk = []
-    for column in (c for c in reader._COLUMNS if c.kind == kind):
+    for column in (c for c in parse.COLUMNS if c.kind == kind):
         base = b"{" if column.source == "uuid" else b'{"uuid":"u",'
         chunk += [base + b'"' + column.source.encode() + b'":' + token + b"}" for token in TOKENS]
     fast, slow = both(chunk)
@@ -221,7 +221,7 @@ def _mutate(rng: random.Random, line: bytes) -> bytes:
     if roll < 0.5:  # another value for one key
         key = rng.choice(KEYS)
         try:
-            raw = reader._RAW.decode(line)[key]
+            raw = msgspec.json.decode(line, type=dict[str, msgspec.Raw])[key]
         except (msgspec.DecodeError, KeyError, RecursionError):
             return line
         at = line.find(b'"' + key.encode() + b'":')
@@ -283,7 +283,7 @@ def _is_handed_back(line: bytes) -> bool:
 
 def test_a_number_out_of_range_for_a_text_column_is_kept_in_extra() -> None:
     # msgspec cannot turn 1e400 into a Python value: the line is kept, the value verbatim in _extra
-    part = reader._parse_chunk([b'{"uuid":"a","city":1e400}'], 1, MEMBER, 0, CTX)[0]
+    part = parse.parse_chunk([b'{"uuid":"a","city":1e400}'], 1, MEMBER, 0, CTX)[0]
     assert not part.rejects and taken(part)
     assert part.batch.column("city").to_pylist() == [None]
     assert part.batch.column("_extra")[0].as_py() == '{"city":1e400}'

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import REAL_EVENTS
 
-from amplitude_export import reader, schema, synthetic
+from amplitude_export import parse, schema, synthetic
 
-SOURCE = Path(reader.__file__).with_name("_fastparse.c")
+SOURCE = Path(parse.__file__).with_name("_fastparse.c")
 FUZZ_SECONDS = 25
 FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-O1"]
 
@@ -152,8 +152,8 @@ def test_the_compiled_parser_survives_hostile_lines_under_sanitizers(tmp_path: P
     events = synthetic.generate_hour(hour, project_id=7, seed=5, events=300, variation=0.3)
     lines = REAL_EVENTS.read_bytes().splitlines() + synthetic.encode_lines(events)
     config = {
-        "keys": [c.source for c in reader._COLUMNS],
-        "kinds": "".join(schema.COMPILED_KINDS[c.kind] for c in reader._COLUMNS),
+        "keys": [c.source for c in parse.COLUMNS],
+        "kinds": "".join(schema.COMPILED_KINDS[c.kind] for c in parse.COLUMNS),
         "lines": [line.decode("latin-1") for line in lines],
         "seed": 20261204,
         "seconds": FUZZ_SECONDS,

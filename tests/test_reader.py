@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 from conftest import REAL_EVENTS
 
+from amplitude_export import parse, schema
 from amplitude_export import reader as reader_module
-from amplitude_export import schema
 from amplitude_export.errors import ArchiveError
 from amplitude_export.ledger import EMPTY, LOADED
 from amplitude_export.reader import WindowReader
@@ -250,7 +250,7 @@ def test_hour_records_cover_every_hour_of_the_window(tmp_path: Path) -> None:
 @pytest.mark.parametrize("transport", ["threads", "processes"])
 def test_parallel_readers_give_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
     if transport == "processes":  # the reader picks worker processes when the compiled parser is missing
-        monkeypatch.setattr(reader_module, "FAST_PARSER", None)
+        monkeypatch.setattr(parse, "FAST_PARSER", None)
     members = {}
     for hour in range(3):
         for n in range(2):
@@ -284,7 +284,7 @@ def test_every_line_keeps_its_number_however_blocks_and_batches_fall(
 ) -> None:
     monkeypatch.setattr(reader_module, "_MAX_OUT", block)  # 64 bytes: every line spans several blocks
     if not compiled:
-        monkeypatch.setattr(reader_module, "FAST_PARSER", None)
+        monkeypatch.setattr(parse, "FAST_PARSER", None)
     lines = [event(f"u{i}", event_id=i) for i in range(60)]
     lines[5], lines[6], lines[20], lines[30] = b"", b"  \r", b"not json", event("x", brand_new_key=1)
     text = b"\n".join(lines)  # no newline after the last line

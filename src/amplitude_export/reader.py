@@ -23,27 +23,26 @@ import importlib.abc
 import logging
 import multiprocessing
 import queue as queue_module
-import re
 import sys
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import schema
+from . import parse, schema
 from .archive import ArchiveMember, content_hash, list_members, open_member
 from .errors import ArchiveError, StorageError
 from .ledger import EMPTY, LOADED, HourRecord, MemberInfo
 from .live import LiveFile, LiveMembers, StreamAbandoned
+from .parse import DEFAULT_BATCH_ROWS, LINE_BYTES, Context, Part, parse_chunk
 from .windows import Window
 
 try:  # ISA-L inflates about 1.5x faster than zlib; optional
@@ -53,403 +52,12 @@ except ImportError:  # pragma: no cover - depends on the environment
     _inflate = zlib  # type: ignore[assignment]
     _GzipFile = gzip.GzipFile  # type: ignore[assignment,misc]
 
-try:  # the compiled fast path, built by `pip install` where a C compiler is at hand (setup.py); optional
-    from . import _fastparse
-except ImportError:  # pragma: no cover - depends on the environment
-    _fastparse = None  # type: ignore[assignment]
-
 log = logging.getLogger("amplitude_export.reader")
 
-DEFAULT_BATCH_ROWS = 4096  # ~7 MB of NDJSON: per-batch overheads are amortised, worker RSS stays ~180 MB
-_LINE_BYTES = 1_700  # a typical export line: batches are cut by bytes, at about batch_rows such lines
-REJECT_TEXT_LIMIT = 10_000
 _MAX_OUT = 1 << 22  # decompressed bytes per inflate call: bounds memory even for a zip bomb
 _QUEUE_PARTS = 2  # batches a worker may have waiting; bounds memory across processes
-_INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-_EXACT = Annotated[int, msgspec.Meta(ge=-(2**53), le=2**53)]  # integers a double holds exactly
-_TS_TYPE = pa.timestamp("us", tz="UTC")
-_NAIVE_TS = pa.timestamp("us")
-_FAST_TYPES: dict[str, Any] = {
-    schema.STRING: str | None,
-    schema.INTEGER: _INT64 | None,
-    schema.FLOAT: _EXACT | float | None,
-    schema.BOOLEAN: bool | None,
-    schema.TIMESTAMP: str | None,  # checked column-wise (_timestamps_misfit), cast by Arrow
-    schema.JSON: msgspec.Raw,  # the original text, untouched; JSON null arrives as Raw(b"null")
-}
-_COLUMNS = schema.EXPORT_COLUMNS
-_BY_SOURCE = {column.source: column for column in _COLUMNS}
-# The fast path: a line decodes straight into this struct or falls to the slow path (unknown keys included).
-_Event = msgspec.defstruct(
-    "_Event",
-    [(c.name, _FAST_TYPES[c.kind], msgspec.field(default=None, name=c.source)) for c in _COLUMNS],
-    forbid_unknown_fields=True,
-    gc=False,
-)
-_FIELD_ORDER = _Event.__struct_fields__
-_FAST = msgspec.json.Decoder(_Event)
-_RAW = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ENCODE = msgspec.json.encode
 _LOGGED_UNKNOWN: set[str] = set()  # unknown keys are logged once per process, not once per line
-# Decodes a chunk of lines straight into Arrow buffers, `_extra` included, giving back only the lines it cannot
-# decode as a whole for the msgspec path. Tests set it to None to check the msgspec path alone.
-FAST_PARSER = (
-    _fastparse.Parser(
-        tuple(c.source.encode() for c in _COLUMNS), "".join(schema.COMPILED_KINDS[c.kind] for c in _COLUMNS)
-    )
-    if _fastparse is not None else None
-)
-
-
-@dataclass
-class _Part:
-    """What parsing some lines of one member gives: a batch (None if every line was blank or rejected) and counts."""
-
-    member: int  # index into the reader's member list
-    batch: pa.RecordBatch | None
-    lines: int  # non-blank lines
-    rejects: list[dict[str, Any]]
-    unknown: set[str]
-    slow: int = 0  # of those lines, how many the msgspec path parsed (the rest: the compiled parser)
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What a parser needs besides the lines; small and picklable so worker processes get their own copy."""
-
-    path: str
-    run_id: str
-    project: str
-    window_start: datetime
-    batch_rows: int
-    require_uuid: bool
-
-
-# ---------------------------------------------------------------------------------------------------- values
-
-
-# A timestamp column holds `YYYY-MM-DD HH:MM:SS[.f]` (or with `T`), up to 6 digits of fraction, years 1-9999, a
-# real date and time; any other text goes to `_extra`. The compiled parser's parse_time applies the same rule.
-_TIMESTAMP = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
-_TIMESTAMP_MATCH = re.compile(_TIMESTAMP).fullmatch
-_FIRST_DAY_US = -62135596800 * 10**6  # 0001-01-01 00:00:00 in microseconds since the epoch
-
-
-def _is_timestamp(text: str) -> bool:
-    if not _TIMESTAMP_MATCH(text):
-        return False
-    try:
-        datetime(int(text[:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
-                 int(text[17:19]))
-    except ValueError:
-        return False
-    return True
-
-
-def _fit(kind: str, value: Any) -> tuple[bool, Any]:
-    """Whether a decoded value fits a column kind, and the value to store (integral floats become ints).
-
-    A float column takes any finite number, but an integer only if a double holds it exactly (|i| <= 2**53);
-    an integer column takes an integer in int64, or a float whose value is one (1.0, 1e3).
-    """
-    if value is None:
-        return True, None
-    if kind == schema.STRING:
-        return isinstance(value, str), value
-    if kind == schema.TIMESTAMP:
-        return isinstance(value, str) and _is_timestamp(value), value
-    if kind == schema.INTEGER:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-        return ok, value
-    if kind == schema.FLOAT:
-        ok = isinstance(value, float) or (
-            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53)
-        return ok, float(value) if ok else value
-    if kind == schema.BOOLEAN:
-        return isinstance(value, bool), value
-    return True, value
-
-
-class _Undecodable:
-    """A value msgspec will not turn into a Python value (1e400, a lone surrogate): it fits no column."""
-
-
-def _value(raw: msgspec.Raw) -> Any:
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        return _Undecodable()
-
-
-def _slow(line: bytes, unknown: set[str], require_uuid: bool) -> tuple[Any, dict[str, Any] | None] | str:
-    """Decode a line that did not fit the fast struct: the event and its `_extra`, or the reason to reject it."""
-    try:
-        raw = _RAW.decode(line)
-    except msgspec.ValidationError:
-        return "not a JSON object"
-    except msgspec.DecodeError as exc:
-        return f"invalid JSON: {exc}"
-    except RecursionError:
-        return "JSON nested too deeply"
-    if require_uuid and not isinstance(_value(raw.get("uuid", msgspec.Raw(b"null"))), str):
-        return "no string uuid"
-    values: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in raw.items():
-        column = _BY_SOURCE.get(key)
-        if column is None:
-            extra[key] = value
-            unknown.add(key)
-        elif column.kind == schema.JSON:
-            values[column.name] = value
-        else:
-            ok, converted = _fit(column.kind, _value(value))
-            if ok:
-                values[column.name] = converted
-            else:
-                extra[key] = value
-    return _Event(**values), extra or None
-
-
-def _json_column(values: Sequence[Any]) -> pa.Array:
-    """Raw JSON texts as a string column; JSON null and absent keys are NULL.
-
-    The texts are joined into one buffer and wrapped as Arrow string data without a copy per value or a UTF-8
-    check: `_parse` only keeps lines that are valid UTF-8, and a Raw is a slice of its line that starts and ends
-    on an ASCII JSON token, so it is valid UTF-8 too. Offsets and nulls are computed with numpy: a valid JSON
-    text of 4 bytes that starts with `n` can only be `null`.
-    """
-    texts = [b"" if raw is None else raw for raw in values]  # a Raw is never empty: b"" marks an absent key
-    data = b"".join(texts)
-    if len(data) >= 2**31:  # int32 offsets would overflow: take the slow road
-        out = [None if raw is None or (text := bytes(raw)) == b"null" else text for raw in values]
-        return pa.array(out, pa.binary()).cast(pa.string())
-    lengths = np.fromiter(map(len, texts), np.int32, count=len(texts))
-    offsets = np.zeros(len(texts) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    first = np.frombuffer(data, np.uint8)[np.minimum(offsets[:-1], max(len(data) - 1, 0))] if data else lengths
-    missing = (lengths == 0) | ((lengths == 4) & (first == ord("n")))
-    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-    if missing.any():
-        buffers[0] = pa.py_buffer(np.packbits(~missing, bitorder="little"))
-    return pa.Array.from_buffers(pa.string(), len(texts), buffers)
-
-
-def _timestamps_misfit(events: list[Any]) -> set[int]:
-    """The events with a timestamp text that is not one (`_is_timestamp`), found column by column with Arrow."""
-    misfit: set[int] = set()
-    for column in _COLUMNS:
-        if column.kind != schema.TIMESTAMP:
-            continue
-        texts = pa.array([getattr(event, column.name) for event in events], pa.string())
-        good = pc.match_substring_regex(texts, "^" + _TIMESTAMP + "$")
-        if pc.all(good).as_py() is not False:
-            try:  # the calendar (no 31 April, no 24:00) and years 1-9999
-                cast = texts.cast(_NAIVE_TS)
-                if pc.all(pc.greater_equal(cast.cast(pa.int64()), _FIRST_DAY_US)).as_py() is not False:
-                    continue
-            except pa.ArrowInvalid:
-                pass
-        misfit.update(row for row, text in enumerate(texts.to_pylist()) if text is not None and not _is_timestamp(text))
-    return misfit
-
-
-def _timestamp_column(values: list[Any]) -> pa.Array:
-    """`YYYY-MM-DD HH:MM:SS[.ffffff]` texts (UTC, already checked) as timestamps."""
-    # the export's times are UTC without a zone: label them, do not shift them
-    return pa.array(values, pa.string()).cast(_NAIVE_TS).cast(_TS_TYPE)
-
-
-def _is_utf8(data: bytes) -> bool:
-    """Whether `data` is valid UTF-8: one vectorised Arrow check, without copying the bytes."""
-    if not data:
-        return True
-    offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
-    try:  # validate() checks in place at ~8 GB/s; a cast to string would copy, at ~0.5 GB/s
-        pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
-    except pa.ArrowInvalid:
-        return False
-    return True
-
-
-def _line_is_utf8(line: bytes) -> bool:
-    try:
-        line.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _invalid_utf8(lines: list[bytes]) -> set[int]:
-    """Lines that are not UTF-8: msgspec lets them through inside nested values, a text column cannot hold them."""
-    return {index for index, line in enumerate(lines) if not _line_is_utf8(line)}
-
-
-def _parse(
-    lines: list[bytes],
-    first: int,
-    member: ArchiveMember,
-    index: int,
-    ctx: _Context,
-    utf8: bool = False,
-    numbers: Sequence[int] | None = None,
-) -> _Part:
-    """Turn some lines of one member (line `first` onwards, or lines `numbers`) into a typed batch, rejects and
-    counts.
-
-    `utf8` says the lines are known to be valid UTF-8 (checked as decompressed blocks); else each is checked.
-    A line decodes straight into the typed struct, or else (an unknown key, a value of another type, not JSON)
-    through `_slow`; a struct whose timestamp texts are not all timestamps is decoded again through `_slow`.
-    """
-    if numbers is None:
-        numbers = range(first, first + len(lines))
-    events: list[Any] = []
-    kept: list[int] = []  # the line (index into `lines`) of each event
-    extras: dict[int, dict[str, Any]] = {}
-    rejects: list[dict[str, Any]] = []
-    unknown: set[str] = set()
-    decode = _FAST.decode
-    require_uuid = ctx.require_uuid
-    fitted = False  # every line decoded straight into the struct
-    if utf8:  # the common case: every line fits the struct, decoded without a Python loop of our own
-        try:
-            events = list(map(decode, lines))
-            fitted = not (require_uuid and any(event.uuid is None for event in events))
-        except (msgspec.DecodeError, RecursionError):
-            pass
-        if not fitted:
-            events = []
-    if fitted:
-        kept = list(range(len(lines)))
-    else:
-        invalid = set() if utf8 else _invalid_utf8(lines)
-        for at, line in enumerate(lines):
-            if invalid and at in invalid:
-                text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
-                rejects.append({"member": member.name, "line": numbers[at], "error": "invalid UTF-8", "text": text})
-                continue
-            try:
-                event = decode(line)
-                if require_uuid and event.uuid is None:
-                    raise msgspec.ValidationError("no uuid")
-                events.append(event)
-            except (msgspec.DecodeError, RecursionError):
-                if not line.strip():
-                    continue
-                result = _slow(line, unknown, require_uuid)
-                if isinstance(result, str):
-                    text = line[:REJECT_TEXT_LIMIT].decode("utf-8", errors="replace")
-                    rejects.append({"member": member.name, "line": numbers[at], "error": result, "text": text})
-                    continue
-                event, extra = result
-                if extra:
-                    extras[len(events)] = extra
-                events.append(event)
-            kept.append(at)
-    if events:
-        for row in _timestamps_misfit(events):  # only struct-decoded rows: `_slow` checked its own
-            result = _slow(lines[kept[row]], unknown, require_uuid)
-            assert not isinstance(result, str)  # it decoded into the struct
-            events[row], extra = result
-            if extra:
-                extras[row] = extra
-    rows_numbers = numbers if fitted else [numbers[at] for at in kept]
-    part = _columns(events, rows_numbers, extras, rejects, unknown, member, index, ctx)
-    part.slow = part.lines
-    return part
-
-
-def _columns(
-    events: list[Any],
-    numbers: Sequence[int],
-    extras: dict[int, dict[str, Any]],
-    rejects: list[dict[str, Any]],
-    unknown: set[str],
-    member: ArchiveMember,
-    index: int,
-    ctx: _Context,
-) -> _Part:
-    """The part for decoded `events` (from lines `numbers` of `member`): their columns as one typed batch."""
-    nonblank = len(numbers) + len(rejects)
-    if not events:
-        return _Part(index, None, nonblank, rejects, unknown)
-    columns = dict(zip(_FIELD_ORDER, zip(*map(msgspec.structs.astuple, events), strict=True), strict=True))
-    arrays: list[pa.Array] = []
-    for column in _COLUMNS:
-        values = list(columns[column.name])
-        if column.kind == schema.JSON:
-            arrays.append(_json_column(values))
-        elif column.kind == schema.TIMESTAMP:
-            arrays.append(_timestamp_column(values))
-        else:
-            arrays.append(pa.array(values, schema.ARROW_TYPES[column.kind]))
-    extra_texts = [None] * len(events)
-    for row, extra in extras.items():
-        extra_texts[row] = _ENCODE(extra).decode()
-    batch = _batch(arrays, pa.array(extra_texts, pa.string()), pa.array(numbers, pa.int64()), member, ctx)
-    return _Part(index, batch, nonblank, rejects, unknown)
-
-
-def _buffer_part(
-    buffers: tuple[tuple[int, bytes | None, bytes, bytes | None], ...],
-    first: int,
-    rows: int,
-    lines: Any,
-    member: ArchiveMember,
-    index: int,
-    ctx: _Context,
-) -> _Part:
-    """The part for lines the compiled parser decoded: its buffers wrapped as Arrow arrays, without a copy.
-
-    `lines`: each row's line index in the chunk (a buffer of int64), or None when row i is line i.
-    """
-    arrays = []
-    for kind, (nulls, validity, values, data) in zip(_COMPILED_KINDS, buffers, strict=True):
-        wrapped = [None if validity is None else pa.py_buffer(validity), pa.py_buffer(values)]
-        if data is not None:
-            wrapped.append(pa.py_buffer(data))
-        arrays.append(pa.Array.from_buffers(schema.ARROW_TYPES[kind], rows, wrapped, null_count=nulls))
-    if lines is None:
-        line_numbers = np.arange(first, first + rows, dtype=np.int64)
-    else:
-        line_numbers = np.frombuffer(lines, np.int64, count=rows) + first
-    numbers = pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(line_numbers)])
-    extra = arrays.pop()
-    unknown: set[str] = set()
-    if extra.null_count < rows:  # the keys of `_extra` the schema does not know (the rest are misfit values)
-        for text in extra.drop_null().to_pylist():
-            unknown.update(key for key in _RAW.decode(text) if key not in schema.KNOWN_SOURCES)
-    batch = _batch(arrays, extra, numbers, member, ctx) if rows else None
-    return _Part(index, batch, rows, [], unknown)
-
-
-_COMPILED_KINDS = [column.kind for column in _COLUMNS] + [schema.JSON]  # the compiled parser's columns, `_extra`
-
-
-def _batch(
-    arrays: list[pa.Array], extra: pa.Array, numbers: pa.Array, member: ArchiveMember, ctx: _Context
-) -> pa.RecordBatch:
-    """The export's columns plus `_extra`, the line numbers and the other provenance columns, as one batch."""
-    rows = len(numbers)
-    if member.upload_hour is not None:
-        hours = pa.repeat(pa.scalar(member.upload_hour, _TS_TYPE), rows)
-    else:
-        uploaded = arrays[_SERVER_UPLOAD]
-        hours = pc.floor_temporal(uploaded, unit="hour").fill_null(pa.scalar(ctx.window_start, _TS_TYPE))
-    arrays = arrays + [
-        extra,
-        hours,
-        pa.repeat(pa.scalar(member.name, pa.string()), rows),
-        numbers,
-        pa.repeat(pa.scalar(ctx.run_id, pa.string()), rows),
-        pa.repeat(pa.scalar(ctx.project, pa.string()), rows),
-    ]
-    return pa.RecordBatch.from_arrays(arrays, schema=schema.ARROW_SCHEMA)
-
-
-_SERVER_UPLOAD = [c.name for c in _COLUMNS].index("server_upload_time")
 
 
 # ---------------------------------------------------------------------------------------------------- members
@@ -519,35 +127,6 @@ def _member_chunks(opener: _Opener, index: int, member: ArchiveMember, chunk_byt
         raise ArchiveError(f"member is broken: {exc}", member=member.name) from None
 
 
-def _parse_chunk(
-    segments: list[Any], first: int, member: ArchiveMember, index: int, ctx: _Context
-) -> tuple[_Part, int]:
-    """The part for one chunk (line `first` onwards) and its number of lines, blank ones included.
-
-    The compiled parser takes every line it can decode as a whole; the few it gives back (not JSON, say) are
-    parsed by the msgspec path, and their rows (if any) put back in line order.
-    """
-    if FAST_PARSER is not None:
-        buffers, rows, row_lines, count, slow = FAST_PARSER.parse(segments, ctx.require_uuid)
-        part = _buffer_part(buffers, first, rows, row_lines, member, index, ctx)
-        if slow:
-            other = _parse([line for _, line in slow], first, member, index, ctx,
-                           numbers=[first + at for at, _ in slow])
-            part = _merged(part, other)
-        return part, count
-    data = b"\n".join(segments)  # segments end at line ends
-    lines = data.split(b"\n")
-    return _parse(lines, first, member, index, ctx, _is_utf8(data)), len(lines)
-
-
-def _merged(fast: _Part, slow: _Part) -> _Part:
-    """One part of the compiled parser's rows and the msgspec path's, in line order."""
-    batch = fast.batch if slow.batch is None else slow.batch
-    if fast.batch is not None and slow.batch is not None:
-        table = pa.Table.from_batches([fast.batch, slow.batch])
-        order = np.argsort(table.column("_line").to_numpy(), kind="stable")
-        batch = table.take(order).combine_chunks().to_batches()[0]
-    return _Part(fast.member, batch, fast.lines + slow.lines, slow.rejects, fast.unknown | slow.unknown, slow.lines)
 
 
 def _opener(archive: zipfile.ZipFile, handle: Any) -> _Opener:
@@ -562,20 +141,20 @@ def _open_archive(path: str) -> zipfile.ZipFile:
         raise ArchiveError(f"not a readable zip archive: {exc}", path=path) from None
 
 
-def _member_parts(opener: _Opener, ctx: _Context, index: int, member: ArchiveMember) -> Iterator[_Part]:
+def _member_parts(opener: _Opener, ctx: Context, index: int, member: ArchiveMember) -> Iterator[Part]:
     """Parts of one member, at least one (so an empty member is still accounted for)."""
     produced = False
     number = 1
-    for segments in _member_chunks(opener, index, member, ctx.batch_rows * _LINE_BYTES):
+    for segments in _member_chunks(opener, index, member, ctx.batch_rows * LINE_BYTES):
         produced = True
-        part, lines = _parse_chunk(segments, number, member, index, ctx)
+        part, lines = parse_chunk(segments, number, member, index, ctx)
         number += lines
         yield part
     if not produced:
-        yield _Part(index, None, 0, [], set())
+        yield Part(index, None, 0, [], set())
 
 
-def _read_members(ctx: _Context, members: list[tuple[int, ArchiveMember]]) -> Generator[_Part, None, None]:
+def _read_members(ctx: Context, members: list[tuple[int, ArchiveMember]]) -> Generator[Part, None, None]:
     """Parts of the given members, in order, parsed in this process."""
     with _open_archive(ctx.path) as archive, open(ctx.path, "rb") as handle:
         for index, member in members:
@@ -587,7 +166,7 @@ class _Stopped(Exception):
 
 
 def _produce(
-    ctx: _Context, members: Iterable[tuple[int, ArchiveMember]], send: Any, live: LiveMembers | None = None
+    ctx: Context, members: Iterable[tuple[int, ArchiveMember]], send: Any, live: LiveMembers | None = None
 ) -> None:
     """Parse the members dealt to one worker, handing `send` each ("part", part) and then ("end", index).
 
@@ -653,7 +232,7 @@ def _answer_pyarrows_pandas_probe() -> None:
         sys.meta_path.remove(finder)
 
 
-def _worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any) -> None:
+def _worker(ctx: Context, members: list[tuple[int, ArchiveMember]], out: Any) -> None:
     """Worker process body: `_produce`, with each part's batch sent as Arrow IPC bytes."""
     tune_for_bulk_loading()
 
@@ -668,7 +247,7 @@ def _worker(ctx: _Context, members: list[tuple[int, ArchiveMember]], out: Any) -
 
 
 def _thread_worker(
-    ctx: _Context, members: Iterable[tuple[int, ArchiveMember]], out: Any, stop: Any, live: LiveMembers | None
+    ctx: Context, members: Iterable[tuple[int, ArchiveMember]], out: Any, stop: Any, live: LiveMembers | None
 ) -> None:
     """Parse thread body: `_produce`, parts handed over as they are; stops when the reader sets `stop`."""
 
@@ -818,7 +397,7 @@ class WindowReader:
         """Typed batches in member order then line order; per-hour stats are complete once this is exhausted."""
         self._hours = {hour: _HourStats() for hour in self.window.each_hour()}
         seen: set[int] = set()
-        ctx = _Context(
+        ctx = Context(
             str(self.path), self.run_id, self.project, self.window.start, self.batch_rows, self.require_uuid
         )
         if self.live is not None:
@@ -833,7 +412,7 @@ class WindowReader:
             members, path = self._members, self.path
             self._hashes = _on_a_thread(lambda: _hour_hashes(path, members), "amplitude-export-hash")
             numbered = list(enumerate(self._members))
-            if self.workers > 1 and len(numbered) > 1 and FAST_PARSER is not None:
+            if self.workers > 1 and len(numbered) > 1 and parse.FAST_PARSER is not None:
                 parts = self._threaded(ctx, numbered)
             elif self.workers > 1 and len(numbered) > 1:
                 parts = self._parallel(ctx, numbered)
@@ -926,7 +505,7 @@ class WindowReader:
     def _stats(self, member: int) -> _HourStats:
         return self._hours.setdefault(self._member_hour[member], _HourStats())
 
-    def _count(self, part: _Part) -> None:
+    def _count(self, part: Part) -> None:
         stats = self._stats(part.member)
         stats.lines += part.lines
         stats.rejects += len(part.rejects)
@@ -949,8 +528,8 @@ class WindowReader:
         numbered: Iterable[tuple[int, ArchiveMember]],
         count: int,
         receive: Callable[[int, ArchiveMember], tuple[Any, ...]],
-        unpack: Callable[[tuple[Any, ...]], _Part],
-    ) -> Iterator[_Part]:
+        unpack: Callable[[tuple[Any, ...]], Part],
+    ) -> Iterator[Part]:
         """The parts of every member, in member order: member i comes from worker i % count (`receive(k, member)`
         gives worker k's next message), until its "end"; a worker's "error" or "crash" is raised here."""
         for index, member in numbered:
@@ -967,8 +546,8 @@ class WindowReader:
                 yield unpack(message)
 
     def _threaded(
-        self, ctx: _Context, numbered: Iterable[tuple[int, ArchiveMember]], live: LiveMembers | None = None
-    ) -> Generator[_Part, None, None]:
+        self, ctx: Context, numbered: Iterable[tuple[int, ArchiveMember]], live: LiveMembers | None = None
+    ) -> Generator[Part, None, None]:
         """Deal members round-robin to parse threads and read their parts back in member order.
 
         Threads, not processes, when the compiled parser is at hand: it and ISA-L's inflate release the GIL, so
@@ -1001,8 +580,8 @@ class WindowReader:
                 thread.join(timeout=5)
 
     def _parallel(
-        self, ctx: _Context, numbered: list[tuple[int, ArchiveMember]]
-    ) -> Generator[_Part, None, None]:
+        self, ctx: Context, numbered: list[tuple[int, ArchiveMember]]
+    ) -> Generator[Part, None, None]:
         """Deal members round-robin to worker processes and read their parts back in member order."""
         mp = multiprocessing.get_context(_start_method())
         if mp.get_start_method() == "forkserver":
@@ -1015,12 +594,12 @@ class WindowReader:
         ]
         for process in processes:
             process.start()
-        def unpack(message: tuple[Any, ...]) -> _Part:
+        def unpack(message: tuple[Any, ...]) -> Part:
             _, index, payload, lines, rejects, unknown, slow = message
             batch = None
             if payload is not None:
                 batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema.ARROW_SCHEMA)
-            return _Part(index, batch, lines, rejects, unknown, slow)
+            return Part(index, batch, lines, rejects, unknown, slow)
 
         try:
             yield from self._in_member_order(
