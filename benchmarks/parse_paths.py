@@ -121,7 +121,7 @@ def run_duckdb(files: list[Path], workdir: Path) -> int:
 
 
 def run_inflate(files: list[Path]) -> int:
-    from amplitude_export.reader import _inflated
+    from amplitude_export.archive import _inflated
 
     lines = 0
     for file in files:

@@ -58,12 +58,7 @@ def both(lines: list[bytes], ctx: parse.Context = CTX) -> tuple[parse.Part, pars
     """(the part of a chunk of `lines` through the compiled parser, the part through the msgspec path alone)."""
     fast, count = parse.parse_chunk(list(lines), 1, MEMBER, 0, ctx)
     assert count == len(lines)
-    saved = parse.FAST_PARSER
-    parse.FAST_PARSER = None
-    try:
-        slow, count = parse.parse_chunk(list(lines), 1, MEMBER, 0, ctx)
-    finally:
-        parse.FAST_PARSER = saved
+    slow, count = parse.parse_chunk(list(lines), 1, MEMBER, 0, ctx, compiled=False)
     assert count == len(lines)
     return fast, slow
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from conftest import REAL_EVENTS
 
+from amplitude_export import archive as archive_module
 from amplitude_export import parse, schema
 from amplitude_export import reader as reader_module
 from amplitude_export.errors import ArchiveError
@@ -183,7 +184,7 @@ def test_a_truncated_gzip_names_the_member(
     tmp_path: Path, cut: float, inflater: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if inflater == "stdlib":  # where ISA-L is missing
-        monkeypatch.setattr(reader_module, "_GzipFile", gzip.GzipFile)
+        monkeypatch.setattr(archive_module, "_GzipFile", gzip.GzipFile)
     body = gzip.compress(b"\n".join(event(str(i)) for i in range(500)))
     path = tmp_path / "a.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -200,8 +201,8 @@ def test_members_of_several_gzip_streams_and_blocks_inflate_whole(
     tmp_path: Path, inflater: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if inflater == "stdlib":
-        monkeypatch.setattr(reader_module, "_GzipFile", gzip.GzipFile)
-    monkeypatch.setattr(reader_module, "_MAX_OUT", 4096)  # many blocks per member, lines cut across them
+        monkeypatch.setattr(archive_module, "_GzipFile", gzip.GzipFile)
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 4096)  # many blocks per member, lines cut across them
     lines = [event(str(i)) for i in range(600)]
     body = gzip.compress(b"\n".join(lines[:250]) + b"\n") + gzip.compress(b"\n".join(lines[250:]))
     path = tmp_path / "a.zip"
@@ -282,7 +283,7 @@ def test_a_worker_reports_a_broken_member(tmp_path: Path) -> None:
 def test_every_line_keeps_its_number_however_blocks_and_batches_fall(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool, block: int, batch_rows: int
 ) -> None:
-    monkeypatch.setattr(reader_module, "_MAX_OUT", block)  # 64 bytes: every line spans several blocks
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", block)  # 64 bytes: every line spans several blocks
     if not compiled:
         monkeypatch.setattr(parse, "FAST_PARSER", None)
     lines = [event(f"u{i}", event_id=i) for i in range(60)]
@@ -316,7 +317,7 @@ def test_bulk_loading_settings_spare_the_pandas_import_until_a_conversion_needs_
 
     script = """
 import sys
-from amplitude_export.reader import tune_for_bulk_loading
+from amplitude_export.tuning import tune_for_bulk_loading
 tune_for_bulk_loading()
 import pyarrow as pa
 pa.array([1, 2]); pa.scalar("x")

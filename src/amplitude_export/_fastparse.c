@@ -1,10 +1,10 @@
-/* Decode export lines straight into Arrow column buffers: the reader's fast path (see reader.py, docs/PARSE_PATH.md).
+/* Decode export lines straight into Arrow column buffers: the parser's fast path (parse.py, docs/PARSE_DESIGN.md).
  *
  * A Parser knows the export's top-level keys and each one's kind. parse(segments) turns lines into one
  * (null_count, validity, buffer, buffer) tuple per column and one more for `_extra`. It handles the variation
  * real exports have, per value: a value that does not fit its column (a string where a number is expected, a
  * number too large, a timestamp written another way) and a key the schema does not know go to `_extra` verbatim,
- * exactly as the msgspec path (reader._slow) keeps them. Only a line it cannot take as a whole is handed back, by
+ * exactly as the msgspec path (parse._slow) keeps them. Only a line it cannot take as a whole is handed back, by
  * itself, for the msgspec path to decide (reject it, or keep it): invalid UTF-8 or JSON, not an object, an
  * escaped or repeated key, nesting deeper than MAX_DEPTH, no string uuid when one is required. Its rows must
  * equal the msgspec path's row for row (tests/test_fastparse.py checks both paths against each other on every
@@ -346,7 +346,7 @@ static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
 }
 
 /* s[0:n] as microseconds if it is `YYYY-MM-DD[ T]HH:MM:SS[.f{1,6}]`, a real date and time of years 1-9999: 1, else 0.
- * The same rule as reader._is_timestamp. */
+ * The same rule as parse._is_timestamp. */
 static int parse_time(const char *s, size_t n, int64_t *out) {
     if (n != 19 && (n < 21 || n > 26)) return 0;
     for (int i = 0; i < 19; i++) {
@@ -433,7 +433,7 @@ static double float_token(const char *p, size_t n) {
 #define TWO_63 9223372036854775808.0
 
 /* A number token for an integer column: an integer in int64, or a fraction or exponent of an integral value in
- * int64 (1.0, 1e3), as reader._fit takes it. 1 and *out set if it fits, else 0. */
+ * int64 (1.0, 1e3), as parse._fit takes it. 1 and *out set if it fits, else 0. */
 static int fit_int(const char *p, size_t n, int integral, int64_t *out) {
     if (integral) return int_token(p, n, out);
     double d = float_token(p, n);
@@ -1189,9 +1189,10 @@ static PyTypeObject ParserType = {
 
 /* ---------------------------------------------------------------------------------------------- StringSet */
 
-/* The uuids a window has kept so far (sinks.FirstCopies): repeats are found without a Python string per row, with
- * at ~70 bytes per uuid (a Python set of str costs ~120). Each entry is the window's own or
- * "taken" (held by another hour: a row with it is dropped, but it is not one of the window's uuids). */
+/* The uuids a window has kept so far (sinks.FirstCopies): repeats are found without a Python string per row, in
+ * less memory per uuid than a Python set of str. A tag only tells most mismatches apart: a match is always
+ * confirmed on the bytes. Each entry is the window's own or "taken" (held by another hour: a row with it is
+ * dropped, but it is not one of the window's uuids). */
 
 #define TAKEN_BIT 0x80000000u
 
@@ -1352,7 +1353,7 @@ static PyObject *StringSet_add(StringSet *self, PyObject *args) {
     }
     memset(keep, 0xFF, nbytes);
     int repeats = 0, failed = 0;
-    /* the GIL is kept: a batch takes ~0.1 ms, and getting the GIL back from a parse thread took ~2.5 ms */
+    /* the GIL is kept: a batch's work is far shorter than getting the GIL back from a busy parse thread */
     for (Py_ssize_t row = 0; row < length; row++) {
         Py_ssize_t i = offset + row;
         if (validity && !((validity[i >> 3] >> (i & 7)) & 1)) continue;

@@ -758,13 +758,7 @@ def demo(data_dir: Path, days: int, progress: bool | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    # numpy's OpenBLAS starts a thread per core at import, and each spins for a while: ~0.1 CPU s per run on two
-    # cores, taken from the load (measured, docs/PARSE_PATH.md). The loader never multiplies matrices.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # httpx's own command-line client (httpx._main) imports rich and pygments at `import httpx`: ~35 ms of every
-    # start, measured. When that import fails httpx defines a stub `httpx.main` instead; we never call either.
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-    from .reader import tune_for_bulk_loading
+    from .tuning import tune_for_bulk_loading
 
     tune_for_bulk_loading()
     try:
@@ -775,7 +769,7 @@ def main() -> None:
 
 def _exit_without_teardown(exc: SystemExit) -> None:
     """End the process once the command has returned, skipping the interpreter's teardown: freeing the modules
-    and a loaded window's objects one by one took ~50 ms of a 3 s run (measured, docs/PARSE_PATH.md). By then
+    and a loaded window's objects one by one took ~50 ms of a 3 s run (measured, docs/PARSE_DESIGN.md). By then
     the command has committed and closed its destination; what is left to do is done here: join any non-daemon
     thread, close the log files, flush stdout and stderr. Worker processes still alive take the usual way out.
     """

@@ -1,11 +1,14 @@
 """Parse export lines into typed Arrow batches of exactly `schema.ARROW_SCHEMA`, losing nothing.
 
-`parse_chunk` is the seam: a chunk of whole lines of one member goes first to the compiled parser
-(`_fastparse.c`), which writes Arrow buffers directly and gives back any line that is not the common case. Those
-lines (or every line, without the compiled parser) are decoded by msgspec into a struct typed like the schema,
-with nested values kept as their raw JSON text; a line that does not fit that struct (a mistyped value, an unknown
-key, no uuid, not JSON) takes a slow path that keeps every original value in `_extra` or rejects the line with its
-member and line number. docs/PARSE_DESIGN.md gives the reasons and the safety argument of each shortcut.
+`parse_chunk` is the seam: a chunk of whole lines of one member becomes one `Part` (a batch, its rejects and
+counts). The compiled parser (`_fastparse.c`, built by `pip install` where a C compiler is at hand) takes the
+chunk first and writes Arrow buffers directly; a value that does not fit its column, and a key the schema does
+not know, go verbatim to `_extra`. It hands back only the lines it cannot take as a whole (invalid UTF-8 or JSON,
+say). Those lines, or every line without the compiled parser, are decoded by msgspec into a struct typed like
+the schema, nested values kept as their raw JSON text; a line that does not fit that struct takes a slow path
+that keeps every original value (`_extra` again) or rejects the line with its member and line number. Both
+paths give the same rows (tests/test_fastparse.py). docs/PARSE_DESIGN.md gives the reasons, and the safety
+argument of each shortcut.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ _FIELD_ORDER = _Event.__struct_fields__
 EVENT_DECODER = msgspec.json.Decoder(_Event)  # a line into the typed struct; the benchmarks time it
 _RAW = msgspec.json.Decoder(dict[str, msgspec.Raw])
 # Decodes a chunk of lines straight into Arrow buffers, `_extra` included, giving back only the lines it cannot
-# decode as a whole for the msgspec path. Tests set it to None to check the msgspec path alone.
+# decode as a whole for the msgspec path. None where it was not built; tests set it to None to read as there.
 FAST_PARSER = (
     _fastparse.Parser(
         tuple(c.source.encode() for c in COLUMNS), "".join(schema.COMPILED_KINDS[c.kind] for c in COLUMNS)
@@ -229,7 +232,7 @@ def _is_utf8(data: bytes) -> bool:
     if not data:
         return True
     offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
-    try:  # validate() checks in place at ~8 GB/s; a cast to string would copy, at ~0.5 GB/s
+    try:  # validate() checks in place; a cast to string would copy the bytes first
         pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
     except pa.ArrowInvalid:
         return False
@@ -415,14 +418,17 @@ _SERVER_UPLOAD = [c.name for c in COLUMNS].index("server_upload_time")
 
 
 def parse_chunk(
-    segments: list[Any], first: int, member: ArchiveMember, index: int, ctx: Context
+    segments: Sequence[Any], first: int, member: ArchiveMember, index: int, ctx: Context, *, compiled: bool = True
 ) -> tuple[Part, int]:
-    """The part for one chunk (line `first` onwards) and its number of lines, blank ones included.
+    """The part for one chunk of `member` (member `index` of the reader's list) and its number of lines, blank
+    ones included.
 
-    The compiled parser takes every line it can decode as a whole; the few it gives back (not JSON, say) are
-    parsed by the msgspec path, and their rows (if any) put back in line order.
+    `segments`: bytes or memoryviews, each whole lines separated by newlines, together the chunk's lines in order;
+    the first is line number `first`. The compiled parser takes every line it can decode as a whole; the few it
+    gives back (not JSON, say) are parsed by the msgspec path, and their rows (if any) put back in line order.
+    `compiled=False` parses with the msgspec path alone, as where the compiled parser was not built.
     """
-    if FAST_PARSER is not None:
+    if compiled and FAST_PARSER is not None:
         buffers, rows, row_lines, count, slow = FAST_PARSER.parse(segments, ctx.require_uuid)
         part = _buffer_part(buffers, first, rows, row_lines, member, index, ctx)
         if slow:
