@@ -189,7 +189,7 @@ class FirstCopies:
 
     def filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """The batch without repeated uuids: the batch itself when it has none, else one filtered copy (one copy
-        costs the sinks less than zero-copy slices around each repeat: they pay per batch, docs/PARSE_PATH.md)."""
+        costs the sinks less than zero-copy slices around each repeat: they pay per batch, docs/PARSE_DESIGN.md)."""
         keep = self.keep(batch)
         return batch if keep is None else batch.filter(keep)
 

@@ -40,7 +40,7 @@ COLUMNS_SQL = ", ".join(quote(name) for name in COLUMN_NAMES)
 # The file is attached under this name (not opened as the default database) so that its inserts can use smaller
 # row groups: DuckDB holds each inserting thread's open row group uncompressed, ~200 MB at its default 122,880
 # rows of these wide events, and every fresh page costs a fault. 61,440 rows: ~60 MB less RSS and ~0.1 s less
-# per day, for a 4 % larger file (73 against 70 MB for 504 k events; docs/PARSE_PATH.md). Per attach, not stored.
+# per day, for a 4 % larger file (73 against 70 MB for 504 k events; docs/PARSE_DESIGN.md). Per attach, not stored.
 ALIAS = "amplitude"
 ROW_GROUP_SIZE = 61_440
 
@@ -126,7 +126,7 @@ def _json_labelled(schema: pa.Schema) -> pa.Schema:
     """The schema with JSON columns typed `arrow.json`, so DuckDB takes them as JSON without parsing each text.
 
     The reader only emits JSON texts that a parser has accepted (the compiled one, or msgspec), so DuckDB's own
-    parse on the VARCHAR -> JSON cast is a second check at ~1 µs per event (measured, docs/PARSE_PATH.md). With a
+    parse on the VARCHAR -> JSON cast is a second check at ~1 µs per event (measured, docs/PARSE_DESIGN.md). With a
     pyarrow that has no `json_` type, the columns stay strings and DuckDB checks them as before.
     """
     json_type = getattr(pa, "json_", None)
@@ -165,7 +165,7 @@ class Intake:
 
     With `first_copies`, repeated uuids are dropped on the way (`FirstCopies`): deleting rows that a transaction
     has just bulk-inserted makes DuckDB rewrite them at commit (measured: ~2 µs per event of the window,
-    docs/PARSE_PATH.md). Each batch then carries a `_keep` mask that the INSERT filters on: DuckDB applies it in
+    docs/PARSE_DESIGN.md). Each batch then carries a `_keep` mask that the INSERT filters on: DuckDB applies it in
     its own threads without copying, where a filtered copy or slices made here would stall its scan. Past its
     limit (`overflowed`) the sink removes the remaining repeats in SQL after the insert, ordered by member
     arrival (`ranks`) then line.
@@ -487,7 +487,7 @@ class DuckDBSink:
                             taken=self._nearby_uuids(params))
             # all `threads` insert: with vacuum off (see __init__) the partial row groups two threads leave are
             # no longer rewritten at close, and with the reader's threads in this process the second DuckDB
-            # thread finds a free core: 5.8-6.3 s instead of 7.1-7.7 s per 504 k events (docs/PARSE_PATH.md)
+            # thread finds a free core: 5.8-6.3 s instead of 7.1-7.7 s per 504 k events (docs/PARSE_DESIGN.md)
             intake.insert_into(con, EVENTS)
             if intake.overflowed:
                 self._drop_repeats(mine, params, intake.ranks)
