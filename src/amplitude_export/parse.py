@@ -264,7 +264,7 @@ def _parse(
     """Turn some lines of one member (line `first` onwards, or lines `numbers`) into a typed batch, rejects and
     counts.
 
-    `utf8` says the lines are known to be valid UTF-8 (checked as decompressed blocks); else each is checked.
+    `utf8` says the lines are known to be valid UTF-8 (checked as one joined chunk); else each is checked.
     A line decodes straight into the typed struct, or else (an unknown key, a value of another type, not JSON)
     through `_slow`; a struct whose timestamp texts are not all timestamps is decoded again through `_slow`.
     """
