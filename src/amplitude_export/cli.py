@@ -332,6 +332,30 @@ def _redact(text: str) -> str:
         return text
 
 
+def privacy_options(func: F) -> F:
+    """--exclude-columns and --hash-columns (docs/PRIVACY.md)."""
+    func = click.option(
+        "--hash-columns", metavar="COLUMNS",
+        help="Store HMAC-SHA256 hashes instead of these text columns or JSON keys, keyed by AMP_HASH_KEY "
+        "(e.g. user_id,device_id,user_properties.email): the same value always hashes the same, so joins work.",
+    )(func)
+    func = click.option(
+        "--exclude-columns", metavar="COLUMNS",
+        help="Leave these columns or JSON keys out of the destination, rejects and report (they are NULL), e.g. "
+        "ip_address,location_lat,location_lng,user_properties.email. With either option raw archives are deleted "
+        "once loaded unless --keep-raw.",
+    )(func)
+    return func
+
+
+def _privacy(exclude_columns: str | None, hash_columns: str | None) -> Any:
+    """The PII controls the flags ask for, or None; bad names or a missing key are UsageError (exit 2)."""
+    from .privacy import Privacy
+
+    privacy = Privacy.from_options(exclude_columns, hash_columns)
+    return privacy if privacy.pii else None
+
+
 def dest_options(func: F) -> F:
     """--dest, --schema, --storage-option and --project."""
     func = click.option(
@@ -407,7 +431,11 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 @credential_options
 @range_options
 @dest_options
-@click.option("--keep-raw/--no-keep-raw", default=True, show_default=True, help="Keep archives after loading.")
+@privacy_options
+@click.option("--keep-raw/--no-keep-raw", default=None,
+              help="Keep archives after loading (default: yes, but not with --exclude-columns or --hash-columns).")
+@click.option("--sync-deletions", is_flag=True,
+              help="First apply the User Privacy API's deletion jobs, as the `deletions` command does.")
 @click.option("--refresh", is_flag=True, help="Load windows again even if loaded (their rows are replaced).")
 @click.option("--lookback-hours", type=click.IntRange(0, 24 * 60), default=72, show_default=True,
               help="Incremental runs re-check this many hours before the end (loaded ones, and empty ones: "
@@ -422,7 +450,8 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
         start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
         retry_wait: float, read_timeout: float, concurrency: int, data_dir: Path, log_dir: Path,
-        progress: bool | None, verbose: bool, dest: str | None, project: str | None, keep_raw: bool, refresh: bool,
+        progress: bool | None, verbose: bool, dest: str | None, project: str | None, exclude_columns: str | None,
+        hash_columns: str | None, keep_raw: bool | None, sync_deletions: bool, refresh: bool,
         lookback_hours: int, size_budget_mb: int, workers: int, wait: bool) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
@@ -434,12 +463,16 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
       amplitude-export run                                   # incremental, into data/amplitude.duckdb
       amplitude-export run --start 2024-03-01 --end 2024-03-07 --dest parquet:events/
       amplitude-export run --dest postgresql://me@localhost/analytics
+      amplitude-export run --sync-deletions --hash-columns user_id --exclude-columns ip_address
     """
     from .pipeline import new_run_id
     from .pipeline import run as do_run
 
     credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
     _check_range(start, end, lag_hours, incremental=True)
+    privacy = _privacy(exclude_columns, hash_columns)
+    if sync_deletions and privacy is not None and any(str(t) == "amplitude_id" for t in privacy.exclude):
+        raise UsageError("--sync-deletions finds a deleted user's rows by amplitude_id: do not exclude it")
     url = _dest(dest, data_dir)
     created = _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
@@ -448,12 +481,15 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
         with _unless_refused(created, log_path):
             sink = _open_for_writing(url, wait)
         try:
+            if sync_deletions:
+                _sync_deletions(credentials, sink, project or client.credentials.api_key, data_dir, run_id,
+                                max_attempts=max_attempts, retry_wait=retry_wait)
             with reporter:
                 report = do_run(client, sink, project=project or client.credentials.api_key, start=start, end=end,
                                 data_dir=data_dir, window_hours=window_hours, lag_hours=lag_hours,
                                 concurrency=concurrency, workers=workers, keep_raw=keep_raw, refresh=refresh,
                                 lookback_hours=lookback_hours, size_budget=size_budget_mb << 20,
-                                reporter=reporter, run_id=run_id)
+                                reporter=reporter, run_id=run_id, privacy=privacy)
         finally:
             sink.close()
     click.echo(report.summary())
@@ -464,10 +500,12 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
 
 @cli.command(epilog=EXIT_CODES)
 @dest_options
+@privacy_options
 @click.option("--api-key", help="Only to name the project (default project name). Env: AMP_API_KEY.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
 @click.option("--log-dir", type=click.Path(path_type=Path), default=Path("logs"), show_default=True)
-@click.option("--keep-raw/--no-keep-raw", default=True, show_default=True)
+@click.option("--keep-raw/--no-keep-raw", default=None,
+              help="Keep archives after loading (default: yes, but not with --exclude-columns or --hash-columns).")
 @click.option("--refresh", is_flag=True, help="Load archives again even if their hours are loaded.")
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Threads (processes without the compiled parser) that parse events.")
@@ -475,8 +513,9 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
 @reports_errors
-def load(dest: str | None, project: str | None, api_key: str | None, data_dir: Path, log_dir: Path,
-         keep_raw: bool, refresh: bool, workers: int, progress: bool | None, verbose: bool, wait: bool) -> None:
+def load(dest: str | None, project: str | None, exclude_columns: str | None, hash_columns: str | None,
+         api_key: str | None, data_dir: Path, log_dir: Path, keep_raw: bool | None, refresh: bool, workers: int,
+         progress: bool | None, verbose: bool, wait: bool) -> None:
     """Load archives already under DATA_DIR/raw (from `extract`) into the destination.
 
     \b
@@ -487,6 +526,7 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     from .pipeline import load as do_load
     from .pipeline import new_run_id
 
+    privacy = _privacy(exclude_columns, hash_columns)
     url = _dest(dest, data_dir)
     created = _make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id()
@@ -496,11 +536,76 @@ def load(dest: str | None, project: str | None, api_key: str | None, data_dir: P
     try:
         with reporter:
             report = do_load(sink, project=_project(project, api_key, sink, reading=False), data_dir=data_dir,
-                             workers=workers, keep_raw=keep_raw, refresh=refresh, reporter=reporter, run_id=run_id)
+                             workers=workers, keep_raw=keep_raw, refresh=refresh, reporter=reporter, run_id=run_id,
+                             privacy=privacy)
     finally:
         sink.close()
     click.echo(report.summary())
     sys.exit(report.exit_code)
+
+
+def _sync_deletions(credentials: Credentials, sink: Sink, project: str, data_dir: Path, run_id: str, *,
+                    start_day: str | None = None, end_day: str | None = None, max_attempts: int = 6,
+                    retry_wait: float = 2.0) -> None:
+    from .deletions import DeletionsClient, parse_day, sync
+
+    first = parse_day(start_day, "--start-day") if start_day else None
+    last = parse_day(end_day, "--end-day") if end_day else None
+    with DeletionsClient(credentials, max_attempts=max_attempts, wait_initial=retry_wait) as client:
+        report = sync(client, sink, project, data_dir=data_dir, start_day=first, end_day=last, run_id=run_id)
+    for line in report.lines():
+        click.echo(line)
+
+
+@cli.command(epilog=EXIT_CODES)
+@credential_options
+@dest_options
+@click.option("--start-day", help="First job day to list: YYYY-MM-DD (default: since the last check).")
+@click.option("--end-day", help="Last job day to list, inclusive (default: 30 days ahead).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="Kept archives under DATA_DIR/raw holding a deleted user are dropped; rejects are cleaned.")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=Path("logs"), show_default=True)
+@click.option("--max-attempts", type=click.IntRange(1, 50), default=6, show_default=True,
+              help="Attempts per request for 5xx, 429 and timeouts.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
+@reports_errors
+def deletions(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
+              dest: str | None, project: str | None, start_day: str | None, end_day: str | None, data_dir: Path,
+              log_dir: Path, max_attempts: int, verbose: bool, wait: bool) -> None:
+    """Apply Amplitude's deletion jobs: delete their users' rows from the destination, once per job.
+
+    Reads the User Privacy API's jobs since the last check; for each job Amplitude has locked (submitted or
+    done), deletes every row of its users from `events` (and `cohort_members`) with a row in
+    `_amplitude_deletions`, in one transaction, and drops kept raw archives that hold them. A re-run changes
+    nothing; `status` shows what was applied. See docs/PRIVACY.md.
+
+    \b
+    Example:
+      amplitude-export deletions
+      amplitude-export deletions --start-day 2024-01-01 --end-day 2024-06-30 --dest parquet:events/
+    """
+    from .deletions import parse_day
+    from .pipeline import new_run_id
+
+    credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
+    first = parse_day(start_day, "--start-day") if start_day else None
+    last = parse_day(end_day, "--end-day") if end_day else None
+    if first and last and last < first:
+        raise UsageError(f"--end-day {end_day} is before --start-day {start_day}")
+    url = _dest(dest, data_dir)
+    created = _make_dirs(data_dir=data_dir, log_dir=log_dir)
+    run_id = new_run_id()
+    _reporter, log_path = _start_logging(log_dir, run_id, False, verbose)
+    with _unless_refused(created, log_path):
+        sink = _open_for_writing(url, wait)
+    try:
+        _sync_deletions(credentials, sink, project or credentials.api_key, data_dir, run_id, start_day=start_day,
+                        end_day=end_day, max_attempts=max_attempts)
+    finally:
+        sink.close()
+    if log_path:
+        click.echo(f"log: {log_path}")
 
 
 @cli.command(epilog=EXIT_CODES)

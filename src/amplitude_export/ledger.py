@@ -2,12 +2,14 @@
 
 One `HourRecord` per (project, upload hour). Sinks store these rows in the destination itself, in the same
 transaction as the hour's events, so the ledger can never claim rows that are not there (or miss rows that are).
+Beside it, one `DeletionRecord` per deletion job applied, stored in the transaction that deleted its users' rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import date, datetime
+from typing import Any
 
 LOADED = "loaded"  # the hour's events are in the destination
 EMPTY = "empty"  # the Export API answered 404: no data in that hour
@@ -67,3 +69,40 @@ class HourRecord:
                 values[key] = datetime.fromisoformat(values[key])  # type: ignore[arg-type]
         values["members"] = [MemberInfo(**m) for m in values.get("members") or []]  # type: ignore[union-attr]
         return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class DeletionRecord:
+    """One User Privacy API deletion job as a destination applied it (its `_amplitude_deletions` row).
+
+    Keyed by (project, `day`), the day Amplitude runs the job; `amplitude_ids` are every user of the job whose
+    rows the destination deleted, `rows_deleted` and `cohort_rows_deleted` how many rows that removed from
+    `events` and `cohort_members`, summed over every time the job was applied.
+    """
+
+    day: date
+    status: str
+    amplitude_ids: list[int] = field(default_factory=list)
+    rows_deleted: int = 0
+    cohort_rows_deleted: int = 0
+    applied_at: datetime | None = None
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-friendly dict (dates as ISO strings)."""
+        out = asdict(self)
+        out["day"] = self.day.isoformat()
+        out["applied_at"] = self.applied_at.isoformat() if self.applied_at else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeletionRecord:
+        """The inverse of `to_dict`; also takes a row as sinks read it (dates and datetimes already typed)."""
+        values = dict(data)
+        values.pop("project", None)
+        if isinstance(values.get("day"), str):
+            values["day"] = date.fromisoformat(values["day"])
+        if isinstance(values.get("applied_at"), str):
+            values["applied_at"] = datetime.fromisoformat(values["applied_at"])
+        values["amplitude_ids"] = sorted(int(i) for i in values.get("amplitude_ids") or [])
+        return cls(**values)

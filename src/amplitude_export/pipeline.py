@@ -30,6 +30,7 @@ from .errors import (
 from .ledger import EMPTY as LEDGER_EMPTY
 from .ledger import FAILED, LOADED, TOO_LARGE, HourRecord
 from .live import LiveFile, StreamAbandoned
+from .privacy import Privacy
 from .progress import Reporter
 from .sinks import Sink
 from .windows import HOUR, Window, label_hour, last_ready_hour, parse_hour, plan_windows, resolve_range
@@ -65,6 +66,7 @@ class WindowOutcome:
     duplicates: int = 0
     bytes: int = 0
     attempts: int = 0
+    deleted: int = 0  # rows of deleted users left out (privacy.py)
 
     def describe(self) -> str:
         """One line for the log and the console."""
@@ -73,6 +75,8 @@ class WindowOutcome:
             text += f" ({self.bytes:,} bytes"
             if self.status == "loaded":
                 text += f", {self.events:,} events, {self.duplicates:,} duplicates, {self.rejects:,} rejected"
+                if self.deleted:
+                    text += f", {self.deleted:,} of deleted users left out"
             text += ")"
         if self.reason:
             text += f": {self.reason}"
@@ -118,6 +122,8 @@ class RunReport:
                 f"events loaded: {self.events:,}; duplicates dropped: {sum(o.duplicates for o in self.outcomes):,}; "
                 f"lines rejected: {self.rejects:,}"
             )
+        if any(o.deleted for o in self.outcomes):
+            lines.append(f"events of deleted users left out: {sum(o.deleted for o in self.outcomes):,}")
         lines.extend(self.notes)
         lines.extend(f"FAILED {o.window}: {o.reason}" for o in self.failed)
         return "\n".join(lines)
@@ -390,6 +396,8 @@ def load_window(
     attempts: int = 1,
     split_from: Window | None = None,
     live: LiveFile | None = None,
+    privacy: Privacy | None = None,
+    drop_if_deleted: bool = True,
 ) -> WindowOutcome:
     """Read one landed archive and write it to the sink in one transaction.
 
@@ -398,14 +406,17 @@ def load_window(
     marked failed. With `live`, the archive (its `.part` file) is read while it downloads (`live.py`) and the
     rows are committed once it has landed and passed its checks; if that gives up, the transaction is rolled
     back and StreamAbandoned raised, for the landed archive (or the download's failure) to go the usual way.
+    With `privacy`, every batch and reject goes through it first; an archive that held rows of deleted users is
+    then not kept, unless `drop_if_deleted` is False (the caller still reads it).
     """
     from .reader import WindowReader
 
     size = archive.stat().st_size if live is None else 0  # a `.part` may be gone already: its attempt failed
     reader = WindowReader(
         archive, window, run_id=run_id, rejects_dir=data_dir / "rejects", workers=workers, project=project,
-        live=live,
+        live=live, redact_reject=privacy.reject if privacy is not None else None,
     )
+    batches = reader.batches() if privacy is None else privacy.apply(reader.batches())
 
     def finish() -> list[HourRecord]:
         records = reader.hour_records()
@@ -415,7 +426,7 @@ def load_window(
         return records
 
     try:
-        records = sink.write_window(project, window, reader.batches(), finish)
+        records = sink.write_window(project, window, batches, finish)
     except ArchiveError as exc:
         archive.unlink(missing_ok=True)
         reason = f"archive broken, will download again: {exc}"
@@ -432,7 +443,11 @@ def load_window(
     # the compiled parser's share: lines it gave to the msgspec path (invalid JSON, say) are read ~10x slower
     log.info("%s: %d of %d lines parsed by the compiled parser", window,
              reader.lines_total - reader.slow_lines, reader.lines_total)
-    if not keep_raw:
+    deleted = getattr(batches, "deleted_rows", 0)
+    if deleted:
+        log.info("%s: %d events of deleted users left out%s", window, deleted,
+                 "; the archive is not kept" if keep_raw and drop_if_deleted else "")
+    if not keep_raw or (deleted and drop_if_deleted):
         reader.path.unlink(missing_ok=True)
     return WindowOutcome(
         window,
@@ -442,6 +457,7 @@ def load_window(
         duplicates=sum(r.duplicates for r in records),
         bytes=size,
         attempts=attempts,
+        deleted=deleted,
     )
 
 
@@ -495,12 +511,13 @@ def run(
     size_budget: int = DEFAULT_SIZE_BUDGET,
     concurrency: int = 2,
     workers: int = 2,
-    keep_raw: bool = True,
+    keep_raw: bool | None = None,
     refresh: bool = False,
     now: datetime | None = None,
     reporter: Reporter | None = None,
     run_id: str | None = None,
     stream: bool = True,
+    privacy: Privacy | None = None,
 ) -> RunReport:
     """Extract and load start..end into `sink`, downloading the next windows while one loads.
 
@@ -511,11 +528,15 @@ def run(
     again, and the loaded and empty hours among the `lookback_hours` before the run's end are fetched again and
     reloaded only if Amplitude changed them (a 404 never removes loaded rows: see `_answered_404`). Archives
     already on disk are reused, not fetched again.
+
+    `privacy` (PII controls) applies to every batch and reject; the users of the deletion jobs the destination
+    applied are always left out. With PII controls, `keep_raw` defaults to False (archives hold the originals).
     """
     reporter = reporter or Reporter()
     moment = now or datetime.now(UTC)
     report = RunReport(run_id or new_run_id(moment))
     _warn_concurrency(concurrency)
+    privacy, keep_raw = _privacy(sink, project, privacy, keep_raw, report, data_dir)
     ledger = sink.ledger(project)
     retry_hours: list[datetime] = []
     if start is None:
@@ -559,7 +580,7 @@ def run(
             try:
                 outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
                                       workers=workers, keep_raw=keep_raw, attempts=result.attempts,
-                                      split_from=result.split_from, live=result)
+                                      split_from=result.split_from, live=result, privacy=privacy)
             except StreamAbandoned as exc:
                 log.info("%s: stopped loading while downloading (%s); loading it once landed", window, exc)
                 continue
@@ -579,13 +600,14 @@ def run(
             assert result.path is not None
             outcome, hours = _recheck_window(sink, project, ledger, window, result.path, run_id=report.run_id,
                                              data_dir=data_dir, workers=workers, keep_raw=keep_raw,
-                                             attempts=max(1, result.attempts), split_from=result.split_from)
+                                             attempts=max(1, result.attempts), split_from=result.split_from,
+                                             privacy=privacy)
             changed += hours
         else:
             assert result.path is not None
             outcome = load_window(sink, project, window, result.path, run_id=report.run_id, data_dir=data_dir,
                                   workers=workers, keep_raw=keep_raw, attempts=max(1, result.attempts),
-                                  split_from=result.split_from)
+                                  split_from=result.split_from, privacy=privacy)
         report.outcomes.append(outcome)
         reporter.window_done(outcome.describe())
     if recheck:
@@ -656,6 +678,7 @@ def lookback_windows(
 def _recheck_window(
     sink: Sink, project: str, ledger: dict[datetime, HourRecord], window: Window, archive: Path, *,
     run_id: str, data_dir: Path, workers: int, keep_raw: bool, attempts: int = 1, split_from: Window | None = None,
+    privacy: Privacy | None = None,
 ) -> tuple[WindowOutcome, list[datetime]]:
     """Compare each hour's content hash with the ledger; reload only the runs of hours that changed (an hour the
     ledger holds as empty changed if it has members now)."""
@@ -673,8 +696,10 @@ def _recheck_window(
     outcome = WindowOutcome(window, "unchanged", bytes=archive.stat().st_size)
     for run_window in _runs(changed):
         loaded = load_window(sink, project, run_window, archive, run_id=run_id, data_dir=data_dir,
-                             workers=workers, keep_raw=True, attempts=attempts, split_from=split_from)
+                             workers=workers, keep_raw=True, attempts=attempts, split_from=split_from,
+                             privacy=privacy, drop_if_deleted=False)
         outcome.events += loaded.events
+        outcome.deleted += loaded.deleted
         outcome.duplicates += loaded.duplicates
         outcome.rejects += loaded.rejects
         if loaded.status != "loaded":
@@ -682,7 +707,7 @@ def _recheck_window(
     if changed and outcome.status == "unchanged":
         outcome.status = "reloaded"
         outcome.reason = f"{plural(len(changed), 'hour')} changed: " + ", ".join(label_hour(h) for h in changed)
-    if not keep_raw:
+    if not keep_raw or outcome.deleted:
         archive.unlink(missing_ok=True)
     return outcome, changed
 
@@ -740,14 +765,17 @@ def load(
     project: str,
     data_dir: Path = Path("data"),
     workers: int = 2,
-    keep_raw: bool = True,
+    keep_raw: bool | None = None,
     refresh: bool = False,
     reporter: Reporter | None = None,
     run_id: str | None = None,
+    privacy: Privacy | None = None,
 ) -> RunReport:
-    """Load the archives already under `data_dir/raw/` whose hours the destination does not hold yet."""
+    """Load the archives already under `data_dir/raw/` whose hours the destination does not hold yet (`privacy`
+    and `keep_raw` as for `run`)."""
     reporter = reporter or Reporter()
     report = RunReport(run_id or new_run_id())
+    privacy, keep_raw = _privacy(sink, project, privacy, keep_raw, report, data_dir)
     ledger = sink.ledger(project)
     raw_dir = data_dir / "raw"
     archives: list[tuple[Window, Path]] = []
@@ -763,9 +791,32 @@ def load(
     reporter.add_windows(len(archives))
     for window, path in archives:
         outcome = load_window(sink, project, window, path, run_id=report.run_id, data_dir=data_dir,
-                              workers=workers, keep_raw=keep_raw)
+                              workers=workers, keep_raw=keep_raw, privacy=privacy)
         report.outcomes.append(outcome)
         reporter.window_done(outcome.describe())
     if not archives:
         report.notes.append(f"no archives to load under {raw_dir}")
     return report
+
+
+def _privacy(sink: Sink, project: str, privacy: Privacy | None, keep_raw: bool | None, report: RunReport,
+             data_dir: Path) -> tuple[Privacy | None, bool]:
+    """The controls a load applies (`privacy` plus the users the destination's deletion jobs removed) and whether
+    archives are kept: by default not with PII controls, and if so with a warning."""
+    from .deletions import deleted_users
+
+    pii = privacy is not None and privacy.pii
+    if keep_raw is None:
+        keep_raw = not pii
+    elif keep_raw and pii:
+        note = (f"WARNING raw archives under {data_dir / 'raw'} are kept (--keep-raw): they hold the original values "
+                "of the excluded and hashed columns")
+        log.warning(note.removeprefix("WARNING "))
+        report.notes.append(note)
+    deleted = deleted_users(sink, project)
+    if deleted:
+        privacy = (privacy or Privacy()).with_deleted(deleted)
+    if privacy is not None and privacy.active:
+        log.info("privacy: %s", privacy.describe())
+        return privacy, keep_raw
+    return None, keep_raw

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -91,8 +91,11 @@ class WindowReader:
         require_uuid: bool = False,
         project: str = "default",
         live: LiveFile | None = None,
+        redact_reject: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
     ) -> None:
+        """`redact_reject` rewrites each rejected line's record before it is written, or drops it (None)."""
         self.path = Path(path)
+        self.redact_reject = redact_reject
         self.live = live
         self.window = window
         self.run_id = run_id
@@ -158,12 +161,15 @@ class WindowReader:
                         self._member_hour[part.member] = part.batch.column("_upload_hour")[0].as_py()
                     self._stats(part.member).members.append(member)
                 self._count(part)
-                if part.rejects and rejects_path is not None:
+                rejects = part.rejects
+                if rejects and self.redact_reject is not None:
+                    rejects = [r for r in map(self.redact_reject, rejects) if r is not None]
+                if rejects and rejects_path is not None:
                     try:
                         if rejects_file is None:
                             rejects_path.parent.mkdir(parents=True, exist_ok=True)
                             rejects_file = open(rejects_path, "wb")
-                        rejects_file.writelines(_ENCODE(reject) + b"\n" for reject in part.rejects)
+                        rejects_file.writelines(_ENCODE(reject) + b"\n" for reject in rejects)
                     except OSError as exc:  # a full disk, a file where the directory should be: stop the run
                         raise StorageError.from_os_error(exc, rejects_path) from None
                 if part.batch is not None and part.batch.num_rows:

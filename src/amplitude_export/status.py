@@ -102,6 +102,8 @@ def status_data(
         "failed_hours": [label_hour(h) for h, r in sorted(ledger.items()) if r.status in ("failed", "too_large")],
         "windows": spans(ledger),
         "ledger": [ledger[hour].to_dict() for hour in sorted(ledger)],
+        # deletion jobs applied (docs/PRIVACY.md); a sink without a deletions ledger has none
+        "deletions": [r.to_dict() for r in getattr(sink, "deletion_records", lambda _project: [])(project)],
     }
 
 
@@ -175,3 +177,7 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
                       f"{': the Export API had no data for them' if empty else ''}); {nxt}")
     if data["failed_hours"]:
         console.print(f"[red]{plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")
+    for job in data.get("deletions", []):
+        console.print(f"deletion job {job['day']} ({job['status']}): {plural(len(job['amplitude_ids']), 'user')}, "
+                      f"{job['rows_deleted']:,} events rows and {job['cohort_rows_deleted']:,} cohort_members rows "
+                      f"deleted, applied {job['applied_at']}", highlight=False)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import AmplitudeExportError, DestinationError, UsageError
-from ..ledger import HourRecord
+from ..ledger import DeletionRecord, HourRecord
 from ..windows import Window
 
 
@@ -65,6 +65,16 @@ class Sink(Protocol):
 
     def count_by_hour(self, project: str) -> dict[datetime, int]:
         """How many rows of `project` `events` holds per `_upload_hour` (for `verify`)."""
+        ...
+
+    def deletion_records(self, project: str) -> list[DeletionRecord]:
+        """The deletion jobs applied to `project` (`_amplitude_deletions`), by day."""
+        ...
+
+    def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
+        """In one transaction: delete every row of `project` whose amplitude_id is in `amplitude_ids` from `events`
+        (lowering its hours' `events_loaded`) and from `cohort_members` where it exists, and store `record` with
+        `rows_deleted` and `cohort_rows_deleted` raised by what was deleted. Returns the stored record."""
         ...
 
     def close(self) -> None:

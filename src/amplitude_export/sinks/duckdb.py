@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DestinationBusyError, DestinationError
-from ..ledger import HourRecord, MemberInfo
+from ..ledger import DeletionRecord, HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, RETYPED, quote
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
@@ -327,6 +327,38 @@ def record_from_row(row: dict[str, Any]) -> HourRecord:
     return HourRecord(**values)
 
 
+DELETIONS = "_amplitude_deletions"
+DELETIONS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {DELETIONS} (project VARCHAR NOT NULL, day DATE NOT NULL, status VARCHAR NOT NULL, "
+    "amplitude_ids BIGINT[] NOT NULL, rows_deleted BIGINT NOT NULL, cohort_rows_deleted BIGINT NOT NULL, "
+    "applied_at TIMESTAMPTZ, run_id VARCHAR, PRIMARY KEY (project, day))"
+)
+DELETED = "_amplitude_deleted"  # the relation of amplitude ids being deleted, registered for `DELETED_ROWS`
+# a deleted user's row: by amplitude_id, or by the one `_extra` kept (as text) when it did not fit the column
+DELETED_ROWS = (
+    f"coalesce(amplitude_id IN (SELECT amplitude_id FROM {DELETED}) OR (amplitude_id IS NULL AND "
+    f"TRY_CAST(json_extract_string(_extra, '$.amplitude_id') AS BIGINT) IN (SELECT amplitude_id FROM {DELETED})), "
+    "false)"
+)
+COHORT_MEMBERS = "cohort_members"
+
+
+def deleted_table(amplitude_ids: list[int]) -> pa.Table:
+    """The ids to delete, as the relation `DELETED_ROWS` reads."""
+    return pa.table({"amplitude_id": pa.array(sorted(set(amplitude_ids)), pa.int64())})
+
+
+def deletion_row(project: str, record: DeletionRecord) -> pa.Table:
+    """One `_amplitude_deletions` row."""
+    return pa.table({
+        "project": [project], "day": pa.array([record.day], pa.date32()), "status": [record.status],
+        "amplitude_ids": pa.array([record.amplitude_ids], pa.list_(pa.int64())),
+        "rows_deleted": pa.array([record.rows_deleted], pa.int64()),
+        "cohort_rows_deleted": pa.array([record.cohort_rows_deleted], pa.int64()),
+        "applied_at": pa.array([record.applied_at], pa.timestamp("us", tz="UTC")), "run_id": [record.run_id],
+    })
+
+
 def lock_path(path: Path) -> Path:
     """The run's lock file beside the database: `events.duckdb` -> `events.duckdb.lock` (kept, never deleted)."""
     return path.with_name(path.name + ".lock")
@@ -624,6 +656,63 @@ class DuckDBSink:
             f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} WHERE _project = ? GROUP BY 1",
             [project],
         )
+
+    def deletion_records(self, project: str) -> list[DeletionRecord]:
+        """The deletion jobs applied to `project`, by day (`_amplitude_deletions`)."""
+        try:
+            table = self.connection.sql(f"SELECT * FROM {DELETIONS} WHERE project = ? ORDER BY day",
+                                        params=[project]).to_arrow_table()
+        except duckdb.CatalogException:  # no deletion applied yet
+            return []
+        return [DeletionRecord.from_dict(row) for row in table.to_pylist()]
+
+    def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
+        """Delete every row of `amplitude_ids` of `project` from `events` (their hours' ledger counts follow) and
+        from `cohort_members` where that table exists, and store `record` with the rows counted, atomically."""
+        con = self.connection
+        params = {"project": project}
+        con.begin()
+        try:
+            con.execute(DELETIONS_DDL)
+            con.register(DELETED, deleted_table(amplitude_ids))
+            gone = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} "
+                                    f"WHERE _project = $project AND {DELETED_ROWS} GROUP BY 1", params)
+            if gone:
+                con.execute(f"DELETE FROM {EVENTS} WHERE _project = $project AND {DELETED_ROWS}", params)
+                con.register("_amplitude_gone", pa.table({"hour": list(gone), "n": list(gone.values())}))
+                con.execute(f"UPDATE {LEDGER} SET events_loaded = events_loaded - g.n FROM _amplitude_gone AS g "
+                            f"WHERE {LEDGER}.project = $project AND {LEDGER}.hour = g.hour", params)
+                con.unregister("_amplitude_gone")
+            members = self._delete_members(project)
+            con.unregister(DELETED)
+            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
+                                         cohort_rows_deleted=record.cohort_rows_deleted + members)
+            con.register("_amplitude_deletion", deletion_row(project, stored))
+            con.execute(f"INSERT OR REPLACE INTO {DELETIONS} SELECT * FROM _amplitude_deletion")
+            con.unregister("_amplitude_deletion")
+            con.commit()
+        except BaseException as exc:
+            _rollback(con)
+            if isinstance(exc, duckdb.Error):
+                raise DestinationError(f"cannot apply deletion job {record.day} to {self.path}: "
+                                       f"{_first_line(exc)}") from exc
+            raise
+        return stored
+
+    def _delete_members(self, project: str) -> int:
+        """Delete the deleted users' rows of `cohort_members`, if the table exists; how many."""
+        columns = {row[0] for row in self.connection.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = ?", [COHORT_MEMBERS]).fetchall()}
+        if "amplitude_id" not in columns:
+            return 0
+        where = (f"TRY_CAST(amplitude_id AS BIGINT) IN (SELECT amplitude_id FROM {DELETED})"
+                 + (" AND _project = $project" if "_project" in columns else ""))
+        params = {"project": project} if "_project" in columns else {}
+        count = self.connection.execute(f"SELECT count(*) FROM {COHORT_MEMBERS} WHERE {where}", params).fetchall()[0][0]
+        if count:
+            self.connection.execute(f"DELETE FROM {COHORT_MEMBERS} WHERE {where}", params)
+        return int(count)
 
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock, then the run's lock."""

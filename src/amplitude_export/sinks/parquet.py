@@ -36,7 +36,7 @@ import threading
 import uuid as uuid_module
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -46,15 +46,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import DestinationBusyError, DestinationError, UsageError
-from ..ledger import HourRecord
+from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..storage import fsspec_options
 from ..windows import HOUR, Window
 from . import with_project
 from .duckdb import (
     COLUMNS_SQL,
+    DELETED,
+    DELETED_ROWS,
     STAGE,
     configure,
+    deleted_table,
     fill_counts,
     hour_counts,
     stage_batches,
@@ -590,6 +593,7 @@ class ParquetSink:
 
     def _load_state(self) -> tuple[dict[str, DataFile], dict[str, dict[str, dict[str, Any]]]]:
         text = self.store.read_text(STATE_FILE)
+        self.state_deletions: dict[str, dict[str, dict[str, Any]]] = {}  # project -> job day -> DeletionRecord
         if text is None:
             if any(rel.endswith(".parquet") for rel in self.store.data_files()):
                 raise DestinationError(
@@ -613,12 +617,16 @@ class ParquetSink:
                 )
                 for rel, f in state["files"].items()
             }
+            self.state_deletions = state.get("deletions", {})
             return files, state["ledger"]
         except (ValueError, KeyError, TypeError) as exc:
             raise DestinationError(f"cannot read {self.root}/{STATE_FILE}: {exc}") from None
 
-    def _save_state(self, files: dict[str, DataFile], ledger: dict[str, dict[str, dict[str, Any]]]) -> None:
-        """Commit point: after this returns, `files` and `ledger` are what the directory holds."""
+    def _save_state(self, files: dict[str, DataFile], ledger: dict[str, dict[str, dict[str, Any]]],
+                    deletions: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
+        """Commit point: after this returns, `files`, `ledger` and `deletions` (default: as they are) are what the
+        directory holds."""
+        deletions = self.state_deletions if deletions is None else deletions
         state = {
             "format": STATE_FORMAT,
             "files": {
@@ -626,6 +634,7 @@ class ParquetSink:
                 for rel, f in sorted(files.items())
             },
             "ledger": ledger,
+            **({"deletions": deletions} if deletions else {}),
         }
         self.store.write_text_atomic(STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
 
@@ -772,6 +781,64 @@ class ParquetSink:
             )
         finally:
             con.close()
+
+    def deletion_records(self, project: str) -> list[DeletionRecord]:
+        """The deletion jobs applied to `project`, by day (the state's `deletions`)."""
+        jobs = self.state_deletions.get(project, {})
+        return [DeletionRecord.from_dict(jobs[day]) for day in sorted(jobs)]
+
+    def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
+        """Rewrite the files of `project` that hold rows of `amplitude_ids` without them, then commit the state
+        with those files, the hours' ledger counts lowered and `record` stored (rows counted), in one write."""
+        self._check_writable()
+        self.store.refresh_lock()
+        written: list[str] = []
+        committing = False
+        touched: dict[str, DataFile] = {}
+        gone: dict[datetime, int] = {}
+        con = self._connect()
+        try:
+            con.register(DELETED, deleted_table(amplitude_ids))
+            for rel, f in sorted(self.files.items()) if amplitude_ids else []:
+                if f.project != project:
+                    continue
+                counts = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM "
+                                          f"{self.store.scan(con, [rel])} WHERE {DELETED_ROWS} GROUP BY 1")
+                if counts:
+                    touched[rel] = f
+                    for hour, n in counts.items():
+                        gone[hour] = gone.get(hour, 0) + n
+            new_files: dict[str, DataFile] = {}
+            for rel, f in touched.items():
+                source = f"SELECT {COLUMNS_SQL} FROM {self.store.scan(con, [rel])} WHERE NOT {DELETED_ROWS}"
+                self._copy(con, source, Window(f.start, f.end), project, new_files, written)
+            con.close()
+            files = {rel: f for rel, f in self.files.items() if rel not in touched} | new_files
+            ledger = {**self.state_ledger, project: dict(self.state_ledger.get(project, {}))}
+            for hour, n in gone.items():
+                key = hour.astimezone(UTC).isoformat()
+                if key in ledger[project]:
+                    ledger[project][key] = {**ledger[project][key],
+                                            "events_loaded": ledger[project][key]["events_loaded"] - n}
+            stored = replace(record, rows_deleted=record.rows_deleted + sum(gone.values()))
+            deletions = {**self.state_deletions, project: {**self.state_deletions.get(project, {}),
+                                                           record.day.isoformat(): stored.to_dict()}}
+            self.store.refresh_lock()
+            committing = True
+            self._save_state(files, ledger, deletions)
+        except BaseException as exc:
+            con.close()
+            if not committing:
+                for rel in written:
+                    self.store.delete(rel)
+            if isinstance(exc, duckdb.Error | OSError | pa.ArrowException):
+                raise DestinationError(f"cannot apply deletion job {record.day} to {self.root}: "
+                                       f"{_first_line(exc)}") from exc
+            raise
+        self.files, self.state_ledger, self.state_deletions = files, ledger, deletions
+        for rel in touched:
+            self.store.delete(rel)
+        return stored
 
     def close(self) -> None:
         """Release the directory's lock (and any local spill directory of this sink)."""

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
+import psycopg.rows
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -34,7 +35,7 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg.types.json import Jsonb
 
 from ..errors import DestinationBusyError, DestinationError, UsageError
-from ..ledger import HourRecord, MemberInfo
+from ..ledger import DeletionRecord, HourRecord, MemberInfo
 from ..logs import FATAL
 from ..schema import (
     ALL_COLUMNS,
@@ -56,6 +57,19 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 DEFAULT_SCHEMA = "amplitude"
 LEDGER_TABLE = "_amplitude_ledger"
+DELETIONS_TABLE = "_amplitude_deletions"
+COHORT_MEMBERS = "cohort_members"
+_DELETIONS_COLUMNS = (
+    "project text NOT NULL, day date NOT NULL, status text NOT NULL, amplitude_ids bigint[] NOT NULL, "
+    "rows_deleted bigint NOT NULL, cohort_rows_deleted bigint NOT NULL, applied_at timestamptz, run_id text, "
+    "PRIMARY KEY (project, day)"
+)
+# a deleted user's row: by amplitude_id, or by the one `_extra` kept (as text) when it did not fit the column
+# (CASE, not AND: PostgreSQL may evaluate the cast before the pattern test)
+_DELETED_ROWS = (
+    "coalesce(amplitude_id, CASE WHEN _extra->>'amplitude_id' ~ '^\\s*-?[0-9]{1,18}\\s*$' "
+    "THEN (_extra->>'amplitude_id')::bigint END) = ANY(%(ids)s::bigint[])"
+)
 _STAGE = "_amplitude_stage"
 _LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("project", "text NOT NULL"),
@@ -738,6 +752,67 @@ class PostgresSink:
             return {hour: n for hour, n in self.conn.execute(query, [project]).fetchall()}
         except psycopg.Error as exc:
             raise DestinationError(f"{self.description}: cannot count events: {self._message(exc)}") from None
+
+    def deletion_records(self, project: str) -> list[DeletionRecord]:
+        """The deletion jobs applied to `project`, by day (`_amplitude_deletions`)."""
+        table = sql.Identifier(self.schema, DELETIONS_TABLE)
+        try:
+            if not self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                     [f"{quote(self.schema)}.{DELETIONS_TABLE}"]).fetchone()[0]:  # type: ignore[index]
+                return []
+            cursor = self.conn.cursor(row_factory=psycopg.rows.dict_row)
+            rows = cursor.execute(sql.SQL("SELECT * FROM {} WHERE project = %s ORDER BY day").format(table),
+                                  [project]).fetchall()
+        except psycopg.Error as exc:
+            raise DestinationError(f"{self.description}: cannot read the deletions: {self._message(exc)}") from None
+        return [DeletionRecord.from_dict(row) for row in rows]
+
+    def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
+        """Delete every row of `amplitude_ids` of `project` from `events` (their hours' ledger counts follow) and
+        from `cohort_members` where that table exists, and store `record` with the rows counted, atomically."""
+        table = sql.Identifier(self.schema, DELETIONS_TABLE)
+        params = {"project": project, "ids": sorted(set(amplitude_ids))}
+        conn = self.conn
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
+                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (" + _DELETIONS_COLUMNS + ")").format(table))
+                deleted = 0 if not amplitude_ids else conn.execute(sql.SQL(
+                    "WITH gone AS (DELETE FROM {events} WHERE _project = %(project)s AND " + _DELETED_ROWS +
+                    " RETURNING _upload_hour), counts AS (SELECT _upload_hour AS hour, count(*) AS n FROM gone "
+                    "GROUP BY 1), fixed AS (UPDATE {ledger} AS l SET events_loaded = l.events_loaded - counts.n "
+                    "FROM counts WHERE l.project = %(project)s AND l.hour = counts.hour RETURNING 1) "
+                    "SELECT coalesce(sum(n), 0) FROM counts").format(events=self._events, ledger=self._ledger),
+                    params).fetchone()[0]  # type: ignore[index]
+                members = self._delete_members(params) if amplitude_ids else 0
+                stored = replace(record, rows_deleted=record.rows_deleted + int(deleted),
+                                 cohort_rows_deleted=record.cohort_rows_deleted + members)
+                values = asdict(stored)
+                conn.execute(sql.SQL(
+                    "INSERT INTO {} (project, day, status, amplitude_ids, rows_deleted, cohort_rows_deleted, "
+                    "applied_at, run_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (project, day) DO UPDATE "
+                    "SET status = EXCLUDED.status, amplitude_ids = EXCLUDED.amplitude_ids, "
+                    "rows_deleted = EXCLUDED.rows_deleted, cohort_rows_deleted = EXCLUDED.cohort_rows_deleted, "
+                    "applied_at = EXCLUDED.applied_at, run_id = EXCLUDED.run_id").format(table),
+                    [project, *(values[name] for name in ("day", "status", "amplitude_ids", "rows_deleted",
+                                                           "cohort_rows_deleted", "applied_at", "run_id"))])
+        except psycopg.Error as exc:
+            raise self._fatal(f"{self.description}: cannot apply deletion job {record.day}: "
+                              f"{self._message(exc)}") from None
+        return stored
+
+    def _delete_members(self, params: dict[str, Any]) -> int:
+        """Delete the deleted users' rows of `cohort_members`, if the table exists; how many."""
+        columns = {row[0] for row in self.conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            [self.schema, COHORT_MEMBERS]).fetchall()}
+        if "amplitude_id" not in columns:
+            return 0
+        where = "amplitude_id::text = ANY(%(texts)s)" + (" AND _project = %(project)s" if "_project" in columns else "")
+        gone = self.conn.execute(sql.SQL("WITH gone AS (DELETE FROM {} WHERE " + where + " RETURNING 1) "
+                                         "SELECT count(*) FROM gone").format(
+            sql.Identifier(self.schema, COHORT_MEMBERS)), {**params, "texts": [str(i) for i in params["ids"]]})
+        return int(gone.fetchone()[0])  # type: ignore[index]
 
     def close(self) -> None:
         """Close the connection, which releases the session lock; safe to call twice."""
