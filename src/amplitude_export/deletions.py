@@ -302,7 +302,7 @@ def drop_archives(raw_dir: Path, amplitude_ids: set[int]) -> list[Path]:
     if not raw_dir.is_dir() or not amplitude_ids:
         return []
     pattern = _id_pattern(amplitude_ids)
-    dropped = [path for path in sorted(raw_dir.glob("*.zip")) if _names_any(path, pattern)]
+    dropped = [path for path in sorted(raw_dir.glob("*.zip")) if names_any(path, pattern)]
     for path in dropped:
         try:
             path.unlink()
@@ -312,8 +312,11 @@ def drop_archives(raw_dir: Path, amplitude_ids: set[int]) -> list[Path]:
     return dropped
 
 
-def _names_any(path: Path, pattern: re.Pattern[bytes]) -> bool:
-    """Whether a line of the archive at `path` matches `pattern` (members inflated a block at a time)."""
+def names_any(path: Path, pattern: re.Pattern[bytes] | set[int] | frozenset[int]) -> bool:
+    """Whether a line of the archive at `path` matches `pattern` (or names one of a set of amplitude ids), its
+    members inflated a block at a time."""
+    if not isinstance(pattern, re.Pattern):
+        pattern = _id_pattern(set(pattern))
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             if info.is_dir():

@@ -707,9 +707,15 @@ def _recheck_window(
     if changed and outcome.status == "unchanged":
         outcome.status = "reloaded"
         outcome.reason = f"{plural(len(changed), 'hour')} changed: " + ", ".join(label_hour(h) for h in changed)
-    if not keep_raw or outcome.deleted:
-        archive.unlink(missing_ok=True)
+    if not keep_raw or outcome.deleted or (privacy is not None and privacy.deleted and _holds(archive, privacy)):
+        archive.unlink(missing_ok=True)  # a kept archive never holds deleted users' events, reloaded or not
     return outcome, changed
+
+
+def _holds(archive: Path, privacy: Privacy) -> bool:
+    from .deletions import names_any
+
+    return names_any(archive, privacy.deleted)
 
 
 def _runs(hours: list[datetime]) -> list[Window]:

@@ -65,9 +65,9 @@ _DELETIONS_COLUMNS = (
     "PRIMARY KEY (project, day)"
 )
 # a deleted user's row: by amplitude_id, or by the one `_extra` kept (as text) when it did not fit the column
-# (CASE, not AND: PostgreSQL may evaluate the cast before the pattern test)
+# (CASE, not AND: PostgreSQL may evaluate the cast before the pattern test; braces doubled for sql.SQL.format)
 _DELETED_ROWS = (
-    "coalesce(amplitude_id, CASE WHEN _extra->>'amplitude_id' ~ '^\\s*-?[0-9]{1,18}\\s*$' "
+    "coalesce(amplitude_id, CASE WHEN _extra->>'amplitude_id' ~ '^\\s*-?[0-9]{{1,18}}\\s*$' "
     "THEN (_extra->>'amplitude_id')::bigint END) = ANY(%(ids)s::bigint[])"
 )
 _STAGE = "_amplitude_stage"
