@@ -2,6 +2,7 @@
 `--hash-columns`/`--exclude-columns`, interleaved on one day's archive.
 
     .venv/bin/python benchmarks/privacy_cost.py --events 100000 --rounds 3
+    .venv/bin/python benchmarks/privacy_cost.py --controls "--hash-columns user_id --exclude-columns ip_address"
     .venv/bin/python benchmarks/privacy_cost.py --tiny      # 2,400 events, 1 round: the test runs this
 
 The archive is a day of the fake server's events (`FakeExportServer`, 2 % of lines varied), landed once by
@@ -64,19 +65,21 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "amplitude-privacy-bench")
+    parser.add_argument("--controls", default=" ".join(CONTROLS), help="the options measured against none")
     parser.add_argument("--tiny", action="store_true", help="2,400 events, one round, a fresh workdir")
     args = parser.parse_args()
+    controls = args.controls.split()
     if args.tiny:
         args.events, args.rounds, args.workdir = 2_400, 1, Path(tempfile.mkdtemp())
     args.workdir.mkdir(parents=True, exist_ok=True)
     archive = land(args.workdir, args.events)
     times: dict[str, list[float]] = {"plain": [], "controls": []}
     for round_no in range(1, args.rounds + 1):
-        for name, controls in (("plain", []), ("controls", CONTROLS)):
-            times[name].append(load_once(archive, args.workdir, controls))
+        for name, options in (("plain", []), ("controls", controls)):
+            times[name].append(load_once(archive, args.workdir, options))
             print(f"round {round_no} {name}: {times[name][-1]:.2f} CPU s", flush=True)
     plain, private = statistics.median(times["plain"]), statistics.median(times["controls"])
-    print(f"events {args.events:,}; controls: {' '.join(CONTROLS)}")
+    print(f"events {args.events:,}; controls: {' '.join(controls)}")
     print(f"median CPU s: plain {plain:.2f}, with controls {private:.2f} (x{private / plain:.2f}, "
           f"+{private - plain:.2f} s)")
 

@@ -77,3 +77,9 @@ def test_the_corpus_grows_the_real_lines_into_a_varied_day(tmp_path: Path) -> No
                        if "Drop Id" in event["event_properties"])  # fmt: skip
     assert drop_ids["int"] and drop_ids["str"]
     assert path.read_bytes() == corpus.build(tmp_path / "again.jsonl", 2_000, day).read_bytes()  # deterministic
+
+
+@pytest.mark.slow
+def test_the_privacy_cost_benchmark_runs() -> None:
+    out = run("privacy_cost.py", "--tiny")
+    assert "round 1 plain: " in out and "round 1 controls: " in out and "median CPU s: plain" in out

@@ -29,7 +29,7 @@ from .config import REGION_HOSTS, load_credentials
 from .errors import EXIT_INTERRUPTED, AmplitudeExportError, DestinationBusyError, StorageError, UsageError
 
 if TYPE_CHECKING:
-    from datetime import datetime
+    from datetime import date, datetime
 
     from .config import Credentials
     from .sinks import Sink
@@ -545,14 +545,13 @@ def load(dest: str | None, project: str | None, exclude_columns: str | None, has
 
 
 def _sync_deletions(credentials: Credentials, sink: Sink, project: str, data_dir: Path, run_id: str, *,
-                    start_day: str | None = None, end_day: str | None = None, max_attempts: int = 6,
+                    start_day: date | None = None, end_day: date | None = None, max_attempts: int = 6,
                     retry_wait: float = 2.0) -> None:
-    from .deletions import DeletionsClient, parse_day, sync
+    """Apply the deletion jobs (`deletions.sync`) and print what was found and done."""
+    from .deletions import DeletionsClient, sync
 
-    first = parse_day(start_day, "--start-day") if start_day else None
-    last = parse_day(end_day, "--end-day") if end_day else None
     with DeletionsClient(credentials, max_attempts=max_attempts, wait_initial=retry_wait) as client:
-        report = sync(client, sink, project, data_dir=data_dir, start_day=first, end_day=last, run_id=run_id)
+        report = sync(client, sink, project, data_dir=data_dir, start_day=start_day, end_day=end_day, run_id=run_id)
     for line in report.lines():
         click.echo(line)
 
@@ -600,8 +599,8 @@ def deletions(api_key: str | None, secret_key: str | None, region: str | None, b
     with _unless_refused(created, log_path):
         sink = _open_for_writing(url, wait)
     try:
-        _sync_deletions(credentials, sink, project or credentials.api_key, data_dir, run_id, start_day=start_day,
-                        end_day=end_day, max_attempts=max_attempts)
+        _sync_deletions(credentials, sink, project or credentials.api_key, data_dir, run_id, start_day=first,
+                        end_day=last, max_attempts=max_attempts)
     finally:
         sink.close()
     if log_path:
