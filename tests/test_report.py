@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import uuid as uuid_module
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -258,6 +260,20 @@ def test_empty_destination_and_unknown_project(tmp_path: Path, destinations: dic
     assert data["totals"]["events"] == 0 and data["hourly"] == [] and data["meta"]["start"] is None
     with pytest.raises(UsageError, match="no project 'nope'"):
         write_report(destinations["duckdb"], tmp_path / "x.html", project="nope")
+
+
+def test_the_report_imports_nothing_above_the_sinks(destinations: dict[str, str], tmp_path: Path) -> None:
+    """The report reads a destination through the sinks' public functions: no pipeline, status or CLI imported."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom amplitude_export.report import write_report\n"
+        f"write_report({destinations['parquet']!r}, Path({str(tmp_path / 'r.html')!r}))\n"
+        f"write_report({destinations['duckdb']!r}, Path({str(tmp_path / 'r.html')!r}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('amplitude_export.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(result.stdout.strip().replace("'", '"')))
+    assert "amplitude_export.report.figures" in loaded
+    assert not loaded & {"amplitude_export.pipeline", "amplitude_export.status", "amplitude_export.cli"}, loaded
 
 
 def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from typing import Any
 
+from .windows import HOUR, label_hour
+
 LOADED = "loaded"  # the hour's events are in the destination
 EMPTY = "empty"  # the Export API answered 404: no data in that hour
 FAILED = "failed"  # retries and splits did not get the hour; `reason` says why
@@ -106,3 +108,31 @@ class DeletionRecord:
             values["applied_at"] = datetime.fromisoformat(values["applied_at"])
         values["amplitude_ids"] = sorted(int(i) for i in values.get("amplitude_ids") or [])
         return cls(**values)
+
+
+def spans(ledger: dict[datetime, HourRecord]) -> list[dict[str, Any]]:
+    """Consecutive hours with the same status (and reason) as one span each, with their totals."""
+    out: list[dict[str, Any]] = []
+    for hour in sorted(ledger):
+        record = ledger[hour]
+        last = out[-1] if out else None
+        same_day = last is not None and last["_last"].date() == hour.date()
+        if last and same_day and last["_last"] + HOUR == hour and last["status"] == record.status \
+                and last["reason"] == record.reason:
+            span = last
+        else:
+            span = {"start": label_hour(hour), "end": label_hour(hour), "status": record.status,
+                    "reason": record.reason, "hours": 0, "events": 0, "duplicates": 0, "rejects": 0, "bytes": 0,
+                    "run_id": record.run_id, "_last": hour}
+            out.append(span)
+        span["end"] = label_hour(hour)
+        span["_last"] = hour
+        span["hours"] += 1
+        span["events"] += record.events_loaded
+        span["duplicates"] += record.duplicates
+        span["rejects"] += record.rejects
+        span["bytes"] += record.bytes
+        span["run_id"] = record.run_id
+    for span in out:
+        del span["_last"]
+    return out

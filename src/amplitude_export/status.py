@@ -15,41 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UsageError
-from .ledger import EMPTY, LOADED, HourRecord
+from .ledger import EMPTY, LOADED, HourRecord, spans
 from .pipeline import incremental_start, plural
 from .sinks import Sink
 from .windows import HOUR, label_hour, parse_hour
 
 HASH_CHARS = 12  # enough of a sha256 to tell two versions of an hour apart by eye
 _STYLES = {"failed": "red", "too_large": "red", "empty": "dim"}
-
-
-def spans(ledger: dict[datetime, HourRecord]) -> list[dict[str, Any]]:
-    """Consecutive hours with the same status (and reason) as one span each, with their totals."""
-    out: list[dict[str, Any]] = []
-    for hour in sorted(ledger):
-        record = ledger[hour]
-        last = out[-1] if out else None
-        same_day = last is not None and last["_last"].date() == hour.date()
-        if last and same_day and last["_last"] + HOUR == hour and last["status"] == record.status \
-                and last["reason"] == record.reason:
-            span = last
-        else:
-            span = {"start": label_hour(hour), "end": label_hour(hour), "status": record.status,
-                    "reason": record.reason, "hours": 0, "events": 0, "duplicates": 0, "rejects": 0, "bytes": 0,
-                    "run_id": record.run_id, "_last": hour}
-            out.append(span)
-        span["end"] = label_hour(hour)
-        span["_last"] = hour
-        span["hours"] += 1
-        span["events"] += record.events_loaded
-        span["duplicates"] += record.duplicates
-        span["rejects"] += record.rejects
-        span["bytes"] += record.bytes
-        span["run_id"] = record.run_id
-    for span in out:
-        del span["_last"]
-    return out
 
 
 def joined(days: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,53 @@
+"""`amplitude-export report`: one self-contained HTML page about what a destination holds.
+
+The way through the package is one way: `views` (the destination as DuckDB views `all_events` and `ledger`)
+-> `figures` (every number, by SQL; `health` for the data-health tables) -> `page` (the template `page.html`
+filled in, with `charts`' Vega-Lite specs and the Vega JavaScript inlined). Adding a destination means adding
+the two views, nothing else. Only aggregates leave the database: the page's size grows with the number of days
+and hours in the range, not with the number of events.
+
+The page embeds its figures once, as JSON (`<script type="application/json" id="report-data">`), and draws them
+with Vega-Lite specs (`chart_specs`); the Vega, Vega-Lite and vega-embed JavaScript ships with the package
+(`report_assets/`, refreshed by tools/vendor_vega.sh) and is inlined, so the page opens offline. See docs/REPORT.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .charts import chart_specs, vega_versions
+from .figures import TOP, gather
+from .page import render_html
+from .views import open_views
+
+
+def write_report(
+    dest: str,
+    out: Path,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    project: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Path:
+    """Write the HTML report of destination `dest` to `out`; return `out`.
+
+    `dest` is any destination `run` writes: `duckdb:PATH`, `parquet:DIR` (or an fsspec URL such as
+    `parquet:s3://bucket/prefix`) or `postgresql://...`.
+
+    `start` and `end` are UTC upload hours, both inclusive (default: everything the destination holds). `project`
+    picks the ledger to read; by default the only one there (a destination holding several needs it named).
+    `storage_options` go to the filesystem of a `parquet:` URL on object storage, as for `read_arrow`.
+    """
+    with open_views(dest, storage_options) as con:
+        data = gather(con, start=start, end=end, project=project)
+    data["meta"]["destination"] = dest
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(data), encoding="utf-8")
+    return out
+
+
+__all__ = ["TOP", "chart_specs", "gather", "open_views", "render_html", "vega_versions", "write_report"]
