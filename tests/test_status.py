@@ -15,9 +15,10 @@ from amplitude_export.cli import cli
 from amplitude_export.client import ExportClient
 from amplitude_export.config import Credentials, Secret
 from amplitude_export.fake_server import FakeExportServer
-from amplitude_export.ledger import HourRecord
+from amplitude_export.ledger import FAILED, LOADED, HourRecord, spans
 from amplitude_export.pipeline import run
 from amplitude_export.sinks import open_sink
+from amplitude_export.windows import HOUR
 
 EMPTY_HOUR = datetime(2024, 3, 1, 4, tzinfo=UTC)
 
@@ -117,3 +118,21 @@ def test_the_range_limits_spans_and_ledger_and_bad_ranges_exit_2(
         code, out, err = status("--dest", dest, "--hours", *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+
+
+def test_spans_cut_at_midnight_unless_asked_not_to() -> None:
+    """`--json` (and the report) cut spans at midnight; the table joins them across it."""
+    hours = [datetime(2024, 3, 1, 22, tzinfo=UTC) + n * HOUR for n in range(5)]  # 22, 23, 00, 01, 02
+    ledger = {hour: HourRecord(hour=hour, status=LOADED, events_loaded=10, bytes=100, run_id=f"r{n}")
+              for n, hour in enumerate(hours)}  # fmt: skip
+    ledger[hours[4]] = HourRecord(hour=hours[4], status=FAILED, reason="504", run_id="r4")
+    assert [(s["start"], s["end"], s["hours"], s["events"], s["run_id"]) for s in spans(ledger)] == [
+        ("2024-03-01T22", "2024-03-01T23", 2, 20, "r1"),
+        ("2024-03-02T00", "2024-03-02T01", 2, 20, "r3"),
+        ("2024-03-02T02", "2024-03-02T02", 1, 0, "r4"),
+    ]
+    joined = spans(ledger, by_day=False)
+    assert [(s["start"], s["end"], s["status"], s["reason"], s["bytes"]) for s in joined] == [
+        ("2024-03-01T22", "2024-03-02T01", LOADED, None, 400),
+        ("2024-03-02T02", "2024-03-02T02", FAILED, "504", 0),
+    ]

@@ -9,6 +9,7 @@ import pytest
 from amplitude_export.errors import UsageError
 from amplitude_export.windows import (
     Window,
+    hour_runs,
     last_ready_hour,
     parse_hour,
     plan_windows,
@@ -101,3 +102,19 @@ def test_window_names_round_trip() -> None:
     assert window.name == "20240301T00_20240301T23"
     assert window.params() == {"start": "20240301T00", "end": "20240301T23"}
     assert Window.from_name(window.name) == window
+
+
+def test_hour_runs_join_consecutive_hours_of_one_key() -> None:
+    keyed = [(utc(2024, 3, 1, h), key) for h, key in
+             [(0, "a"), (1, "a"), (2, "b"), (3, "a"), (5, "a"), (6, "a"), (7, "b"), (8, "b")]]  # fmt: skip
+    assert hour_runs(keyed) == [
+        (Window(utc(2024, 3, 1, 0), utc(2024, 3, 1, 1)), "a"),
+        (Window(utc(2024, 3, 1, 2), utc(2024, 3, 1, 2)), "b"),
+        (Window(utc(2024, 3, 1, 3), utc(2024, 3, 1, 3)), "a"),  # "b" came between: a run of its own
+        (Window(utc(2024, 3, 1, 5), utc(2024, 3, 1, 6)), "a"),  # hour 4 missing: a gap ends a run
+        (Window(utc(2024, 3, 1, 7), utc(2024, 3, 1, 8)), "b"),
+    ]
+    # two kinds of problem in the same hours: each key keeps its own run going
+    both = [(utc(2024, 3, 1, h), key) for h in (0, 1, 2) for key in ("x", "y")]
+    assert hour_runs(both) == [(Window(utc(2024, 3, 1, 0), utc(2024, 3, 1, 2)), key) for key in ("x", "y")]
+    assert hour_runs([]) == []

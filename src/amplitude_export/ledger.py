@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from .windows import HOUR, label_hour
+from .windows import HOUR, hour_runs, label_hour
 
 LOADED = "loaded"  # the hour's events are in the destination
 EMPTY = "empty"  # the Export API answered 404: no data in that hour
@@ -19,6 +19,7 @@ FAILED = "failed"  # retries and splits did not get the hour; `reason` says why
 TOO_LARGE = "too_large"  # 400 (too large) even for one hour alone; `reason` quotes the answer: S3 export
 
 STATUSES = (LOADED, EMPTY, FAILED, TOO_LARGE)
+DONE = (LOADED, EMPTY)  # no run needs to fetch the hour again (unless a lookback finds it changed)
 
 
 @dataclass(frozen=True)
@@ -110,29 +111,25 @@ class DeletionRecord:
         return cls(**values)
 
 
-def spans(ledger: dict[datetime, HourRecord]) -> list[dict[str, Any]]:
-    """Consecutive hours with the same status (and reason) as one span each, with their totals."""
+def incremental_start(ledger: dict[datetime, HourRecord]) -> datetime | None:
+    """The hour after the last hour the ledger holds as done (loaded or empty), or None for a destination never
+    loaded: where a run without --start begins."""
+    done = [hour for hour, record in ledger.items() if record.status in DONE]
+    return max(done) + HOUR if done else None
+
+
+def spans(ledger: dict[datetime, HourRecord], *, by_day: bool = True) -> list[dict[str, Any]]:
+    """Consecutive hours with the same status and reason as one span each, with their totals and the run id of
+    the span's last hour; cut at midnight unless `by_day` is False."""
+    keyed = ((hour, (record.status, record.reason, hour.date() if by_day else None))
+             for hour, record in sorted(ledger.items()))  # fmt: skip
     out: list[dict[str, Any]] = []
-    for hour in sorted(ledger):
-        record = ledger[hour]
-        last = out[-1] if out else None
-        same_day = last is not None and last["_last"].date() == hour.date()
-        if last and same_day and last["_last"] + HOUR == hour and last["status"] == record.status \
-                and last["reason"] == record.reason:
-            span = last
-        else:
-            span = {"start": label_hour(hour), "end": label_hour(hour), "status": record.status,
-                    "reason": record.reason, "hours": 0, "events": 0, "duplicates": 0, "rejects": 0, "bytes": 0,
-                    "run_id": record.run_id, "_last": hour}
-            out.append(span)
-        span["end"] = label_hour(hour)
-        span["_last"] = hour
-        span["hours"] += 1
-        span["events"] += record.events_loaded
-        span["duplicates"] += record.duplicates
-        span["rejects"] += record.rejects
-        span["bytes"] += record.bytes
-        span["run_id"] = record.run_id
-    for span in out:
-        del span["_last"]
+    for window, (status, reason, _) in hour_runs(keyed):
+        records = [ledger[hour] for hour in window.each_hour()]
+        out.append({
+            "start": label_hour(window.start), "end": label_hour(window.end), "status": status, "reason": reason,
+            "hours": window.hours, "events": sum(r.events_loaded for r in records),
+            "duplicates": sum(r.duplicates for r in records), "rejects": sum(r.rejects for r in records),
+            "bytes": sum(r.bytes for r in records), "run_id": records[-1].run_id,
+        })  # fmt: skip
     return out

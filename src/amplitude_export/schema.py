@@ -9,9 +9,12 @@ See docs/SCHEMA.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+
+from .errors import UsageError
 
 # Logical kinds; each destination maps them to its own types.
 STRING = "string"
@@ -161,3 +164,13 @@ JSON_COLUMNS: tuple[str, ...] = tuple(c.name for c in ALL_COLUMNS if c.kind == J
 def quote(name: str) -> str:
     """Quote an identifier for SQL (DuckDB and PostgreSQL agree on double quotes)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def arrow_schema(columns: Sequence[str] | None = None) -> pa.Schema:
+    """`ARROW_SCHEMA`, or the part of it `columns` names, in that order; a name it lacks is a UsageError."""
+    if columns is None:
+        return ARROW_SCHEMA
+    unknown = [name for name in columns if name not in COLUMN_NAMES]
+    if unknown:
+        raise UsageError(f"events have no column {unknown[0]!r}")
+    return pa.schema([ARROW_SCHEMA.field(name) for name in columns])

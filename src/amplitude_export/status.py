@@ -1,8 +1,8 @@
 """What the destination holds: the ledger grouped into spans of hours, or hour by hour, and where the next run
 starts.
 
-`spans` cuts at midnight (the `--json` form and the report want days); the table joins consecutive days with the
-same status and reason into one row, so a month loaded is one line.
+`spans` cuts at midnight in the `--json` form (the report shows the same); the table does not, so a month
+loaded is one line.
 """
 
 from __future__ import annotations
@@ -14,37 +14,24 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UsageError
-from .ledger import EMPTY, LOADED, HourRecord, spans
-from .pipeline import incremental_start, plural
+from .ledger import EMPTY, FAILED, LOADED, TOO_LARGE, HourRecord, incremental_start, spans
 from .sinks import Sink
-from .windows import HOUR, label_hour, parse_hour
+from .windows import Window, label_hour, parse_hour
 
 HASH_CHARS = 12  # enough of a sha256 to tell two versions of an hour apart by eye
-_STYLES = {"failed": "red", "too_large": "red", "empty": "dim"}
+_STYLES = {FAILED: "red", TOO_LARGE: "red", EMPTY: "dim"}
 
 
-def joined(days: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`spans` with consecutive spans of the same status and reason joined across midnight, totals added up."""
-    out: list[dict[str, Any]] = []
-    for span in days:
-        last = out[-1] if out else None
-        if last is not None and last["status"] == span["status"] and last["reason"] == span["reason"] \
-                and parse_hour(last["end"]) + HOUR == parse_hour(span["start"]):
-            for key in ("hours", "events", "duplicates", "rejects", "bytes"):
-                last[key] += span[key]
-            last["end"], last["run_id"] = span["end"], span["run_id"]
-        else:
-            out.append(dict(span))
-    return out
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def hour_range(start: str | None, end: str | None) -> tuple[datetime | None, datetime | None]:
     """`--start`/`--end` as UTC hours (either may be open; a bare end date means its hour 23)."""
     first = parse_hour(start) if start is not None else None
     last = parse_hour(end, is_end=True) if end is not None else None
-    if first is not None and last is not None and last < first:
-        raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
+    if first is not None and last is not None:
+        Window(first, last)  # refuses an end before the start
     return first, last
 
 
@@ -71,7 +58,7 @@ def status_data(
         "hours_loaded": sum(r.status == LOADED for r in ledger.values()),
         "hours_empty": sum(r.status == EMPTY for r in ledger.values()),
         "events": sum(r.events_loaded for r in ledger.values()),
-        "failed_hours": [label_hour(h) for h, r in sorted(ledger.items()) if r.status in ("failed", "too_large")],
+        "failed_hours": [label_hour(h) for h, r in sorted(ledger.items()) if r.status in (FAILED, TOO_LARGE)],
         "windows": spans(ledger),
         "ledger": [ledger[hour].to_dict() for hour in sorted(ledger)],
         # deletion jobs applied (docs/PRIVACY.md); a sink without a deletions ledger has none
@@ -101,7 +88,8 @@ def _spans_table(data: dict[str, Any]) -> Table:
     for name in ("start", "end", "status", "events", "duplicates", "rejects", "bytes", "reason"):
         numeric = name in ("events", "duplicates", "rejects", "bytes")
         table.add_column(name, justify="right" if numeric else "left", no_wrap=name != "reason")
-    for span in joined(data["windows"]):
+    records = {record.hour: record for record in map(HourRecord.from_dict, data["ledger"])}
+    for span in spans(records, by_day=False):
         table.add_row(span["start"], span["end"], span["status"], f"{span['events']:,}", f"{span['duplicates']:,}",
                       f"{span['rejects']:,}", f"{span['bytes']:,}", span["reason"] or "",
                       style=_STYLES.get(span["status"]))
@@ -144,12 +132,12 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
         resume = data["next_run_starts"]
         nxt = f"next run starts at {resume} UTC" if resume else "the next run without --start takes yesterday"
         empty = data["hours_empty"]
-        console.print(f"{data['events']:,} events in {plural(data['hours'], 'hour')}{limited} "
+        console.print(f"{data['events']:,} events in {_plural(data['hours'], 'hour')}{limited} "
                       f"({data['hours_loaded']:,} loaded, {empty:,} empty"
                       f"{': the Export API had no data for them' if empty else ''}); {nxt}")
     if data["failed_hours"]:
-        console.print(f"[red]{plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")
+        console.print(f"[red]{_plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")
     for job in data.get("deletions", []):
-        console.print(f"deletion job {job['day']} ({job['status']}): {plural(len(job['amplitude_ids']), 'user')}, "
+        console.print(f"deletion job {job['day']} ({job['status']}): {_plural(len(job['amplitude_ids']), 'user')}, "
                       f"{job['rows_deleted']:,} events rows and {job['cohort_rows_deleted']:,} cohort_members rows "
                       f"deleted, applied {job['applied_at']}", highlight=False)

@@ -8,9 +8,10 @@ Always UTC: the local clock never enters.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from .errors import UsageError
 
@@ -124,6 +125,27 @@ class Window:
         """The window a landed archive's name stands for (the inverse of `name`)."""
         start, _, end = name.partition("_")
         return cls(parse_hour(start), parse_hour(end, is_end=True))
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def hour_runs(keyed: Iterable[tuple[datetime, K]]) -> list[tuple[Window, K]]:
+    """Hours joined into runs of consecutive hours with equal keys, in the order the runs start.
+
+    `keyed` gives (hour, key) pairs in ascending hour order; a pair extends the latest run of its key when that
+    run ends the hour before, else it starts a new run. Runs of different keys may interleave.
+    """
+    runs: list[tuple[Window, K]] = []
+    latest: dict[K, int] = {}  # key -> index in `runs` of its latest run
+    for hour, key in keyed:
+        index = latest.get(key)
+        if index is not None and runs[index][0].end + HOUR == hour:
+            runs[index] = (Window(runs[index][0].start, hour), key)
+        else:
+            latest[key] = len(runs)
+            runs.append((Window(hour, hour), key))
+    return runs
 
 
 def plan_windows(start: datetime, end: datetime, window_hours: int = 24) -> list[Window]:

@@ -1,10 +1,10 @@
 """`amplitude-export report`: one self-contained HTML page about what a destination holds.
 
-The way through the package is one way: `views` (the destination as DuckDB views `all_events` and `ledger`)
--> `figures` (every number, by SQL; `health` for the data-health tables) -> `page` (the template `page.html`
-filled in, with `charts`' Vega-Lite specs and the Vega JavaScript inlined). Adding a destination means adding
-the two views, nothing else. Only aggregates leave the database: the page's size grows with the number of days
-and hours in the range, not with the number of events.
+The way through the package is one way: `snapshot` (the ledger and the event columns the figures need, read
+through the sink's public reads into a DuckDB file of the report's own) -> `figures` (every number, by SQL;
+`health` for the data-health tables) -> `page` (the template `page.html` filled in, with `charts`' Vega-Lite specs
+and the Vega JavaScript inlined). Any destination a sink writes can be reported on. Only aggregates leave the
+database: the page's size grows with the number of days and hours in the range, not with the number of events.
 
 The page embeds its figures once, as JSON (`<script type="application/json" id="report-data">`), and draws them
 with Vega-Lite specs (`chart_specs`); the Vega, Vega-Lite and vega-embed JavaScript ships with the package
@@ -20,7 +20,7 @@ from typing import Any
 from .charts import chart_specs, vega_versions
 from .figures import TOP, gather
 from .page import render_html
-from .views import open_views
+from .snapshot import take_snapshot
 
 
 def write_report(
@@ -41,8 +41,8 @@ def write_report(
     picks the ledger to read; by default the only one there (a destination holding several needs it named).
     `storage_options` go to the filesystem of a `parquet:` URL on object storage, as for `read_arrow`.
     """
-    with open_views(dest, storage_options) as con:
-        data = gather(con, start=start, end=end, project=project)
+    with take_snapshot(dest, project, storage_options) as snapshot:
+        data = gather(snapshot, start=start, end=end)
     data["meta"]["destination"] = dest
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,4 +50,4 @@ def write_report(
     return out
 
 
-__all__ = ["TOP", "chart_specs", "gather", "open_views", "render_html", "vega_versions", "write_report"]
+__all__ = ["TOP", "chart_specs", "gather", "render_html", "take_snapshot", "vega_versions", "write_report"]

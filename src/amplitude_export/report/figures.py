@@ -1,7 +1,7 @@
-"""The report's figures: every number on the page, gathered by SQL over views `events` and `ledger`.
+"""The report's figures: every number on the page, from a snapshot's ledger and SQL over its `events` table.
 
-`gather` narrows the view `all_events` to one project's `events`; only aggregates leave DuckDB, so the figures
-grow with the number of days and hours in the range, not with the number of events.
+Only aggregates leave DuckDB, so the figures grow with the number of days and hours in the range, not with the
+number of events.
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ from typing import Any
 
 import duckdb
 
-from ..errors import UsageError
-from ..ledger import EMPTY, LOADED, HourRecord, spans
-from ..sinks.duckdb import record_from_row
-from ..windows import HOUR, floor_hour, label_hour
+from ..ledger import DONE, HourRecord, spans
+from ..windows import HOUR, Window, floor_hour, label_hour
 from .health import health
-from .views import literal, query_rows
+from .snapshot import Snapshot, query_rows
 
 TOP = 15  # rows kept for event types and countries; the rest is one "(other)" row
 HOURLY_DAYS = 92  # the hourly chart covers at most the range's last 92 days (about 2,200 bars)
 MISSING = "not loaded"  # an hour in range with no ledger row: no run has asked for it
-DONE = (LOADED, EMPTY)
 DAY = timedelta(days=1)
 
 # Lateness buckets: (label, upper bound in seconds); an event lands in the first bucket whose bound exceeds it.
@@ -39,72 +36,42 @@ LATENESS_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 
 
-
-# -- gathering ----------------------------------------------------------------------------------------------
-
-
 def _iso_hour(column: str) -> str:
     """SQL for an hour as a string JavaScript parses as UTC (timestamps never leave DuckDB as objects)."""
     return f"strftime({column}, '%Y-%m-%dT%H:00:00Z')"
 
 
-def _resolve_project(con: duckdb.DuckDBPyConnection, project: str | None) -> str | None:
-    projects = [row[0] for row in con.execute("SELECT DISTINCT project FROM ledger ORDER BY 1").fetchall()]
-    if project is not None:
-        if projects and project not in projects:
-            raise UsageError(f"the ledger knows no project {project!r}; it has {', '.join(projects)}")
-        return project
-    if len(projects) > 1:
-        raise UsageError(f"the destination holds several projects ({', '.join(projects)}): name one")
-    return projects[0] if projects else None
-
-
 def _resolve_range(
-    con: duckdb.DuckDBPyConnection, project: str | None, start: datetime | None, end: datetime | None
+    snapshot: Snapshot, start: datetime | None, end: datetime | None
 ) -> tuple[datetime, datetime] | None:
     """First and last upload hour of the report (inclusive), defaulting to what the destination holds."""
     if start is None or end is None:
-        row = con.execute(
-            f"SELECT {_iso_hour('min(h)')}, {_iso_hour('max(h)')} FROM ("
-            "SELECT hour AS h FROM ledger WHERE project IS NOT DISTINCT FROM ? "
-            "UNION ALL SELECT min(_upload_hour) FROM events UNION ALL SELECT max(_upload_hour) FROM events)",
-            [project],
+        stored = snapshot.con.execute(
+            f"SELECT {_iso_hour('min(_upload_hour)')}, {_iso_hour('max(_upload_hour)')} FROM events"
         ).fetchall()[0]
-        if row[0] is None:
-            if start is None or end is None:
-                return None
-        else:
-            start = start or datetime.fromisoformat(row[0])
-            end = end or datetime.fromisoformat(row[1])
-    assert start is not None and end is not None
+        hours = [*snapshot.ledger, *(datetime.fromisoformat(h) for h in stored if h is not None)]
+        if not hours:
+            return None
+        start = start or min(hours)
+        end = end or max(hours)
     first, last = floor_hour(start), floor_hour(end)
-    if last < first:
-        raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
+    Window(first, last)  # refuses an end before the start
     return first, last
 
 
-def gather(
-    con: duckdb.DuckDBPyConnection,
-    *,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    project: str | None = None,
-) -> dict[str, Any]:
-    """Every figure of the report, as JSON-ready data, from views `events` and `ledger` on `con`.
+def gather(snapshot: Snapshot, *, start: datetime | None = None, end: datetime | None = None) -> dict[str, Any]:
+    """Every figure of the report, as JSON-ready data, from a snapshot of the destination.
 
     Upload-time figures (hourly, lateness, health, windows) cover events whose upload hour is in the range;
     event-time figures (daily, users, types, platforms, countries) cover events whose `event_time` is in it.
     """
-    project = _resolve_project(con, project)
-    # the figures read `events`: the rows of this project only (one destination may hold several)
-    where = "" if project is None else f" WHERE _project = {literal(project)}"
-    con.execute(f"CREATE OR REPLACE TEMP VIEW events AS SELECT * FROM all_events{where}")
+    con = snapshot.con
     meta: dict[str, Any] = {
-        "project": project,
+        "project": snapshot.project,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "hourly_days": HOURLY_DAYS,
     }
-    resolved = _resolve_range(con, project, start, end)
+    resolved = _resolve_range(snapshot, start, end)
     if resolved is None:
         meta.update(start=None, end=None)
         return {"meta": meta, **_empty_figures()}
@@ -115,7 +82,7 @@ def gather(
     occurred = "event_time >= ? AND event_time < ?"
     span = [first, stop]
 
-    ledger = _ledger_records(con, project, first, stop)
+    ledger = {hour: record for hour, record in sorted(snapshot.ledger.items()) if first <= hour < stop}
     stored = _stored_per_hour(con, upload, span)
     hourly = _hourly(ledger, stored, first, last)
     complete_through = _complete_until(ledger, first, last)
@@ -170,17 +137,6 @@ def _empty_figures() -> dict[str, Any]:
                    "unknown_fields": [], "ledger_mismatches": []},
         "windows": [],
     }  # fmt: skip
-
-
-def _ledger_records(
-    con: duckdb.DuckDBPyConnection, project: str | None, first: datetime, stop: datetime
-) -> dict[datetime, HourRecord]:
-    table = con.sql(
-        "SELECT * FROM ledger WHERE project IS NOT DISTINCT FROM ? AND hour >= ? AND hour < ? ORDER BY hour",
-        params=[project, first, stop],
-    ).to_arrow_table()  # through Arrow: fetchall() on TIMESTAMPTZ needs pytz
-    records = [record_from_row(row) for row in table.to_pylist()]
-    return {record.hour: record for record in records}
 
 
 def _complete_until(ledger: dict[datetime, HourRecord], first: datetime, last: datetime) -> datetime | None:

@@ -9,8 +9,8 @@ import duckdb
 
 from ..ledger import FAILED, LOADED, TOO_LARGE, HourRecord, spans
 from ..schema import KNOWN_SOURCES
-from ..windows import HOUR, label_hour
-from .views import query_rows
+from ..windows import hour_runs, label_hour
+from .snapshot import query_rows
 
 
 def health(
@@ -20,30 +20,15 @@ def health(
     upload: str,
     span: list[datetime],
 ) -> dict[str, Any]:
-    retried: list[dict[str, Any]] = []  # runs of consecutive hours with the same attempts and status
-    for hour, record in sorted(ledger.items()):
-        if record.attempts <= 1:
-            continue
-        last = retried[-1] if retried else None
-        if (
-            last
-            and last["_next"] == hour
-            and (last["attempts"], last["status"]) == (record.attempts, record.status)
-        ):
-            last.update(end=label_hour(hour), hours=last["hours"] + 1, _next=hour + HOUR)
-        else:
-            retried.append(
-                {
-                    "start": label_hour(hour),
-                    "end": label_hour(hour),
-                    "hours": 1,
-                    "attempts": record.attempts,
-                    "status": record.status,
-                    "_next": hour + HOUR,
-                }
-            )
-    for run in retried:
-        del run["_next"]
+    """The data-health figures of the ledger's hours in range and of the events uploaded in them (`upload`, with
+    `span` for its parameters); `stored` is events per upload hour, by `label_hour`."""
+    # runs of consecutive hours with the same attempts and status
+    retried_hours = ((hour, (record.attempts, record.status)) for hour, record in ledger.items() if record.attempts > 1)
+    retried = [
+        {"start": label_hour(window.start), "end": label_hour(window.end), "hours": window.hours,
+         "attempts": attempts, "status": status}
+        for window, (attempts, status) in hour_runs(sorted(retried_hours))
+    ]  # fmt: skip
     split: dict[str, dict[str, Any]] = {}  # by the planned window that 400s or 504s made the run fetch in parts
     for _, record in sorted(ledger.items()):
         if not record.split_from:

@@ -8,7 +8,7 @@ together, so the destination is the only record of progress.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +75,12 @@ class Sink(Protocol):
         """In one transaction: delete every row of `project` whose amplitude_id is in `amplitude_ids` from `events`
         (lowering its hours' `events_loaded`) and from `cohort_members` where it exists, and store `record` with
         `rows_deleted` and `cohort_rows_deleted` raised by what was deleted. Returns the stored record."""
+        ...
+
+    def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
+        """The stored events (of one project, or all), only `columns` (every column by default), as a stream of
+        Arrow batches typed as `schema.arrow_schema(columns)`, in no particular order; memory stays bounded
+        however many events there are (what the report reads)."""
         ...
 
     def close(self) -> None:

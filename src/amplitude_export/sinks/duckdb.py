@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -713,6 +713,31 @@ class DuckDBSink:
         if count:
             self.connection.execute(f"DELETE FROM {COHORT_MEMBERS} WHERE {where}", params)
         return int(count)
+
+    def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
+        """The stored events (of one project, or all), only `columns`, streamed as Arrow batches in no particular
+        order. Read on a cursor of its own, so the sink stays usable meanwhile."""
+        from ..schema import arrow_schema
+
+        schema = arrow_schema(columns)
+        where, params = time_filter(None, None, project)
+        cursor = cursor_on(self.connection)
+        try:
+            stream = cursor.sql(
+                f"SELECT {', '.join(map(quote, schema.names))} FROM {EVENTS}{where}", params=params
+            ).to_arrow_reader(ROW_GROUP_SIZE)
+        except duckdb.CatalogException:  # a read-only open of a file no run wrote: not ours, most likely
+            cursor.close()
+            raise DestinationError(f"{self.path} holds no amplitude-export tables ({EVENTS}, {LEDGER})") from None
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                for batch in stream:
+                    yield batch.cast(schema)
+            finally:
+                cursor.close()
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
 
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock, then the run's lock."""

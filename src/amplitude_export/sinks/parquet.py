@@ -34,7 +34,7 @@ import socket
 import tempfile
 import threading
 import uuid as uuid_module
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -839,6 +839,22 @@ class ParquetSink:
         for rel in touched:
             self.store.delete(rel)
         return stored
+
+    def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
+        """The events in the files the state names (of one project, or all), only `columns`, streamed as Arrow
+        batches by a pyarrow dataset scan (through fsspec for an object store), in no particular order."""
+        import pyarrow.dataset as ds
+
+        from ..schema import arrow_schema
+
+        schema = arrow_schema(columns)
+        files = sorted(rel for rel, f in self.files.items() if project is None or f.project == project)
+        if isinstance(self.store, FsspecDirectory):
+            dataset = self.store.dataset(files)
+        else:
+            dataset = ds.dataset([self.store.abs(rel) for rel in files], schema=ARROW_SCHEMA, format="parquet")
+        where = None if project is None else ds.field("_project") == project
+        return dataset.scanner(columns=list(schema.names), filter=where).to_reader()
 
     def close(self) -> None:
         """Release the directory's lock (and any local spill directory of this sink)."""

@@ -17,7 +17,7 @@ import io
 import itertools
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -729,19 +729,7 @@ class PostgresSink:
         if buffer.tell() == 0:
             return ARROW_SCHEMA.empty_table()
         buffer.seek(0)
-        return pacsv.read_csv(
-            buffer,
-            read_options=pacsv.ReadOptions(column_names=list(COLUMN_NAMES)),
-            convert_options=pacsv.ConvertOptions(
-                column_types={field.name: field.type for field in ARROW_SCHEMA},
-                true_values=["t"],
-                false_values=["f"],
-                # only an unquoted empty field is NULL: "" is text, and "NA" or "null" are values, not Arrow's defaults
-                null_values=[""],
-                strings_can_be_null=True,
-                quoted_strings_can_be_null=False,
-            ),
-        ).cast(ARROW_SCHEMA)
+        return pacsv.read_csv(buffer, **_csv_options(ARROW_SCHEMA)).cast(ARROW_SCHEMA)
 
     def count_by_hour(self, project: str) -> dict[datetime, int]:
         """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
@@ -814,6 +802,42 @@ class PostgresSink:
             sql.Identifier(self.schema, COHORT_MEMBERS)), {**params, "texts": [str(i) for i in params["ids"]]})
         return int(gone.fetchone()[0])  # type: ignore[index]
 
+    def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
+        """The stored events (of one project, or all), only `columns`, in no particular order: copied out as CSV
+        into an anonymous temporary file (COPY runs at the server's pace, the file bounds memory), then read back
+        in Arrow batches; the file goes when the stream ends."""
+        import tempfile
+
+        from ..schema import arrow_schema
+
+        schema = arrow_schema(columns)
+        query = sql.SQL("COPY (SELECT {} FROM {} WHERE {project}::text IS NULL OR _project = {project}) "
+                        "TO STDOUT (FORMAT csv)").format(
+            sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._events, project=sql.Literal(project))
+        spool = tempfile.TemporaryFile(prefix="amplitude-export-")
+        try:
+            with self.conn.cursor().copy(query) as copy:
+                for chunk in copy:
+                    spool.write(chunk)
+            if spool.tell() == 0:
+                spool.close()
+                return schema.empty_table().to_reader()
+            spool.seek(0)
+            stream = pacsv.open_csv(spool, **_csv_options(schema))
+        except psycopg.Error as exc:
+            spool.close()
+            raise DestinationError(f"{self.description}: cannot read events: {self._message(exc)}") from None
+        except BaseException:
+            spool.close()
+            raise
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            with spool:
+                for batch in stream:
+                    yield batch.cast(schema)
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
     def close(self) -> None:
         """Close the connection, which releases the session lock; safe to call twice."""
         if self._conn is not None:
@@ -825,6 +849,22 @@ class PostgresSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _csv_options(schema: pa.Schema) -> dict[str, Any]:
+    """How pyarrow reads the CSV that `COPY ... (FORMAT csv)` writes of `schema`'s columns, typed as `schema`."""
+    return {
+        "read_options": pacsv.ReadOptions(column_names=schema.names),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={field.name: field.type for field in schema},
+            true_values=["t"],
+            false_values=["f"],
+            # only an unquoted empty field is NULL: "" is text, and "NA" or "null" are values, not Arrow's defaults
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    }
 
 
 __all__ = ["PostgresSink", "escape_json_text", "redact"]
