@@ -283,6 +283,34 @@ def test_the_report_imports_nothing_above_the_sinks(destinations: dict[str, str]
     assert not loaded & {"amplitude_export.pipeline", "amplitude_export.status", "amplitude_export.cli"}, loaded
 
 
+@pytest.mark.slow
+def test_a_wheel_ships_the_page_files_and_its_report_draws_from_them(
+    destinations: dict[str, str], tmp_path: Path
+) -> None:
+    """A non-editable install: the template, CSS, script and Vega files are package data, not files of the repo."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(repo)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True)  # fmt: skip
+    code = (
+        "import sys\nfrom pathlib import Path\nimport amplitude_export.report as r\n"
+        f"r.write_report({destinations['duckdb']!r}, Path({str(tmp_path / 'r.html')!r}))\nprint(r.__file__)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).is_relative_to(tmp_path / "site")
+    here = write_report(destinations["duckdb"], tmp_path / "here.html")
+
+    def undated(page: Path) -> str:
+        text = re.sub(r"generated [^<]*", "", page.read_text())
+        return re.sub(r'"generated_at":"[^"]*"', "", text)
+
+    assert undated(tmp_path / "r.html") == undated(here) and 'id="chart-hourly"' in undated(here)
+
+
 def test_the_report_reads_sinks_only_through_their_public_functions() -> None:
     """No module of the report imports a sink's module or reads an underscored attribute of anything."""
     package = Path(amplitude_export.report.__file__).parent

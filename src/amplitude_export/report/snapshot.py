@@ -53,12 +53,15 @@ def take_snapshot(
             # TIMESTAMPTZ shown and cast as UTC whatever the machine's zone; no progress bar drawn on stdout
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET enable_progress_bar = false")
-            with open_sink(dest, read_only=True, storage_options=storage_options) as sink:
+            sink = open_sink(dest, read_only=True, storage_options=storage_options)
+            try:
                 project = pick_project(sink.projects(), project)
                 ledger = sink.ledger(project) if project is not None else {}
                 con.register("_stream", sink.read_batches(REPORT_COLUMNS, project=project))
                 con.execute("CREATE TABLE events AS SELECT * FROM _stream")
                 con.unregister("_stream")
+            finally:
+                sink.close()
             yield Snapshot(project, ledger, con)
         finally:
             con.close()
