@@ -19,15 +19,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import stamina
-
-from amplitude_export.fake_server import FakeExportServer
-from amplitude_export.schema import ARROW_SCHEMA
-from amplitude_export.windows import Window
-
 from pyspark.sql import DataFrame, SparkSession  # in the test extra: a missing pyspark fails here
 from pyspark.sql.pandas.types import to_arrow_schema
 
+from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.schema import ARROW_SCHEMA
 from amplitude_export.spark import SPARK_SCHEMA, first_copies, lanes, register
+from amplitude_export.windows import Window
 
 DAY = datetime(2024, 3, 1, tzinfo=UTC)
 FAST = {"retry_wait": "0.01", "max_attempts": "4"}  # no real back-off inside Spark's workers

@@ -136,8 +136,15 @@ def settings(options: Mapping[str, str], *, streaming: bool = False) -> Settings
         values["hour_bytes"] = int(values.pop("hour_mb") * (1 << 20))
     if "now" in given:
         values["now"] = _moment(given["now"])
-    credentials = load_credentials(api_key=given.get("api_key"), secret_key=given.get("secret_key"),
-                                   region=given.get("region"), base_url=given.get("base_url"))
+    try:
+        credentials = load_credentials(api_key=given.get("api_key"), secret_key=given.get("secret_key"),
+                                       region=given.get("region"), base_url=given.get("base_url"))
+    except UsageError as exc:
+        missing, _, _ = str(exc).partition(":")
+        if not missing.startswith("missing "):
+            raise
+        raise UsageError(f"{missing}: set the api_key and secret_key options, or AMP_API_KEY and AMP_SECRET_KEY "
+                         "in the driver's environment or .env") from None
     texts = {key: given[key] for key in ("start", "end", "project", "rejects_dir", "scratch_dir") if key in given}
     result = Settings(credentials, **texts, **values)
     if result.start is not None or result.end is not None:
