@@ -135,6 +135,19 @@ def test_a_fault_storm_still_gives_exact_rows(spark: SparkSession) -> None:
     assert ("20240301T00", "20240301T11") in asked  # the 504 split the day
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_requests_at_once_never_exceed_the_concurrency(spark: SparkSession, concurrency: int) -> None:
+    # paced bodies keep each request open a while, so two tasks reading at once would overlap
+    with FakeExportServer(data_start=DAY, data_end=DAY + timedelta(hours=47), bytes_per_second=400_000) as server:
+        df = amplitude(spark, server, start="2024-03-01", end="2024-03-02", window_hours="8",
+                       concurrency=str(concurrency)).load()
+        assert df.rdd.getNumPartitions() == concurrency
+        uuids = arrow(df.select("uuid")).column("uuid").to_pylist()
+        assert server.max_in_flight <= concurrency and len(server.requests) == 6
+        assert set(uuids) == server.expected_uuids(DAY, DAY + timedelta(hours=47))
+
+
 def test_an_hour_that_cannot_be_fetched_fails_the_job_naming_it(spark: SparkSession) -> None:
     big = DAY + timedelta(hours=5)
     with FakeExportServer(data_start=DAY, data_end=DAY + timedelta(hours=11),
