@@ -222,3 +222,56 @@ def test_a_stream_stopped_restarted_and_extended_gives_each_event_once(spark: Sp
         stream(server, DAY + timedelta(days=3, hours=2))
         every = stored()
         assert sorted(every) == sorted(server.expected_uuids(DAY, last))
+
+
+KEYS = {"api_key": "demo-key", "secret_key": "demo-secret"}
+
+
+def test_an_hour_size_estimate_cuts_windows_to_the_size_budget() -> None:
+    from amplitude_export.spark import settings
+
+    plain = settings({**KEYS}).plan(DAY, DAY + timedelta(hours=23))
+    cut = settings({**KEYS, "hour_mb": "100", "size_budget_mb": "1000"}).plan(DAY, DAY + timedelta(hours=23))
+    assert plain == [Window(DAY, DAY + timedelta(hours=23))]
+    assert [w.hours for w in cut] == [10, 10, 4] and cut[0].start == DAY
+
+
+def test_missing_keys_name_the_options_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from amplitude_export.errors import UsageError
+    from amplitude_export.spark import settings
+
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.delenv("AMP_API_KEY", raising=False)
+    monkeypatch.delenv("AMP_SECRET_KEY", raising=False)
+    with pytest.raises(UsageError, match=r"^missing AMP_API_KEY and AMP_SECRET_KEY: set the api_key and secret_key "):
+        settings({})
+
+
+def test_stream_offsets_are_ready_upload_hours_with_a_lookback() -> None:
+    from amplitude_export.spark import settings
+    from amplitude_export.spark_stream import AmplitudeStreamReader
+
+    def reader(**options: str) -> AmplitudeStreamReader:
+        return AmplitudeStreamReader(settings({**KEYS, "start": "2024-03-01", "window_hours": "6",
+                                               "now": "2024-03-03T05:30+00:00", **options}, streaming=True))
+
+    first = reader().initialOffset()
+    assert first == {"next_hour": "2024-03-01T00", "first_hour": "2024-03-01T00"}
+    # ready: the hour that closed lag_hours (2) before now, 2024-03-03T02, so the offset is the hour after it
+    assert reader().latestOffset(first, None) == {"next_hour": "2024-03-03T03", "first_hour": "2024-03-01T00"}
+    capped = reader(max_hours_per_trigger="24")
+    assert capped.latestOffset(first, capped.getDefaultReadLimit())["next_hour"] == "2024-03-02T00"
+    assert reader(end="2024-03-01T09").latestOffset(first, None)["next_hour"] == "2024-03-01T10"
+    later = {"next_hour": "2024-03-02T00", "first_hour": "2024-03-01T00"}
+    lanes_ = reader(lookback_hours="12", concurrency="1").partitions(later, {**later, "next_hour": "2024-03-02T12"})
+    assert [str(w) for w in lanes_[0].windows] == ["2024-03-01T12..2024-03-01T17", "2024-03-01T18..2024-03-01T23",
+                                                   "2024-03-02T00..2024-03-02T05", "2024-03-02T06..2024-03-02T11"]
+    # the lookback never reaches before the query's first hour, and an empty range plans nothing
+    early = reader(lookback_hours="72", concurrency="1").partitions(first, later)
+    assert early[0].windows[0].start == DAY
+    assert reader().partitions(later, later) == []
+    # an availableNow run stops at the hour ready when it began, however long it runs
+    run = reader()
+    run.prepareForTriggerAvailableNow()
+    run.options = settings({**KEYS, "start": "2024-03-01", "now": "2024-03-09T00:00+00:00"}, streaming=True)
+    assert run.latestOffset(first, None)["next_hour"] == "2024-03-03T03"
