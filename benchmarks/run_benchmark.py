@@ -400,12 +400,17 @@ def table(
             miss = {run.lines for run in runs} - {dataset.lines} if name != "spark" else set()
             note = f" (took {miss.pop():,} of {dataset.lines:,} lines)" if miss else ""
             rows.append(
-                f"| {dataset.name} | {name}{note} | {rate:,.0f} | {rate / floor_rate if floor_rate else 0:.2f} | "
+                f"| {dataset.name} | {name}{note} | {rate:,.0f} | {_ratio(rate / floor_rate if floor_rate else 0)} | "
                 f"{wall:.2f} | {cpu:.2f} | {cpu / dataset.lines * 1e6:.1f} | "
                 f"{max(r.result.rss for r in runs) / 2**20:,.0f} MiB | "
                 f"{max(r.result.pss for r in runs) / 2**20:,.0f} MiB | {compiled} |"
             )
     return "\n".join(rows)
+
+
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.01 (Spark's start-up on the tiny day)."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.2g}"
 
 
 def ratios(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -> str:
