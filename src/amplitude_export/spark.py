@@ -18,6 +18,7 @@ the cluster's size. A window that still fails after retries and splits fails its
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -125,7 +126,7 @@ def settings(options: Mapping[str, str], *, streaming: bool = False) -> Settings
             number = kind(given[key])
         except ValueError:
             number = None
-        if number is None or not low <= number <= high:
+        if number is None or not low <= number <= high or not math.isfinite(number):
             what = "a whole number" if kind is int else "a number"
             bounds = f"from {low:g} to {high:g}" if high != float("inf") else f"of at least {low:g}"
             raise UsageError(f"option {key} must be {what} {bounds}, got {given[key]!r}")

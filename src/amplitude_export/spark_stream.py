@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .errors import UsageError
 from .spark import INSTALL, Lane, Settings, lanes, read_lane
 from .windows import HOUR, floor_hour, label_hour, last_ready_hour, parse_hour, resolve_range
 
@@ -46,6 +47,8 @@ class AmplitudeStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow)
     """Offsets are upload hours; each micro-batch is a batch read of its hours and the lookback before them."""
 
     def __init__(self, options: Settings) -> None:
+        if options.max_hours_per_trigger and ReadMaxFiles is None:
+            raise UsageError("option max_hours_per_trigger needs Spark 4.2 or later (read limits of Python sources)")
         self.options = options
         self._target: datetime | None = None  # an availableNow run's last offset, fixed when it begins
 
