@@ -152,6 +152,13 @@ def test_requests_at_once_never_exceed_the_concurrency(spark: SparkSession, conc
         assert set(uuids) == server.expected_uuids(DAY, DAY + timedelta(hours=47))
 
 
+def test_pii_controls_apply_in_the_task(spark: SparkSession) -> None:
+    with FakeExportServer(data_start=DAY, data_end=DAY + timedelta(hours=1)) as server:
+        table = arrow(amplitude(spark, server, start="2024-03-01T00", end="2024-03-01T01",
+                                exclude_columns="ip_address").load())
+    assert table.num_rows and table.column("ip_address").null_count == table.num_rows
+
+
 def test_an_hour_that_cannot_be_fetched_fails_the_job_naming_it(spark: SparkSession) -> None:
     big = DAY + timedelta(hours=5)
     with FakeExportServer(data_start=DAY, data_end=DAY + timedelta(hours=11),
@@ -249,6 +256,19 @@ def test_missing_keys_name_the_options_and_the_environment(tmp_path: Path, monke
     monkeypatch.delenv("AMP_SECRET_KEY", raising=False)
     with pytest.raises(UsageError, match=r"^missing AMP_API_KEY and AMP_SECRET_KEY: set the api_key and secret_key "):
         settings({})
+
+
+def test_hashing_needs_the_key_on_the_driver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from amplitude_export.errors import UsageError
+    from amplitude_export.spark import settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AMP_HASH_KEY", raising=False)
+    with pytest.raises(UsageError, match="AMP_HASH_KEY"):
+        settings({**KEYS, "hash_columns": "user_id"})
+    monkeypatch.setenv("AMP_HASH_KEY", "a key long enough to be hard to guess, 32+ bytes")
+    chosen = settings({**KEYS, "hash_columns": "user_id"})
+    assert chosen.privacy is not None and "hard to guess" not in repr(chosen)
 
 
 def test_stream_offsets_are_ready_upload_hours_with_a_lookback() -> None:

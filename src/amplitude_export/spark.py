@@ -32,6 +32,7 @@ import pyarrow as pa
 from .config import Credentials, load_credentials
 from .errors import AmplitudeExportError, UsageError
 from .pipeline import DEFAULT_SIZE_BUDGET, MAX_SAFE_CONCURRENCY, fit_budget, new_run_id
+from .privacy import Privacy
 from .schema import ARROW_SCHEMA
 from .windows import HOUR, Window, label_hour, plan_windows, resolve_range
 
@@ -68,7 +69,7 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "max_hours_per_trigger": (int, 1, float("inf")),
 }
 _TEXTS = ("api_key", "secret_key", "region", "base_url", "start", "end", "project", "rejects_dir", "scratch_dir",
-          "now")
+          "now", "exclude_columns", "hash_columns")
 _STREAM_ONLY = ("lookback_hours", "max_hours_per_trigger")
 
 
@@ -94,6 +95,7 @@ class Settings:
     now: datetime | None = None  # the clock the readiness lag counts from; None: the driver's clock
     lookback_hours: int = 72
     max_hours_per_trigger: int | None = None
+    privacy: Privacy | None = None  # exclude_columns / hash_columns, the key read on the driver (never printed)
 
     def plan(self, first: datetime, last: datetime) -> list[Window]:
         """first..last (inclusive hours) as the CLI plans them: `window_hours`, then cut to the size budget."""
@@ -147,6 +149,8 @@ def settings(options: Mapping[str, str], *, streaming: bool = False) -> Settings
         raise UsageError(f"{missing}: set the api_key and secret_key options, or AMP_API_KEY and AMP_SECRET_KEY "
                          "in the driver's environment or .env") from None
     texts = {key: given[key] for key in ("start", "end", "project", "rejects_dir", "scratch_dir") if key in given}
+    if given.get("exclude_columns") or given.get("hash_columns"):
+        values["privacy"] = Privacy.from_options(given.get("exclude_columns"), given.get("hash_columns"))
     result = Settings(credentials, **texts, **values)
     if result.start is not None or result.end is not None:
         resolve_range(result.start, result.end, now=result.clock(), lag_hours=result.lag_hours)  # checks them
@@ -201,11 +205,13 @@ def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
                                            f"{result.status}: {result.reason}")
             if result.status == EMPTY or result.path is None:
                 continue
+            privacy = options.privacy
             reader = WindowReader(result.path, window, run_id=lane.run_id, project=options.project,
                                   workers=options.workers,
-                                  rejects_dir=Path(options.rejects_dir) if options.rejects_dir else None)
+                                  rejects_dir=Path(options.rejects_dir) if options.rejects_dir else None,
+                                  redact_reject=privacy.reject if privacy is not None else None)
             first = FirstCopies(limit=1 << 62)  # exact: a window's uuids are what window_hours bounds
-            for batch in reader.batches():
+            for batch in reader.batches() if privacy is None else privacy.apply(reader.batches()):
                 kept = first.filter(batch)
                 if kept.num_rows:
                     yield kept
