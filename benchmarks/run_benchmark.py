@@ -21,6 +21,8 @@ Candidates, each run once per round and dataset, in turn (interleaved), so the m
     pandas    benchmarks/peers/pandas_script.py: download, unzip, `pd.read_json` per member, concat, DuckDB
     airbyte   Airbyte's `airbyte-source-amplitude` from PyPI, in benchmarks/.venv-airbyte (made on first use
               unless `--tiny`), reading the events stream (benchmarks/peers/airbyte_source.py)
+    spark     the Spark data source in `local[2]` into Parquet (benchmarks/spark_read.py), JVM start included;
+              it prints its phases, whose medians follow the table (needs the `[spark]` extra and Java 17)
 
 Every candidate but gzip downloads the day from the fake server over loopback (unless `--landed`, which puts
 the archive in the tool's data dir beforehand). Measured per run: wall seconds, CPU seconds and peak RSS and PSS
@@ -58,7 +60,7 @@ LAST = DAY + timedelta(hours=23)
 API_KEY, SECRET_KEY = "bench-key", "bench-secret-0123"  # Airbyte masks the secret in its logs: keep it long
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DATASETS = {"synthetic": 0.0, "synthetic-2pct": 0.02, "real-lines": None}  # name -> lines varied (None: corpus)
-CANDIDATES = ("gzip", "duckdb", "parquet", "postgres", "pandas", "airbyte")
+CANDIDATES = ("gzip", "duckdb", "parquet", "postgres", "pandas", "airbyte", "spark")
 TOOL = ("duckdb", "duckdb-base", "parquet", "postgres", "postgres-base")
 AIRBYTE = "airbyte-source-amplitude==0.6.19"
 AIRBYTE_VENV = HERE / ".venv-airbyte"
@@ -196,6 +198,14 @@ def airbyte_python(create: bool) -> tuple[Path | None, str]:
     return python, ""
 
 
+def spark_unavailable() -> str:
+    if importlib.util.find_spec("pyspark") is None:
+        return "pyspark is not installed: pip install -e '.[spark]'"
+    if shutil.which("java") is None:
+        return "no java on PATH (Spark needs Java 17)"
+    return ""
+
+
 def postgres_unavailable() -> str:
     try:
         import psycopg
@@ -222,6 +232,8 @@ def unavailable(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
         why.update({name: reason for name in names if name.startswith("postgres")})
     if "pandas" in names and importlib.util.find_spec("pandas") is None:
         why["pandas"] = "pandas is not installed in this interpreter"
+    if "spark" in names and (reason := spark_unavailable()):
+        why["spark"] = reason
     if "airbyte" in names:
         args.airbyte_python, reason = airbyte_python(create=not args.tiny)
         if reason:
@@ -238,6 +250,9 @@ def command_for(name: str, dataset: Dataset, data_dir: Path, args: argparse.Name
                 f"{DAY:%Y%m%dT%H}", f"{LAST:%Y%m%dT%H}", f"duckdb:{data_dir / 'events.duckdb'}"]  # fmt: skip
     if name == "airbyte":
         return [str(args.airbyte_python), str(HERE / "peers/airbyte_source.py"), dataset.url, API_KEY, SECRET_KEY, day]
+    if name == "spark":
+        return [sys.executable, str(HERE / "spark_read.py"), dataset.url, API_KEY, SECRET_KEY, day,
+                str(data_dir / "events")]
     dest = {
         "duckdb": f"duckdb:{data_dir / 'events.duckdb'}",
         "parquet": f"parquet:{data_dir / 'events'}",
@@ -253,6 +268,7 @@ def command_for(name: str, dataset: Dataset, data_dir: Path, args: argparse.Name
     return command
 
 
+_SPARK_PHASES = re.compile(r"spark phases: session ([\d.]+) s, job ([\d.]+) s")
 _TOOL_COUNTS = re.compile(r"events loaded: ([\d,]+); duplicates dropped: ([\d,]+)(?:; lines rejected: ([\d,]+))?")
 # Reads the archive as the tool's runs do and prints the reader's line counts: all, and those the compiled parser
 # gave to the msgspec path ("-" while the reader does not count them).
@@ -380,15 +396,21 @@ def table(
             wall, cpu = _median(runs, "wall"), _median(runs, "cpu")
             rate = dataset.lines / wall
             compiled = "" if name not in TOOL else "n/a" if dataset.compiled is None else f"{dataset.compiled:.2%}"
-            miss = {run.lines for run in runs} - {dataset.lines}
+            # spark counts the rows it wrote: the day's repeated uuids are not among them
+            miss = {run.lines for run in runs} - {dataset.lines} if name != "spark" else set()
             note = f" (took {miss.pop():,} of {dataset.lines:,} lines)" if miss else ""
             rows.append(
-                f"| {dataset.name} | {name}{note} | {rate:,.0f} | {rate / floor_rate if floor_rate else 0:.2f} | "
+                f"| {dataset.name} | {name}{note} | {rate:,.0f} | {_ratio(rate / floor_rate if floor_rate else 0)} | "
                 f"{wall:.2f} | {cpu:.2f} | {cpu / dataset.lines * 1e6:.1f} | "
                 f"{max(r.result.rss for r in runs) / 2**20:,.0f} MiB | "
                 f"{max(r.result.pss for r in runs) / 2**20:,.0f} MiB | {compiled} |"
             )
     return "\n".join(rows)
+
+
+def _ratio(value: float) -> str:
+    """Two decimals, or two significant digits below 0.01 (Spark's start-up on the tiny day)."""
+    return f"{value:.2f}" if value >= 0.01 or value == 0 else f"{value:.2g}"
 
 
 def ratios(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -> str:
@@ -410,6 +432,17 @@ def ratios(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -
         postgres, duckdb = median(dataset, "postgres", "wall"), median(dataset, "duckdb", "wall")
         if postgres and duckdb:
             parts.append(f"postgres ÷ duckdb {duckdb / postgres:.2f}×")
+        if (spark := median(dataset, "spark", "wall")) and duckdb:
+            parts.append(f"spark ÷ duckdb {duckdb / spark:.2f}×")
+            phases = [_SPARK_PHASES.search(run.result.output) for run in results[dataset, "spark"]]
+            if all(phases):
+                session = statistics.median(float(m.group(1)) for m in phases if m)
+                job = statistics.median(float(m.group(2)) for m in phases if m)
+                parquet = median(dataset, "parquet", "wall")
+                cli = f" (the CLI into Parquet, the same download and parse: {parquet:.1f} s)" if parquet else ""
+                rows = results[dataset, "spark"][0].lines
+                parts.append(f"spark's time: JVM and session {session:.1f} s, the read into Parquet {job:.1f} s{cli}, "
+                             f"{rows:,} rows (the day's repeats dropped)")
         if parts:
             out.append(f"- {dataset}: {', '.join(parts)}")
     varied, plain = median("synthetic-2pct", "duckdb", "wall"), median("synthetic", "duckdb", "wall")

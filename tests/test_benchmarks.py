@@ -37,8 +37,8 @@ def test_the_end_to_end_benchmark_runs_every_candidate_on_every_dataset(tmp_path
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     cells = {(row[0].strip(), row[1].strip()): [cell.strip() for cell in row[2:]] for row in rows[1:]}
     for dataset in ("synthetic", "real-lines"):
-        # the tool's candidates and the floor always run (PostgreSQL is part of the test environment) ...
-        for name in ("gzip", "duckdb", "parquet", "postgres", "pandas"):
+        # the tool's candidates and the floor always run (PostgreSQL and Java are part of the test environment) ...
+        for name in ("gzip", "duckdb", "parquet", "postgres", "pandas", "spark"):
             events_per_second, times_gzip = cells[dataset, name][:2]
             assert float(events_per_second.replace(",", "")) > 0 and float(times_gzip) > 0, (dataset, name)
         assert cells[dataset, "duckdb"][-1] == "n/a" or cells[dataset, "duckdb"][-1].endswith("%")

@@ -184,6 +184,8 @@ class FakeExportServer:
         self.bytes_per_second = bytes_per_second
         self.variation = variation
         self.requests: list[tuple[str | None, str | None, int]] = []  # (start, end, status); 0 = reset
+        self.in_flight = 0  # requests (to any of its APIs) being answered now
+        self.max_in_flight = 0  # the most requests answered at once: what a client's concurrency bound allowed
         self._versions: dict[datetime, int] = {}
         self._crcs: dict[Path, tuple[int, int]] = {}  # member file -> (size, CRC-32)
         self._attempts: dict[
@@ -578,6 +580,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake = self.server.fake
+        with fake._lock:
+            fake.in_flight += 1
+            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+        try:
+            self._get(fake)
+        finally:
+            with fake._lock:
+                fake.in_flight -= 1
+
+    def _get(self, fake: FakeExportServer) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         start_text = query.get("start", [None])[0]
