@@ -1,9 +1,10 @@
-"""Work on a daemon thread, with its outcome in a future."""
+"""Work on a daemon thread, with its outcome in a future; an iterator produced ahead on its own thread."""
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -29,3 +30,52 @@ def in_daemon_thread(work: Callable[[], _T], *, name: str) -> Future[_T]:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
+
+
+_END = object()
+
+
+def prefetched(items: Iterator[_T], *, depth: int, name: str) -> Iterator[_T]:
+    """`items` in their order, produced on their own thread up to `depth` ahead of the consumer.
+
+    For a consumer that holds something others wait on while it asks for the next item: DuckDB holds its Arrow
+    scan's lock while it pulls a batch, so the Python work of making the batch, done here instead, no longer
+    stalls its other threads. What `items` raises is raised here, in its place. Closing this generator (or
+    leaving it early) stops the producer and waits for it, so nothing still runs `items` afterwards.
+    """
+    slots: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.05)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((_END, None))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the consumer's side
+            slots.put((_END, exc))
+
+    producer = threading.Thread(target=produce, name=name, daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting for a free slot
+            try:
+                slots.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()

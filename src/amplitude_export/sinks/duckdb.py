@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, RETYPED, quote
+from ..threads import prefetched
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
 from .filelock import FileLock
@@ -195,23 +196,28 @@ class Intake:
         if first_copies:
             self._schema = self._schema.append(pa.field(KEEP, pa.bool_()))
 
+    def _prepared(self) -> Iterator[pa.RecordBatch]:
+        for batch in self._batches:
+            batch = check_batch(batch)
+            if batch.num_rows == 0:
+                continue
+            self._count(batch)
+            columns = batch.columns
+            for index, json_type in _JSON_LABELS:  # zero-copy; from_arrays would cast (a copy)
+                columns[index] = pa.ExtensionArray.from_storage(json_type, columns[index])
+            if self._seq:
+                columns.append(pa.array(range(self._rows, self._rows + batch.num_rows), pa.int64()))
+            if self._first is not None:
+                keep = self._first.keep(batch)
+                columns.append(_all_true(batch.num_rows) if keep is None else keep)
+            self._rows += batch.num_rows
+            yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
+
     def _stream(self) -> Iterator[pa.RecordBatch]:
         try:
-            for batch in self._batches:
-                batch = check_batch(batch)
-                if batch.num_rows == 0:
-                    continue
-                self._count(batch)
-                columns = batch.columns
-                for index, json_type in _JSON_LABELS:  # zero-copy; from_arrays would cast (a copy)
-                    columns[index] = pa.ExtensionArray.from_storage(json_type, columns[index])
-                if self._seq:
-                    columns.append(pa.array(range(self._rows, self._rows + batch.num_rows), pa.int64()))
-                if self._first is not None:
-                    keep = self._first.keep(batch)
-                    columns.append(_all_true(batch.num_rows) if keep is None else keep)
-                self._rows += batch.num_rows
-                yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
+            # batches are checked, counted and deduplicated one thread ahead: DuckDB pulls them holding its
+            # scan's lock, which would keep its other thread waiting through that work
+            yield from prefetched(self._prepared(), depth=2, name="amplitude-export-intake")
         except GeneratorExit:  # DuckDB stopped reading (its own error, raised by insert_into)
             raise
         except BaseException as exc:  # noqa: BLE001 - re-raised by insert_into, on the caller's thread
@@ -244,7 +250,8 @@ class Intake:
     def insert_into(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
         """INSERT every batch into `table` in one statement; raise what producing the batches raised."""
         names = [*COLUMN_NAMES, SEQ] if self._seq else list(COLUMN_NAMES)
-        stream = pa.RecordBatchReader.from_batches(self._schema, self._stream())
+        batches = self._stream()
+        stream = pa.RecordBatchReader.from_batches(self._schema, batches)
         con.register("_amplitude_stream", stream)
         try:
             where = f" WHERE {KEEP}" if self._first is not None else ""
@@ -254,6 +261,7 @@ class Intake:
                 raise
         finally:
             con.unregister("_amplitude_stream")
+            batches.close()  # stops and joins the prefetching thread, should DuckDB have stopped reading early
         if self._error is not None:
             raise self._error
 
