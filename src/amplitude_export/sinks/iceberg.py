@@ -1,0 +1,424 @@
+"""The Iceberg sink: table `events` (hidden partitioning by day of `server_upload_time`) in any catalog pyiceberg
+loads, the ledger in the table's own properties (`iceberg_ledger`).
+
+A window is one catalog commit: pyiceberg's transaction deletes the project's rows of the window's upload hours,
+appends the window's files, and sets the ledger properties of the months it touches; the catalog swaps the
+table's metadata once, so a reader sees the window whole or not at all.
+
+Exactly once: the window is staged in an in-memory DuckDB (spilling to a local temp directory), the first row of
+each uuid kept, then the uuids the table holds in other hours (or other projects) are found by a scan of the
+`uuid` column, and those rows are left out. Every commit asserts the snapshot it was computed against; when
+another writer committed first, the catalog refuses it and the window is computed again against the new
+snapshot, from the stage (pyiceberg's own retry would re-apply the delete, the files and the ledger months on the
+newer snapshot without looking at its uuids or its ledger, so it is turned off). Data files of a refused or
+failed attempt are deleted; a killed run leaves unreferenced files that no reader sees and `maintain` removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+import uuid as uuid_module
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import DestinationBusyError, DestinationError
+from ..ledger import HourRecord
+from ..schema import ARROW_SCHEMA
+from ..windows import Window
+from . import iceberg_catalog as catalogs
+from . import iceberg_ledger as ledgers
+from . import with_project
+from .duckdb import COLUMNS_SQL, STAGE, configure, fill_counts, hour_counts, stage_batches, winners_sql
+
+if TYPE_CHECKING:
+    from pyiceberg.expressions import BooleanExpression
+    from pyiceberg.manifest import DataFile
+    from pyiceberg.table import Table
+
+log = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 8  # commits lost to other writers in a row before a window gives up (exit 5)
+SUMMARY = "amplitude-export."  # prefix of the snapshot summary properties a window's commit sets
+FOUND = "_amplitude_found"  # the window's uuids that other hours hold (per attempt)
+
+
+class IcebergSink:
+    """Events in an Iceberg table, the ledger in its properties; see the module."""
+
+    def __init__(
+        self,
+        rest: str,
+        *,
+        read_only: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        memory_limit: str = "256MB",
+        threads: int = 2,
+        row_group_size: int = 16_384,
+        commit_attempts: int = COMMIT_ATTEMPTS,
+    ) -> None:
+        """Open (creating the catalog, namespace and table unless `read_only`) the destination `iceberg:REST`."""
+        self.location = catalogs.parse(rest, storage_options)
+        self.description = self.location.label
+        self.read_only = read_only
+        self.memory_limit, self.threads, self.row_group_size = memory_limit, threads, row_group_size
+        self.commit_attempts = commit_attempts
+        self._spill: str | None = None
+        with self._errors("cannot open"):
+            self.catalog = catalogs.load(self.location, create=not read_only)
+            self.table = catalogs.open_table(self.catalog, self.location, create=not read_only)
+
+    # -- reading --
+
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        return sorted(ledgers.read(self.table.properties))
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every ledger row of `project`, by hour."""
+        return ledgers.read(self.table.properties).get(project, {})
+
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
+        """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
+        with self._errors("cannot read"):
+            table = self.table.scan(row_filter=_row_filter(start, end, project)).to_arrow()
+        table = table.sort_by([("_upload_hour", "ascending"), ("_member", "ascending"), ("_line", "ascending")])
+        return table.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA)
+
+    def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
+        """The events (of one project, or all), only `columns`, streamed as Arrow batches in no particular order."""
+        schema = pa.schema([ARROW_SCHEMA.field(name) for name in columns or ARROW_SCHEMA.names])
+        with self._errors("cannot read"):
+            scan = self.table.scan(row_filter=_row_filter(None, None, project), selected_fields=tuple(schema.names))
+            reader = scan.to_arrow_batch_reader()
+        return pa.RecordBatchReader.from_batches(schema, (batch.select(schema.names).cast(schema) for batch in reader))
+
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        counts: dict[datetime, int] = {}
+        with self._errors("cannot read"):
+            for batch in self.read_batches(["_upload_hour"], project=project):
+                values = pc.value_counts(batch.column(0))
+                for hour, n in zip(values.field("values").to_pylist(), values.field("counts").to_pylist(),
+                                   strict=True):
+                    counts[hour.astimezone(UTC)] = counts.get(hour.astimezone(UTC), 0) + n
+        return dict(sorted(counts.items()))
+
+    # -- writing --
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's hours with `batches`, once per uuid, with the ledger, in one catalog commit."""
+        self._check_writable()
+        con = self._connect()
+        try:
+            with self._errors(f"cannot write {window} to"):
+                con.begin()  # one transaction: committing each staged batch on its own costs more CPU
+                staged = stage_batches(con, window, with_project(batches, project))
+                con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(None)})")  # first copy of each uuid
+                records = finish()
+                return self._commit(lambda table, written: self._window_commit(
+                    con, table, project, window, staged, records, written))
+        finally:
+            con.close()
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Store ledger rows for hours without events (empty, failed, too large); the rows stay as they are."""
+        self._check_writable()
+        now = datetime.now(UTC)
+        stamped = [r if r.updated_at else _stamped(r, now) for r in records]
+
+        def commit(table: Table, written: list[str]) -> list[HourRecord]:
+            tx = _without_retries(table).transaction()
+            # an empty snapshot, so the commit asserts the snapshot it read the ledger months from
+            with tx.update_snapshot(snapshot_properties=_summary(project, None, stamped)).fast_append():
+                pass
+            tx.set_properties(ledgers.updates(table.properties, project, stamped))
+            self.table = tx.commit_transaction()
+            return stamped
+
+        with self._errors("cannot write the ledger of"):
+            self._commit(commit)
+
+    def _commit(self, attempt: Callable[[Table, list[str]], list[HourRecord]]) -> list[HourRecord]:
+        """Run `attempt` (which commits) against the latest snapshot until the catalog takes its commit."""
+        from pyiceberg.exceptions import CommitFailedException, ValidationException
+
+        for n in range(1, self.commit_attempts + 1):
+            table = self.table if n == 1 else self.table.refresh()
+            written: list[str] = []
+            try:
+                return attempt(table, written)
+            except (CommitFailedException, ValidationException) as exc:
+                self._delete(written)  # the catalog refused the commit: nothing references them
+                if n == self.commit_attempts:
+                    raise DestinationBusyError(
+                        f"{self.description}: {n} commits in a row lost to other writers ({_first_line(exc)}); "
+                        "nothing of this window was committed: run again") from None
+                log.info("%s: another writer committed first; computing the commit again (%d)", self.description, n)
+                time.sleep(random.uniform(0.05, 0.2) * n)
+            except BaseException as exc:
+                if not _outcome_unknown(exc):  # otherwise the files may be referenced now
+                    self._delete(written)
+                raise
+        raise AssertionError("unreachable")
+
+    def _window_commit(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        table: Table,
+        project: str,
+        window: Window,
+        staged: dict[datetime, int],
+        records: list[HourRecord],
+        written: list[str],
+    ) -> list[HourRecord]:
+        mine = _window_filter(project, window)
+        keep = self._skip_taken(con, table, mine)
+        loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} WHERE {keep} GROUP BY 1")
+        filled = fill_counts(records, staged, loaded, datetime.now(UTC))
+        files = self._write_files(con, table, keep, written)
+        summary = _summary(project, window, filled)
+        tx = _without_retries(table).transaction()
+        with warnings.catch_warnings():  # "Delete operation did not match any records": a first load
+            warnings.simplefilter("ignore")
+            tx.delete(mine, snapshot_properties=summary)
+        with tx.update_snapshot(snapshot_properties=summary).fast_append() as append:
+            for data_file in files:
+                append.append_data_file(data_file)
+        tx.set_properties(ledgers.updates(table.properties, project, filled))
+        self.table = tx.commit_transaction()
+        return filled
+
+    def _skip_taken(self, con: duckdb.DuckDBPyConnection, table: Table, mine: BooleanExpression) -> str:
+        """A WHERE clause over the stage leaving out the uuids the table holds outside the window."""
+        from pyiceberg.expressions import Not
+
+        con.execute(f"DROP TABLE IF EXISTS {FOUND}")
+        if table.current_snapshot() is None:
+            return "TRUE"
+        reader = table.scan(row_filter=Not(mine), selected_fields=("uuid",)).to_arrow_batch_reader()
+        con.register("_amplitude_others", reader)
+        try:
+            # the others are streamed once past a hash of the window's uuids, not the other way round
+            con.execute(f"CREATE TEMP TABLE {FOUND} AS SELECT DISTINCT uuid FROM _amplitude_others "
+                        f"WHERE uuid IN (SELECT uuid FROM {STAGE} WHERE uuid IS NOT NULL)")
+        finally:
+            con.unregister("_amplitude_others")
+        if not con.execute(f"SELECT count(*) FROM {FOUND}").fetchall()[0][0]:
+            return "TRUE"
+        return f"(uuid IS NULL OR uuid NOT IN (SELECT uuid FROM {FOUND}))"
+
+    def _write_files(self, con: duckdb.DuckDBPyConnection, table: Table, keep: str, written: list[str]) -> list[
+            DataFile]:
+        """One data file per partition (upload day) of the stage's kept rows, streamed batch by batch."""
+        days = con.execute(f"SELECT DISTINCT datediff('day', DATE '1970-01-01', CAST(server_upload_time AS DATE)) "
+                           f"FROM {STAGE} WHERE {keep}").fetchall()
+        files = []
+        for (day,) in sorted(days, key=lambda d: (d[0] is None, d[0] or 0)):
+            if day is None:
+                where = "server_upload_time IS NULL"
+            else:
+                first = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=day)
+                where = (f"server_upload_time >= TIMESTAMPTZ '{first.isoformat()}' "
+                         f"AND server_upload_time < TIMESTAMPTZ '{(first + timedelta(days=1)).isoformat()}'")
+            reader = con.sql(f"SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {where} AND {keep}").to_arrow_reader(
+                self.row_group_size)
+            files.append(write_data_file(table, day, reader, written))
+        return files
+
+    # -- housekeeping --
+
+    def maintain(self, **options: Any) -> Any:
+        """Compact small files, expire old snapshots and delete unreferenced files (see `iceberg_maintain`)."""
+        from .iceberg_maintain import maintain
+
+        self._check_writable()
+        with self._errors("cannot maintain"):
+            return maintain(self, **options)
+
+    def close(self) -> None:
+        """Release the catalog's connections and this sink's spill directory."""
+        engine = getattr(getattr(self, "catalog", None), "engine", None)
+        if engine is not None:
+            engine.dispose()
+        if self._spill is not None:
+            import shutil
+
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+    def __enter__(self) -> IcebergSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers --
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise DestinationError(f"{self.description} was opened read-only")
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A private in-memory DuckDB spilling to a local temp directory; insertion order kept."""
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
+        con = duckdb.connect(":memory:", config={"memory_limit": self.memory_limit, "threads": self.threads,
+                                                 "temp_directory": self._spill})
+        configure(con)
+        return con
+
+    def _delete(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                self.table.io.delete(path)
+            except Exception:  # noqa: BLE001 - an orphan at worst, which `maintain` removes
+                log.warning("%s: could not delete %s", self.description, path)
+
+    def _errors(self, doing: str) -> _Errors:
+        return _Errors(self.description, doing)
+
+
+class _Errors:
+    """Turns what catalogs, FileIO and DuckDB raise into one-line DestinationErrors (passwords masked)."""
+
+    def __init__(self, label: str, doing: str) -> None:
+        self.label, self.doing = label, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        if exc is None or isinstance(exc, DestinationError | KeyboardInterrupt) or not isinstance(exc, Exception):
+            return
+        if isinstance(exc, _known_errors()):
+            message = catalogs.masked(_first_line(exc))
+            raise DestinationError(f"{self.doing} {self.label}: {message}") from exc
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of the libraries the sink drives (imported lazily: the extra may be missing)."""
+    from pyiceberg import exceptions
+
+    kinds: list[type[BaseException]] = [duckdb.Error, OSError, pa.ArrowException, exceptions.RESTError,
+                                        exceptions.CommitFailedException, exceptions.NoSuchTableError,
+                                        exceptions.NoSuchNamespaceError, exceptions.ValidationException]
+    try:
+        import sqlalchemy.exc
+
+        kinds.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def write_data_file(table: Table, day: int | None, batches: Iterable[pa.RecordBatch], written: list[str]) -> DataFile:
+    """Write `batches` (rows of one upload day, None for rows without `server_upload_time`) as one Parquet data
+    file of `table` with pyiceberg's writer (field ids, column statistics), one row group per batch."""
+    from pyiceberg.io.fileformat import FileFormatFactory
+    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+    from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+    from pyiceberg.table.locations import load_location_provider
+
+    metadata = table.metadata
+    spec, schema = metadata.spec(), metadata.schema()
+    key = PartitionKey([PartitionFieldValue(spec.fields[0], day)], partition_spec=spec, schema=schema)
+    provider = load_location_provider(table_location=metadata.location, table_properties=metadata.properties)
+    path = provider.new_data_location(data_file_name=f"00000-0-{uuid_module.uuid4()}.parquet", partition_key=key)
+    file_schema = _file_schema(schema)
+    output = table.io.new_output(path)
+    writer = FileFormatFactory.get(FileFormat.PARQUET).create_writer(output, schema, metadata.properties)
+    written.append(path)
+    rows = 0
+    with writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write(pa.Table.from_batches([batch.cast(file_schema)]))
+                rows += batch.num_rows
+        if not rows:  # a file needs its footer (an empty row group would drop every column's statistics)
+            writer.write(file_schema.empty_table())
+    return DataFile.from_args(
+        content=DataFileContent.DATA, file_path=path, file_format=FileFormat.PARQUET, partition=key.partition,
+        file_size_in_bytes=len(output), sort_order_id=None, spec_id=metadata.default_spec_id, equality_ids=None,
+        key_metadata=None, **writer.result().to_serialized_dict(),
+    )
+
+
+def _file_schema(schema: Any) -> pa.Schema:
+    """ARROW_SCHEMA with each field's Iceberg field id, as Parquet files of the table carry them."""
+    return pa.schema([ARROW_SCHEMA.field(f.name).with_metadata({b"PARQUET:field_id": str(f.field_id).encode()})
+                      for f in schema.fields])
+
+
+def _without_retries(table: Table) -> Table:
+    """`table` with pyiceberg's commit retries off, in this process's copy of its metadata only (the property is
+    never committed): a refused commit comes back to `IcebergSink._commit`, which computes it again."""
+    from pyiceberg.table import Table
+
+    properties = {**table.metadata.properties, "commit.retry.num-retries": "0"}
+    metadata = table.metadata.model_copy(update={"properties": properties})
+    return Table(table.name(), metadata, table.metadata_location, table.io, table.catalog, table.config)
+
+
+def _outcome_unknown(exc: BaseException) -> bool:
+    """Whether a failed commit may still have landed (the catalog's answer was lost)."""
+    from pyiceberg.exceptions import CommitStateUnknownException
+
+    return isinstance(exc, CommitStateUnknownException)
+
+
+def _window_filter(project: str, window: Window) -> BooleanExpression:
+    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
+
+    return And(EqualTo("_project", project), GreaterThanOrEqual("_upload_hour", window.start.isoformat()),
+               LessThanOrEqual("_upload_hour", window.end.isoformat()))
+
+
+def _row_filter(start: datetime | None, end: datetime | None, project: str | None) -> BooleanExpression:
+    from pyiceberg.expressions import AlwaysTrue, And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
+
+    expression: BooleanExpression = AlwaysTrue()
+    if project is not None:
+        expression = And(expression, EqualTo("_project", project))
+    if start is not None:
+        expression = And(expression, GreaterThanOrEqual("server_upload_time", start.astimezone(UTC).isoformat()))
+    if end is not None:
+        expression = And(expression, LessThanOrEqual("server_upload_time", end.astimezone(UTC).isoformat()))
+    return expression
+
+
+def _summary(project: str, window: Window | None, records: list[HourRecord]) -> dict[str, str]:
+    """What a window's snapshots say about it, for anyone reading the table's history."""
+    summary = {f"{SUMMARY}project-tag": ledgers.project_tag(project), f"{SUMMARY}hours": str(len(records))}
+    if window is not None:
+        summary[f"{SUMMARY}window"] = str(window)
+    run_ids = sorted({r.run_id for r in records if r.run_id})
+    if run_ids:
+        summary[f"{SUMMARY}run-id"] = ",".join(run_ids)
+    return summary
+
+
+def _stamped(record: HourRecord, now: datetime) -> HourRecord:
+    import dataclasses
+
+    return dataclasses.replace(record, updated_at=now)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
