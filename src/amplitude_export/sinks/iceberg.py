@@ -20,8 +20,6 @@ import logging
 import random
 import tempfile
 import time
-import uuid as uuid_module
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,6 +36,7 @@ from . import iceberg_catalog as catalogs
 from . import iceberg_ledger as ledgers
 from . import with_project
 from .duckdb import COLUMNS_SQL, STAGE, configure, fill_counts, hour_counts, stage_batches, winners_sql
+from .iceberg_files import file_batches, write_data_files
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
@@ -188,19 +187,30 @@ class IcebergSink:
         records: list[HourRecord],
         written: list[str],
     ) -> list[HourRecord]:
+        from pyiceberg.expressions import Not
+
         mine = _window_filter(project, window)
         keep = self._skip_taken(con, table, mine)
         loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} WHERE {keep} GROUP BY 1")
         filled = fill_counts(records, staged, loaded, datetime.now(UTC))
-        files = self._write_files(con, table, keep, written)
-        summary = _summary(project, window, filled)
+        replaced, added = [], []
+        # files holding rows of the window's hours: dropped, their other rows (other hours, other projects)
+        # copied into new files of the same day
+        for task in table.scan(row_filter=mine).plan_files() if table.current_snapshot() is not None else []:
+            copies = write_data_files(table, task.file.partition[0], file_batches(table, task, Not(mine)), written)
+            if not task.delete_files and sum(f.record_count for f in copies) == task.file.record_count:
+                self._delete([f.file_path for f in copies])  # its metrics only looked like the window's
+                continue
+            replaced.append(task.file)
+            added += copies
+        added += self._write_files(con, table, keep, written)
         tx = _without_retries(table).transaction()
-        with warnings.catch_warnings():  # "Delete operation did not match any records": a first load
-            warnings.simplefilter("ignore")
-            tx.delete(mine, snapshot_properties=summary)
-        with tx.update_snapshot(snapshot_properties=summary).fast_append() as append:
-            for data_file in files:
-                append.append_data_file(data_file)
+        update = tx.update_snapshot(snapshot_properties=_summary(project, window, filled))
+        with update.overwrite() if replaced else update.fast_append() as snapshot:
+            for data_file in replaced:
+                snapshot.delete_data_file(data_file)
+            for data_file in added:
+                snapshot.append_data_file(data_file)
         tx.set_properties(ledgers.updates(table.properties, project, filled))
         self.table = tx.commit_transaction()
         return filled
@@ -239,7 +249,7 @@ class IcebergSink:
                          f"AND server_upload_time < TIMESTAMPTZ '{(first + timedelta(days=1)).isoformat()}'")
             reader = con.sql(f"SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {where} AND {keep}").to_arrow_reader(
                 self.row_group_size)
-            files.append(write_data_file(table, day, reader, written))
+            files += write_data_files(table, day, reader, written)
         return files
 
     # -- housekeeping --
@@ -326,44 +336,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(kinds)
-
-
-def write_data_file(table: Table, day: int | None, batches: Iterable[pa.RecordBatch], written: list[str]) -> DataFile:
-    """Write `batches` (rows of one upload day, None for rows without `server_upload_time`) as one Parquet data
-    file of `table` with pyiceberg's writer (field ids, column statistics), one row group per batch."""
-    from pyiceberg.io.fileformat import FileFormatFactory
-    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
-    from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
-    from pyiceberg.table.locations import load_location_provider
-
-    metadata = table.metadata
-    spec, schema = metadata.spec(), metadata.schema()
-    key = PartitionKey([PartitionFieldValue(spec.fields[0], day)], partition_spec=spec, schema=schema)
-    provider = load_location_provider(table_location=metadata.location, table_properties=metadata.properties)
-    path = provider.new_data_location(data_file_name=f"00000-0-{uuid_module.uuid4()}.parquet", partition_key=key)
-    file_schema = _file_schema(schema)
-    output = table.io.new_output(path)
-    writer = FileFormatFactory.get(FileFormat.PARQUET).create_writer(output, schema, metadata.properties)
-    written.append(path)
-    rows = 0
-    with writer:
-        for batch in batches:
-            if batch.num_rows:
-                writer.write(pa.Table.from_batches([batch.cast(file_schema)]))
-                rows += batch.num_rows
-        if not rows:  # a file needs its footer (an empty row group would drop every column's statistics)
-            writer.write(file_schema.empty_table())
-    return DataFile.from_args(
-        content=DataFileContent.DATA, file_path=path, file_format=FileFormat.PARQUET, partition=key.partition,
-        file_size_in_bytes=len(output), sort_order_id=None, spec_id=metadata.default_spec_id, equality_ids=None,
-        key_metadata=None, **writer.result().to_serialized_dict(),
-    )
-
-
-def _file_schema(schema: Any) -> pa.Schema:
-    """ARROW_SCHEMA with each field's Iceberg field id, as Parquet files of the table carry them."""
-    return pa.schema([ARROW_SCHEMA.field(f.name).with_metadata({b"PARQUET:field_id": str(f.field_id).encode()})
-                      for f in schema.fields])
 
 
 def _without_retries(table: Table) -> Table:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,16 @@ def _set_catalog(location: Location, catalog: str, rest: str) -> None:
 
 
 def _catalog_properties(storage_options: dict[str, Any] | None) -> dict[str, str]:
-    """Storage options as pyiceberg catalog properties (strings), fsspec's S3 names translated."""
+    """Storage options as pyiceberg catalog properties (strings), fsspec's S3 names translated; the S3 endpoint
+    and region from the environment variables the AWS tools read, where the options give none (pyiceberg's
+    pyarrow FileIO reads the keys from the environment itself, but neither of these: without a region it asks
+    AWS where the bucket is)."""
     properties: dict[str, str] = {}
+    for name, variables in (("s3.endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+                            ("s3.region", ("AWS_REGION", "AWS_DEFAULT_REGION"))):
+        value = next((os.environ[v] for v in variables if os.environ.get(v)), None)
+        if value:
+            properties[name] = value
     for key, value in (storage_options or {}).items():
         if key == "client_kwargs" and isinstance(value, dict):
             properties.update(_catalog_properties(value))
