@@ -89,16 +89,18 @@ def test_the_table_is_partitioned_by_upload_day_and_typed_as_everywhere(sink: Ic
     polars = pytest.importorskip("polars")
     os.environ.setdefault("POLARS_ICEBERG_PLANNER", "pyiceberg")
     frame = polars.scan_iceberg(sink.table).sort("uuid").collect()
-    assert frame["uuid"].to_list() == ["a", "b", "c"] and str(frame.schema["event_time"]) == "Datetime(time_unit='us', time_zone='UTC')"
+    assert frame["uuid"].to_list() == ["a", "b", "c"]
+    assert str(frame.schema["event_time"]) == "Datetime(time_unit='us', time_zone='UTC')"
 
 
 def test_one_commit_per_window_carries_its_ledger(sink: IcebergSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-    commits = len(sink.table.metadata.metadata_log)
-    sink.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))  # a reload: delete + append
+    commits, snapshots = len(sink.table.metadata.metadata_log), len(sink.table.snapshots())
+    sink.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))  # a reload: files replaced
     table = sink.table.refresh()
     assert len(table.metadata.metadata_log) == commits + 1  # one new metadata file: one catalog commit
+    assert len(table.snapshots()) == snapshots + 1  # holding one snapshot
     last = table.current_snapshot()
     assert last is not None and last.summary["amplitude-export.window"] == str(w1)
     assert last.summary["amplitude-export.project-tag"] == project_tag("p")
@@ -244,7 +246,8 @@ def test_concurrent_writers_in_threads_keep_every_uuid_once(root: Path) -> None:
     assert errors == []
     with IcebergSink(str(root), read_only=True) as s:
         stored = uuids(s.read_arrow())
-        assert stored == sorted({f"w{n}-{h}" for n in (0, 1) for h in range(n, 8, 2)} | {f"shared-{h}" for h in range(4)})
+        own = {f"w{n}-{h}" for n in (0, 1) for h in range(n, 8, 2)}
+        assert stored == sorted(own | {f"shared-{h}" for h in range(4)})
         assert sorted(s.ledger("p")) == [hour(h) for h in range(8)]
         assert sum(r.events_loaded for r in s.ledger("p").values()) == len(stored)
 

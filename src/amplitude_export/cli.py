@@ -920,6 +920,9 @@ def _exit_without_teardown(exc: SystemExit) -> None:
     multiprocessing = sys.modules.get("multiprocessing")
     if (multiprocessing is not None and multiprocessing.active_children()) or not isinstance(code, int | None):
         raise exc
+    pools = sys.modules.get("concurrent.futures.thread")
+    if pools is not None:  # a library's thread pool (pyiceberg's): its idle workers wait for this word to leave
+        pools._python_exit()  # type: ignore[attr-defined]
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

@@ -91,8 +91,9 @@ def open_views(dest: str, storage_options: dict[str, Any] | None = None) -> Iter
     scheme, sep, rest = dest.partition(":")
     if not sep or not rest:
         raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
-    if storage_options and scheme.lower() != "parquet":
-        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...)")
+    if storage_options and scheme.lower() not in ("parquet", "iceberg"):
+        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...) "
+                         "and to iceberg: destinations")
     if scheme.lower() in ("postgresql", "postgres"):
         with tempfile.TemporaryDirectory(prefix="amplitude-report-") as scratch:
             con = duckdb.connect(str(Path(scratch) / "copy.duckdb"), config={"threads": 2, "memory_limit": "1GB"})
@@ -111,6 +112,8 @@ def open_views(dest: str, storage_options: dict[str, Any] | None = None) -> Iter
             _duckdb_views(con, Path(rest).expanduser())
         elif scheme == "parquet":
             _parquet_views(con, rest, storage_options)
+        elif scheme == "iceberg":
+            _iceberg_views(con, rest, storage_options)
         else:
             raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
         yield con
@@ -183,6 +186,22 @@ def _postgres_views(con: duckdb.DuckDBPyConnection, url: str, scratch: Path) -> 
     )
     csv_path.unlink()
     con.register("_ledger_arrow", ledger)
+    con.execute("CREATE TABLE ledger AS SELECT * FROM _ledger_arrow")
+    con.unregister("_ledger_arrow")
+
+
+def _iceberg_views(con: duckdb.DuckDBPyConnection, rest: str, storage_options: dict[str, Any] | None) -> None:
+    """The report's columns of the table's current snapshot, copied into `con` batch by batch; the ledger from the
+    table's properties (the same metadata version, so both agree)."""
+    from .sinks import open_sink
+    from .sinks.duckdb import records_table
+
+    with open_sink(f"iceberg:{rest}", read_only=True, storage_options=storage_options) as sink:
+        con.register("_events_stream", sink.read_batches(REPORT_COLUMNS))  # type: ignore[attr-defined]
+        con.execute("CREATE TABLE all_events AS SELECT * FROM _events_stream")
+        con.unregister("_events_stream")
+        tables = [records_table(p, list(sink.ledger(p).values())) for p in sink.projects()]
+    con.register("_ledger_arrow", pa.concat_tables(tables) if tables else records_table("", []))
     con.execute("CREATE TABLE ledger AS SELECT * FROM _ledger_arrow")
     con.unregister("_ledger_arrow")
 

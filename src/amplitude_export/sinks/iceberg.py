@@ -326,7 +326,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """The exception types of the libraries the sink drives (imported lazily: the extra may be missing)."""
     from pyiceberg import exceptions
 
-    kinds: list[type[BaseException]] = [duckdb.Error, OSError, pa.ArrowException, exceptions.RESTError,
+    # ValueError: pyarrow's S3 filesystem refusing its options (a key without a secret)
+    kinds: list[type[BaseException]] = [duckdb.Error, OSError, ValueError, pa.ArrowException, exceptions.RESTError,
                                         exceptions.CommitFailedException, exceptions.NoSuchTableError,
                                         exceptions.NoSuchNamespaceError, exceptions.ValidationException]
     try:
