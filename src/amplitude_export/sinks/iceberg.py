@@ -1,15 +1,15 @@
 """The Iceberg sink: table `events` (hidden partitioning by day of `server_upload_time`) in any catalog pyiceberg
 loads, the ledger in the table's own properties (`iceberg_ledger`).
 
-A window is one catalog commit: pyiceberg's transaction deletes the project's rows of the window's upload hours,
-appends the window's files, and sets the ledger properties of the months it touches; the catalog swaps the
-table's metadata once, so a reader sees the window whole or not at all.
+A window is one catalog commit holding one snapshot: the files holding rows of the window's hours are replaced
+(their other rows copied into new files), the window's files added, and the ledger properties of the months it
+touches set; the catalog swaps the table's metadata once, so a reader sees the window whole or not at all.
 
 Exactly once: the window is staged in an in-memory DuckDB (spilling to a local temp directory), the first row of
 each uuid kept, then the uuids the table holds in other hours (or other projects) are found by a scan of the
 `uuid` column, and those rows are left out. Every commit asserts the snapshot it was computed against; when
 another writer committed first, the catalog refuses it and the window is computed again against the new
-snapshot, from the stage (pyiceberg's own retry would re-apply the delete, the files and the ledger months on the
+snapshot, from the stage (pyiceberg's own retry would re-apply the replaced files, the new ones and the ledger months on the
 newer snapshot without looking at its uuids or its ledger, so it is turned off). Data files of a refused or
 failed attempt are deleted; a killed run leaves unreferenced files that no reader sees and `maintain` removes.
 """
