@@ -11,7 +11,8 @@ each uuid kept, then the uuids the table holds in other hours (or other projects
 another writer committed first, the catalog refuses it and the window is computed again against the new
 snapshot, from the stage (pyiceberg's own retry would re-apply the replaced files, the new ones and the ledger
 months on the newer snapshot without looking at its uuids or its ledger, so it is turned off). Data files of a
-refused or failed attempt are deleted; a killed run leaves unreferenced files that no reader sees and `maintain` removes.
+refused or failed attempt are deleted; a killed run leaves unreferenced files that no reader sees and
+`maintain` removes.
 """
 
 from __future__ import annotations
