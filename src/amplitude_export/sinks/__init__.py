@@ -1,8 +1,8 @@
 """Destinations for events, one module each behind the small `Sink` protocol below.
 
-`open_sink("duckdb:PATH" | "parquet:DIR" | "postgresql://...")` picks the module by the URL's scheme. Every sink
-keeps the ledger (see `ledger.py`) inside the destination and commits a window's rows and its ledger rows
-together, so the destination is the only record of progress.
+`open_sink("duckdb:PATH" | "parquet:DIR" | "iceberg:DIR" | "postgresql://...")` picks the module by the URL's
+scheme. Every sink keeps the ledger (see `ledger.py`) inside the destination and commits a window's rows and its
+ledger rows together, so the destination is the only record of progress.
 """
 
 from __future__ import annotations
