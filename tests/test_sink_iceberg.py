@@ -318,3 +318,35 @@ def test_a_missing_extra_names_the_install_line(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: Iceberg destinations need pyiceberg: pip install 'amplitude-export[iceberg]'"]
+
+
+def test_maintain_compacts_expires_and_deletes_what_nothing_references(sink: IcebergSink, root: Path) -> None:
+    from datetime import timedelta
+
+    for h in range(6):  # hourly runs: one small file an hour
+        w, rows = window(h, h), hour_events(hour(h), [f"a{h}", f"b{h}"])
+        sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+    w, rows = window(0, 0), hour_events(hour(0), ["a0", "c0"])
+    sink.write_window("p", w, [batch(rows)], finisher(w, rows))  # a reload: the replaced file stays on disk
+    orphan = root / "amplitude" / "events" / "data" / "server_upload_day=2024-03-01" / "00000-0-killed.parquet"
+    orphan.write_bytes(b"a killed run's file")
+    before, ledger = uuids(sink.read_arrow()), sink.ledger("p")
+    assert len(data_files(root)) == 8 and len(live_files(sink)) == 6
+
+    kept = sink.maintain(older_than=timedelta(hours=1))  # everything is younger: compaction only
+    assert (kept.files_compacted, kept.files_written, kept.snapshots_expired, kept.files_deleted) == (6, 1, 0, 0)
+    done = sink.maintain(older_than=timedelta(0))
+    assert (done.files_compacted, done.snapshots_expired) == (0, 7)  # 7 windows and the compaction: 8 snapshots
+    assert len(sink.table.snapshots()) == 1
+    assert data_files(root) == [Path(p.removeprefix("file://")) for p in live_files(sink)]
+    assert not orphan.exists() and done.files_deleted >= 8
+    assert uuids(sink.read_arrow()) == before and sink.ledger("p") == ledger
+
+
+def test_maintain_is_for_table_destinations(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from amplitude_export.cli import cli
+
+    result = CliRunner().invoke(cli, ["maintain", "--dest", f"duckdb:{tmp_path / 'x.duckdb'}"])
+    assert result.exit_code == 2 and "maintain applies to iceberg: destinations" in result.output

@@ -42,7 +42,7 @@ from .iceberg_files import file_batches, write_data_files
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.manifest import DataFile
-    from pyiceberg.table import Table
+    from pyiceberg.table import Table, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class IcebergSink:
         self.memory_limit, self.threads, self.row_group_size = memory_limit, threads, row_group_size
         self.commit_attempts = commit_attempts
         self._spill: str | None = None
+        self._committing = False  # a commit was sent: until the catalog answers, its files may be referenced
         with self._errors("cannot open"):
             self.catalog = catalogs.load(self.location, create=not read_only)
             self.table = catalogs.open_table(self.catalog, self.location, create=not read_only)
@@ -149,7 +150,7 @@ class IcebergSink:
             with tx.update_snapshot(snapshot_properties=_summary(project, None, stamped)).fast_append():
                 pass
             tx.set_properties(ledgers.updates(table.properties, project, stamped))
-            self.table = tx.commit_transaction()
+            self.send(tx)
             return stamped
 
         with self._errors("cannot write the ledger of"):
@@ -162,6 +163,7 @@ class IcebergSink:
         for n in range(1, self.commit_attempts + 1):
             table = self.table if n == 1 else self.table.refresh()
             written: list[str] = []
+            self._committing = False
             try:
                 return attempt(table, written)
             except (CommitFailedException, ValidationException) as exc:
@@ -172,11 +174,16 @@ class IcebergSink:
                         "nothing of this window was committed: run again") from None
                 log.info("%s: another writer committed first; computing the commit again (%d)", self.description, n)
                 time.sleep(random.uniform(0.05, 0.2) * n)
-            except BaseException as exc:
-                if not _outcome_unknown(exc):  # otherwise the files may be referenced now
+            except BaseException:
+                if not self._committing:  # else the commit may have landed and reference them
                     self._delete(written)
                 raise
         raise AssertionError("unreachable")
+
+    def send(self, tx: Transaction) -> None:
+        """Commit `tx` to the catalog; the table as committed becomes `self.table`."""
+        self._committing = True
+        self.table = tx.commit_transaction()
 
     def _window_commit(
         self,
@@ -213,7 +220,7 @@ class IcebergSink:
             for data_file in added:
                 snapshot.append_data_file(data_file)
         tx.set_properties(ledgers.updates(table.properties, project, filled))
-        self.table = tx.commit_transaction()
+        self.send(tx)
         return filled
 
     def _skip_taken(self, con: duckdb.DuckDBPyConnection, table: Table, mine: BooleanExpression) -> str:
@@ -348,13 +355,6 @@ def _without_retries(table: Table) -> Table:
     properties = {**table.metadata.properties, "commit.retry.num-retries": "0"}
     metadata = table.metadata.model_copy(update={"properties": properties})
     return Table(table.name(), metadata, table.metadata_location, table.io, table.catalog, table.config)
-
-
-def _outcome_unknown(exc: BaseException) -> bool:
-    """Whether a failed commit may still have landed (the catalog's answer was lost)."""
-    from pyiceberg.exceptions import CommitStateUnknownException
-
-    return isinstance(exc, CommitStateUnknownException)
 
 
 def _window_filter(project: str, window: Window) -> BooleanExpression:

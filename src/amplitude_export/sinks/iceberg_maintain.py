@@ -94,7 +94,7 @@ def _compact(sink: IcebergSink, table: Table, min_files: int, written: list[str]
             done.files_compacted += len(tasks)
             done.files_written += len(new)
     if done.files_compacted:
-        sink.table = tx.commit_transaction()
+        sink.send(tx)
     return []
 
 
@@ -109,7 +109,7 @@ def _expire(sink: IcebergSink, table: Table, before: datetime, done: Maintenance
 
         tx = _without_retries(table).transaction()
         ExpireSnapshots(tx).by_ids(old).commit()
-        sink.table = tx.commit_transaction()
+        sink.send(tx)
     done.snapshots_expired = len(old)
     return []
 
