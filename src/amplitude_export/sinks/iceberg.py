@@ -17,6 +17,7 @@ refused or failed attempt are deleted; a killed run leaves unreferenced files th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import tempfile
@@ -30,14 +31,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import DestinationBusyError, DestinationError
-from ..ledger import HourRecord
+from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..windows import Window
 from . import iceberg_catalog as catalogs
 from . import iceberg_ledger as ledgers
 from . import with_project
-from .duckdb import COLUMNS_SQL, STAGE, configure, fill_counts, hour_counts, stage_batches, winners_sql
-from .iceberg_files import file_batches, write_data_files
+from .duckdb import (
+    COLUMNS_SQL,
+    DELETED,
+    DELETED_ROWS,
+    STAGE,
+    configure,
+    deleted_table,
+    fill_counts,
+    hour_counts,
+    stage_batches,
+    winners_sql,
+)
+from .iceberg_files import file_batches, register_file, row_filter, window_filter, write_data_files
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
@@ -92,7 +104,7 @@ class IcebergSink:
     ) -> pa.Table:
         """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
         with self._errors("cannot read"):
-            table = self.table.scan(row_filter=_row_filter(start, end, project)).to_arrow()
+            table = self.table.scan(row_filter=row_filter(start, end, project)).to_arrow()
         table = table.sort_by([("_upload_hour", "ascending"), ("_member", "ascending"), ("_line", "ascending")])
         return table.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA)
 
@@ -100,7 +112,7 @@ class IcebergSink:
         """The events (of one project, or all), only `columns`, streamed as Arrow batches in no particular order."""
         schema = pa.schema([ARROW_SCHEMA.field(name) for name in columns or ARROW_SCHEMA.names])
         with self._errors("cannot read"):
-            scan = self.table.scan(row_filter=_row_filter(None, None, project), selected_fields=tuple(schema.names))
+            scan = self.table.scan(row_filter=row_filter(None, None, project), selected_fields=tuple(schema.names))
             reader = scan.to_arrow_batch_reader()
         return pa.RecordBatchReader.from_batches(schema, (batch.select(schema.names).cast(schema) for batch in reader))
 
@@ -145,7 +157,7 @@ class IcebergSink:
         stamped = [r if r.updated_at else _stamped(r, now) for r in records]
 
         def commit(table: Table, written: list[str]) -> list[HourRecord]:
-            tx = _without_retries(table).transaction()
+            tx = catalogs.without_retries(table).transaction()
             # an empty snapshot, so the commit asserts the snapshot it read the ledger months from
             with tx.update_snapshot(snapshot_properties=_summary(project, None, stamped)).fast_append():
                 pass
@@ -156,7 +168,7 @@ class IcebergSink:
         with self._errors("cannot write the ledger of"):
             self._commit(commit)
 
-    def _commit(self, attempt: Callable[[Table, list[str]], list[HourRecord]]) -> list[HourRecord]:
+    def _commit(self, attempt: Callable[[Table, list[str]], Any]) -> Any:
         """Run `attempt` (which commits) against the latest snapshot until the catalog takes its commit."""
         from pyiceberg.exceptions import CommitFailedException, ValidationException
 
@@ -195,33 +207,98 @@ class IcebergSink:
         records: list[HourRecord],
         written: list[str],
     ) -> list[HourRecord]:
-        from pyiceberg.expressions import Not
 
-        mine = _window_filter(project, window)
+        mine = window_filter(project, window)
         keep = self._skip_taken(con, table, mine)
         loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} WHERE {keep} GROUP BY 1")
         filled = fill_counts(records, staged, loaded, datetime.now(UTC))
+        # files holding rows of the window's hours: dropped, their other rows copied into new files of the same day
+        replaced, added = self._rewrite_without(table, mine, written)
+        added += self._write_files(con, table, keep, written)
+        self._send_files(table, replaced, added, _summary(project, window, filled),
+                         ledgers.updates(table.properties, project, filled))
+        return filled
+
+    def _rewrite_without(self, table: Table, rows: BooleanExpression, written: list[str]) -> tuple[
+            list[DataFile], list[DataFile]]:
+        """(files holding any of `rows`, new files with their other rows), read and written one file at a time."""
+        from pyiceberg.expressions import Not
+
         replaced, added = [], []
-        # files holding rows of the window's hours: dropped, their other rows (other hours, other projects)
-        # copied into new files of the same day
-        for task in table.scan(row_filter=mine).plan_files() if table.current_snapshot() is not None else []:
-            copies = write_data_files(table, task.file.partition[0], file_batches(table, task, Not(mine)), written)
+        for task in table.scan(row_filter=rows).plan_files() if table.current_snapshot() is not None else []:
+            copies = write_data_files(table, task.file.partition[0], file_batches(table, task, Not(rows)), written)
             if not task.delete_files and sum(f.record_count for f in copies) == task.file.record_count:
-                self._delete([f.file_path for f in copies])  # its metrics only looked like the window's
+                self._delete([f.file_path for f in copies])  # its metrics only looked as if it held some
                 continue
             replaced.append(task.file)
             added += copies
-        added += self._write_files(con, table, keep, written)
-        tx = _without_retries(table).transaction()
-        update = tx.update_snapshot(snapshot_properties=_summary(project, window, filled))
+        return replaced, added
+
+    def _send_files(self, table: Table, replaced: list[DataFile], added: list[DataFile], summary: dict[str, str],
+                    properties: dict[str, str]) -> None:
+        """Commit one snapshot removing `replaced` and adding `added`, with `properties` set, against `table`."""
+        tx = catalogs.without_retries(table).transaction()
+        update = tx.update_snapshot(snapshot_properties=summary)
         with update.overwrite() if replaced else update.fast_append() as snapshot:
             for data_file in replaced:
                 snapshot.delete_data_file(data_file)
             for data_file in added:
                 snapshot.append_data_file(data_file)
-        tx.set_properties(ledgers.updates(table.properties, project, filled))
+        tx.set_properties(properties)
         self.send(tx)
-        return filled
+
+    # -- deletions (User Privacy API jobs) --
+
+    def deletion_records(self, project: str) -> list[DeletionRecord]:
+        """The deletion jobs applied to `project`, by day (kept in the table's properties, like the ledger)."""
+        return ledgers.read_deletions(self.table.properties, project)
+
+    def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
+        """In one commit: rewrite the files holding rows of `project` whose amplitude_id (or the one `_extra`
+        kept as text) is in `amplitude_ids` without them, lower their hours' `events_loaded`, and store `record`
+        with `rows_deleted` raised. A file is read twice (count, then copy), one file at a time."""
+        from pyiceberg.expressions import And, EqualTo, In, IsNull, Or
+
+        self._check_writable()
+        maybe = And(EqualTo("_project", project), Or(In("amplitude_id", set(amplitude_ids)), IsNull("amplitude_id")))
+        gone_rows = f"_project = $project AND {DELETED_ROWS}"
+
+        def commit(table: Table, written: list[str]) -> DeletionRecord:
+            gone: dict[datetime, int] = {}
+            replaced: list[DataFile] = []
+            added: list[DataFile] = []
+            con = self._connect()
+            try:
+                con.register(DELETED, deleted_table(amplitude_ids))
+                tasks = table.scan(row_filter=maybe).plan_files() if amplitude_ids and table.current_snapshot() else []
+                for task in tasks:
+                    register_file(con, table, task)
+                    counts = hour_counts(con, "SELECT _upload_hour AS hour, count(*) AS n FROM _amplitude_file "
+                                              f"WHERE {gone_rows} GROUP BY 1", {"project": project})
+                    if not counts:
+                        continue
+                    for hour, n in counts.items():
+                        gone[hour] = gone.get(hour, 0) + n
+                    register_file(con, table, task)
+                    kept = con.sql(f"SELECT {COLUMNS_SQL} FROM _amplitude_file WHERE NOT ({gone_rows})",
+                                   params={"project": project}).to_arrow_reader(self.row_group_size)
+                    added += write_data_files(table, task.file.partition[0], kept, written)
+                    replaced.append(task.file)
+            finally:
+                con.close()
+            ledger = ledgers.read(table.properties).get(project, {})
+            lowered = [dataclasses.replace(ledger[h], events_loaded=ledger[h].events_loaded - n)
+                       for h, n in gone.items() if h in ledger]
+            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()))
+            properties = {**ledgers.updates(table.properties, project, lowered),
+                          **ledgers.deletion_updates(table.properties, project, stored)}
+            summary = {f"{SUMMARY}project-tag": ledgers.project_tag(project),
+                       f"{SUMMARY}deletion-job": stored.day.isoformat()}
+            self._send_files(table, replaced, added, summary, properties)
+            return stored
+
+        with self._errors(f"cannot apply deletion job {record.day} to"):
+            return self._commit(commit)
 
     def _skip_taken(self, con: duckdb.DuckDBPyConnection, table: Table, mine: BooleanExpression) -> str:
         """A WHERE clause over the stage leaving out the uuids the table holds outside the window."""
@@ -309,72 +386,8 @@ class IcebergSink:
             except Exception:  # noqa: BLE001 - an orphan at worst, which `maintain` removes
                 log.warning("%s: could not delete %s", self.description, path)
 
-    def _errors(self, doing: str) -> _Errors:
-        return _Errors(self.description, doing)
-
-
-class _Errors:
-    """Turns what catalogs, FileIO and DuckDB raise into one-line DestinationErrors (passwords masked)."""
-
-    def __init__(self, label: str, doing: str) -> None:
-        self.label, self.doing = label, doing
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
-        if exc is None or isinstance(exc, DestinationError | KeyboardInterrupt) or not isinstance(exc, Exception):
-            return
-        if isinstance(exc, _known_errors()):
-            message = catalogs.masked(_first_line(exc))
-            raise DestinationError(f"{self.doing} {self.label}: {message}") from exc
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """The exception types of the libraries the sink drives (imported lazily: the extra may be missing)."""
-    from pyiceberg import exceptions
-
-    # ValueError: pyarrow's S3 filesystem refusing its options (a key without a secret)
-    kinds: list[type[BaseException]] = [duckdb.Error, OSError, ValueError, pa.ArrowException, exceptions.RESTError,
-                                        exceptions.CommitFailedException, exceptions.NoSuchTableError,
-                                        exceptions.NoSuchNamespaceError, exceptions.ValidationException]
-    try:
-        import sqlalchemy.exc
-
-        kinds.append(sqlalchemy.exc.SQLAlchemyError)
-    except ImportError:
-        pass
-    return tuple(kinds)
-
-
-def _without_retries(table: Table) -> Table:
-    """`table` with pyiceberg's commit retries off, in this process's copy of its metadata only (the property is
-    never committed): a refused commit comes back to `IcebergSink._commit`, which computes it again."""
-    from pyiceberg.table import Table
-
-    properties = {**table.metadata.properties, "commit.retry.num-retries": "0"}
-    metadata = table.metadata.model_copy(update={"properties": properties})
-    return Table(table.name(), metadata, table.metadata_location, table.io, table.catalog, table.config)
-
-
-def _window_filter(project: str, window: Window) -> BooleanExpression:
-    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
-
-    return And(EqualTo("_project", project), GreaterThanOrEqual("_upload_hour", window.start.isoformat()),
-               LessThanOrEqual("_upload_hour", window.end.isoformat()))
-
-
-def _row_filter(start: datetime | None, end: datetime | None, project: str | None) -> BooleanExpression:
-    from pyiceberg.expressions import AlwaysTrue, And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
-
-    expression: BooleanExpression = AlwaysTrue()
-    if project is not None:
-        expression = And(expression, EqualTo("_project", project))
-    if start is not None:
-        expression = And(expression, GreaterThanOrEqual("server_upload_time", start.astimezone(UTC).isoformat()))
-    if end is not None:
-        expression = And(expression, LessThanOrEqual("server_upload_time", end.astimezone(UTC).isoformat()))
-    return expression
+    def _errors(self, doing: str) -> catalogs.Errors:
+        return catalogs.Errors(self.description, doing)
 
 
 def _summary(project: str, window: Window | None, records: list[HourRecord]) -> dict[str, str]:
@@ -389,8 +402,6 @@ def _summary(project: str, window: Window | None, records: list[HourRecord]) -> 
 
 
 def _stamped(record: HourRecord, now: datetime) -> HourRecord:
-    import dataclasses
-
     return dataclasses.replace(record, updated_at=now)
 
 

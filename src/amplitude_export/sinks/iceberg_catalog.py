@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import duckdb
+import pyarrow as pa
+
 from ..errors import DestinationError, UsageError
 from ..schema import ALL_COLUMNS, BOOLEAN, FLOAT, INTEGER, JSON, STRING, TIMESTAMP
 
@@ -243,6 +246,50 @@ def open_table(catalog: Catalog, location: Location, *, create: bool) -> Table:
         raise DestinationError(f"{location.label}: {'.'.join(location.identifier)} is not an amplitude-export "
                                f"events table (column {at + 1}: {want} expected, {found} found)")
     return table
+
+
+class Errors:
+    """Turns what catalogs, FileIO and DuckDB raise into one-line DestinationErrors (passwords masked)."""
+
+    def __init__(self, label: str, doing: str) -> None:
+        self.label, self.doing = label, doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        if exc is None or isinstance(exc, DestinationError | KeyboardInterrupt) or not isinstance(exc, Exception):
+            return
+        if isinstance(exc, known_errors()):
+            message = masked(_first_line(exc))
+            raise DestinationError(f"{self.doing} {self.label}: {message}") from exc
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of the libraries the sink drives (imported lazily: the extra may be missing)."""
+    from pyiceberg import exceptions
+
+    # ValueError: pyarrow's S3 filesystem refusing its options (a key without a secret)
+    kinds: list[type[BaseException]] = [duckdb.Error, OSError, ValueError, pa.ArrowException, exceptions.RESTError,
+                                        exceptions.CommitFailedException, exceptions.NoSuchTableError,
+                                        exceptions.NoSuchNamespaceError, exceptions.ValidationException]
+    try:
+        import sqlalchemy.exc
+
+        kinds.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def without_retries(table: Table) -> Table:
+    """`table` with pyiceberg's commit retries off, in this process's copy of its metadata only (the property is
+    never committed): a refused commit comes back to `IcebergSink._commit`, which computes it again."""
+    from pyiceberg.table import Table
+
+    properties = {**table.metadata.properties, "commit.retry.num-retries": "0"}
+    metadata = table.metadata.model_copy(update={"properties": properties})
+    return Table(table.name(), metadata, table.metadata_location, table.io, table.catalog, table.config)
 
 
 def _first_line(exc: BaseException) -> str:

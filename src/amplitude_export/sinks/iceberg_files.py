@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import pyarrow as pa
 
 from ..schema import ARROW_SCHEMA
+from ..windows import Window
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
@@ -112,3 +115,31 @@ def file_batches(table: Table, task: FileScanTask, row_filter: BooleanExpression
     for batch in batches:
         if batch.num_rows:
             yield batch.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA)
+
+
+def register_file(con: duckdb.DuckDBPyConnection, table: Table, task: FileScanTask) -> None:
+    """The rows of one data file as the relation `_amplitude_file` of `con`, streamed (readable once)."""
+    from pyiceberg.expressions import AlwaysTrue
+
+    con.register("_amplitude_file", pa.RecordBatchReader.from_batches(ARROW_SCHEMA,
+                                                                      file_batches(table, task, AlwaysTrue())))
+
+
+def window_filter(project: str, window: Window) -> BooleanExpression:
+    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
+
+    return And(EqualTo("_project", project), GreaterThanOrEqual("_upload_hour", window.start.isoformat()),
+               LessThanOrEqual("_upload_hour", window.end.isoformat()))
+
+
+def row_filter(start: datetime | None, end: datetime | None, project: str | None) -> BooleanExpression:
+    from pyiceberg.expressions import AlwaysTrue, And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
+
+    expression: BooleanExpression = AlwaysTrue()
+    if project is not None:
+        expression = And(expression, EqualTo("_project", project))
+    if start is not None:
+        expression = And(expression, GreaterThanOrEqual("server_upload_time", start.astimezone(UTC).isoformat()))
+    if end is not None:
+        expression = And(expression, LessThanOrEqual("server_upload_time", end.astimezone(UTC).isoformat()))
+    return expression

@@ -4,6 +4,9 @@ Iceberg commits one table at a time, so a ledger table beside `events` could not
 Table properties can: a window's commit (delete, append) sets them in the same catalog commit, and every engine's
 maintenance keeps them (expiring snapshots, compaction and orphan-file removal never touch properties).
 
+The deletion jobs applied (User Privacy API, `deletions.py`) are kept the same way, one property per project,
+`amplitude-export.deletions.<project tag>`, `{"project": name, "hours": {day: record}}`.
+
 One property per project and upload month, `amplitude-export.ledger.<project tag>.<YYYY-MM>`, holds that month's
 hour records as gzipped JSON in base64 (`{"project": name, "hours": {iso hour: record}}`): a commit rewrites only
 the months it touches, and a year of hourly records stays near a megabyte of table metadata. See docs/ICEBERG.md.
@@ -19,9 +22,10 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 from ..errors import DestinationError
-from ..ledger import HourRecord
+from ..ledger import DeletionRecord, HourRecord
 
 PREFIX = "amplitude-export.ledger."
+DELETIONS = "amplitude-export.deletions."  # + project tag: the deletion jobs applied, by day
 
 
 def project_tag(project: str) -> str:
@@ -72,3 +76,17 @@ def updates(properties: Mapping[str, str], project: str, records: Iterable[HourR
         data["hour"] = record.hour.astimezone(UTC).isoformat()
         months[name][data["hour"]] = data  # type: ignore[index]
     return {name: encode(project, hours) for name, hours in months.items()}
+
+
+def read_deletions(properties: Mapping[str, str], project: str) -> list[DeletionRecord]:
+    """The deletion jobs applied to `project`, by day."""
+    name = f"{DELETIONS}{project_tag(project)}"
+    days = decode(name, properties[name])[1] if name in properties else {}
+    return [DeletionRecord.from_dict(days[day]) for day in sorted(days)]
+
+
+def deletion_updates(properties: Mapping[str, str], project: str, record: DeletionRecord) -> dict[str, str]:
+    """The property to set so that the deletions ledger holds `record` (replacing that of its day)."""
+    name = f"{DELETIONS}{project_tag(project)}"
+    days = decode(name, properties[name])[1] if name in properties else {}
+    return {name: encode(project, {**days, record.day.isoformat(): record.to_dict()})}

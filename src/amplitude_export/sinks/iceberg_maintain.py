@@ -72,7 +72,7 @@ def _compact(sink: IcebergSink, table: Table, min_files: int, written: list[str]
         HourRecord]:
     from pyiceberg.expressions import AlwaysTrue
 
-    from .iceberg import _without_retries
+    from .iceberg_catalog import without_retries
     from .iceberg_files import TARGET_BYTES, file_batches, write_data_files
 
     groups: dict[Any, list[FileScanTask]] = {}
@@ -80,7 +80,7 @@ def _compact(sink: IcebergSink, table: Table, min_files: int, written: list[str]
         if task.file.file_size_in_bytes < TARGET_BYTES // 20:  # small: well under what a full file takes on disk
             groups.setdefault(task.file.partition[0], []).append(task)
     done.files_compacted = done.files_written = 0
-    tx = _without_retries(table).transaction()
+    tx = without_retries(table).transaction()
     with tx.update_snapshot(snapshot_properties={"amplitude-export.maintain": "compact"}).overwrite() as rewrite:
         for day, tasks in sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or 0)):
             if len(tasks) < min_files:
@@ -99,7 +99,7 @@ def _compact(sink: IcebergSink, table: Table, min_files: int, written: list[str]
 
 
 def _expire(sink: IcebergSink, table: Table, before: datetime, done: Maintenance) -> list[HourRecord]:
-    from .iceberg import _without_retries
+    from .iceberg_catalog import without_retries
 
     current = table.current_snapshot()
     old = [s.snapshot_id for s in table.snapshots()
@@ -107,7 +107,7 @@ def _expire(sink: IcebergSink, table: Table, before: datetime, done: Maintenance
     if old:
         from pyiceberg.table.update.snapshot import ExpireSnapshots
 
-        tx = _without_retries(table).transaction()
+        tx = without_retries(table).transaction()
         ExpireSnapshots(tx).by_ids(old).commit()
         sink.send(tx)
     done.snapshots_expired = len(old)
