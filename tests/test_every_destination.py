@@ -6,6 +6,7 @@ Each also keeps in its ledger what retries and splits an hour took, and opens le
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import zipfile
@@ -31,12 +32,14 @@ from amplitude_export.verify import verify
 from amplitude_export.windows import HOUR, Window
 
 
-@pytest.fixture(params=["duckdb", "parquet", "postgres"])
+@pytest.fixture(params=["duckdb", "parquet", "postgres", "iceberg"])
 def dest(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "duckdb":
         return f"duckdb:{tmp_path / 'a.duckdb'}"
     if request.param == "parquet":
         return f"parquet:{tmp_path / 'dataset'}"
+    if request.param == "iceberg":
+        return f"iceberg:{tmp_path / 'warehouse'}"
     return f"{POSTGRES_URL}?schema={request.getfixturevalue('pg_schema')}"
 
 
@@ -129,6 +132,13 @@ def stored_ledger(dest: str, project: str) -> dict[datetime, tuple[str, int, str
         state = json.loads((Path(dest.removeprefix("parquet:")) / "_state" / "ledger.json").read_text())
         return {datetime.fromisoformat(h): (r["status"], r["attempts"], r.get("split_from"))
                 for h, r in state["ledger"][project].items()}  # fmt: skip
+    if dest.startswith("iceberg:"):  # the table's properties, decoded by hand: gzipped JSON in base64
+        hours: dict[str, dict[str, object]] = {}
+        for value in iceberg_ledger_properties(dest).values():
+            data = json.loads(gzip.decompress(base64.b64decode(value)))
+            hours |= data["hours"] if data["project"] == project else {}
+        return {datetime.fromisoformat(h): (r["status"], r["attempts"], r.get("split_from"))  # type: ignore[misc]
+                for h, r in hours.items()}  # fmt: skip
     url, _, schema = dest.partition("?schema=")
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(f'SELECT hour, status, attempts, split_from FROM "{schema}"._amplitude_ledger '
@@ -162,6 +172,21 @@ def test_retries_and_splits_are_in_the_ledger(dest: str, tmp_path: Path) -> None
     assert {h: (r.status, r.attempts, r.split_from) for h, r in ledger.items()} == expected
 
 
+def iceberg_catalog(dest: str) -> tuple[object, tuple[str, str]]:
+    """The SQLite catalog of an `iceberg:DIR` destination, through pyiceberg rather than the sink."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    root = Path(dest.removeprefix("iceberg:"))
+    return SqlCatalog("amplitude_export", uri=f"sqlite:///{root / 'catalog.db'}", warehouse=root.as_uri()), (
+        "amplitude", "events")
+
+
+def iceberg_ledger_properties(dest: str) -> dict[str, str]:
+    catalog, name = iceberg_catalog(dest)
+    table = catalog.load_table(name)  # type: ignore[attr-defined]
+    return {k: v for k, v in table.properties.items() if k.startswith("amplitude-export.ledger.")}
+
+
 def drop_split_from(dest: str) -> None:
     """Make the destination's ledger look as the version before `split_from` left it."""
     if dest.startswith("duckdb:"):
@@ -174,6 +199,16 @@ def drop_split_from(dest: str) -> None:
             for record in hours.values():
                 del record["split_from"]
         path.write_text(json.dumps(state))
+    elif dest.startswith("iceberg:"):
+        catalog, name = iceberg_catalog(dest)
+        properties = {}
+        for key, value in iceberg_ledger_properties(dest).items():
+            data = json.loads(gzip.decompress(base64.b64decode(value)))
+            for record in data["hours"].values():
+                del record["split_from"]
+            properties[key] = base64.b64encode(gzip.compress(json.dumps(data).encode())).decode()
+        with catalog.load_table(name).transaction() as tx:  # type: ignore[attr-defined]
+            tx.set_properties(properties)
     else:
         url, _, schema = dest.partition("?schema=")
         with psycopg.connect(url, autocommit=True) as conn:

@@ -362,8 +362,10 @@ def dest_options(func: F) -> F:
         "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", expose_value=False,
         callback=_keep_storage_options,
         help="Passed to a parquet: URL's filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000, key=..., "
-        "secret=...; repeatable. true/false are booleans, a value starting with { or [ is JSON. Values are never "
-        "printed. Default: the store's environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+        "secret=...; or to an iceberg: destination's catalog (pyiceberg properties such as s3.endpoint, credential; "
+        "the S3 names above are translated); repeatable. true/false are booleans, a value starting with { or [ "
+        "is JSON. Values are never printed. Default: the store's environment variables (AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ...).",
     )(func)
     func = click.option(
         "--schema", envvar="AMP_PG_SCHEMA", expose_value=False, callback=_keep_schema,
@@ -374,7 +376,8 @@ def dest_options(func: F) -> F:
         "(default: the API key)."
     )(func)
     func = click.option(
-        "--dest", help="duckdb:PATH (default DATA_DIR/amplitude.duckdb), parquet:DIR or postgresql://user@host/db."
+        "--dest", help="duckdb:PATH (default DATA_DIR/amplitude.duckdb), parquet:DIR, iceberg:DIR (or an iceberg: "
+        "catalog URL, docs/ICEBERG.md) or postgresql://user@host/db."
     )(func)
     return func
 
@@ -718,6 +721,42 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
     click.echo(f"report written to {path}")
 
 
+@cli.command(epilog=EXIT_CODES)
+@dest_options
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--older-than", "older_than", type=click.IntRange(0, None), default=168, show_default=True,
+              metavar="HOURS", help="Expire snapshots, and delete unreferenced files, older than this. 0 only "
+              "while no run writes: a run's files are unreferenced until it commits.")
+@click.option("--compact/--no-compact", default=True, show_default=True,
+              help="Rewrite each upload day's small files into few large ones first.")
+@reports_errors
+def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: int, compact: bool) -> None:
+    """Housekeeping of a table destination: compact small files, expire old snapshots, delete unreferenced files.
+
+    Hourly runs make one small file per hour and reloads leave replaced files behind; this keeps the table
+    fast to read and its storage bounded. Rows and ledger are unchanged. See docs/ICEBERG.md.
+
+    \b
+    Example:
+      amplitude-export maintain --dest iceberg:warehouse/
+      amplitude-export maintain --dest iceberg:warehouse/ --older-than 24 --no-compact
+    """
+    from datetime import timedelta
+
+    from .sinks import open_sink
+
+    url = _dest(dest, data_dir)
+    sink = open_sink(url, **_sink_options())
+    try:
+        housekeeping = getattr(sink, "maintain", None)
+        if housekeeping is None:
+            raise UsageError(f"{sink.description}: maintain applies to iceberg: destinations")
+        done = housekeeping(compact=compact, older_than=timedelta(hours=older_than))
+    finally:
+        sink.close()
+    click.echo(f"{sink.description}: {done.summary()}")
+
+
 def _hour_list(option: str, text: str | None) -> list[datetime]:
     """A comma-separated list of hours (any --start format), for a flag named `option`."""
     from .windows import parse_hour
@@ -881,6 +920,9 @@ def _exit_without_teardown(exc: SystemExit) -> None:
     multiprocessing = sys.modules.get("multiprocessing")
     if (multiprocessing is not None and multiprocessing.active_children()) or not isinstance(code, int | None):
         raise exc
+    pools = sys.modules.get("concurrent.futures.thread")
+    if pools is not None:  # a library's thread pool (pyiceberg's): its idle workers wait for this word to leave
+        pools._python_exit()  # type: ignore[attr-defined]
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

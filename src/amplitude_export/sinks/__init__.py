@@ -1,8 +1,8 @@
 """Destinations for events, one module each behind the small `Sink` protocol below.
 
-`open_sink("duckdb:PATH" | "parquet:DIR" | "postgresql://...")` picks the module by the URL's scheme. Every sink
-keeps the ledger (see `ledger.py`) inside the destination and commits a window's rows and its ledger rows
-together, so the destination is the only record of progress.
+`open_sink("duckdb:PATH" | "parquet:DIR" | "iceberg:DIR" | "postgresql://...")` picks the module by the URL's
+scheme. Every sink keeps the ledger (see `ledger.py`) inside the destination and commits a window's rows and its
+ledger rows together, so the destination is the only record of progress.
 """
 
 from __future__ import annotations
@@ -218,18 +218,21 @@ def _client_error(exc: Exception) -> bool:
 
 
 def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **options: object) -> Sink:
-    """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR` or `postgresql://...`.
+    """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR`, `iceberg:DIR` (or another
+    `iceberg:` URL, see `iceberg_catalog`) or `postgresql://...`.
 
-    `storage_options` go to the filesystem of a `parquet:` URL on object storage (`s3://`, `gs://`, ...); an
-    error's message never shows their values."""
+    `storage_options` go to the filesystem of a `parquet:` URL on object storage (`s3://`, `gs://`, ...), or to
+    an `iceberg:` destination's catalog and FileIO; an error's message never shows their values."""
     scheme, sep, rest = dest.partition(":")
     if not sep:
-        raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
+        raise UsageError(
+            f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR, iceberg:DIR or postgresql://...")
     scheme = scheme.lower()
-    if storage_options and (
+    if storage_options and scheme != "iceberg" and (
         scheme != "parquet" or "://" not in rest or rest.lower().startswith(("file://", "local://"))
     ):
-        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...)")
+        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...) "
+                         "and to iceberg: destinations")
     if scheme == "duckdb":
         from .duckdb import DuckDBSink
 
@@ -253,6 +256,18 @@ def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **opt
             if not _client_error(exc):
                 raise
             raise DestinationError(f"cannot open Parquet dataset {rest}: {detail}") from None
+    if scheme == "iceberg":
+        from ..storage import redact
+        from .iceberg_catalog import require_pyiceberg
+
+        require_pyiceberg()
+        from .iceberg import IcebergSink
+
+        try:
+            return IcebergSink(rest, storage_options=storage_options, **options)  # type: ignore[arg-type]
+        except AmplitudeExportError as exc:
+            exc.args = (redact(str(exc), storage_options),)
+            raise
     if scheme in ("postgresql", "postgres"):
         try:
             from .postgres import PostgresSink
@@ -264,4 +279,5 @@ def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **opt
             ) from None
 
         return PostgresSink(dest, **options)  # type: ignore[arg-type]
-    raise UsageError(f"unknown destination scheme {scheme!r} in {dest!r}: use duckdb:, parquet: or postgresql://")
+    raise UsageError(
+        f"unknown destination scheme {scheme!r} in {dest!r}: use duckdb:, parquet:, iceberg: or postgresql://")
