@@ -362,7 +362,8 @@ def dest_options(func: F) -> F:
         "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE", expose_value=False,
         callback=_keep_storage_options,
         help="Passed to a parquet: URL's filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000, key=..., "
-        "secret=...; repeatable. true/false are booleans, a value starting with { or [ is JSON. Values are never "
+        "secret=..., or to a delta: URL's store (delta-rs: endpoint_url, aws_access_key_id, ...); repeatable. "
+        "true/false are booleans, a value starting with { or [ is JSON. Values are never "
         "printed. Default: the store's environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
     )(func)
     func = click.option(
@@ -374,7 +375,8 @@ def dest_options(func: F) -> F:
         "(default: the API key)."
     )(func)
     func = click.option(
-        "--dest", help="duckdb:PATH (default DATA_DIR/amplitude.duckdb), parquet:DIR or postgresql://user@host/db."
+        "--dest", help="duckdb:PATH (default DATA_DIR/amplitude.duckdb), parquet:DIR, delta:PATH_OR_URL or "
+        "postgresql://user@host/db."
     )(func)
     return func
 
@@ -716,6 +718,38 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
                         end=parse_hour(end, is_end=True) if end is not None else None, project=project,
                         **_sink_options())
     click.echo(f"report written to {path}")
+
+
+@cli.command(epilog=EXIT_CODES)
+@dest_options
+@click.option("--retain-hours", type=click.IntRange(min=1), default=None,
+              help="Keep the files that versions of the last N hours need (readers of older snapshots, "
+                   "time travel); default: the table's own setting (Delta: delta.deletedFileRetentionDuration, "
+                   "7 days unless set).")
+@reports_errors
+def maintain(dest: str | None, project: str | None, retain_hours: int | None) -> None:
+    """Compact a table's small files and delete the files no recent version needs (delta: tables).
+
+    Hourly incremental runs leave a few small files per window; run this daily or weekly. It may run while a
+    run loads: their commits are serialised, and files younger than --retain-hours are never deleted.
+
+    \b
+    Example:
+      amplitude-export maintain --dest delta:events/
+      amplitude-export maintain --dest delta:s3://bucket/amplitude --retain-hours 24
+    """
+    from .sinks import open_sink
+
+    if dest is None:
+        raise UsageError("maintain needs --dest (a delta: table)")
+    sink = open_sink(_dest(dest, Path(".")), **_sink_options())
+    try:
+        tidy = getattr(sink, "maintain", None)
+        if tidy is None:
+            raise UsageError(f"{sink.description}: maintain is for delta: tables (the other destinations need none)")
+        click.echo(tidy(retain_hours=retain_hours))
+    finally:
+        sink.close()
 
 
 def _hour_list(option: str, text: str | None) -> list[datetime]:

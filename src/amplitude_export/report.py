@@ -40,6 +40,7 @@ HOURLY_DAYS = 92  # the hourly chart covers at most the range's last 92 days (ab
 MISSING = "not loaded"  # an hour in range with no ledger row: no run has asked for it
 DONE = (LOADED, EMPTY)
 DAY = timedelta(days=1)
+DESTINATIONS = "use duckdb:PATH, parquet:DIR, delta:PATH or postgresql://..."
 
 # Lateness buckets: (label, upper bound in seconds); an event lands in the first bucket whose bound exceeds it.
 LATENESS_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -67,11 +68,12 @@ def write_report(
     """Write the HTML report of destination `dest` to `out`; return `out`.
 
     `dest` is any destination `run` writes: `duckdb:PATH`, `parquet:DIR` (or an fsspec URL such as
-    `parquet:s3://bucket/prefix`) or `postgresql://...`.
+    `parquet:s3://bucket/prefix`), `delta:PATH_OR_URL` or `postgresql://...`.
 
     `start` and `end` are UTC upload hours, both inclusive (default: everything the destination holds). `project`
     picks the ledger to read; by default the only one there (a destination holding several needs it named).
-    `storage_options` go to the filesystem of a `parquet:` URL on object storage, as for `read_arrow`.
+    `storage_options` go to the filesystem of a `parquet:` or `delta:` URL on object storage, as for
+    `read_arrow`.
     """
     with open_views(dest, storage_options) as con:
         data = gather(con, start=start, end=end, project=project)
@@ -90,9 +92,9 @@ def open_views(dest: str, storage_options: dict[str, Any] | None = None) -> Iter
     """An in-memory DuckDB connection on which `dest` appears as views `all_events` and `ledger`, read-only."""
     scheme, sep, rest = dest.partition(":")
     if not sep or not rest:
-        raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
-    if storage_options and scheme.lower() != "parquet":
-        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...)")
+        raise UsageError(f"cannot read destination {dest!r}: {DESTINATIONS}")
+    if storage_options and scheme.lower() not in ("parquet", "delta"):
+        raise UsageError("storage options apply to parquet: and delta: URLs on object storage (s3://, gs://, ...)")
     if scheme.lower() in ("postgresql", "postgres"):
         with tempfile.TemporaryDirectory(prefix="amplitude-report-") as scratch:
             con = duckdb.connect(str(Path(scratch) / "copy.duckdb"), config={"threads": 2, "memory_limit": "1GB"})
@@ -111,8 +113,10 @@ def open_views(dest: str, storage_options: dict[str, Any] | None = None) -> Iter
             _duckdb_views(con, Path(rest).expanduser())
         elif scheme == "parquet":
             _parquet_views(con, rest, storage_options)
+        elif scheme == "delta":
+            _delta_views(con, rest, storage_options)
         else:
-            raise UsageError(f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR or postgresql://...")
+            raise UsageError(f"cannot read destination {dest!r}: {DESTINATIONS}")
         yield con
     finally:
         con.close()
@@ -216,6 +220,20 @@ def _parquet_views(con: duckdb.DuckDBPyConnection, root: str, storage_options: d
     ]
     ledger = pa.concat_tables(tables) if tables else records_table("", [])
     con.register("_ledger_arrow", ledger)
+    con.execute("CREATE VIEW ledger AS SELECT * FROM _ledger_arrow")
+
+
+def _delta_views(con: duckdb.DuckDBPyConnection, uri: str, storage_options: dict[str, Any] | None) -> None:
+    """Events from the table's current snapshot (read through delta-rs), the ledger as the sink reads it."""
+    from .sinks import open_sink
+    from .sinks.delta import DeltaSink
+    from .sinks.duckdb import records_table
+
+    with cast(DeltaSink, open_sink(f"delta:{uri}", read_only=True, storage_options=storage_options)) as sink:
+        con.register("_delta_events", sink.dataset())
+        tables = [records_table(name, list(sink.ledger(name).values())) for name in sink.projects()]
+    con.execute("CREATE VIEW all_events AS SELECT * FROM _delta_events")
+    con.register("_ledger_arrow", pa.concat_tables(tables) if tables else records_table("", []))
     con.execute("CREATE VIEW ledger AS SELECT * FROM _ledger_arrow")
 
 

@@ -1,0 +1,405 @@
+"""The Delta Lake sink (`delta:PATH` or `delta:s3://bucket/prefix`): events in a Delta table, written with
+deltalake (delta-rs), partitioned by `_upload_day`, the UTC date of `_upload_hour`.
+
+One window is one Delta commit: a replace-where (`mode="overwrite"` with a predicate on the project and the
+window's upload hours) that removes the hours' old files and adds the new ones, and whose commit info carries the
+window's ledger rows (custom metadata under `amplitude_export`). A reader of any version sees a window whole or
+not at all, and the commit that holds a window's rows is the record of its ledger rows. Hours without events
+(empty, failed, too large) are recorded by a commit that adds no file and carries only their ledger rows.
+
+Reading the ledger from the log alone would mean one read per commit, and Delta deletes old commit files once a
+checkpoint covers them, so the ledger is also kept folded in a second, small Delta table inside the first one,
+`_amplitude_ledger/` (a directory Delta's readers and vacuum ignore: its name starts with `_`): one row per
+(project, hour), with `events_version`, the events commit that last set it. It is a cache, never the record: an
+open reads it, then folds in the ledger rows of every events commit after the greatest `events_version` (each
+read from its commit file), and a writer rewrites it after each commit. A crash between a commit and that
+rewrite loses nothing: the next open folds the commit in again.
+
+Concurrent writers are serialised by Delta itself: a window is deduplicated against the snapshot its write
+starts from and committed with no automatic retry, so its commit succeeds only if no other commit came in
+between (put-if-absent of the next commit file: atomic on local disks, a conditional PUT on S3). Otherwise it
+re-checks its uuids against the new snapshot and commits again. See docs/DELTA.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..ledger import HourRecord
+from ..schema import ARROW_SCHEMA
+from ..windows import Window
+from . import with_project
+from .duckdb import (
+    COLUMNS_SQL,
+    STAGE,
+    configure,
+    fill_counts,
+    hour_counts,
+    record_from_row,
+    records_table,
+    stage_batches,
+    time_filter,
+    winners_sql,
+)
+
+log = logging.getLogger(__name__)
+
+DAY = "_upload_day"  # the partition column: the UTC date of `_upload_hour`
+LEDGER_DIR = "_amplitude_ledger"
+META = "amplitude_export"  # the commit info key holding a commit's ledger rows
+META_FORMAT = 1
+COMMIT_ATTEMPTS = 8  # a window re-checked and committed again this many times before the run gives up (exit 5)
+BATCH_ROWS = 65_536
+DELTA_SCHEMA = ARROW_SCHEMA.append(pa.field(DAY, pa.date32()))
+LEDGER_SCHEMA = records_table("", []).schema.append(pa.field("events_version", pa.int64()))
+WRITER = WriterProperties(compression="ZSTD")
+_TAKEN = "_amplitude_taken"
+_KEPT = "_amplitude_kept"  # the staged rows that are committed: first copies whose uuid no other hour holds
+
+
+class DeltaSink:
+    """Events in a Delta table at `uri`, their ledger in its commits (and folded in `_amplitude_ledger/`)."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        read_only: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        memory_limit: str = "256MB",
+        threads: int = 2,
+    ) -> None:
+        """Open the table (creating it unless `read_only`) and read its ledger.
+
+        `uri` is a local path, `file://` URL or any URL delta-rs reaches (`s3://`, `gs://`, `az://`, ...);
+        `storage_options` go to delta-rs (its object store's keys, e.g. `endpoint_url`, `aws_access_key_id`);
+        by default it reads the store's environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
+        """
+        self.uri = table_uri(uri)
+        self.description = f"delta:{self.uri}"
+        self.read_only = read_only
+        self.options = delta_options(storage_options)
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self._spill: str | None = None
+        self._ledger: dict[str, dict[datetime, tuple[HourRecord, int]]] = {}  # record, events version
+        self._folded = -1  # the events version up to which `_ledger` holds every commit's ledger rows
+        self._handler: Any = None
+        try:
+            cached = self._read_cache()  # before the events table: the cache never runs ahead of the snapshot
+            self.table = self._open_table()
+            for row in cached:
+                version = row.pop("events_version")
+                self._keep(row["project"], record_from_row(row), version)
+            folded_at_open = self._folded
+            self._fold()
+            if not read_only and self._folded > folded_at_open:
+                self._save_cache()
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot open Delta table {self.uri}: {first_line(exc)}") from None
+
+    # -- opening --
+
+    def _open_table(self) -> DeltaTable:
+        try:
+            table = DeltaTable(self.uri, storage_options=self.options)
+        except TableNotFoundError:
+            if self.read_only:
+                raise DestinationError(f"{self.uri} is not a Delta table (no _delta_log): nothing loaded yet") from None
+            if "://" not in self.uri:
+                Path(self.uri).mkdir(parents=True, exist_ok=True)
+            table = DeltaTable.create(self.uri, DELTA_SCHEMA, mode="ignore", partition_by=[DAY], name="events",
+                                      description="Amplitude events, written by amplitude-export",
+                                      storage_options=self.options)
+        names = {field.name for field in table.schema().fields}
+        missing = [name for name in DELTA_SCHEMA.names if name not in names]
+        if missing or table.metadata().partition_columns != [DAY]:
+            raise DestinationError(f"{self.uri} is a Delta table not written by amplitude-export "
+                                   f"(no column {missing[0] if missing else DAY} to partition by)")
+        return table
+
+    def _read_cache(self) -> list[dict[str, Any]]:
+        try:
+            cache = DeltaTable(self._cache_uri, storage_options=self.options)
+        except TableNotFoundError:
+            return []
+        return cache.to_pyarrow_table().to_pylist()
+
+    @property
+    def _cache_uri(self) -> str:
+        return f"{self.uri.rstrip('/')}/{LEDGER_DIR}"
+
+    # -- the ledger --
+
+    def _keep(self, project: str, record: HourRecord, version: int) -> None:
+        self._ledger.setdefault(project, {})[record.hour.astimezone(UTC)] = (record, version)
+        self._folded = max(self._folded, version)
+
+    def _fold(self) -> None:
+        """Take in the ledger rows of the commits after `_folded`, up to the table's version, from their commit
+        files (`history()` labels versions from the loaded snapshot, so a commit landing meanwhile would be
+        misnumbered)."""
+        latest = self.table.version()
+        for version in range(self._folded + 1, latest + 1):
+            payload = self._commit_payload(version)
+            if payload is not None:
+                for data in payload["ledger"]:
+                    self._keep(payload["project"], HourRecord.from_dict(data), version)
+        self._folded = max(self._folded, latest)
+
+    def _commit_payload(self, version: int) -> dict[str, Any] | None:
+        import pyarrow.fs as pafs
+        from deltalake.fs import DeltaStorageHandler
+
+        if self._handler is None:
+            self._handler = pafs.PyFileSystem(DeltaStorageHandler(self.uri, self.options))
+        try:
+            with self._handler.open_input_stream(f"_delta_log/{version:020d}.json") as stream:
+                lines = stream.read().decode().splitlines()
+        except FileNotFoundError:  # removed by Delta's log cleanup, or a commit another tool wrote as a checkpoint
+            log.warning("%s: commit %d is gone from _delta_log; its ledger rows, if any, are not known", self.uri,
+                        version)
+            return None
+        for line in lines:
+            action = json.loads(line) if line.strip() else {}
+            info = action.get("commitInfo")
+            if info is not None and isinstance(info.get(META), dict):
+                return info[META]
+        return None
+
+    def _save_cache(self) -> None:
+        """Rewrite `_amplitude_ledger` as one file holding `_ledger`; a later writer's rewrite simply wins."""
+        parts = [LEDGER_SCHEMA.empty_table()]
+        for project, hours in self._ledger.items():
+            table = records_table(project, [record for record, _ in hours.values()])
+            versions = [hours[hour.astimezone(UTC)][1] for hour in table.column("hour").to_pylist()]
+            parts.append(table.append_column("events_version", pa.array(versions, pa.int64())))
+        write_deltalake(self._cache_uri, pa.concat_tables(parts), mode="overwrite", storage_options=self.options)
+
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        return sorted(project for project, hours in self._ledger.items() if hours)
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every ledger row of `project`, by hour."""
+        hours = self._ledger.get(project, {})
+        return {hour: hours[hour][0] for hour in sorted(hours)}
+
+    # -- writing --
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's hours with `batches`, once per uuid, in one commit that carries the ledger rows."""
+        self._check_writable()
+        con = self._connect()
+        try:
+            staged = stage_batches(con, window, with_project(batches, project))
+            con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(None)})")  # later copies within the window
+            con.execute(f"CREATE TEMP TABLE {_TAKEN} (uuid VARCHAR)")
+            con.execute(f"CREATE TEMP VIEW {_KEPT} AS SELECT * FROM {STAGE} "
+                        f"WHERE NOT EXISTS (SELECT 1 FROM {_TAKEN} AS t WHERE t.uuid = {STAGE}.uuid)")
+            read = finish()
+            for _ in range(COMMIT_ATTEMPTS):
+                self._find_taken(con, project, window)
+                loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {_KEPT} GROUP BY 1")
+                records = fill_counts(read, staged, loaded, datetime.now(UTC))
+                try:
+                    self._commit_window(con, project, window, records)
+                    break
+                except CommitFailedError:  # another commit came first: check against its snapshot, then again
+                    self.table.update_incremental()
+            else:
+                raise DestinationBusyError(f"{self.description}: other writers committed before each of "
+                                           f"{COMMIT_ATTEMPTS} attempts to commit {window}; run again")
+            self._fold()
+            self._save_cache()
+        except (duckdb.Error, DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot write {window} to {self.uri}: {first_line(exc)}") from exc
+        finally:
+            con.close()
+        return records
+
+    def _find_taken(self, con: duckdb.DuckDBPyConnection, project: str, window: Window) -> None:
+        """Fill `_amplitude_taken` with the staged uuids that rows of other hours (or projects) hold."""
+        con.execute(f"DELETE FROM {_TAKEN}")
+        if not self.table.file_uris():
+            return
+        con.register("_amplitude_events", self.table.to_pyarrow_dataset())
+        try:
+            con.execute(
+                f"INSERT INTO {_TAKEN} SELECT DISTINCT o.uuid FROM _amplitude_events AS o "
+                f"WHERE o.uuid IN (SELECT uuid FROM {STAGE}) "
+                "AND NOT (o._project = $project AND o._upload_hour BETWEEN $start AND $end)",
+                {"project": project, "start": window.start, "end": window.end},
+            )
+        finally:
+            con.unregister("_amplitude_events")
+
+    def _commit_window(
+        self, con: duckdb.DuckDBPyConnection, project: str, window: Window, records: list[HourRecord]
+    ) -> None:
+        """One commit on the snapshot `table` holds: the window's hours replaced by `_amplitude_kept`, with the
+        ledger rows in its commit info. No automatic retry: a conflict raises CommitFailedError."""
+        batches = con.sql(f"SELECT {COLUMNS_SQL}, CAST(_upload_hour AS DATE) AS {DAY} FROM {_KEPT}").to_arrow_reader(
+            BATCH_ROWS)
+        stream = pa.RecordBatchReader.from_batches(DELTA_SCHEMA, (batch.cast(DELTA_SCHEMA) for batch in batches))
+        write_deltalake(self.table, stream, mode="overwrite", predicate=replace_where(project, window),
+                        partition_by=[DAY], writer_properties=WRITER,
+                        commit_properties=self._commit_properties(project, records, retries=0))
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Store ledger rows for hours without events (empty, failed, too large) in a commit that adds no file."""
+        self._check_writable()
+        now = datetime.now(UTC)
+        stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
+        try:
+            write_deltalake(self.table, DELTA_SCHEMA.empty_table(), mode="append",
+                            commit_properties=self._commit_properties(project, stamped))
+            self._fold()
+            self._save_cache()
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot write the ledger of {self.uri}: {first_line(exc)}") from exc
+
+    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None
+                           ) -> CommitProperties:
+        payload = {"format": META_FORMAT, "project": project, "ledger": [r.to_dict() for r in records]}
+        return CommitProperties(custom_metadata={META: payload}, max_commit_retries=retries)
+
+    # -- reading --
+
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
+        """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
+        where, params = time_filter(start, end, project)
+        return self._query(f"SELECT {COLUMNS_SQL} FROM _amplitude_events{where} "
+                           "ORDER BY _upload_hour, _member, _line", params).cast(ARROW_SCHEMA)
+
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        table = self._query("SELECT _upload_hour AS hour, count(*) AS n FROM _amplitude_events "
+                            "WHERE _project = ? GROUP BY 1", [project])
+        return {row["hour"].astimezone(UTC): row["n"] for row in table.to_pylist()}
+
+    def dataset(self) -> Any:
+        """The events of the snapshot this sink holds, as a pyarrow dataset (with `_upload_day`)."""
+        return self.table.to_pyarrow_dataset()
+
+    def _query(self, sql: str, params: list[Any]) -> pa.Table:
+        con = self._connect()
+        try:
+            con.register("_amplitude_events", self.dataset())
+            return con.sql(sql, params=params).to_arrow_table()
+        except (duckdb.Error, DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot read {self.uri}: {first_line(exc)}") from None
+        finally:
+            con.close()
+
+    # -- housekeeping --
+
+    def maintain(self, *, retain_hours: int | None = None) -> str:
+        """Compact small files, write a checkpoint, then delete the files no version of the last `retain_hours`
+        needs (default: the table's `delta.deletedFileRetentionDuration`, a week unless set), in both tables."""
+        self._check_writable()
+        enforce = retain_hours is None  # a shorter retention than the table's, asked for explicitly, is allowed
+        try:
+            compacted = self.table.optimize.compact(writer_properties=WRITER)
+            self.table.create_checkpoint()
+            removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce)
+            self._save_cache()
+            cache = DeltaTable(self._cache_uri, storage_options=self.options)
+            removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce)
+        except CommitFailedError:
+            raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
+                                       "run maintain again") from None
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot maintain {self.uri}: {first_line(exc)}") from None
+        return (f"{self.description}: compacted {compacted['numFilesRemoved']} files into "
+                f"{compacted['numFilesAdded']}; deleted {len(removed)} files no longer referenced")
+
+    # -- helpers --
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise DestinationError(f"{self.description} was opened read-only")
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A private in-memory DuckDB that spills to a local temporary directory of this sink."""
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
+        con = duckdb.connect(":memory:", config={"memory_limit": self.memory_limit, "threads": self.threads,
+                                                 "temp_directory": self._spill})
+        configure(con)
+        return con
+
+    def close(self) -> None:
+        """Remove the spill directory; a Delta table holds no lock to release."""
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+    def __enter__(self) -> DeltaSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def table_uri(uri: str) -> str:
+    """An absolute local path (from a path or `file://` URL), or the URL as given."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return str(Path(uri).expanduser().absolute())
+    if scheme.lower() in ("file", "local"):
+        return str(Path(rest).expanduser().absolute())
+    return uri
+
+
+def delta_options(options: dict[str, Any] | None) -> dict[str, str]:
+    """Storage options as delta-rs takes them (strings); an `http://` endpoint turns on `allow_http`, which
+    delta-rs otherwise refuses (a MinIO or a loopback test server)."""
+    result: dict[str, str] = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict | list):
+            raise UsageError(f"storage option {key}: delta-rs takes text, not JSON (the value is not shown)")
+        result[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    endpoint = next((result[key] for key in ("endpoint_url", "aws_endpoint_url", "endpoint", "aws_endpoint")
+                     if key in result), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    if endpoint and endpoint.startswith("http://") and not any(k.lower().endswith("allow_http") for k in result):
+        result["allow_http"] = "true"
+    return result
+
+
+def replace_where(project: str, window: Window) -> str:
+    """The predicate that selects the project's rows of the window's hours (the partition column too, so
+    delta-rs looks only at the window's days)."""
+    start, end = window.start.astimezone(UTC), window.end.astimezone(UTC)
+    quoted = "'" + project.replace("'", "''") + "'"
+    return (f"_project = {quoted} AND _upload_hour >= '{start:%Y-%m-%dT%H:%M:%SZ}' "
+            f"AND _upload_hour <= '{end:%Y-%m-%dT%H:%M:%SZ}' "
+            f"AND {DAY} >= '{start:%Y-%m-%d}' AND {DAY} <= '{end:%Y-%m-%d}'")
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
