@@ -12,8 +12,8 @@ checkpoint covers them, so the ledger is also kept folded in a second, small Del
 `_amplitude_ledger/` (a directory Delta's readers and vacuum ignore: its name starts with `_`): one row per
 (project, hour), with `events_version`, the events commit that last set it. It is a cache, never the record: an
 open reads it, then folds in the ledger rows of every events commit after the greatest `events_version` (each
-read from its commit file), and a writer rewrites it after each commit. A crash between a commit and that
-rewrite loses nothing: the next open folds the commit in again.
+read from its commit file), and a writer rewrites it every `CACHE_EVERY` commits and when it closes. A crash
+before that rewrite loses nothing: the next open folds those commits in again.
 
 Concurrent writers are serialised by Delta itself: a window is deduplicated against the snapshot its write
 starts from and committed with no automatic retry, so its commit succeeds only if no other commit came in
@@ -63,6 +63,7 @@ DAY = "_upload_day"  # the partition column: the UTC date of `_upload_hour`
 LEDGER_DIR = "_amplitude_ledger"
 META = "amplitude_export"  # the commit info key holding a commit's ledger rows
 META_FORMAT = 1
+CACHE_EVERY = 16  # commits a writer makes before it rewrites `_amplitude_ledger` (and when it closes)
 COMMIT_ATTEMPTS = 8  # a window re-checked and committed again this many times before the run gives up (exit 5)
 BATCH_ROWS = 65_536
 DELTA_SCHEMA = ARROW_SCHEMA.append(pa.field(DAY, pa.date32()))
@@ -99,6 +100,7 @@ class DeltaSink:
         self._spill: str | None = None
         self._ledger: dict[str, dict[datetime, tuple[HourRecord, int]]] = {}  # record, events version
         self._folded = -1  # the events version up to which `_ledger` holds every commit's ledger rows
+        self._cached = -1  # the same for `_amplitude_ledger`
         self._handler: Any = None
         try:
             cached = self._read_cache()  # before the events table: the cache never runs ahead of the snapshot
@@ -106,10 +108,8 @@ class DeltaSink:
             for row in cached:
                 version = row.pop("events_version")
                 self._keep(row["project"], record_from_row(row), version)
-            folded_at_open = self._folded
+            self._cached = self._folded  # what the cache holds, so what a rewrite of it would add
             self._fold()
-            if not read_only and self._folded > folded_at_open:
-                self._save_cache()
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot open Delta table {self.uri}: {first_line(exc)}") from None
 
@@ -182,14 +182,18 @@ class DeltaSink:
                 return info[META]
         return None
 
-    def _save_cache(self) -> None:
-        """Rewrite `_amplitude_ledger` as one file holding `_ledger`; a later writer's rewrite simply wins."""
+    def _save_cache(self, *, every: int = CACHE_EVERY) -> None:
+        """Rewrite `_amplitude_ledger` as one file holding `_ledger`, once it lacks `every` commits (a later
+        writer's rewrite simply wins: each one holds every commit up to its `events_version`)."""
+        if self._folded - self._cached < max(every, 1):
+            return
         parts = [LEDGER_SCHEMA.empty_table()]
         for project, hours in self._ledger.items():
             table = records_table(project, [record for record, _ in hours.values()])
             versions = [hours[hour.astimezone(UTC)][1] for hour in table.column("hour").to_pylist()]
             parts.append(table.append_column("events_version", pa.array(versions, pa.int64())))
         write_deltalake(self._cache_uri, pa.concat_tables(parts), mode="overwrite", storage_options=self.options)
+        self._cached = self._folded
 
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""
@@ -326,7 +330,7 @@ class DeltaSink:
             compacted = self.table.optimize.compact(writer_properties=WRITER)
             self.table.create_checkpoint()
             removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce)
-            self._save_cache()
+            self._save_cache(every=0)
             cache = DeltaTable(self._cache_uri, storage_options=self.options)
             removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce)
         except CommitFailedError:
@@ -353,7 +357,12 @@ class DeltaSink:
         return con
 
     def close(self) -> None:
-        """Remove the spill directory; a Delta table holds no lock to release."""
+        """Bring `_amplitude_ledger` up to date and remove the spill directory; there is no lock to release."""
+        if not self.read_only:
+            try:
+                self._save_cache(every=1)
+            except (DeltaError, OSError) as exc:  # only a shortcut: the next open folds the commits it lacks
+                log.warning("%s: could not update %s: %s", self.uri, LEDGER_DIR, first_line(exc))
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
