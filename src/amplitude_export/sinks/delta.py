@@ -231,6 +231,7 @@ class DeltaSink:
                     self._commit_window(con, project, window, records)
                     break
                 except CommitFailedError:  # another commit came first: check against its snapshot, then again
+                    log.info("%s: another writer committed first; %s is checked again", self.uri, window)
                     self.table.update_incremental()
             else:
                 raise DestinationBusyError(f"{self.description}: other writers committed before each of "
