@@ -234,19 +234,23 @@ def test_a_reader_polling_during_reloads_sees_each_window_whole(local: Table) ->
 
 def test_maintain_compacts_and_deletes_unreferenced_files(table: Table) -> None:
     with table.sink() as sink:
-        for h in range(6):
+        for h in range(3):
             rows = hour_events(hour(h), [f"e{h}-{n}" for n in range(3)])
             sink.write_window("p", window(h, h), [batch(rows)], finisher(window(h, h), rows))
         again = hour_events(hour(2), ["e2-0", "e2-9"])
         sink.write_window("p", window(2, 2), [batch(again)], finisher(window(2, 2), again))
         before, ledger = uuids(sink.read_arrow()), comparable(sink.ledger("p"))
-        assert len(table.delta().file_uris()) == 6
+        assert len(table.delta().file_uris()) == 3
+        if not table.options:  # what a window killed before its commit leaves: a file no commit names
+            (live, *_) = Path(table.uri).glob("_upload_day=*/*.parquet")
+            shutil.copy(live, live.with_name("part-00000-orphan.parquet"))
         line = sink.maintain(retain_hours=0)
-        assert "compacted 6 files into 1" in line
+        assert "compacted 3 files into 1" in line
         assert uuids(sink.read_arrow()) == before and comparable(sink.ledger("p")) == ledger
     assert len(table.delta().file_uris()) == 1
     if not table.options:  # on disk: only the compacted file is left in the partition
         assert len(list(Path(table.uri).glob("_upload_day=*/*.parquet"))) == 1
+        assert (Path(table.uri) / LEDGER_DIR / "_delta_log").is_dir()
     with table.sink(read_only=True) as reader:
         assert verify(reader, "p").complete
 

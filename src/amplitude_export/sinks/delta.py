@@ -330,10 +330,11 @@ class DeltaSink:
         try:
             compacted = self.table.optimize.compact(writer_properties=WRITER)
             self.table.create_checkpoint()
-            removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce)
+            # full: also the files no commit ever named (a window interrupted, or beaten, before its commit)
+            removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
             self._save_cache(every=0)
             cache = DeltaTable(self._cache_uri, storage_options=self.options)
-            removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce)
+            removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
         except CommitFailedError:
             raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
                                        "run maintain again") from None
