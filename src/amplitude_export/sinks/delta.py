@@ -65,7 +65,7 @@ META = "amplitude_export"  # the commit info key holding a commit's ledger rows
 META_FORMAT = 1
 CACHE_EVERY = 16  # commits a writer makes before it rewrites `_amplitude_ledger` (and when it closes)
 COMMIT_ATTEMPTS = 8  # a window re-checked and committed again this many times before the run gives up (exit 5)
-BATCH_ROWS = 65_536
+BATCH_ROWS = 16_384  # rows per batch DuckDB hands delta-rs; each side holds a few, so larger ones cost memory
 DELTA_SCHEMA = ARROW_SCHEMA.append(pa.field(DAY, pa.date32()))
 LEDGER_SCHEMA = records_table("", []).schema.append(pa.field("events_version", pa.int64()))
 WRITER = WriterProperties(compression="ZSTD")
