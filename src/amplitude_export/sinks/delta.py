@@ -1,24 +1,15 @@
-"""The Delta Lake sink (`delta:PATH` or `delta:s3://bucket/prefix`): events in a Delta table, written with
-deltalake (delta-rs), partitioned by `_upload_day`, the UTC date of `_upload_hour`.
+"""The Delta Lake sink (`delta:PATH` or `delta:s3://bucket/prefix`): events in a Delta table written with
+deltalake (delta-rs), partitioned by `_upload_day`, the UTC date of `_upload_hour`. docs/DELTA.md says why.
 
-One window is one Delta commit: a replace-where (`mode="overwrite"` with a predicate on the project and the
-window's upload hours) that removes the hours' old files and adds the new ones, and whose commit info carries the
-window's ledger rows (custom metadata under `amplitude_export`). A reader of any version sees a window whole or
-not at all, and the commit that holds a window's rows is the record of its ledger rows. Hours without events
-(empty, failed, too large) are recorded by a commit that adds no file and carries only their ledger rows.
+One window is one commit: a replace-where on the project and the window's hours whose commit info carries the
+window's ledger rows (key `amplitude_export`); hours without events are a commit without files. The log is the
+record of the ledger; `_amplitude_ledger/`, a small Delta table inside the table's directory, is a cache of it
+(one row per project and hour, with the `events_version` that set it): an open reads it, then folds in the
+commits after its greatest `events_version`, so a writer killed before rewriting it loses nothing.
 
-Reading the ledger from the log alone would mean one read per commit, and Delta deletes old commit files once a
-checkpoint covers them, so the ledger is also kept folded in a second, small Delta table inside the first one,
-`_amplitude_ledger/` (a directory Delta's readers and vacuum ignore: its name starts with `_`): one row per
-(project, hour), with `events_version`, the events commit that last set it. It is a cache, never the record: an
-open reads it, then folds in the ledger rows of every events commit after the greatest `events_version` (each
-read from its commit file), and a writer rewrites it every `CACHE_EVERY` commits and when it closes. A crash
-before that rewrite loses nothing: the next open folds those commits in again.
-
-Concurrent writers are serialised by Delta itself: a window is deduplicated against the snapshot its write
-starts from and committed with no automatic retry, so its commit succeeds only if no other commit came in
-between (put-if-absent of the next commit file: atomic on local disks, a conditional PUT on S3). Otherwise it
-re-checks its uuids against the new snapshot and commits again. See docs/DELTA.md.
+There is no lock: a window is deduplicated against the snapshot its commit is made on, with no automatic retry,
+so the commit fails if another came in between (put-if-absent of the next log entry); it is then checked against
+the new snapshot and committed again.
 """
 
 from __future__ import annotations
@@ -92,6 +83,7 @@ class DeltaSink:
         by default it reads the store's environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
         """
         self.uri = table_uri(uri)
+        self._cache_uri = f"{self.uri.rstrip('/')}/{LEDGER_DIR}"
         self.description = f"delta:{self.uri}"
         self.read_only = read_only
         self.options = delta_options(storage_options)
@@ -140,21 +132,21 @@ class DeltaSink:
             return []
         return cache.to_pyarrow_table().to_pylist()
 
-    @property
-    def _cache_uri(self) -> str:
-        return f"{self.uri.rstrip('/')}/{LEDGER_DIR}"
-
     # -- the ledger --
 
     def _keep(self, project: str, record: HourRecord, version: int) -> None:
         self._ledger.setdefault(project, {})[record.hour.astimezone(UTC)] = (record, version)
         self._folded = max(self._folded, version)
 
-    def _fold(self) -> None:
+    def _fold(self, project: str | None = None, records: list[HourRecord] | None = None) -> None:
         """Take in the ledger rows of the commits after `_folded`, up to the table's version, from their commit
-        files (`history()` labels versions from the loaded snapshot, so a commit landing meanwhile would be
-        misnumbered)."""
+        files (`history()` numbers versions from the loaded snapshot, so a commit landing meanwhile would be
+        misnumbered); or, when the version is our commit of `records` right after `_folded`, from those."""
         latest = self.table.version()
+        if project is not None and records is not None and latest == self._folded + 1:
+            for record in records:
+                self._keep(project, record, latest)
+            return
         for version in range(self._folded + 1, latest + 1):
             payload = self._commit_payload(version)
             if payload is not None:
@@ -171,22 +163,26 @@ class DeltaSink:
         try:
             with self._handler.open_input_stream(f"_delta_log/{version:020d}.json") as stream:
                 lines = stream.read().decode().splitlines()
-        except FileNotFoundError:  # removed by Delta's log cleanup, or a commit another tool wrote as a checkpoint
-            log.warning("%s: commit %d is gone from _delta_log; its ledger rows, if any, are not known", self.uri,
-                        version)
+        except FileNotFoundError:  # removed by Delta's log cleanup: older than delta.logRetentionDuration
+            log.warning("%s: commit %d is gone from _delta_log; its ledger rows are lost", self.uri, version)
             return None
-        for line in lines:
-            action = json.loads(line) if line.strip() else {}
-            info = action.get("commitInfo")
-            if info is not None and isinstance(info.get(META), dict):
-                return info[META]
-        return None
+        infos = [json.loads(line).get("commitInfo") or {} for line in lines if line.strip()]
+        return next((info[META] for info in infos if isinstance(info.get(META), dict)), None)
 
-    def _save_cache(self, *, every: int = CACHE_EVERY) -> None:
+    def _save_cache(self, *, every: int = CACHE_EVERY, strict: bool = False) -> None:
         """Rewrite `_amplitude_ledger` as one file holding `_ledger`, once it lacks `every` commits (a later
-        writer's rewrite simply wins: each one holds every commit up to its `events_version`)."""
+        writer's rewrite simply wins: each one holds every commit up to its `events_version`). A failure is
+        only logged unless `strict`: the next open folds the commits the cache lacks."""
         if self._folded - self._cached < max(every, 1):
             return
+        try:
+            self._write_cache()
+        except (DeltaError, OSError) as exc:
+            if strict:
+                raise
+            log.warning("%s: could not update %s: %s", self.uri, LEDGER_DIR, first_line(exc))
+
+    def _write_cache(self) -> None:
         parts = [LEDGER_SCHEMA.empty_table()]
         for project, hours in self._ledger.items():
             table = records_table(project, [record for record, _ in hours.values()])
@@ -236,12 +232,12 @@ class DeltaSink:
             else:
                 raise DestinationBusyError(f"{self.description}: other writers committed before each of "
                                            f"{COMMIT_ATTEMPTS} attempts to commit {window}; run again")
-            self._fold()
-            self._save_cache()
+            self._fold(project, records)
         except (duckdb.Error, DeltaError, OSError) as exc:
             raise DestinationError(f"cannot write {window} to {self.uri}: {first_line(exc)}") from exc
         finally:
             con.close()
+        self._save_cache()
         return records
 
     def _find_taken(self, con: duckdb.DuckDBPyConnection, project: str, window: Window) -> None:
@@ -265,8 +261,7 @@ class DeltaSink:
     ) -> None:
         """One commit on the snapshot `table` holds: the window's hours replaced by `_amplitude_kept`, with the
         ledger rows in its commit info. No automatic retry: a conflict raises CommitFailedError."""
-        batches = con.sql(f"SELECT {COLUMNS_SQL}, CAST(_upload_hour AS DATE) AS {DAY} FROM {_KEPT}").to_arrow_reader(
-            BATCH_ROWS)
+        batches = con.sql(f"SELECT {COLUMNS_SQL}, _upload_hour::DATE AS {DAY} FROM {_KEPT}").to_arrow_reader(BATCH_ROWS)
         stream = pa.RecordBatchReader.from_batches(DELTA_SCHEMA, (batch.cast(DELTA_SCHEMA) for batch in batches))
         write_deltalake(self.table, stream, mode="overwrite", predicate=replace_where(project, window),
                         partition_by=[DAY], writer_properties=WRITER,
@@ -275,18 +270,19 @@ class DeltaSink:
     def record_hours(self, project: str, records: list[HourRecord]) -> None:
         """Store ledger rows for hours without events (empty, failed, too large) in a commit that adds no file."""
         self._check_writable()
+        if not records:
+            return
         now = datetime.now(UTC)
         stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
         try:
             write_deltalake(self.table, DELTA_SCHEMA.empty_table(), mode="append",
                             commit_properties=self._commit_properties(project, stamped))
-            self._fold()
-            self._save_cache()
+            self._fold(project, stamped)
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot write the ledger of {self.uri}: {first_line(exc)}") from exc
+        self._save_cache()
 
-    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None
-                           ) -> CommitProperties:
+    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None) -> Any:
         payload = {"format": META_FORMAT, "project": project, "ledger": [r.to_dict() for r in records]}
         return CommitProperties(custom_metadata={META: payload}, max_commit_retries=retries)
 
@@ -332,7 +328,7 @@ class DeltaSink:
             self.table.create_checkpoint()
             # full: also the files no commit ever named (a window interrupted, or beaten, before its commit)
             removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
-            self._save_cache(every=0)
+            self._save_cache(every=1, strict=True)
             cache = DeltaTable(self._cache_uri, storage_options=self.options)
             removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
         except CommitFailedError:
@@ -361,10 +357,7 @@ class DeltaSink:
     def close(self) -> None:
         """Bring `_amplitude_ledger` up to date and remove the spill directory; there is no lock to release."""
         if not self.read_only:
-            try:
-                self._save_cache(every=1)
-            except (DeltaError, OSError) as exc:  # only a shortcut: the next open folds the commits it lacks
-                log.warning("%s: could not update %s: %s", self.uri, LEDGER_DIR, first_line(exc))
+            self._save_cache(every=1)
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
