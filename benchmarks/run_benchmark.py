@@ -18,6 +18,7 @@ Candidates, each run once per round and dataset, in turn (interleaved), so the m
     duckdb    `amplitude-export run` for the day into a fresh DuckDB file
     parquet   the same into a fresh Parquet directory
     iceberg   the same into a fresh Iceberg warehouse directory (`iceberg:DIR`, SQLite catalog)
+    delta     the same into a fresh Delta Lake table (a local path)
     postgres  the same into a fresh PostgreSQL schema (reported unavailable when the server is not reachable)
     pandas    benchmarks/peers/pandas_script.py: download, unzip, `pd.read_json` per member, concat, DuckDB
     airbyte   Airbyte's `airbyte-source-amplitude` from PyPI, in benchmarks/.venv-airbyte (made on first use
@@ -61,8 +62,8 @@ LAST = DAY + timedelta(hours=23)
 API_KEY, SECRET_KEY = "bench-key", "bench-secret-0123"  # Airbyte masks the secret in its logs: keep it long
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DATASETS = {"synthetic": 0.0, "synthetic-2pct": 0.02, "real-lines": None}  # name -> lines varied (None: corpus)
-CANDIDATES = ("gzip", "duckdb", "parquet", "iceberg", "postgres", "pandas", "airbyte", "spark")
-TOOL = ("duckdb", "duckdb-base", "parquet", "iceberg", "postgres", "postgres-base")
+CANDIDATES = ("gzip", "duckdb", "parquet", "iceberg", "delta", "postgres", "pandas", "airbyte", "spark")
+TOOL = ("duckdb", "duckdb-base", "parquet", "iceberg", "delta", "postgres", "postgres-base")
 AIRBYTE = "airbyte-source-amplitude==0.6.19"
 AIRBYTE_VENV = HERE / ".venv-airbyte"
 
@@ -258,6 +259,7 @@ def command_for(name: str, dataset: Dataset, data_dir: Path, args: argparse.Name
         "duckdb": f"duckdb:{data_dir / 'events.duckdb'}",
         "parquet": f"parquet:{data_dir / 'events'}",
         "iceberg": f"iceberg:{data_dir / 'warehouse'}",
+        "delta": f"delta:{data_dir / 'events'}",
         "postgres": PG_URL,
     }[name.removesuffix("-base")]
     command = [

@@ -87,3 +87,11 @@ def s3() -> Iterator[LoopbackS3]:
 def s3_bucket(s3: LoopbackS3) -> str:
     """A fresh, empty bucket on the loopback S3 server."""
     return s3.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def s3_process() -> Iterator[LoopbackS3]:
+    """The same server in a child process, for in-process clients that hold the GIL while they wait on it
+    (delta-rs's file system handler); see tests/s3.py."""
+    with loopback_s3(process=True) as server:
+        yield server

@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,8 +73,12 @@ class LoopbackS3:
 
 
 @contextmanager
-def loopback_s3() -> Iterator[LoopbackS3]:
-    """Start moto's S3 server on 127.0.0.1 and a free port; stop it and restore the environment afterwards."""
+def loopback_s3(*, process: bool = False) -> Iterator[LoopbackS3]:
+    """Start moto's S3 server on 127.0.0.1 and a free port; stop it and restore the environment afterwards.
+
+    With `process`, the server runs in a child process (`python -m moto.server`) instead of a thread: a client
+    that holds the GIL while it waits on the network (delta-rs's file system handler) never gets an answer from
+    a server thread in its own process."""
     from moto.server import ThreadedMotoServer
 
     saved = {name: os.environ.get(name) for name in (*DUMMY_ENV, *CLEARED)}
@@ -80,15 +87,40 @@ def loopback_s3() -> Iterator[LoopbackS3]:
     server_s3 = LoopbackS3("", f"http://127.0.0.1:{closed_port()}")
     os.environ.update(DUMMY_ENV, AWS_ENDPOINT_URL=server_s3.dead_endpoint)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    server: Any = None
     try:
-        host, port = server.get_host_and_port()
-        yield LoopbackS3(f"http://{host}:{port}", server_s3.dead_endpoint)
+        if process:
+            port = closed_port()
+            server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_for(port, server)
+            yield LoopbackS3(f"http://127.0.0.1:{port}", server_s3.dead_endpoint)
+        else:
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            server.start()
+            host, port = server.get_host_and_port()
+            yield LoopbackS3(f"http://{host}:{port}", server_s3.dead_endpoint)
     finally:
-        server.stop()
+        if isinstance(server, subprocess.Popen):
+            server.terminate()
+            server.wait()
+        elif server is not None:
+            server.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _wait_for(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until the child server accepts connections on `port` (it exits: fail)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto's server exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("moto's server did not start within 30 s")

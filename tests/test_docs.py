@@ -35,6 +35,6 @@ def test_the_documented_delete_filters_by_what_the_sink_deletes_by() -> None:
 
 def test_the_report_docs_cover_every_destination() -> None:
     text = (ROOT / "docs" / "REPORT.md").read_text()
-    rows = re.findall(r"^\| `(duckdb:|parquet:|postgresql://)", text, re.MULTILINE)
-    assert {"duckdb:", "parquet:", "postgresql://"} <= set(rows)
+    rows = re.findall(r"^\| `(duckdb:|parquet:|delta:|postgresql://)", text, re.MULTILINE)
+    assert {"duckdb:", "parquet:", "delta:", "postgresql://"} <= set(rows)
     assert "not supported yet" not in text

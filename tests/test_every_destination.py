@@ -1,6 +1,7 @@
 """What every destination must do alike: load the real export lines without loss, and keep projects apart.
 
-Runs against DuckDB, Parquet and the real PostgreSQL (which must be reachable: these fail, never skip).
+Runs against DuckDB, Parquet, Delta Lake and the real PostgreSQL (which must be reachable: these fail, never
+skip).
 Each also keeps in its ledger what retries and splits an hour took, and opens ledgers made before `split_from`.
 """
 
@@ -18,6 +19,7 @@ import psycopg
 import pytest
 import stamina
 from conftest import DAY, POSTGRES_URL, REAL_EVENTS
+from deltalake import DeltaTable
 from sink_helpers import batch, finisher, hour, hour_events, window
 
 from amplitude_export.client import ExportClient
@@ -32,7 +34,7 @@ from amplitude_export.verify import verify
 from amplitude_export.windows import HOUR, Window
 
 
-@pytest.fixture(params=["duckdb", "parquet", "postgres", "iceberg"])
+@pytest.fixture(params=["duckdb", "parquet", "delta", "postgres", "iceberg"])
 def dest(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "duckdb":
         return f"duckdb:{tmp_path / 'a.duckdb'}"
@@ -40,6 +42,8 @@ def dest(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"parquet:{tmp_path / 'dataset'}"
     if request.param == "iceberg":
         return f"iceberg:{tmp_path / 'warehouse'}"
+    if request.param == "delta":
+        return f"delta:{tmp_path / 'table'}"
     return f"{POSTGRES_URL}?schema={request.getfixturevalue('pg_schema')}"
 
 
@@ -139,6 +143,9 @@ def stored_ledger(dest: str, project: str) -> dict[datetime, tuple[str, int, str
             hours |= data["hours"] if data["project"] == project else {}
         return {datetime.fromisoformat(h): (r["status"], r["attempts"], r.get("split_from"))  # type: ignore[misc]
                 for h, r in hours.items()}  # fmt: skip
+    if dest.startswith("delta:"):  # the ledger table a writer leaves when it closes (the commits hold the same)
+        rows = DeltaTable(str(Path(dest.removeprefix("delta:")) / "_amplitude_ledger")).to_pyarrow_table().to_pylist()
+        return {r["hour"]: (r["status"], r["attempts"], r["split_from"]) for r in rows if r["project"] == project}
     url, _, schema = dest.partition("?schema=")
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(f'SELECT hour, status, attempts, split_from FROM "{schema}"._amplitude_ledger '
@@ -215,6 +222,7 @@ def drop_split_from(dest: str) -> None:
             conn.execute(f'ALTER TABLE "{schema}"._amplitude_ledger DROP COLUMN split_from')
 
 
+@pytest.mark.parametrize("dest", ["duckdb", "parquet", "postgres"], indirect=True)  # no Delta table predates it
 def test_a_ledger_made_without_split_from_opens_and_gains_it(dest: str) -> None:
     w = window(0, 1)
     rows = hour_events(hour(0), ["a0", "a1"]) + hour_events(hour(1), ["a2"])

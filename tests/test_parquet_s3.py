@@ -171,7 +171,7 @@ def test_a_second_writer_is_refused_with_exit_5(
 
 
 NO_EQUALS = "--storage-option #1: expected KEY=VALUE"
-NOT_HERE = "storage options apply to parquet: URLs on object storage"
+NOT_HERE = "storage options apply to parquet: and delta: URLs on object storage"
 
 
 @pytest.mark.parametrize(
@@ -184,6 +184,8 @@ NOT_HERE = "storage options apply to parquet: URLs on object storage"
         ("run", f"secret={SECRET}", "duckdb:x.duckdb", NOT_HERE),
         ("report", f"secret={SECRET}", "duckdb:x.duckdb", NOT_HERE),
         ("verify", f"secret={SECRET}", "parquet:lake", NOT_HERE),
+        ("status", f"secret={SECRET}", "delta:lake", NOT_HERE),
+        ("status", 'client_kwargs={"region": "' + SECRET + '"}', "delta:s3://bucket/lake", "delta-rs takes text"),
         ("status", f"bogus={SECRET}", "parquet:s3://bucket/lake", "the storage options do not suit its filesystem"),
         ("status", f"anon={SECRET}", "parquet:s3://bucket/lake", "storage option anon takes true or false"),
     ],
@@ -234,7 +236,7 @@ def test_read_arrow_and_read_events_take_storage_options(
     hours = frame["server_upload_time"].dt.floor("h")
     inside = frame[(hours >= DAY.replace(hour=1)) & (hours <= DAY.replace(hour=2))]
     assert 0 < len(inside) < len(frame) and sorted(table.column("uuid").to_pylist()) == sorted(inside["uuid"])
-    with pytest.raises(UsageError, match="storage options apply to parquet: URLs"):
+    with pytest.raises(UsageError, match="storage options apply to parquet: and delta: URLs"):
         amplitude_export.read_arrow(f"duckdb:{tmp_path / 'x.duckdb'}", storage_options=s3.options)
 
 

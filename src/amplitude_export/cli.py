@@ -363,7 +363,8 @@ def dest_options(func: F) -> F:
         callback=_keep_storage_options,
         help="Passed to a parquet: URL's filesystem (fsspec), e.g. endpoint_url=http://127.0.0.1:9000, key=..., "
         "secret=...; or to an iceberg: destination's catalog (pyiceberg properties such as s3.endpoint, credential; "
-        "the S3 names above are translated); repeatable. true/false are booleans, a value starting with { or [ "
+        "the S3 names above are translated), or to a delta: URL's store (delta-rs: endpoint_url, "
+        "aws_access_key_id, ...); repeatable. true/false are booleans, a value starting with { or [ "
         "is JSON. Values are never printed. Default: the store's environment variables (AWS_ENDPOINT_URL, "
         "AWS_ACCESS_KEY_ID, ...).",
     )(func)
@@ -377,7 +378,7 @@ def dest_options(func: F) -> F:
     )(func)
     func = click.option(
         "--dest", help="duckdb:PATH (default DATA_DIR/amplitude.duckdb), parquet:DIR, iceberg:DIR (or an iceberg: "
-        "catalog URL, docs/ICEBERG.md) or postgresql://user@host/db."
+        "catalog URL, docs/ICEBERG.md), delta:PATH_OR_URL or postgresql://user@host/db."
     )(func)
     return func
 
@@ -725,21 +726,29 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
 @dest_options
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
 @click.option("--older-than", "older_than", type=click.IntRange(0, None), default=168, show_default=True,
-              metavar="HOURS", help="Expire snapshots, and delete unreferenced files, older than this. 0 only "
+              metavar="HOURS", help="iceberg: expire snapshots, and delete unreferenced files, older than this. 0 only "
               "while no run writes: a run's files are unreferenced until it commits.")
 @click.option("--compact/--no-compact", default=True, show_default=True,
-              help="Rewrite each upload day's small files into few large ones first.")
+              help="iceberg: rewrite each upload day's small files into few large ones first (delta: always).")
+@click.option("--retain-hours", type=click.IntRange(min=1), default=None,
+              help="delta: keep the files that versions of the last N hours need (readers of older snapshots, "
+                   "time travel); default: the table's own setting (delta.deletedFileRetentionDuration, "
+                   "7 days unless set).")
 @reports_errors
-def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: int, compact: bool) -> None:
-    """Housekeeping of a table destination: compact small files, expire old snapshots, delete unreferenced files.
+def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: int, compact: bool,
+             retain_hours: int | None) -> None:
+    """Housekeeping of a table destination (iceberg:, delta:): compact small files, drop what no recent
+    snapshot or version needs.
 
     Hourly runs make one small file per hour and reloads leave replaced files behind; this keeps the table
-    fast to read and its storage bounded. Rows and ledger are unchanged. See docs/ICEBERG.md.
+    fast to read and its storage bounded. Rows and ledger are unchanged. See docs/ICEBERG.md and docs/DELTA.md.
 
     \b
     Example:
       amplitude-export maintain --dest iceberg:warehouse/
       amplitude-export maintain --dest iceberg:warehouse/ --older-than 24 --no-compact
+      amplitude-export maintain --dest delta:events/
+      amplitude-export maintain --dest delta:s3://bucket/amplitude --retain-hours 24
     """
     from datetime import timedelta
 
@@ -750,11 +759,15 @@ def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: 
     try:
         housekeeping = getattr(sink, "maintain", None)
         if housekeeping is None:
-            raise UsageError(f"{sink.description}: maintain applies to iceberg: destinations")
-        done = housekeeping(compact=compact, older_than=timedelta(hours=older_than))
+            raise UsageError(f"{sink.description}: maintain applies to iceberg: and delta: tables "
+                             "(the other destinations need none)")
+        if url.lower().startswith("delta:"):
+            click.echo(housekeeping(retain_hours=retain_hours))
+        else:
+            done = housekeeping(compact=compact, older_than=timedelta(hours=older_than))
+            click.echo(f"{sink.description}: {done.summary()}")
     finally:
         sink.close()
-    click.echo(f"{sink.description}: {done.summary()}")
 
 
 def _hour_list(option: str, text: str | None) -> list[datetime]:

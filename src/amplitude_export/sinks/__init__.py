@@ -88,6 +88,15 @@ class Sink(Protocol):
         ...
 
 
+class Maintainable(Protocol):
+    """What `amplitude-export maintain` needs from a table format's sink (an optional part of a Sink)."""
+
+    def maintain(self, *, retain_hours: int | None = None) -> str:
+        """Compact small files and delete what no version of the last `retain_hours` needs (None: the table's
+        own setting); return one line saying what was done."""
+        ...
+
+
 def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa.RecordBatch]:
     """The batches with `_project` set to `project`: the column a window's reload deletes by must hold the
     project the window is written for, whoever built the batches."""
@@ -219,19 +228,20 @@ def _client_error(exc: Exception) -> bool:
 
 def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **options: object) -> Sink:
     """Open the destination that `dest` names: `duckdb:PATH`, `parquet:DIR`, `iceberg:DIR` (or another
-    `iceberg:` URL, see `iceberg_catalog`) or `postgresql://...`.
+    `iceberg:` URL, see `iceberg_catalog`), `delta:PATH_OR_URL` or `postgresql://...`.
 
-    `storage_options` go to the filesystem of a `parquet:` URL on object storage (`s3://`, `gs://`, ...), or to
-    an `iceberg:` destination's catalog and FileIO; an error's message never shows their values."""
+    `storage_options` go to the filesystem of a `parquet:` or `delta:` URL on object storage (`s3://`, `gs://`,
+    ...), or to an `iceberg:` destination's catalog and FileIO; an error's message never shows their values."""
     scheme, sep, rest = dest.partition(":")
     if not sep:
         raise UsageError(
-            f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR, iceberg:DIR or postgresql://...")
+            f"cannot read destination {dest!r}: use duckdb:PATH, parquet:DIR, iceberg:DIR, delta:PATH or "
+            "postgresql://...")
     scheme = scheme.lower()
     if storage_options and scheme != "iceberg" and (
-        scheme != "parquet" or "://" not in rest or rest.lower().startswith(("file://", "local://"))
+        scheme not in ("parquet", "delta") or "://" not in rest or rest.lower().startswith(("file://", "local://"))
     ):
-        raise UsageError("storage options apply to parquet: URLs on object storage (s3://, gs://, az://, ...) "
+        raise UsageError("storage options apply to parquet: and delta: URLs on object storage (s3://, gs://, ...) "
                          "and to iceberg: destinations")
     if scheme == "duckdb":
         from .duckdb import DuckDBSink
@@ -268,6 +278,20 @@ def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **opt
         except AmplitudeExportError as exc:
             exc.args = (redact(str(exc), storage_options),)
             raise
+    if scheme == "delta":
+        try:
+            from .delta import DeltaSink
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != "deltalake":
+                raise
+            raise UsageError("Delta Lake destinations need deltalake: pip install 'amplitude-export[delta]'") from None
+        from ..storage import redact
+
+        try:
+            return DeltaSink(rest, storage_options=storage_options, **options)  # type: ignore[arg-type]
+        except AmplitudeExportError as exc:
+            exc.args = (redact(str(exc), storage_options),)
+            raise
     if scheme in ("postgresql", "postgres"):
         try:
             from .postgres import PostgresSink
@@ -280,4 +304,5 @@ def open_sink(dest: str, *, storage_options: dict[str, Any] | None = None, **opt
 
         return PostgresSink(dest, **options)  # type: ignore[arg-type]
     raise UsageError(
-        f"unknown destination scheme {scheme!r} in {dest!r}: use duckdb:, parquet:, iceberg: or postgresql://")
+        f"unknown destination scheme {scheme!r} in {dest!r}: use duckdb:, parquet:, iceberg:, delta: or "
+        "postgresql://")

@@ -1,0 +1,423 @@
+"""The Delta Lake sink (`delta:PATH` or `delta:s3://bucket/prefix`): events in a Delta table written with
+deltalake (delta-rs), partitioned by `_upload_day`, the UTC date of `_upload_hour`. docs/DELTA.md says why.
+
+One window is one commit: a replace-where on the project and the window's hours whose commit info carries the
+window's ledger rows (key `amplitude_export`); hours without events are a commit without files. The log is the
+record of the ledger; `_amplitude_ledger/`, a small Delta table inside the table's directory, is a cache of it
+(one row per project and hour, with the `events_version` that set it): an open reads it, then folds in the
+commits after its greatest `events_version`, so a writer killed before rewriting it loses nothing.
+
+There is no lock: a window is deduplicated against the snapshot its commit is made on, with no automatic retry,
+so the commit fails if another came in between (put-if-absent of the next log entry); it is then checked against
+the new snapshot and committed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..ledger import HourRecord
+from ..schema import ARROW_SCHEMA
+from ..windows import Window
+from . import with_project
+from .duckdb import (
+    COLUMNS_SQL,
+    STAGE,
+    configure,
+    fill_counts,
+    hour_counts,
+    record_from_row,
+    records_table,
+    stage_batches,
+    time_filter,
+    winners_sql,
+)
+
+log = logging.getLogger(__name__)
+
+DAY = "_upload_day"  # the partition column: the UTC date of `_upload_hour`
+LEDGER_DIR = "_amplitude_ledger"
+META = "amplitude_export"  # the commit info key holding a commit's ledger rows
+META_FORMAT = 1
+CACHE_EVERY = 16  # commits a writer makes before it rewrites `_amplitude_ledger` (and when it closes)
+COMMIT_ATTEMPTS = 8  # a window re-checked and committed again this many times before the run gives up (exit 5)
+BATCH_ROWS = 16_384  # rows per batch DuckDB hands delta-rs; each side holds a few, so larger ones cost memory
+DELTA_SCHEMA = ARROW_SCHEMA.append(pa.field(DAY, pa.date32()))
+LEDGER_SCHEMA = records_table("", []).schema.append(pa.field("events_version", pa.int64()))
+WRITER = WriterProperties(compression="ZSTD")
+_TAKEN = "_amplitude_taken"
+_KEPT = "_amplitude_kept"  # the staged rows that are committed: first copies whose uuid no other hour holds
+
+
+class DeltaSink:
+    """Events in a Delta table at `uri`, their ledger in its commits (and folded in `_amplitude_ledger/`)."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        read_only: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        memory_limit: str = "256MB",
+        threads: int = 2,
+    ) -> None:
+        """Open the table (creating it unless `read_only`) and read its ledger.
+
+        `uri` is a local path, `file://` URL or any URL delta-rs reaches (`s3://`, `gs://`, `az://`, ...);
+        `storage_options` go to delta-rs (its object store's keys, e.g. `endpoint_url`, `aws_access_key_id`);
+        by default it reads the store's environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
+        """
+        self.uri = table_uri(uri)
+        self._cache_uri = f"{self.uri.rstrip('/')}/{LEDGER_DIR}"
+        self.description = f"delta:{self.uri}"
+        self.read_only = read_only
+        self.options = delta_options(storage_options)
+        self.memory_limit = memory_limit
+        self.threads = threads
+        self._spill: str | None = None
+        self._ledger: dict[str, dict[datetime, tuple[HourRecord, int]]] = {}  # record, events version
+        self._folded = -1  # the events version up to which `_ledger` holds every commit's ledger rows
+        self._cached = -1  # the same for `_amplitude_ledger`
+        self._handler: Any = None
+        try:
+            cached = self._read_cache()  # before the events table: the cache never runs ahead of the snapshot
+            self.table = self._open_table()
+            for row in cached:
+                version = row.pop("events_version")
+                self._keep(row["project"], record_from_row(row), version)
+            self._cached = self._folded  # what the cache holds, so what a rewrite of it would add
+            self._fold()
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot open Delta table {self.uri}: {first_line(exc)}") from None
+
+    # -- opening --
+
+    def _open_table(self) -> DeltaTable:
+        try:
+            table = DeltaTable(self.uri, storage_options=self.options)
+        except TableNotFoundError:
+            if self.read_only:
+                raise DestinationError(f"{self.uri} is not a Delta table (no _delta_log): nothing loaded yet") from None
+            if "://" not in self.uri:
+                Path(self.uri).mkdir(parents=True, exist_ok=True)
+            table = DeltaTable.create(self.uri, DELTA_SCHEMA, mode="ignore", partition_by=[DAY], name="events",
+                                      description="Amplitude events, written by amplitude-export",
+                                      storage_options=self.options)
+        names = {field.name for field in table.schema().fields}
+        missing = [name for name in DELTA_SCHEMA.names if name not in names]
+        if missing or table.metadata().partition_columns != [DAY]:
+            raise DestinationError(f"{self.uri} is a Delta table not written by amplitude-export "
+                                   f"(no column {missing[0] if missing else DAY} to partition by)")
+        return table
+
+    def _read_cache(self) -> list[dict[str, Any]]:
+        try:
+            cache = DeltaTable(self._cache_uri, storage_options=self.options)
+        except TableNotFoundError:
+            return []
+        return cache.to_pyarrow_table().to_pylist()
+
+    # -- the ledger --
+
+    def _keep(self, project: str, record: HourRecord, version: int) -> None:
+        self._ledger.setdefault(project, {})[record.hour.astimezone(UTC)] = (record, version)
+        self._folded = max(self._folded, version)
+
+    def _fold(self, project: str | None = None, records: list[HourRecord] | None = None) -> None:
+        """Take in the ledger rows of the commits after `_folded`, up to the table's version, from their commit
+        files (`history()` numbers versions from the loaded snapshot, so a commit landing meanwhile would be
+        misnumbered); or, when the version is our commit of `records` right after `_folded`, from those."""
+        latest = self.table.version()
+        if project is not None and records is not None and latest == self._folded + 1:
+            for record in records:
+                self._keep(project, record, latest)
+            return
+        for version in range(self._folded + 1, latest + 1):
+            payload = self._commit_payload(version)
+            if payload is not None:
+                for data in payload["ledger"]:
+                    self._keep(payload["project"], HourRecord.from_dict(data), version)
+        self._folded = max(self._folded, latest)
+
+    def _commit_payload(self, version: int) -> dict[str, Any] | None:
+        import pyarrow.fs as pafs
+        from deltalake.fs import DeltaStorageHandler
+
+        if self._handler is None:
+            self._handler = pafs.PyFileSystem(DeltaStorageHandler(self.uri, self.options))
+        try:
+            with self._handler.open_input_stream(f"_delta_log/{version:020d}.json") as stream:
+                lines = stream.read().decode().splitlines()
+        except FileNotFoundError:  # removed by Delta's log cleanup: older than delta.logRetentionDuration
+            log.warning("%s: commit %d is gone from _delta_log; its ledger rows are lost", self.uri, version)
+            return None
+        infos = [json.loads(line).get("commitInfo") or {} for line in lines if line.strip()]
+        return next((info[META] for info in infos if isinstance(info.get(META), dict)), None)
+
+    def _save_cache(self, *, every: int = CACHE_EVERY, strict: bool = False) -> None:
+        """Rewrite `_amplitude_ledger` as one file holding `_ledger`, once it lacks `every` commits (a later
+        writer's rewrite simply wins: each one holds every commit up to its `events_version`). A failure is
+        only logged unless `strict`: the next open folds the commits the cache lacks."""
+        if self._folded - self._cached < max(every, 1):
+            return
+        try:
+            self._write_cache()
+        except (DeltaError, OSError) as exc:
+            if strict:
+                raise
+            log.warning("%s: could not update %s: %s", self.uri, LEDGER_DIR, first_line(exc))
+
+    def _write_cache(self) -> None:
+        parts = [LEDGER_SCHEMA.empty_table()]
+        for project, hours in self._ledger.items():
+            table = records_table(project, [record for record, _ in hours.values()])
+            versions = [hours[hour.astimezone(UTC)][1] for hour in table.column("hour").to_pylist()]
+            parts.append(table.append_column("events_version", pa.array(versions, pa.int64())))
+        write_deltalake(self._cache_uri, pa.concat_tables(parts), mode="overwrite", storage_options=self.options)
+        self._cached = self._folded
+
+    def projects(self) -> list[str]:
+        """The projects the ledger holds hours for, sorted."""
+        return sorted(project for project, hours in self._ledger.items() if hours)
+
+    def ledger(self, project: str) -> dict[datetime, HourRecord]:
+        """Every ledger row of `project`, by hour."""
+        hours = self._ledger.get(project, {})
+        return {hour: hours[hour][0] for hour in sorted(hours)}
+
+    # -- writing --
+
+    def write_window(
+        self,
+        project: str,
+        window: Window,
+        batches: Iterable[pa.RecordBatch],
+        finish: Callable[[], list[HourRecord]],
+    ) -> list[HourRecord]:
+        """Replace the window's hours with `batches`, once per uuid, in one commit that carries the ledger rows."""
+        self._check_writable()
+        con = self._connect()
+        try:
+            staged = stage_batches(con, window, with_project(batches, project))
+            con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(None)})")  # later copies within the window
+            con.execute(f"CREATE TEMP TABLE {_TAKEN} (uuid VARCHAR)")
+            con.execute(f"CREATE TEMP VIEW {_KEPT} AS SELECT * FROM {STAGE} "
+                        f"WHERE NOT EXISTS (SELECT 1 FROM {_TAKEN} AS t WHERE t.uuid = {STAGE}.uuid)")
+            read = finish()
+            for _ in range(COMMIT_ATTEMPTS):
+                self._find_taken(con, project, window)
+                loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {_KEPT} GROUP BY 1")
+                records = fill_counts(read, staged, loaded, datetime.now(UTC))
+                try:
+                    self._commit_window(con, project, window, records)
+                    break
+                except CommitFailedError:  # another commit came first: check against its snapshot, then again
+                    log.info("%s: another writer committed first; %s is checked again", self.uri, window)
+                    self.table.update_incremental()
+            else:
+                raise DestinationBusyError(f"{self.description}: other writers committed before each of "
+                                           f"{COMMIT_ATTEMPTS} attempts to commit {window}; run again")
+            self._fold(project, records)
+        except (duckdb.Error, DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot write {window} to {self.uri}: {first_line(exc)}") from exc
+        finally:
+            con.close()
+        self._save_cache()
+        return records
+
+    def _find_taken(self, con: duckdb.DuckDBPyConnection, project: str, window: Window) -> None:
+        """Fill `_amplitude_taken` with the staged uuids that rows of other hours (or projects) hold."""
+        con.execute(f"DELETE FROM {_TAKEN}")
+        if not self.table.file_uris():
+            return
+        con.register("_amplitude_events", self.table.to_pyarrow_dataset())
+        try:
+            con.execute(
+                f"INSERT INTO {_TAKEN} SELECT DISTINCT o.uuid FROM _amplitude_events AS o "
+                f"WHERE o.uuid IN (SELECT uuid FROM {STAGE}) "
+                "AND NOT (o._project = $project AND o._upload_hour BETWEEN $start AND $end)",
+                {"project": project, "start": window.start, "end": window.end},
+            )
+        finally:
+            con.unregister("_amplitude_events")
+
+    def _commit_window(
+        self, con: duckdb.DuckDBPyConnection, project: str, window: Window, records: list[HourRecord]
+    ) -> None:
+        """One commit on the snapshot `table` holds: the window's hours replaced by `_amplitude_kept`, with the
+        ledger rows in its commit info. No automatic retry: a conflict raises CommitFailedError."""
+        batches = con.sql(f"SELECT {COLUMNS_SQL}, _upload_hour::DATE AS {DAY} FROM {_KEPT}").to_arrow_reader(BATCH_ROWS)
+        stream = pa.RecordBatchReader.from_batches(DELTA_SCHEMA, (batch.cast(DELTA_SCHEMA) for batch in batches))
+        write_deltalake(self.table, stream, mode="overwrite", predicate=replace_where(project, window),
+                        partition_by=[DAY], writer_properties=WRITER,
+                        commit_properties=self._commit_properties(project, records, retries=0))
+
+    def record_hours(self, project: str, records: list[HourRecord]) -> None:
+        """Store ledger rows for hours without events (empty, failed, too large) in a commit that adds no file."""
+        self._check_writable()
+        if not records:
+            return
+        now = datetime.now(UTC)
+        stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
+        try:
+            write_deltalake(self.table, DELTA_SCHEMA.empty_table(), mode="append",
+                            commit_properties=self._commit_properties(project, stamped))
+            self._fold(project, stamped)
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot write the ledger of {self.uri}: {first_line(exc)}") from exc
+        self._save_cache()
+
+    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None) -> Any:
+        payload = {"format": META_FORMAT, "project": project, "ledger": [r.to_dict() for r in records]}
+        return CommitProperties(custom_metadata={META: payload}, max_commit_retries=retries)
+
+    # -- reading --
+
+    def read_arrow(
+        self, start: datetime | None = None, end: datetime | None = None, project: str | None = None
+    ) -> pa.Table:
+        """Events with `server_upload_time` in [start, end] (either end open when None), in load order."""
+        where, params = time_filter(start, end, project)
+        return self._query(f"SELECT {COLUMNS_SQL} FROM _amplitude_events{where} "
+                           "ORDER BY _upload_hour, _member, _line", params).cast(ARROW_SCHEMA)
+
+    def count_by_hour(self, project: str) -> dict[datetime, int]:
+        """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
+        table = self._query("SELECT _upload_hour AS hour, count(*) AS n FROM _amplitude_events "
+                            "WHERE _project = ? GROUP BY 1", [project])
+        return {row["hour"].astimezone(UTC): row["n"] for row in table.to_pylist()}
+
+    def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
+        """The stored events (of one project, or all), only `columns`, streamed as Arrow batches in no particular
+        order, from the table version this sink holds."""
+        import pyarrow.dataset as pads
+
+        names = list(columns or ARROW_SCHEMA.names)
+        where = pads.field("_project") == project if project is not None else None
+        try:
+            reader = self.dataset().scanner(columns=names, filter=where).to_reader()
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot read {self.uri}: {first_line(exc)}") from None
+        schema = pa.schema([ARROW_SCHEMA.field(name) for name in names])
+        return pa.RecordBatchReader.from_batches(schema, (batch.cast(schema) for batch in reader))
+
+    def dataset(self) -> Any:
+        """The events of the snapshot this sink holds, as a pyarrow dataset (with `_upload_day`)."""
+        return self.table.to_pyarrow_dataset()
+
+    def _query(self, sql: str, params: list[Any]) -> pa.Table:
+        con = self._connect()
+        try:
+            con.register("_amplitude_events", self.dataset())
+            return con.sql(sql, params=params).to_arrow_table()
+        except (duckdb.Error, DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot read {self.uri}: {first_line(exc)}") from None
+        finally:
+            con.close()
+
+    # -- housekeeping --
+
+    def maintain(self, *, retain_hours: int | None = None) -> str:
+        """Compact small files, write a checkpoint, then delete the files no version of the last `retain_hours`
+        needs (default: the table's `delta.deletedFileRetentionDuration`, a week unless set), in both tables."""
+        self._check_writable()
+        enforce = retain_hours is None  # a shorter retention than the table's, asked for explicitly, is allowed
+        try:
+            compacted = self.table.optimize.compact(writer_properties=WRITER)
+            self.table.create_checkpoint()
+            # full: also the files no commit ever named (a window interrupted, or beaten, before its commit)
+            removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+            self._save_cache(every=1, strict=True)
+            cache = DeltaTable(self._cache_uri, storage_options=self.options)
+            removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+        except CommitFailedError:
+            raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
+                                       "run maintain again") from None
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot maintain {self.uri}: {first_line(exc)}") from None
+        return (f"{self.description}: compacted {compacted['numFilesRemoved']} files into "
+                f"{compacted['numFilesAdded']}; deleted {len(removed)} files no longer referenced")
+
+    # -- helpers --
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise DestinationError(f"{self.description} was opened read-only")
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """A private in-memory DuckDB that spills to a local temporary directory of this sink."""
+        if self._spill is None:
+            self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
+        con = duckdb.connect(":memory:", config={"memory_limit": self.memory_limit, "threads": self.threads,
+                                                 "temp_directory": self._spill})
+        configure(con)
+        return con
+
+    def close(self) -> None:
+        """Bring `_amplitude_ledger` up to date and remove the spill directory; there is no lock to release."""
+        if not self.read_only:
+            self._save_cache(every=1)
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+    def __enter__(self) -> DeltaSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def table_uri(uri: str) -> str:
+    """An absolute local path (from a path or `file://` URL), or the URL as given."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return str(Path(uri).expanduser().absolute())
+    if scheme.lower() in ("file", "local"):
+        return str(Path(rest).expanduser().absolute())
+    return uri
+
+
+def delta_options(options: dict[str, Any] | None) -> dict[str, str]:
+    """Storage options as delta-rs takes them (strings); an `http://` endpoint turns on `allow_http`, which
+    delta-rs otherwise refuses (a MinIO or a loopback test server)."""
+    result: dict[str, str] = {}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict | list):
+            raise UsageError(f"storage option {key}: delta-rs takes text, not JSON (the value is not shown)")
+        result[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    endpoint = next((result[key] for key in ("endpoint_url", "aws_endpoint_url", "endpoint", "aws_endpoint")
+                     if key in result), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    if endpoint and endpoint.startswith("http://") and not any(k.lower().endswith("allow_http") for k in result):
+        result["allow_http"] = "true"
+    return result
+
+
+def replace_where(project: str, window: Window) -> str:
+    """The predicate that selects the project's rows of the window's hours (the partition column too, so
+    delta-rs looks only at the window's days)."""
+    start, end = window.start.astimezone(UTC), window.end.astimezone(UTC)
+    quoted = "'" + project.replace("'", "''") + "'"
+    return (f"_project = {quoted} AND _upload_hour >= '{start:%Y-%m-%dT%H:%M:%SZ}' "
+            f"AND _upload_hour <= '{end:%Y-%m-%dT%H:%M:%SZ}' "
+            f"AND {DAY} >= '{start:%Y-%m-%d}' AND {DAY} <= '{end:%Y-%m-%d}'")
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
