@@ -26,6 +26,16 @@ import pyarrow.compute as pc
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord, MemberInfo
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, DUCKDB_TYPES, JSON, JSON_COLUMNS, RETYPED, quote
+from ..table_ledger import (
+    STATE_COLUMNS,
+    STATE_TABLE,
+    TableState,
+    TableWrite,
+    sql_type,
+    state_from_row,
+    state_values,
+    with_project_column,
+)
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
 from .filelock import FileLock
@@ -713,6 +723,69 @@ class DuckDBSink:
         if count:
             self.connection.execute(f"DELETE FROM {COHORT_MEMBERS} WHERE {where}", params)
         return int(count)
+
+    def write_table(self, project: str, write: TableWrite) -> TableState:
+        """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
+        con = self.connection
+        table = quote(write.table)
+        now = datetime.now(UTC)
+        con.begin()
+        try:
+            con.execute(f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
+                        + ", ".join(f"{name} {kinds[0]}" for name, kinds in STATE_COLUMNS.items())
+                        + ", PRIMARY KEY (project, table_name))")
+            if write.batches is not None:
+                stored = with_project_column(write.schema)
+                con.execute(f"CREATE TABLE IF NOT EXISTS {table} ("
+                            + ", ".join(f"{quote(c.name)} {sql_type(c, 0)}" for c in stored) + ")")
+                if write.scope_column is None:
+                    con.execute(f"DELETE FROM {table} WHERE _project = ?", [project])
+                else:
+                    con.register("_amplitude_scope", pa.table({"v": write.scope_values}))
+                    con.execute(f"DELETE FROM {table} WHERE _project = ? AND {quote(write.scope_column)} IN "
+                                "(SELECT v FROM _amplitude_scope)", [project])
+                    con.unregister("_amplitude_scope")
+                con.register("_amplitude_rows", pa.RecordBatchReader.from_batches(write.schema, write.batches))
+                try:
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT ? AS _project, * FROM _amplitude_rows",
+                                [project])
+                finally:
+                    con.unregister("_amplitude_rows")
+            present = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+                                  "AND schema_name = current_schema() AND table_name = ?", [write.table]).fetchall()
+            rows = con.execute(f"SELECT count(*) FROM {table} WHERE _project = ?", [project]).fetchall()[0][0] \
+                if present[0][0] else 0
+            state = dataclasses.replace(write.state, rows=rows, loaded_at=now)
+            con.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} ({', '.join(STATE_COLUMNS)}) VALUES "
+                        f"({', '.join('?' * len(STATE_COLUMNS))})", state_values(project, state))
+            con.commit()
+        except BaseException as exc:
+            _rollback(con)
+            if isinstance(exc, duckdb.Error):
+                raise DestinationError(f"cannot write {write.table} to {self.path}: {_first_line(exc)}") from exc
+            raise
+        return state
+
+    def table_states(self, project: str) -> dict[str, TableState]:
+        """The state of each stream table of `project`, by table name."""
+        try:
+            table = self.connection.sql(f"SELECT * FROM {STATE_TABLE} WHERE project = ? ORDER BY table_name",
+                                        params=[project]).to_arrow_table()
+        except duckdb.CatalogException:
+            return {}
+        states = [state_from_row(row) for row in table.to_pylist()]
+        return {state.table: state for state in states}
+
+    def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
+        """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
+        where, params = (" WHERE _project = ?", [project]) if project is not None else ("", [])
+        stored = with_project_column(schema)
+        try:
+            table = self.connection.sql(f"SELECT {', '.join(quote(c.name) for c in stored)} FROM {quote(name)}"
+                                        f"{where}", params=params).to_arrow_table()
+        except duckdb.CatalogException:
+            return stored.empty_table()
+        return table.cast(stored)
 
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock, then the run's lock."""
