@@ -188,7 +188,7 @@ def _stream_resources(dlt: Any, credentials: Any, chosen: list[str], *, start: d
         if begin > last_day:
             return
         with client() as api:
-            rows = fetch_series(api, spec, begin, last_day)
+            rows = fetch_series(api, spec, begin, last_day, moment)
         yield _keyed(spec, pa.Table.from_pylist(rows, schema=spec.schema))
         state["last_day"] = max(last_day.isoformat(), state.get("last_day") or "")
 

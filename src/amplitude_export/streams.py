@@ -186,7 +186,8 @@ def load_streams(
                 if begin > last_day:
                     report.notes.append(f"{spec.name}: up to date (through {last_day})")
                     continue
-                job.submit(spec.name, lambda spec=spec, begin=begin: fetch_series(client, spec, begin, last_day),
+                job.submit(spec.name, lambda spec=spec, begin=begin: fetch_series(client, spec, begin, last_day,
+                                                                                  moment),
                            lambda rows, spec=spec, begin=begin: job.series(spec, rows, begin, last_day))
         job.drain()
     except BaseException:
@@ -398,7 +399,8 @@ def fetch_taxonomy(client: DashboardClient) -> dict[str, Any] | NotOnPlanError:
     return {EVENT_TYPES.name: events, EVENT_PROPERTIES.name: properties, USER_PROPERTIES.name: users}
 
 
-def fetch_series(client: DashboardClient, spec: TableSpec, begin: date, end: date) -> list[dict[str, Any]]:
+def fetch_series(client: DashboardClient, spec: TableSpec, begin: date, end: date,
+                 taken_at: datetime) -> list[dict[str, Any]]:
     """A day series' rows for `begin`..`end`, a month per request."""
     path, params, _ = SERIES[spec.name]
     rows: list[dict[str, Any]] = []
@@ -406,7 +408,7 @@ def fetch_series(client: DashboardClient, spec: TableSpec, begin: date, end: dat
     while first <= end:
         last = min(end, first + timedelta(days=SERIES_DAYS - 1))
         data = client.series(path, f"{first:%Y%m%d}", f"{last:%Y%m%d}", **params)
-        rows += series_rows(spec, data, datetime.now(UTC))
+        rows += series_rows(spec, data, taken_at)
         first = last + timedelta(days=1)
     return rows
 

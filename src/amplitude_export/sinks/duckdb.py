@@ -751,10 +751,8 @@ class DuckDBSink:
                                 [project])
                 finally:
                     con.unregister("_amplitude_rows")
-            present = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-                                  "AND schema_name = current_schema() AND table_name = ?", [write.table]).fetchall()
             rows = con.execute(f"SELECT count(*) FROM {table} WHERE _project = ?", [project]).fetchall()[0][0] \
-                if present[0][0] else 0
+                if self._has_table(write.table) else 0
             state = dataclasses.replace(write.state, rows=rows, loaded_at=now)
             con.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} ({', '.join(STATE_COLUMNS)}) VALUES "
                         f"({', '.join('?' * len(STATE_COLUMNS))})", state_values(project, state))
@@ -768,11 +766,10 @@ class DuckDBSink:
 
     def table_states(self, project: str) -> dict[str, TableState]:
         """The state of each stream table of `project`, by table name."""
-        try:
-            table = self.connection.sql(f"SELECT * FROM {STATE_TABLE} WHERE project = ? ORDER BY table_name",
-                                        params=[project]).to_arrow_table()
-        except duckdb.CatalogException:
+        if not self._has_table(STATE_TABLE):
             return {}
+        table = self.connection.sql(f"SELECT * FROM {STATE_TABLE} WHERE project = ? ORDER BY table_name",
+                                    params=[project]).to_arrow_table()
         states = [state_from_row(row) for row in table.to_pylist()]
         return {state.table: state for state in states}
 
@@ -780,12 +777,17 @@ class DuckDBSink:
         """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
         where, params = (" WHERE _project = ?", [project]) if project is not None else ("", [])
         stored = with_project_column(schema)
-        try:
-            table = self.connection.sql(f"SELECT {', '.join(quote(c.name) for c in stored)} FROM {quote(name)}"
-                                        f"{where}", params=params).to_arrow_table()
-        except duckdb.CatalogException:
+        if not self._has_table(name):
             return stored.empty_table()
+        table = self.connection.sql(f"SELECT {', '.join(quote(c.name) for c in stored)} FROM {quote(name)}"
+                                    f"{where}", params=params).to_arrow_table()
         return table.cast(stored)
+
+    def _has_table(self, name: str) -> bool:
+        # asked, not caught: for a missing table DuckDB looks for a Python variable of that name in the caller
+        return bool(self.connection.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = ?", [name]).fetchall()[0][0])
 
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock, then the run's lock."""
