@@ -133,9 +133,8 @@ def run_streams(
     moment = now or datetime.now(UTC)
     start_day = end_day = None
     if start is not None:
-        first, last, _ = resolve_range(start, end, now=moment, lag_hours=lag_hours)
-        start_day, end_day = first.date(), last.date()
-    elif end is not None:
+        start_day = resolve_range(start, end, now=moment, lag_hours=lag_hours)[0].date()
+    if end is not None:  # without it, up to yesterday: today's numbers are not final
         end_day = parse_hour(end, is_end=True).date()
     with DashboardClient(credentials, max_concurrency=concurrency, max_attempts=max_attempts,
                          wait_initial=retry_wait) as client:
