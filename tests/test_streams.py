@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 import httpx
+import pyarrow as pa
 import pytest
 import stamina
 from conftest import POSTGRES_URL
@@ -357,3 +358,38 @@ def test_parquet_removes_what_a_crashed_table_write_left(tmp_path: Path) -> None
     open_sink(f"parquet:{lake}").close()
     assert sorted(p.name for p in (lake / "annotations").iterdir()) == sorted([live.name, "notes.txt"])
     assert read_table(f"parquet:{lake}", "annotations").num_rows == 5
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_schema: str, kind: str) -> None:
+    """The rows and the state row commit together: a write whose rows stop with an error leaves both as before,
+    and a scoped write replaces only its scope."""
+    from amplitude_export.table_ledger import TableState, TableWrite
+
+    spec = TABLES["cohort_members"]
+    dest = destination(kind, tmp_path, pg_schema)
+
+    def batch(cohort: str, ids: range) -> Any:
+        rows = [{"cohort_id": cohort, "amplitude_id": i, "user_id": f"u{i}", "properties": None,
+                 "_last_computed": DAY, "_downloaded_at": DAY} for i in ids]
+        return pa.RecordBatch.from_pylist(rows, schema=spec.schema)
+
+    def write(cohort: str, batches: Any, note: str) -> TableWrite:
+        state = TableState(spec.name, spec.stream, spec.refresh, cursor={"note": note})
+        return TableWrite(spec.name, spec.schema, batches, state, scope_column="cohort_id", scope_values=[cohort])
+
+    def broken() -> Iterator[Any]:
+        yield batch("a", range(100, 110))
+        raise RuntimeError("the download broke")
+
+    with open_sink(dest) as sink:
+        sink.write_table(KEY, write("a", [batch("a", range(3))], "first"))
+        sink.write_table(KEY, write("b", [batch("b", range(5))], "second"))
+        with pytest.raises(RuntimeError, match="the download broke"):
+            sink.write_table(KEY, write("a", broken(), "broken"))
+        assert sink.table_states(KEY)["cohort_members"].cursor == {"note": "second"}
+        assert sink.table_states(KEY)["cohort_members"].rows == 8
+        sink.write_table(KEY, write("a", [batch("a", range(7, 9))], "third"))
+        assert sink.table_states("another project") == {}
+    pairs = {(row["cohort_id"], row["amplitude_id"]) for row in read_table(dest, spec.name).to_pylist()}
+    assert pairs == {("a", 7), ("a", 8)} | {("b", i) for i in range(5)}

@@ -745,12 +745,24 @@ class DuckDBSink:
                     con.execute(f"DELETE FROM {table} WHERE _project = ? AND {quote(write.scope_column)} IN "
                                 "(SELECT v FROM _amplitude_scope)", [project])
                     con.unregister("_amplitude_scope")
-                con.register("_amplitude_rows", pa.RecordBatchReader.from_batches(write.schema, write.batches))
+                failed: list[BaseException] = []
+
+                def rows(batches: Iterable[pa.RecordBatch] = write.batches) -> Iterator[pa.RecordBatch]:
+                    try:
+                        yield from batches
+                    except BaseException as exc:  # noqa: BLE001 - raised again below, keeping its type
+                        failed.append(exc)
+                        raise
+
+                con.register("_amplitude_rows", pa.RecordBatchReader.from_batches(write.schema, rows()))
                 try:
                     con.execute(f"INSERT INTO {table} BY NAME SELECT ? AS _project, * FROM _amplitude_rows",
                                 [project])
-                finally:
-                    con.unregister("_amplitude_rows")
+                except duckdb.Error:
+                    if failed:
+                        raise failed[0] from None
+                    raise
+                con.unregister("_amplitude_rows")
             rows = con.execute(f"SELECT count(*) FROM {table} WHERE _project = ?", [project]).fetchall()[0][0] \
                 if self._has_table(write.table) else 0
             state = dataclasses.replace(write.state, rows=rows, loaded_at=now)
