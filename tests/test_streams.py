@@ -132,6 +132,7 @@ def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     assert first.returncode == 0, first.stderr
     assert loaded(dest) == expected(server.apis.project, [DAY.date(), LAST.date()])
     assert server.apis.cohort_downloads - downloads == 4  # the archived cohort's members are not asked for
+    assert any(path.startswith("/fake-s3/") and code == 200 for _, path, code in server.apis.requests)  # iOS: 101
     assert "cohort downloads: 4 this run" in first.stdout
 
     again = cli(server, tmp_path, "--dest", dest, "--streams", OTHERS, "--end", "2024-03-02", "--api-concurrency", "5")
@@ -393,3 +394,15 @@ def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_sch
         assert sink.table_states("another project") == {}
     pairs = {(row["cohort_id"], row["amplitude_id"]) for row in read_table(dest, spec.name).to_pylist()}
     assert pairs == {("a", 7), ("a", 8)} | {("b", i) for i in range(5)}
+
+
+def test_schema_md_names_every_table_its_key_and_columns() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "SCHEMA.md").read_text()
+    section = text[text.index("## The other streams"):]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in section.splitlines() if line.startswith("| `")}
+    for name, spec in TABLES.items():
+        key = ", ".join(f"`{column}`" for column in spec.key)
+        assert any(f"| `{name}` | {key} | {spec.refresh}" in line for line in section.splitlines()), name
+        assert f"`{spec.stream}`" in section
+        for column in spec.schema.names:
+            assert f"`{column}`" in rows[name], f"{name}.{column} is not in docs/SCHEMA.md"
