@@ -406,3 +406,16 @@ def test_schema_md_names_every_table_its_key_and_columns() -> None:
         assert f"`{spec.stream}`" in section
         for column in spec.schema.names:
             assert f"`{column}`" in rows[name], f"{name}.{column} is not in docs/SCHEMA.md"
+
+
+def test_a_cohort_job_that_never_completes_is_reported_and_the_rest_loads(tmp_path: Path) -> None:
+    dest = f"duckdb:{tmp_path / 'x.duckdb'}"
+    with fake_server_for(cohort_polls=10_000) as fake, client_for(fake, poll_timeout=0.2) as client:
+        with open_sink(dest) as sink:
+            report = load_streams(client, sink, project=KEY, streams=["cohorts", "cohort_members"],
+                                  data_dir=tmp_path)
+        assert report.exit_code == 1 and len(report.failed) == 4
+        assert all("did not complete within 0.2 s" in line for line in report.failed)
+        assert read_table(dest, "cohorts").num_rows == 5
+        assert read_table(dest, "cohort_members").num_rows == 0
+        assert report.states["cohort_members"].cursor["computed"] == {}  # so the next run asks again
