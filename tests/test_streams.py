@@ -419,3 +419,15 @@ def test_a_cohort_job_that_never_completes_is_reported_and_the_rest_loads(tmp_pa
         assert read_table(dest, "cohorts").num_rows == 5
         assert read_table(dest, "cohort_members").num_rows == 0
         assert report.states["cohort_members"].cursor["computed"] == {}  # so the next run asks again
+
+
+def test_a_destination_without_tables_is_refused_before_anything_is_fetched() -> None:
+    from amplitude_export.errors import UsageError
+    from amplitude_export.streams import check_sink
+
+    class EventsOnly:
+        description = "iceberg:warehouse"
+
+    check_sink(EventsOnly(), ["events"])
+    with pytest.raises(UsageError, match="iceberg:warehouse holds only events"):
+        check_sink(EventsOnly(), ["events", "cohorts"])

@@ -475,7 +475,7 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
     """
     from .pipeline import new_run_id
     from .pipeline import run as do_run
-    from .streams import EVENTS, parse_streams, run_streams
+    from .streams import EVENTS, check_sink, parse_streams, run_streams
 
     streams = parse_streams(streams_text)
     credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
@@ -491,6 +491,7 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
         with _unless_refused(created, log_path):
             sink = _open_for_writing(url, wait)
         try:
+            check_sink(sink, streams)
             if sync_deletions:
                 _sync_deletions(credentials, sink, project or client.credentials.api_key, data_dir, run_id,
                                 max_attempts=max_attempts, retry_wait=retry_wait)

@@ -80,6 +80,13 @@ def parse_streams(text: str) -> list[str]:
     return [name for name in STREAMS if name in names]
 
 
+def check_sink(sink: object, streams: Iterable[str]) -> None:
+    """Refuse, before anything is fetched, a destination that cannot hold the streams' tables."""
+    if set(streams) - {EVENTS} and not all(hasattr(sink, name) for name in ("write_table", "table_states")):
+        raise UsageError(f"--streams: {getattr(sink, 'description', 'this destination')} holds only events; "
+                         "the other streams go to duckdb:, parquet: and postgresql:// destinations")
+
+
 def tables_of(streams: Iterable[str]) -> list[TableSpec]:
     """The tables the streams load."""
     chosen = set(streams)
