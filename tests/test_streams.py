@@ -431,3 +431,61 @@ def test_a_destination_without_tables_is_refused_before_anything_is_fetched() ->
     check_sink(EventsOnly(), ["events"])
     with pytest.raises(UsageError, match="iceberg:warehouse holds only events"):
         check_sink(EventsOnly(), ["events", "cohorts"])
+
+
+def test_members_get_the_events_privacy_deleted_users_out_and_user_id_hashed(tmp_path: Path) -> None:
+    from amplitude_export.privacy import Privacy, Target, hash_text
+
+    key = b"k" * 32
+    dest = f"duckdb:{tmp_path / 'x.duckdb'}"
+    with fake_server_for() as fake, client_for(fake) as client:
+        project = fake.apis.project
+        want = expected(project, [])["cohort_members"]
+        victim = sorted(want)[0][1]
+        privacy = Privacy(hash=[Target("user_id")], key=key, deleted=[victim])
+        with open_sink(dest) as sink:
+            load_streams(client, sink, project=KEY, streams=["cohort_members"], data_dir=tmp_path, privacy=privacy)
+    got = {(row["cohort_id"], row["amplitude_id"], row["user_id"]) for row in
+           read_table(dest, "cohort_members").to_pylist()}
+    assert got == {(c, a, hash_text(key, u) if u is not None else None) for c, a, u in want if a != victim}
+
+
+def test_run_hashes_member_user_ids_like_events(tmp_path: Path) -> None:
+    from amplitude_export.privacy import hash_text
+
+    key = "a-key-of-thirty-two-bytes-length"
+    with fake_server_for() as fake:
+        done = run_cli("run", "--base-url", fake.url, "--api-key", KEY, "--secret-key", SECRET, "--no-progress",
+                       "--start", "2024-03-01T00", "--end", "2024-03-01T05", "--streams", "events,cohort_members",
+                       "--hash-columns", "user_id", cwd=tmp_path, env={"AMP_HASH_KEY": key})
+        assert done.returncode == 0, done.stderr
+        originals = {row[2] for row in expected(fake.apis.project, [])["cohort_members"]} - {None}
+    dest = f"duckdb:{tmp_path}/data/amplitude.duckdb"
+    members = {row["user_id"] for row in read_table(dest, "cohort_members").to_pylist()} - {None}
+    assert members == {hash_text(key.encode(), user) for user in originals}
+    with duckdb.connect(str(tmp_path / "data" / "amplitude.duckdb"), read_only=True) as con:
+        joined = con.execute("SELECT count(*) FROM events JOIN cohort_members USING (user_id)").fetchone()[0]
+    assert joined > 0  # the hashed ids still join
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+def test_a_deletion_job_takes_a_users_members_out_of_every_destination(
+    tmp_path: Path, pg_schema: str, kind: str
+) -> None:
+    from amplitude_export.ledger import DeletionRecord
+
+    dest = destination(kind, tmp_path, pg_schema)
+    with fake_server_for() as fake, client_for(fake) as client, open_sink(dest) as sink:
+        load_streams(client, sink, project=KEY, streams=["cohort_members"], data_dir=tmp_path)
+        schema = TABLES["cohort_members"].schema
+        rows = sink.read_table("cohort_members", schema).to_pylist()  # type: ignore[attr-defined]
+        victim = max({r["amplitude_id"] for r in rows}, key=lambda a: sum(r["amplitude_id"] == a for r in rows))
+        held = sum(r["amplitude_id"] == victim for r in rows)
+        job = DeletionRecord(date(2024, 3, 9), "done", [victim])
+        stored = sink.delete_users(KEY, [victim], job)  # type: ignore[attr-defined]
+        assert stored.cohort_rows_deleted == held >= 1
+        assert sink.delete_users(KEY, [victim], stored).cohort_rows_deleted == held  # again: nothing more
+        state = sink.table_states(KEY)["cohort_members"]  # type: ignore[attr-defined]
+        assert state.rows == len(rows) - held and state.cursor["computed"]  # the rest of the state is kept
+        left = sink.read_table("cohort_members", schema).to_pylist()  # type: ignore[attr-defined]
+    assert len(left) == len(rows) - held and victim not in {r["amplitude_id"] for r in left}

@@ -507,7 +507,7 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
                 others = run_streams(credentials, sink, project=project or credentials.api_key, streams=streams,
                                      run_id=run_id, data_dir=data_dir, start=start, end=end, lag_hours=lag_hours,
                                      lookback_hours=lookback_hours, concurrency=api_concurrency,
-                                     max_attempts=max_attempts, retry_wait=retry_wait)
+                                     max_attempts=max_attempts, retry_wait=retry_wait, privacy=privacy)
         finally:
             sink.close()
     for part in (report, others):

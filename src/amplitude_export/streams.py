@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -28,8 +28,11 @@ import pyarrow as pa
 
 from .config import Credentials
 from .dashboard import DEFAULT_CONCURRENCY, DashboardClient
+from .deletions import deleted_users
 from .errors import EXIT_INCOMPLETE, EXIT_OK, NotOnPlanError, QuotaExceededError, TransientError, UsageError
 from .ledger import HourRecord
+from .privacy import Privacy
+from .schema import ARROW_SCHEMA
 from .stream_tables import (
     ACTIVE_USERS,
     ANNOTATIONS,
@@ -133,10 +136,12 @@ def run_streams(
     concurrency: int = DEFAULT_CONCURRENCY,
     max_attempts: int = 6,
     retry_wait: float = 2.0,
+    privacy: Privacy | None = None,
     now: datetime | None = None,
 ) -> StreamsReport:
     """`load_streams` with the run's options: `start`/`end` in the CLI's forms name the days of the series
-    (either open: incremental), `lookback_hours` rounds up to whole days."""
+    (either open: incremental), `lookback_hours` rounds up to whole days; `privacy` (the run's PII controls)
+    also leaves out the users the destination's deletion jobs removed."""
     moment = now or datetime.now(UTC)
     start_day = end_day = None
     if start is not None:
@@ -145,9 +150,12 @@ def run_streams(
         end_day = parse_hour(end, is_end=True).date()
     with DashboardClient(credentials, max_concurrency=concurrency, max_attempts=max_attempts,
                          wait_initial=retry_wait) as client:
+        deleted = deleted_users(sink, project)
+        if deleted:
+            privacy = (privacy or Privacy()).with_deleted(deleted)
         return load_streams(client, sink, project=project, streams=streams, run_id=run_id, data_dir=data_dir,
                             start_day=start_day, end_day=end_day, lookback_days=-(-lookback_hours // 24),
-                            now=moment)
+                            privacy=privacy, now=moment)
 
 
 def load_streams(
@@ -161,9 +169,13 @@ def load_streams(
     start_day: date | None = None,
     end_day: date | None = None,
     lookback_days: int = 3,
+    privacy: Privacy | None = None,
     now: datetime | None = None,
 ) -> StreamsReport:
     """Fetch `streams` (other than `events`) and write their tables to `sink`; see the module docstring.
+
+    `privacy` applies to `cohort_members` what it applies to `events`: a deleted user's rows are left out, and
+    `user_id` and `amplitude_id` are hashed or left out as its targets say (so joins with `events` still work).
 
     AuthError and destination errors stop the run; a stream that still fails after retries is reported in
     `failed` (exit 1) while the others load; a taxonomy the plan lacks and a spent cohort quota are notes.
@@ -173,6 +185,7 @@ def load_streams(
     report = StreamsReport()
     states = sink.table_states(project)
     job = _Job(client, sink, project, report, states, run_id, moment, data_dir)
+    job.privacy = privacy if privacy is not None and privacy.active else None
     last_day = end_day or (moment.date() - timedelta(days=1))
     first_day = start_day or _first_loaded_day(sink, project, last_day)
     pool = DaemonPool(client.max_concurrency, "streams")
@@ -218,6 +231,7 @@ class _Job:
         self.quota_spent = False
         self.computed: dict[str, Any] = {}
         self.downloads = self.unchanged = 0
+        self.privacy: Privacy | None = None
 
     def submit(self, what: str, fetch: Callable[[], Any], then: Callable[[Any], None]) -> None:
         self.pending[self.pool.submit(fetch)] = (what, then)
@@ -317,7 +331,10 @@ class _Job:
         cid, computed = str(cohort["id"]), cohort.get("lastComputed")
         try:
             self.computed[cid] = computed
-            self.write_members([cid], member_batches(path, cid, epoch(computed), self.moment), None)
+            batches = member_batches(path, cid, epoch(computed), self.moment)
+            if self.privacy is not None:
+                batches = protect_members(self.privacy, batches)
+            self.write_members([cid], batches, None)
         finally:
             path.unlink(missing_ok=True)
 
@@ -343,6 +360,24 @@ class _Job:
         else:
             self.report.notes.append(f"cohort_members: {self.downloads} cohorts downloaded, {self.unchanged} "
                                      "unchanged since their last download")
+
+
+def protect_members(privacy: Privacy, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Members through the events' own privacy transform: each batch is put in the shape of `events`
+    (`amplitude_id` and `user_id` in their columns, the row number in `_line`, which it never changes), and the
+    rows it keeps come back with those two columns as it left them."""
+    for batch in batches:
+        rows = batch.num_rows
+        given = {"amplitude_id": batch.column("amplitude_id"), "user_id": batch.column("user_id"),
+                 "_line": pa.array(range(rows), pa.int64())}
+        shaped = pa.RecordBatch.from_arrays([given.get(f.name, pa.nulls(rows, f.type)) for f in ARROW_SCHEMA],
+                                            schema=ARROW_SCHEMA)
+        out, _ = privacy.transform(shaped)
+        kept = batch.take(out.column("_line"))
+        columns = kept.columns
+        for name in ("amplitude_id", "user_id"):
+            columns[kept.schema.get_field_index(name)] = out.column(name)
+        yield pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
 class DaemonPool:

@@ -722,6 +722,9 @@ class DuckDBSink:
         count = self.connection.execute(f"SELECT count(*) FROM {COHORT_MEMBERS} WHERE {where}", params).fetchall()[0][0]
         if count:
             self.connection.execute(f"DELETE FROM {COHORT_MEMBERS} WHERE {where}", params)
+            if self._has_table(STATE_TABLE):  # the table's state counts its rows
+                self.connection.execute(f"UPDATE {STATE_TABLE} SET rows = rows - ? WHERE project = ? "
+                                        "AND table_name = ?", [count, project, COHORT_MEMBERS])
         return int(count)
 
     def write_table(self, project: str, write: TableWrite) -> TableState:

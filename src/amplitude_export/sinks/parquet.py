@@ -50,7 +50,7 @@ from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..storage import fsspec_options
-from ..table_ledger import TableState, TableWrite, with_project_column
+from ..table_ledger import PROJECT_COLUMN, TableState, TableWrite, with_project_column
 from ..windows import HOUR, Window
 from . import with_project
 from .duckdb import (
@@ -79,6 +79,7 @@ SPILL_DIR = "_state/spill"  # DuckDB's temp_directory while staging a window
 TEMP_PREFIX = ".tmp-"
 STATE_FORMAT = 1
 TABLES_FILE = "_state/tables.json"  # the stream tables' files and states (table_ledger.py)
+MEMBERS = "cohort_members"  # the stream table deletions also apply to
 _TABLE_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{8}\.parquet)$")
 _PARTITION = re.compile(r"^upload_date=\d{4}-\d{2}-\d{2}$")
 LOCK_STALE_AFTER = timedelta(hours=1)  # an object-store lock not refreshed for this long belongs to a dead run
@@ -796,6 +797,9 @@ class ParquetSink:
         """Rewrite the files of `project` that hold rows of `amplitude_ids` without them, then commit the state
         with those files, the hours' ledger counts lowered and `record` stored (rows counted), in one write."""
         self._check_writable()
+        # committed first, on its own: a crash before the state below leaves the job unrecorded, and its re-run
+        # (finding no members left) completes it
+        members = self._delete_members(project, amplitude_ids)
         self.store.refresh_lock()
         written: list[str] = []
         committing = False
@@ -825,7 +829,8 @@ class ParquetSink:
                 if key in ledger[project]:
                     ledger[project][key] = {**ledger[project][key],
                                             "events_loaded": ledger[project][key]["events_loaded"] - n}
-            stored = replace(record, rows_deleted=record.rows_deleted + sum(gone.values()))
+            stored = replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
+                             cohort_rows_deleted=record.cohort_rows_deleted + members)
             deletions = {**self.state_deletions, project: {**self.state_deletions.get(project, {}),
                                                            record.day.isoformat(): stored.to_dict()}}
             self.store.refresh_lock()
@@ -893,6 +898,19 @@ class ParquetSink:
                 with self._open_read(rel) as handle:
                     parts.append(pq.read_table(handle).select(stored.names).cast(stored))
         return pa.concat_tables(parts)
+
+    def _delete_members(self, project: str, amplitude_ids: list[int]) -> int:
+        """Rewrite the project's `cohort_members` file without the rows of `amplitude_ids`; how many went."""
+        entry = self._tables().get(project, {}).get(MEMBERS, {})
+        if not entry.get("file") or not amplitude_ids:
+            return 0
+        with self._open_read(entry["file"]) as handle:
+            schema = pq.ParquetFile(handle).schema_arrow
+        schema = schema.remove(schema.get_field_index(PROJECT_COLUMN))
+        before = TableState.from_dict(entry["state"])
+        after = self.write_table(project, TableWrite(MEMBERS, schema, [], before, scope_column="amplitude_id",
+                                                     scope_values=list(amplitude_ids)))
+        return before.rows - after.rows
 
     def _tables(self) -> dict[str, dict[str, dict[str, Any]]]:
         """project -> table -> {"file": its live file or None, "state": TableState.to_dict()}."""

@@ -825,7 +825,13 @@ class PostgresSink:
         gone = self.conn.execute(sql.SQL("WITH gone AS (DELETE FROM {} WHERE " + where + " RETURNING 1) "
                                          "SELECT count(*) FROM gone").format(
             sql.Identifier(self.schema, COHORT_MEMBERS)), {**params, "texts": [str(i) for i in params["ids"]]})
-        return int(gone.fetchone()[0])  # type: ignore[index]
+        count = int(gone.fetchone()[0])  # type: ignore[index]
+        states = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                   [f"{quote(self.schema)}.{STATE_TABLE}"]).fetchone()
+        if count and states and states[0] and "project" in params:  # the table's state counts its rows
+            self.conn.execute(sql.SQL("UPDATE {} SET rows = rows - %s WHERE project = %s AND table_name = %s").format(
+                sql.Identifier(self.schema, STATE_TABLE)), [count, params["project"], COHORT_MEMBERS])
+        return count
 
     def write_table(self, project: str, write: TableWrite) -> TableState:
         """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
