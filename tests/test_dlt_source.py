@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -120,3 +121,25 @@ def test_without_dlt_the_error_names_the_install_line(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "dlt", None)
     with pytest.raises(UsageError, match=r"pip install 'amplitude-export\[dlt\]'"):
         amplitude_source("k", "s")
+
+
+def test_the_other_streams_are_resources_and_cohorts_download_once(tmp_path: Path) -> None:
+    from test_streams import COMPARED, expected
+
+    others = ["cohorts", "cohort_members", "annotations", "events_list", "taxonomy", "active_users",
+              "average_session_length"]
+    with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY.replace(day=2, hour=23),
+                          apis={"cohort_polls": 0}) as server:
+        pipeline = make_pipeline(tmp_path)
+        for _ in range(2):
+            info = pipeline.run(source(server, streams=others, start="2024-03-01", end="2024-03-02"))
+            assert not info.has_failed_jobs
+        assert server.apis.cohort_downloads == 4  # the second run found every cohort unchanged
+        want = expected(server.apis.project, [DAY.date(), DAY.date() + timedelta(days=1)])
+    with duckdb.connect(str(tmp_path / "dlt.duckdb"), read_only=True) as con:
+        for table, columns in COMPARED.items():
+            rows = con.execute(f"SELECT {', '.join(columns)} FROM amplitude.{table}").fetchall()
+            if table == "cohorts":
+                rows = [(*row[:5], tuple(json.loads(row[5]))) for row in rows]
+            assert len(rows) == len(set(rows)) and set(rows) == want[table], table
+        assert not con.execute("SELECT count(*) FROM amplitude.events_list WHERE _taken_at IS NULL").fetchone()[0]

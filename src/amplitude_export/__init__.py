@@ -1,7 +1,7 @@
 """amplitude-export: move raw events out of Amplitude's Export API into DuckDB, Parquet, PostgreSQL and pandas.
 
 The library is what the CLI calls: `pipeline.run` / `pipeline.extract` / `pipeline.load` do the work, and
-`read_events` / `read_arrow` give the loaded events back.
+`read_events` / `read_arrow` give the loaded events back; `read_table` the tables of `run --streams`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["__version__", "read_arrow", "read_events"]
+__all__ = ["__version__", "read_arrow", "read_events", "read_table"]
 
 
 def _hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
@@ -72,3 +72,22 @@ def read_events(
 
         raise UsageError("read_events needs pandas: pip install 'amplitude-export[pandas]'") from None
     return read_arrow(dest, start, end, project=project, storage_options=storage_options).to_pandas()
+
+
+def read_table(
+    dest: str, name: str, *, project: str | None = None, storage_options: dict[str, Any] | None = None
+) -> pa.Table:
+    """The rows of a table `run --streams` loaded (`cohorts`, `cohort_members`, `annotations`, `events_list`,
+    `event_types`, `event_properties`, `user_properties`, `active_users`, `average_session_length`) as an Arrow
+    table with `_project` first, of `project` or of all projects; empty if no run loaded it yet."""
+    from .errors import UsageError
+    from .sinks import open_sink
+    from .stream_tables import TABLES
+
+    if name not in TABLES:
+        raise UsageError(f"unknown table {name!r}: choose from {', '.join(TABLES)}")
+    sink = open_sink(dest, read_only=True, storage_options=storage_options)
+    try:
+        return sink.read_table(name, TABLES[name].schema, project)  # type: ignore[attr-defined]
+    finally:
+        sink.close()

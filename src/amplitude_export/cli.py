@@ -450,13 +450,20 @@ def _project(project: str | None, api_key: str | None, sink: Sink, *, reading: b
 @click.option("--workers", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Threads (processes without the compiled parser) that parse events.")
 @click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
+@click.option("--streams", "streams_text", default="events", show_default=True, metavar="LIST",
+              help="What to load, comma-separated: events, cohorts, cohort_members, annotations, events_list, "
+                   "taxonomy, active_users, average_session_length (docs/SCHEMA.md).")
+@click.option("--api-concurrency", type=click.IntRange(1, 5), default=3, show_default=True,
+              help="Requests in flight at once to Amplitude's Dashboard REST, cohort and taxonomy APIs (Amplitude "
+                   "allows 5 per project, shared with its other users).")
 @reports_errors
 def run(api_key: str | None, secret_key: str | None, region: str | None, base_url: str | None,
         start: str | None, end: str | None, window_hours: int, lag_hours: float, max_attempts: int,
         retry_wait: float, read_timeout: float, concurrency: int, data_dir: Path, log_dir: Path,
         progress: bool | None, verbose: bool, dest: str | None, project: str | None, exclude_columns: str | None,
         hash_columns: str | None, keep_raw: bool | None, sync_deletions: bool, refresh: bool,
-        lookback_hours: int, size_budget_mb: int, workers: int, wait: bool) -> None:
+        lookback_hours: int, size_budget_mb: int, workers: int, wait: bool, streams_text: str,
+        api_concurrency: int) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
     With no --start, continue after the last loaded hour up to the last ready hour or --end (the first run takes
@@ -468,10 +475,13 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
       amplitude-export run --start 2024-03-01 --end 2024-03-07 --dest parquet:events/
       amplitude-export run --dest postgresql://me@localhost/analytics
       amplitude-export run --sync-deletions --hash-columns user_id --exclude-columns ip_address
+      amplitude-export run --streams events,cohorts,cohort_members,annotations
     """
     from .pipeline import new_run_id
     from .pipeline import run as do_run
+    from .streams import EVENTS, check_sink, parse_streams, run_streams
 
+    streams = parse_streams(streams_text)
     credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
     _check_range(start, end, lag_hours, incremental=True)
     privacy = _privacy(exclude_columns, hash_columns)
@@ -485,21 +495,31 @@ def run(api_key: str | None, secret_key: str | None, region: str | None, base_ur
         with _unless_refused(created, log_path):
             sink = _open_for_writing(url, wait)
         try:
+            check_sink(sink, streams)
             if sync_deletions:
                 _sync_deletions(credentials, sink, project or client.credentials.api_key, data_dir, run_id,
                                 max_attempts=max_attempts, retry_wait=retry_wait)
+            report = others = None
             with reporter:
-                report = do_run(client, sink, project=project or client.credentials.api_key, start=start, end=end,
-                                data_dir=data_dir, window_hours=window_hours, lag_hours=lag_hours,
-                                concurrency=concurrency, workers=workers, keep_raw=keep_raw, refresh=refresh,
-                                lookback_hours=lookback_hours, size_budget=size_budget_mb << 20,
-                                reporter=reporter, run_id=run_id, privacy=privacy)
+                if EVENTS in streams:
+                    report = do_run(client, sink, project=project or client.credentials.api_key, start=start,
+                                    end=end, data_dir=data_dir, window_hours=window_hours, lag_hours=lag_hours,
+                                    concurrency=concurrency, workers=workers, keep_raw=keep_raw, refresh=refresh,
+                                    lookback_hours=lookback_hours, size_budget=size_budget_mb << 20,
+                                    reporter=reporter, run_id=run_id, privacy=privacy)
+            if streams != [EVENTS]:
+                others = run_streams(credentials, sink, project=project or credentials.api_key, streams=streams,
+                                     run_id=run_id, data_dir=data_dir, start=start, end=end, lag_hours=lag_hours,
+                                     lookback_hours=lookback_hours, concurrency=api_concurrency,
+                                     max_attempts=max_attempts, retry_wait=retry_wait, privacy=privacy)
         finally:
             sink.close()
-    click.echo(report.summary())
+    for part in (report, others):
+        if part is not None:
+            click.echo(part.summary())
     if log_path:
         click.echo(f"log: {log_path}")
-    sys.exit(report.exit_code)
+    sys.exit(max(part.exit_code for part in (report, others) if part is not None))
 
 
 @cli.command(epilog=EXIT_CODES)

@@ -12,6 +12,11 @@ state: the resource merges on `uuid` (one row per uuid, a later load replacing a
 incremental cursor on `server_upload_time` makes the next run start at the hour after the last one loaded.
 Pass `start` and `end` together for a backfill: dlt then neither reads nor moves the cursor.
 
+`streams` adds the other streams of `run --streams` as resources, one per table (docs/SCHEMA.md): snapshot
+tables replace theirs; `cohort_members` merges with `cohort_id` as merge key (a downloaded cohort's rows replace
+its old ones; a cohort is downloaded only when its `lastComputed` differs from the one in dlt's resource state);
+the day series merge on `date`, continuing from the resource state's last day less `lookback_days`.
+
 A window that cannot be fetched stops the run with an error, so dlt loads nothing of it and its cursor never
 moves past a gap; the next run asks again. dlt is imported only when `amplitude_source` is called.
 """
@@ -21,8 +26,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +68,9 @@ def amplitude_source(
     table_name: str = "events",
     now: datetime | None = None,
     transport: httpx.BaseTransport | None = None,
+    streams: Iterable[str] = ("events",),
+    api_concurrency: int = 3,
+    lookback_days: int = 3,
 ) -> DltSource:
     """A dlt source with one resource, `events` (merge on `uuid`, incremental on `server_upload_time`).
 
@@ -80,6 +88,9 @@ def amplitude_source(
         import dlt
     except ImportError:
         raise UsageError(f"amplitude_source needs dlt: {INSTALL}") from None
+    from .streams import EVENTS, parse_streams
+
+    chosen = parse_streams(streams if isinstance(streams, str) else ",".join(streams))
     credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
     first = as_hour(start, is_end=False)
     last = as_hour(end, is_end=True)
@@ -104,11 +115,105 @@ def amplitude_source(
         yield from _window_batches(credentials, windows, data_dir, concurrency=concurrency, workers=workers,
                                    max_attempts=max_attempts, transport=transport)
 
+    resources = [events] if EVENTS in chosen else []
+    resources += _stream_resources(dlt, credentials, chosen, start=first, end=last, now=now,
+                                   concurrency=api_concurrency, max_attempts=max_attempts,
+                                   lookback_days=lookback_days, transport=transport)
+
     @dlt.source(name="amplitude")
     def amplitude() -> Any:
-        return events
+        return resources
 
     return amplitude()
+
+
+def _stream_resources(dlt: Any, credentials: Any, chosen: list[str], *, start: datetime | None,
+                      end: datetime | None, now: datetime | None, concurrency: int, max_attempts: int,
+                      lookback_days: int, transport: httpx.BaseTransport | None) -> list[Any]:
+    """One dlt resource per table of the chosen streams other than `events`."""
+    from .dashboard import DashboardClient
+    from .errors import NotOnPlanError, QuotaExceededError
+    from .stream_tables import COHORT_MEMBERS, SERIES, epoch, member_batches, rows_table
+    from .streams import fetch_series, fetch_taxonomy, series_start, tables_of
+    from .table_ledger import SNAPSHOT
+
+    def client() -> DashboardClient:
+        return DashboardClient(credentials, max_concurrency=concurrency, max_attempts=max_attempts,
+                               transport=transport)
+
+    moment = now or datetime.now(UTC)
+    taxonomy: dict[str, Any] = {}  # the three taxonomy tables come from one set of requests
+
+    def snapshot(name: str) -> Iterator[pa.Table]:
+        with client() as api:
+            if name in ("event_types", "event_properties", "user_properties"):
+                if not taxonomy:
+                    taxonomy.update(answer=fetch_taxonomy(api))
+                items = taxonomy["answer"]
+                if isinstance(items, NotOnPlanError):
+                    log.warning("%s: not loaded: %s", name, items)
+                    return
+                items = items[name]
+            else:
+                items = {"cohorts": api.cohorts, "annotations": api.annotations,
+                         "events_list": api.events_list}[name]()
+        spec = next(spec for spec in tables_of(chosen) if spec.name == name)
+        yield _keyed(spec, rows_table(spec, items, moment))
+
+    def members() -> Iterator[pa.RecordBatch]:
+        computed = dlt.current.resource_state().setdefault("computed", {})
+        scratch = Path(tempfile.mkdtemp(prefix="amplitude-dlt-cohorts-"))
+        try:
+            with client() as api:
+                for cohort in sorted(api.cohorts(), key=lambda c: str(c["id"])):
+                    cid, last_computed = str(cohort["id"]), cohort.get("lastComputed")
+                    if cohort.get("archived") or computed.get(cid) == last_computed:
+                        continue
+                    try:
+                        api.download_cohort(cid, scratch / "members.csv")
+                    except QuotaExceededError as exc:
+                        log.warning("cohort_members: %s; the next run downloads the rest", exc)
+                        return
+                    for batch in member_batches(scratch / "members.csv", cid, epoch(last_computed), moment):
+                        yield _keyed(COHORT_MEMBERS, batch)
+                    computed[cid] = last_computed
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def series(name: str) -> Iterator[pa.Table]:
+        state = dlt.current.resource_state()
+        spec = next(spec for spec in tables_of(chosen) if spec.name == name)
+        last_day = (end or moment - timedelta(days=1)).date()
+        begin = series_start(state.get("last_day"), start.date() if start else None, last_day, lookback_days)
+        if begin > last_day:
+            return
+        with client() as api:
+            rows = fetch_series(api, spec, begin, last_day, moment)
+        yield _keyed(spec, pa.Table.from_pylist(rows, schema=spec.schema))
+        state["last_day"] = max(last_day.isoformat(), state.get("last_day") or "")
+
+    resources = []
+    for spec in tables_of(chosen):
+        if spec.refresh == SNAPSHOT:
+            function, disposition, merge_key = (lambda name=spec.name: snapshot(name)), "replace", None
+        elif spec is COHORT_MEMBERS:
+            function, disposition, merge_key = members, "merge", "cohort_id"
+        else:
+            assert spec.name in SERIES
+            function, disposition, merge_key = (lambda name=spec.name: series(name)), "merge", None
+        resources.append(dlt.resource(function, name=spec.name, primary_key=list(spec.key),
+                                      write_disposition=disposition, merge_key=merge_key))
+    return resources
+
+
+def _keyed(spec: Any, data: Any) -> Any:
+    """A table's rows with its key columns NOT NULL, as dlt's primary key hints are (else it warns per batch)."""
+    schema = spec.schema
+    for name in spec.key:
+        index = schema.get_field_index(name)
+        schema = schema.set(index, schema.field(index).with_nullable(False))
+    kind = pa.RecordBatch if isinstance(data, pa.RecordBatch) else pa.Table
+    return kind.from_arrays(data.columns, schema=schema)
 
 
 def _plan_range(

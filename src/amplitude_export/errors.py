@@ -10,7 +10,9 @@
     ├── TransientError              5xx, 429, timeouts, short or broken bodies: retry
     ├── WindowTooLargeError         400 (too large) or a 504 that outlived its retries: split the window
     ├── ArchiveError                a landed archive fails its zip/gzip checks: fetch it again
-    └── WindowFailedError           one hour still failed after retries and splits: report, go on
+    ├── WindowFailedError           one hour still failed after retries and splits: report, go on
+    ├── QuotaExceededError          the month's cohort downloads are spent: note it, download no more
+    └── NotOnPlanError              an API the project's plan lacks (taxonomy's 403): note it, go on
 
 Each error carries the fields that build its message (window, status, member, line) and never the secret key.
 """
@@ -126,3 +128,11 @@ class WindowFailedError(AmplitudeExportError):
         super().__init__(f"{window}: {reason}")
         self.reason = reason
         self.window = window
+
+
+class QuotaExceededError(AmplitudeExportError):
+    """Amplitude refused a cohort download because the project's monthly quota of downloads is spent."""
+
+
+class NotOnPlanError(AmplitudeExportError):
+    """An API answered 403 for a reason other than the keys: the project's plan does not include it."""

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .ledger import EMPTY, FAILED, LOADED, TOO_LARGE, HourRecord, incremental_start, spans
 from .sinks import Sink
+from .table_ledger import TableState, describe
 from .windows import Window, label_hour, parse_hour
 
 HASH_CHARS = 12  # enough of a sha256 to tell two versions of an hour apart by eye
@@ -63,6 +64,8 @@ def status_data(
         "ledger": [ledger[hour].to_dict() for hour in sorted(ledger)],
         # deletion jobs applied (docs/PRIVACY.md); a sink without a deletions ledger has none
         "deletions": [r.to_dict() for r in getattr(sink, "deletion_records", lambda _project: [])(project)],
+        # the tables of `run --streams` (a destination without them answers none)
+        "tables": [state.to_dict() for state in getattr(sink, "table_states", lambda _: {})(project).values()],
     }
 
 
@@ -141,3 +144,17 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
         console.print(f"deletion job {job['day']} ({job['status']}): {_plural(len(job['amplitude_ids']), 'user')}, "
                       f"{job['rows_deleted']:,} events rows and {job['cohort_rows_deleted']:,} cohort_members rows "
                       f"deleted, applied {job['applied_at']}", highlight=False)
+    if data.get("tables"):
+        console.print(_tables_table(data))
+
+
+def _tables_table(data: dict[str, Any]) -> Table:
+    table = Table(title="other streams (run --streams)")
+    for name in ("table", "refresh", "rows", "loaded at (UTC)", "run", "state"):
+        table.add_column(name, justify="right" if name == "rows" else "left", no_wrap=name != "state")
+    for row in data["tables"]:
+        state = TableState.from_dict(row)
+        loaded = f"{state.loaded_at:%Y-%m-%d %H:%M:%S}" if state.loaded_at else ""
+        table.add_row(state.table, state.refresh, f"{state.rows:,}", loaded, state.run_id or "", describe(state),
+                      style="yellow" if state.note else None)
+    return table

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +33,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.copy import QueuedLibpqWriter
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import DestinationBusyError, DestinationError, UsageError
@@ -46,6 +48,17 @@ from ..schema import (
     POSTGRES_TYPES,
     RETYPED,
     quote,
+)
+from ..table_ledger import (
+    STATE_COLUMNS,
+    STATE_TABLE,
+    TableState,
+    TableWrite,
+    is_json,
+    sql_type,
+    state_from_row,
+    state_values,
+    with_project_column,
 )
 from ..windows import Window
 from . import SEEN_LIMIT, FirstCopies, with_project
@@ -800,7 +813,83 @@ class PostgresSink:
         gone = self.conn.execute(sql.SQL("WITH gone AS (DELETE FROM {} WHERE " + where + " RETURNING 1) "
                                          "SELECT count(*) FROM gone").format(
             sql.Identifier(self.schema, COHORT_MEMBERS)), {**params, "texts": [str(i) for i in params["ids"]]})
-        return int(gone.fetchone()[0])  # type: ignore[index]
+        count = int(gone.fetchone()[0])  # type: ignore[index]
+        states = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                   [f"{quote(self.schema)}.{STATE_TABLE}"]).fetchone()
+        if count and states and states[0] and "project" in params:  # the table's state counts its rows
+            self.conn.execute(sql.SQL("UPDATE {} SET rows = rows - %s WHERE project = %s AND table_name = %s").format(
+                sql.Identifier(self.schema, STATE_TABLE)), [count, params["project"], COHORT_MEMBERS])
+        return count
+
+    def write_table(self, project: str, write: TableWrite) -> TableState:
+        """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
+        conn = self.conn
+        table = sql.Identifier(self.schema, write.table)
+        states = sql.Identifier(self.schema, STATE_TABLE)
+        stored = with_project_column(write.schema)
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
+                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY (project, table_name))").format(
+                    states, sql.SQL(", ").join(sql.SQL(f"{{}} {kinds[1]}").format(sql.Identifier(name))
+                                               for name, kinds in STATE_COLUMNS.items())))
+                if write.batches is not None:
+                    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, sql.SQL(", ").join(
+                        sql.SQL(f"{{}} {sql_type(c, 1)}").format(sql.Identifier(c.name)) for c in stored)))
+                    if write.scope_column is None:
+                        conn.execute(sql.SQL("DELETE FROM {} WHERE _project = %s").format(table), [project])
+                    else:
+                        conn.execute(sql.SQL("DELETE FROM {} WHERE _project = %s AND {}::text = ANY(%s)").format(
+                            table, sql.Identifier(write.scope_column)),
+                            [project, [str(value) for value in write.scope_values]])
+                    names = sql.SQL(", ").join(sql.Identifier(c.name) for c in stored)
+                    with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
+                        for batch in write.batches:
+                            for row in batch.to_pylist():
+                                copy.write_row([project, *(row[c.name] for c in write.schema)])
+                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                      [f"{quote(self.schema)}.{quote(write.table)}"]).fetchone()
+                rows = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE _project = %s").format(table),
+                                    [project]).fetchone()[0] if exists and exists[0] else 0  # type: ignore[index]
+                state = replace(write.state, rows=rows, loaded_at=self._now())
+                conn.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (project, table_name) DO UPDATE "
+                                     "SET {}").format(
+                    states, sql.SQL(", ").join(map(sql.Identifier, STATE_COLUMNS)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(STATE_COLUMNS)),
+                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
+                                       for name in list(STATE_COLUMNS)[2:])),
+                    state_values(project, state))
+        except psycopg.Error as exc:
+            raise self._fatal(f"{self.description}: cannot write {write.table}: {self._message(exc)}") from None
+        return state
+
+    def table_states(self, project: str) -> dict[str, TableState]:
+        """The state of each stream table of `project`, by table name."""
+        states = sql.Identifier(self.schema, STATE_TABLE)
+        exists = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                   [f"{quote(self.schema)}.{STATE_TABLE}"]).fetchone()
+        if not (exists and exists[0]):
+            return {}
+        with self.conn.cursor(row_factory=dict_row) as cursor:
+            rows = cursor.execute(sql.SQL("SELECT * FROM {} WHERE project = %s ORDER BY table_name").format(states),
+                                  [project]).fetchall()
+        return {row["table_name"]: state_from_row(row) for row in rows}
+
+    def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
+        """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
+        stored = with_project_column(schema)
+        exists = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                   [f"{quote(self.schema)}.{quote(name)}"]).fetchone()
+        if not (exists and exists[0]):
+            return stored.empty_table()
+        query = sql.SQL("SELECT {} FROM {} WHERE %s::text IS NULL OR _project = %s").format(
+            sql.SQL(", ").join(sql.Identifier(c.name) for c in stored), sql.Identifier(self.schema, name))
+        rows = self.conn.execute(query, [project, project]).fetchall()
+        json_columns = [i for i, c in enumerate(stored) if is_json(c)]
+        columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in stored]
+        for index in json_columns:
+            columns[index] = [None if v is None else json.dumps(v) for v in columns[index]]
+        return pa.table(columns, schema=stored)
 
     def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
         """The stored events (of one project, or all), only `columns`, in no particular order: copied out as CSV
