@@ -349,4 +349,4 @@ def test_maintain_is_for_table_destinations(tmp_path: Path) -> None:
     from amplitude_export.cli import cli
 
     result = CliRunner().invoke(cli, ["maintain", "--dest", f"duckdb:{tmp_path / 'x.duckdb'}"])
-    assert result.exit_code == 2 and "maintain applies to iceberg: destinations" in result.output
+    assert result.exit_code == 2 and "maintain applies to iceberg: and delta: tables" in result.output

@@ -774,6 +774,8 @@ def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: 
 
     from .sinks import open_sink
 
+    if dest is None:
+        raise UsageError("maintain needs --dest (an iceberg: or delta: table)")
     url = _dest(dest, data_dir)
     sink = open_sink(url, **_sink_options())
     try:
