@@ -111,7 +111,8 @@ def test_run_rerun_status_verify_report_and_maintain(place: Place, fake_server: 
 
 def test_maintain_is_for_table_formats(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
-    for args, message in ((["--dest", f"duckdb:{tmp_path / 'a.duckdb'}"], "maintain applies to iceberg: and delta: tables"),
+    duckdb_dest = ["--dest", f"duckdb:{tmp_path / 'a.duckdb'}"]
+    for args, message in ((duckdb_dest, "maintain applies to iceberg: and delta: tables"),
                           ([], "maintain needs --dest")):
         result = cli("maintain", *args, env=env, cwd=tmp_path, timeout=60)
         assert result.returncode == 2 and result.stderr.count("error:") == 1, said(result)
