@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,6 +74,22 @@ def batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
 def hour_events(upload_hour: datetime, uuids: list[str], *, part: int = 0) -> list[dict[str, Any]]:
     """Events for `uuids`, in one member of `upload_hour`, lines 1..n."""
     return [event(uuid, upload_hour, line, part=part) for line, uuid in enumerate(uuids, start=1)]
+
+
+@dataclass(frozen=True)
+class Read:
+    """A `sinks.WindowRead` built in the test: `batches`, then the records `records()` gives."""
+
+    batches: Iterable[pa.RecordBatch]
+    records: Callable[[], list[HourRecord]]
+
+    def hour_records(self) -> list[HourRecord]:
+        return self.records()
+
+
+def read_of(batches: Iterable[pa.RecordBatch], records: Callable[[], list[HourRecord]]) -> Read:
+    """What a sink's `write_window` takes, as the reader would give it: `batches`, then `records()`."""
+    return Read(batches, records)
 
 
 def finisher(
@@ -169,7 +186,7 @@ def kill_writer(dest: str, point: str, marker: str) -> None:
 
     sink = open_sink(dest)
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
 
     def stall() -> None:
         Path(marker).write_text(point)
@@ -193,7 +210,7 @@ def kill_writer(dest: str, point: str, marker: str) -> None:
         finish = finish_then_stall  # type: ignore[assignment]
     elif point == "commit":
         sink._save_state = lambda *args: stall()  # type: ignore[attr-defined]
-    sink.write_window("p", w2, batches, finish)
+    sink.write_window("p", w2, read_of(batches, finish))
     Path(marker).write_text("finished without stalling")
 
 

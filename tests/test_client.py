@@ -128,6 +128,23 @@ def test_400_is_too_large_and_504_after_retries_is_too_large(tmp_path: Path) -> 
         assert info.value.status == 504 and len(server.requests) == 2
 
 
+def test_504s_then_a_503_on_the_last_attempt_still_split_the_window(tmp_path: Path) -> None:
+    """Persistent 504s mean the window is too large to prepare, whatever the last answer was."""
+    faults = ["504", "504", "503"]  # every window's first three requests
+    with FakeExportServer(faults=faults) as server, client_for(server, max_attempts=3) as client:
+        with pytest.raises(WindowTooLargeError) as info:
+            client.fetch(DAY, tmp_path)
+        assert info.value.status == 504 and info.value.attempts == 3
+        assert [status for _, _, status in server.requests] == [504, 504, 503]
+    with FakeExportServer(faults=faults) as server, client_for(server, max_attempts=3) as client:
+        report = extract(client, start="2024-03-01T00", end="2024-03-01T01", data_dir=tmp_path, now=NOW)
+        asked = [(start, end) for start, end, _ in server.requests]
+    assert asked[:3] == [("20240301T00", "20240301T01")] * 3  # then its halves, at once
+    assert sorted(asked[3:]) == [("20240301T00", "20240301T00")] * 3 + [("20240301T01", "20240301T01")] * 3
+    assert [(o.window.hours, o.status, o.attempts) for o in report.outcomes] == [(1, "failed", 6), (1, "failed", 6)]
+    assert all(o.reason is not None and o.reason.startswith("504") for o in report.outcomes)
+
+
 def test_extract_splits_windows_until_they_fit(tmp_path: Path) -> None:
     with FakeExportServer(timeout_over_hours=6) as server, client_for(server, max_attempts=2) as client:
         report = extract(client, start="2024-03-01", end="2024-03-01", data_dir=tmp_path, now=NOW)
@@ -194,6 +211,8 @@ def test_status_table(status: int, error: type[Exception]) -> None:
         classify(response, DAY, credentials)
     if status == 429:
         assert info.value.retry_after == 7  # type: ignore[attr-defined]
+    if error is TransientError:  # what the client decides on (a persistent 504 splits the window) is the status
+        assert info.value.status == status  # type: ignore[attr-defined]
     assert "s3cret" not in str(info.value)
     for ok in (200, 404):
         classify(httpx.Response(ok), DAY, credentials)

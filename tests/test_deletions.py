@@ -20,7 +20,7 @@ import httpx
 import pyarrow as pa
 import pytest
 from conftest import API_KEY, POSTGRES_URL, SECRET_KEY
-from sink_helpers import batch, event, finisher, hour, window
+from sink_helpers import batch, event, finisher, hour, read_of, window
 
 from amplitude_export.config import load_credentials
 from amplitude_export.deletions import DeletionsClient, Job, drop_archives, plan, scrub_rejects
@@ -121,7 +121,7 @@ def test_a_sink_deletes_users_and_their_ledger_counts_in_one_go(kind: str, tmp_p
     rows[4].update(amplitude_id=None, _extra=json.dumps({"amplitude_id": str(rows[0]["amplitude_id"])}))
     sink: Sink = open_sink(sink_url(kind, tmp_path, pg_schema))
     try:
-        sink.write_window("p", window(0, 2), [batch(rows)], finisher(window(0, 2), rows))
+        sink.write_window("p", window(0, 2), read_of([batch(rows)], finisher(window(0, 2), rows)))
         doomed = [rows[0]["amplitude_id"], rows[7]["amplitude_id"]]
         record = DeletionRecord(date(2024, 3, 9), "submitted", sorted(doomed),
                                 applied_at=datetime(2024, 3, 6, tzinfo=UTC), run_id="r")

@@ -20,7 +20,7 @@ import pytest
 import stamina
 from conftest import DAY, POSTGRES_URL, REAL_EVENTS
 from deltalake import DeltaTable
-from sink_helpers import batch, finisher, hour, hour_events, window
+from sink_helpers import batch, finisher, hour, hour_events, read_of, window
 
 from amplitude_export.client import ExportClient
 from amplitude_export.config import Credentials, Secret
@@ -66,7 +66,7 @@ def real_archives(tmp_path: Path) -> list[tuple[Window, Path]]:
 def load_real(sink: Sink, tmp_path: Path) -> None:
     for win, path in real_archives(tmp_path):
         reader = WindowReader(path, win, run_id="run-1", rejects_dir=tmp_path / "rejects", workers=1)
-        sink.write_window("real", win, reader.batches(), reader.hour_records)
+        sink.write_window("real", win, reader.read())
 
 
 def test_every_real_export_line_loads_without_loss(dest: str, tmp_path: Path) -> None:
@@ -107,9 +107,9 @@ def test_projects_in_one_destination_are_kept_apart(dest: str) -> None:
     rows_b = hour_events(hour(0), [f"b{n}" for n in range(3)])
     sink = open_sink(dest)
     try:
-        sink.write_window("a", w, [batch(rows_a)], finisher(w, rows_a))
-        sink.write_window("b", w, [batch(rows_b)], finisher(w, rows_b))
-        sink.write_window("b", w, [batch(rows_b[:1])], finisher(w, rows_b[:1]))  # b reloads: only b changes
+        sink.write_window("a", w, read_of([batch(rows_a)], finisher(w, rows_a)))
+        sink.write_window("b", w, read_of([batch(rows_b)], finisher(w, rows_b)))
+        sink.write_window("b", w, read_of([batch(rows_b[:1])], finisher(w, rows_b[:1])))  # b reloads: only b changes
         assert sink.count_by_hour("a") == {hour(0): 5, hour(1): 1}
         assert sink.count_by_hour("b") == {hour(0): 1}
         assert set(sink.ledger("a")) == set(sink.ledger("b")) == {hour(0), hour(1)}
@@ -227,7 +227,7 @@ def test_a_ledger_made_without_split_from_opens_and_gains_it(dest: str) -> None:
     w = window(0, 1)
     rows = hour_events(hour(0), ["a0", "a1"]) + hour_events(hour(1), ["a2"])
     with open_sink(dest) as sink:
-        sink.write_window("p", w, [batch(rows)], finisher(w, rows, attempts=3))
+        sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows, attempts=3)))
     drop_split_from(dest)
 
     with open_sink(dest, read_only=True) as sink:  # status/verify/report on a destination no newer run has opened
@@ -240,8 +240,8 @@ def test_a_ledger_made_without_split_from_opens_and_gains_it(dest: str) -> None:
                                            split_from="2024-03-01T00..2024-03-01T23")])  # fmt: skip
         w2 = window(3, 3)
         more = hour_events(hour(3), ["b0"])
-        sink.write_window("p", w2, [batch(more)],
-                          finisher(w2, more, attempts=2, split_from="2024-03-01T00..2024-03-01T05"))
+        sink.write_window("p", w2, read_of([batch(more)],
+                                           finisher(w2, more, attempts=2, split_from="2024-03-01T00..2024-03-01T05")))
         assert sink.count_by_hour("p") == {hour(0): 2, hour(1): 1, hour(3): 1}
     assert stored_ledger(dest, "p") == {
         hour(0): (LOADED, 3, None),
@@ -271,7 +271,7 @@ def test_windows_past_the_in_memory_uuid_limit_keep_the_same_first_copies(
             records = []
             for w, rows in two_windows():
                 parts = [batch(rows[i : i + 2]) for i in range(0, len(rows), 2)]
-                records += sink.write_window("p", w, parts, finisher(w, rows))
+                records += sink.write_window("p", w, read_of(parts, finisher(w, rows)))
             kept = sorted((r["uuid"], r["_upload_hour"], r["_line"]) for r in sink.read_arrow().to_pylist())
             results.append((kept, [(r.events_loaded, r.duplicates) for r in records]))
         finally:
@@ -306,7 +306,7 @@ def test_a_destination_with_paying_as_text_is_migrated_and_still_loads(dest: str
     w = window(0, 0)
     rows = hour_events(hour(0), ["a0", "a1", "a2", "a3"])
     with open_sink(dest) as sink:
-        sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+        sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
     make_paying_text(dest, [
         "UPDATE events SET paying = 'yes' WHERE uuid = 'a0'",  # text: stays, in _extra now
         """UPDATE events SET _extra = '{"paying":true,"x":1}'::JSON WHERE uuid = 'a1'""",  # a boolean kept aside
@@ -320,7 +320,7 @@ def test_a_destination_with_paying_as_text_is_migrated_and_still_loads(dest: str
                        "a3": (None, {"paying": "t"})}
         w2 = window(1, 1)
         more = [dict(r, paying=True) for r in hour_events(hour(1), ["b0"])]
-        sink.write_window("p", w2, [batch(more)], finisher(w2, more))  # a load of this version
+        sink.write_window("p", w2, read_of([batch(more)], finisher(w2, more)))  # a load of this version
         assert sink.count_by_hour("p") == {hour(0): 4, hour(1): 1}
     with open_sink(dest) as sink:  # opening it again changes nothing
         again = {r["uuid"]: (r["paying"], json.loads(r["_extra"]) if r["_extra"] else None)
@@ -338,7 +338,7 @@ def test_parquet_files_with_paying_as_text_still_read_and_load(tmp_path: Path) -
     w = window(0, 1)
     rows = hour_events(hour(0), ["a0"]) + hour_events(hour(1), ["a1"])
     with open_sink(dest) as sink:
-        sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+        sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
     (path,) = (tmp_path / "dataset").rglob("*.parquet")
     table = pq.read_table(path)
     at = table.schema.get_field_index("paying")
@@ -347,7 +347,7 @@ def test_parquet_files_with_paying_as_text_still_read_and_load(tmp_path: Path) -
         assert sorted(r["uuid"] for r in sink.read_arrow().to_pylist()) == ["a0", "a1"]
         w0 = window(0, 0)  # hour 1 of the old file is copied into a new one
         more = [dict(r, paying=True) for r in hour_events(hour(0), ["b0"])]
-        sink.write_window("p", w0, [batch(more)], finisher(w0, more))
+        sink.write_window("p", w0, read_of([batch(more)], finisher(w0, more)))
         assert sorted((r["uuid"], r["paying"]) for r in sink.read_arrow().to_pylist()) == [("a1", None), ("b0", True)]
     files = list((tmp_path / "dataset").rglob("*.parquet"))
     assert files and all(pq.read_schema(f).field("paying").type == pa.bool_() for f in files)

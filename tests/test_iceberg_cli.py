@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import stamina
 from s3 import LoopbackS3
-from sink_helpers import finisher, synthetic_batches, window
+from sink_helpers import finisher, read_of, synthetic_batches, window
 from test_parquet_s3 import cli, run_args, said
 
 import amplitude_export
@@ -146,7 +146,7 @@ def test_a_reader_polling_during_reloads_never_sees_a_window_twice_or_half(tmp_p
     root = str(tmp_path / "warehouse")
     w = window(0, 3)
     with IcebergSink(root) as writer:
-        writer.write_window("p", w, synthetic_batches(w, 200, batch_rows=100), finisher(w))
+        writer.write_window("p", w, read_of(synthetic_batches(w, 200, batch_rows=100), finisher(w)))
         whole = writer.count_by_hour("p")
         seen: list[dict[datetime, int]] = []
         stop = threading.Event()
@@ -160,7 +160,7 @@ def test_a_reader_polling_during_reloads_never_sees_a_window_twice_or_half(tmp_p
         poller.start()
         try:
             for _ in range(4):  # each reload: many batches, several files, one commit
-                writer.write_window("p", w, synthetic_batches(w, 200, batch_rows=100), finisher(w))
+                writer.write_window("p", w, read_of(synthetic_batches(w, 200, batch_rows=100), finisher(w)))
         finally:
             stop.set()
             poller.join()

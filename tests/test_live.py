@@ -213,7 +213,7 @@ def test_a_read_waits_for_its_bytes_and_a_failed_download_wakes_it(tmp_path: Pat
 
 
 def test_a_live_file_whose_attempt_failed_before_loading_began_gives_the_window_back(tmp_path: Path) -> None:
-    from amplitude_export.pipeline import load_window
+    from amplitude_export.load import Loader
 
     part = tmp_path / "raw" / "20240301T00_20240301T23.zip.part"
     part.parent.mkdir()
@@ -224,8 +224,8 @@ def test_a_live_file_whose_attempt_failed_before_loading_began_gives_the_window_
     sink = open_sink(f"duckdb:{tmp_path / 'db.duckdb'}")
     try:
         with pytest.raises(StreamAbandoned):
-            load_window(sink, "p", Window(DAY, DAY + timedelta(hours=23)), part, run_id="r", data_dir=tmp_path,
-                        live=live)
+            Loader(sink, "p", run_id="r", data_dir=tmp_path).load(Window(DAY, DAY + timedelta(hours=23)), part,
+                                                                   live=live)
         assert sink.ledger("p") == {}
     finally:
         sink.close()

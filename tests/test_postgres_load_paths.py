@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import POSTGRES_URL as URL
+from sink_helpers import read_of
 from test_sink_postgres import H0, batches_of, event_rows, finisher, first_per_uuid, kill_9_when_stalled, stored
 
 from amplitude_export.sinks.postgres import MAX_CONFLICTS, NEARBY, PostgresSink
@@ -27,7 +28,7 @@ def fresh(hour: datetime, events: int, seed: int = 1) -> list[dict[str, Any]]:
 
 def write(sink: PostgresSink, window: Window, rows: list[dict[str, Any]], project: str = "p1") -> list[Any]:
     """`rows` written as batches of 100 rows: with `chunk_bytes` 1, a chunk (and a savepoint) each."""
-    return sink.write_window(project, window, batches_of(rows, 100), finisher(window, rows))
+    return sink.write_window(project, window, read_of(batches_of(rows, 100), finisher(window, rows)))
 
 
 def uuids(rows: list[dict[str, Any]]) -> set[str]:
@@ -139,7 +140,7 @@ def batches():
         if i == {at}:
             print("stalled", flush=True)
             time.sleep(60)
-sink.write_window("p1", Window(H1, H1), batches(), finisher(Window(H1, H1), rows))
+sink.write_window("p1", Window(H1, H1), read_of(batches(), finisher(Window(H1, H1), rows)))
 """
 
 
@@ -168,7 +169,7 @@ def test_kill_9_on_any_path_then_rerun_is_exact(pg_schema: str, at: int, conflic
     with PostgresSink(URL, schema=pg_schema, wait=True) as sink:
         assert cities(sink) == before and sink.ledger("p1") == ledger_before
         sink.chunk_bytes = 1
-        records = sink.write_window("p1", Window(H1, H1), batches_of(rows, 50), finisher(Window(H1, H1), rows))
+        records = sink.write_window("p1", Window(H1, H1), read_of(batches_of(rows, 50), finisher(Window(H1, H1), rows)))
         assert sink.route["conflicted"] == conflicts
         assert set(stored(sink)) == uuids(a) | uuids(rows)
         assert (records[0].events_loaded, records[0].duplicates) == (400 - conflicts, conflicts)

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import stamina
 from click.testing import CliRunner
-from sink_helpers import batch, event, finisher, two_windows
+from sink_helpers import batch, event, finisher, read_of, two_windows
 
 import amplitude_export.report
 from amplitude_export.cli import cli
@@ -85,8 +85,7 @@ def destinations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                 sink.write_window(
                     PROJECT,
                     Window(EXTRA_HOUR, EXTRA_HOUR),
-                    [batch(rows)],
-                    finisher(Window(EXTRA_HOUR, EXTRA_HOUR), rows),
+                    read_of([batch(rows)], finisher(Window(EXTRA_HOUR, EXTRA_HOUR), rows)),
                 )
             finally:
                 sink.close()
@@ -239,7 +238,7 @@ def test_parquet_through_a_file_or_fsspec_url_reports_like_the_directory(tmp_pat
         for dest in dests:
             with open_sink(dest) as sink:
                 for win, rows in two_windows():
-                    sink.write_window(PROJECT, win, [batch(rows)], finisher(win, rows))
+                    sink.write_window(PROJECT, win, read_of([batch(rows)], finisher(win, rows)))
                     written |= {row["uuid"] for row in rows}
         figures = []
         for n, dest in enumerate(dests):

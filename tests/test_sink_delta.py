@@ -30,6 +30,7 @@ from sink_helpers import (
     finisher,
     hour,
     hour_events,
+    read_of,
     two_windows,
     uuids,
     window,
@@ -77,15 +78,15 @@ def scenario(sink: DeltaSink | DuckDBSink) -> None:
     """Duplicates within and across windows, a reload in another order, a window across midnight, a uuid kept
     by an hour outside the window, an empty hour."""
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1[:3]), batch(rows1[3:])], finisher(w1, rows1))
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
-    sink.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1[:3]), batch(rows1[3:])], finisher(w1, rows1)))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
+    sink.write_window("p", w1, read_of([batch(rows1[::-1])], finisher(w1, rows1)))
     late = window(22, 25)
     rows = hour_events(hour(22), ["n1", "u4"]) + hour_events(hour(25), ["n2"])
-    sink.write_window("p", late, [batch(rows)], finisher(late, rows))
+    sink.write_window("p", late, read_of([batch(rows)], finisher(late, rows)))
     one = window(23, 23)
     rows = hour_events(hour(23), ["n3", "n1"])
-    sink.write_window("p", one, [batch(rows)], finisher(one, rows))
+    sink.write_window("p", one, read_of([batch(rows)], finisher(one, rows)))
     sink.record_hours("p", [HourRecord(hour=hour(9), status=EMPTY)])
 
 
@@ -154,10 +155,10 @@ def logged_files(table: Table, delta: DeltaTable) -> Any:
 def test_a_crash_inside_the_batches_commits_nothing(table: Table) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     with table.sink() as sink:
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         version = table.delta().version()
         with pytest.raises(Crash):
-            sink.write_window("p", w2, crashing([batch(rows2[:3]), batch(rows2[3:])], 1), finisher(w2, rows2))
+            sink.write_window("p", w2, read_of(crashing([batch(rows2[:3]), batch(rows2[3:])], 1), finisher(w2, rows2)))
         assert table.delta().version() == version and set(sink.ledger("p")) == {hour(0), hour(1)}
     with table.sink(read_only=True) as reader:
         assert uuids(reader.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"] and verify(reader, "p").complete
@@ -189,10 +190,10 @@ def test_a_commit_that_lost_a_race_is_checked_against_the_winner_and_committed_a
     try:
         late = window(1, 1)
         rows = hour_events(hour(1), ["x", "z"])
-        second.write_window("p", late, [batch(rows)], finisher(late, rows))
+        second.write_window("p", late, read_of([batch(rows)], finisher(late, rows)))
         early = window(0, 0)
         rows = hour_events(hour(0), ["x", "y"])
-        records = first.write_window("p", early, [batch(rows)], finisher(early, rows))  # its snapshot has no x
+        records = first.write_window("p", early, read_of([batch(rows)], finisher(early, rows)))  # its snapshot has no x
         assert [(r.events_loaded, r.duplicates) for r in records] == [(1, 1)]
         assert set(first.ledger("p")) == {hour(0), hour(1)}  # it folded the winner's commit too
     finally:
@@ -213,11 +214,11 @@ def test_a_reader_polling_during_reloads_sees_each_window_whole(local: Table) ->
             n = 0
             while not stop.is_set() or n < 4:
                 rows = versions[n % 2]
-                sink.write_window("p", day, [batch(rows[:50]), batch(rows[50:])], finisher(day, rows))
+                sink.write_window("p", day, read_of([batch(rows[:50]), batch(rows[50:])], finisher(day, rows)))
                 n += 1
 
     with local.sink() as sink:
-        sink.write_window("p", day, [batch(versions[0])], finisher(day, versions[0]))
+        sink.write_window("p", day, read_of([batch(versions[0])], finisher(day, versions[0])))
     writer = threading.Thread(target=reload)
     writer.start()
     try:
@@ -236,9 +237,9 @@ def test_maintain_compacts_and_deletes_unreferenced_files(table: Table) -> None:
     with table.sink() as sink:
         for h in range(3):
             rows = hour_events(hour(h), [f"e{h}-{n}" for n in range(3)])
-            sink.write_window("p", window(h, h), [batch(rows)], finisher(window(h, h), rows))
+            sink.write_window("p", window(h, h), read_of([batch(rows)], finisher(window(h, h), rows)))
         again = hour_events(hour(2), ["e2-0", "e2-9"])
-        sink.write_window("p", window(2, 2), [batch(again)], finisher(window(2, 2), again))
+        sink.write_window("p", window(2, 2), read_of([batch(again)], finisher(window(2, 2), again)))
         before, ledger = uuids(sink.read_arrow()), comparable(sink.ledger("p"))
         assert len(table.delta().file_uris()) == 3
         if not table.options:  # what a window killed before its commit leaves: a file no commit names

@@ -20,6 +20,7 @@ from sink_helpers import (
     finisher,
     hour,
     hour_events,
+    read_of,
     synthetic_batches,
     two_windows,
     uuids,
@@ -50,7 +51,7 @@ def test_write_window_types_rows_and_ledger(sink: DuckDBSink) -> None:
     rows = hour_events(hour(0), ["a", "b"]) + hour_events(hour(1), ["c"])
     finish = finisher(w, rows)
 
-    records = sink.write_window("p", w, [batch(rows)], finish)
+    records = sink.write_window("p", w, read_of([batch(rows)], finish))
 
     described = {name: kind for name, kind, *_ in sink.connection.sql("DESCRIBE events").fetchall()}
     expected = {
@@ -79,8 +80,8 @@ def test_write_window_types_rows_and_ledger(sink: DuckDBSink) -> None:
 def test_duplicates_within_and_across_windows_are_loaded_once_and_counted(sink: DuckDBSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
 
-    r1 = sink.write_window("p", w1, [batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1))
-    r2 = sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    r1 = sink.write_window("p", w1, read_of([batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1)))
+    r2 = sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
 
     assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
     assert [(r.events_loaded, r.duplicates) for r in r1 + r2] == [(3, 1), (2, 1), (2, 1), (2, 2)]
@@ -95,8 +96,8 @@ def test_a_uuid_another_hour_holds_keeps_its_first_copy_near_or_far(sink: DuckDB
     first, later = window(0, 0), window(gap, gap)
     rows1 = hour_events(hour(0), ["a", "b"])
     rows2 = hour_events(hour(gap), ["b", "c", "a", "d"])
-    sink.write_window("p", first, [batch(rows1)], finisher(first, rows1))
-    records = sink.write_window("p", later, [batch(rows2)], finisher(later, rows2))
+    sink.write_window("p", first, read_of([batch(rows1)], finisher(first, rows1)))
+    records = sink.write_window("p", later, read_of([batch(rows2)], finisher(later, rows2)))
     assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 2)]
     assert sink.connection.sql(
         "SELECT uuid, _upload_hour FROM events ORDER BY uuid"
@@ -114,7 +115,7 @@ def test_a_window_with_more_uuids_than_the_memory_limit_is_deduplicated_the_same
             records = []
             for w, rows in two_windows():
                 parts = [batch(rows[i : i + 2]) for i in range(0, len(rows), 2)]
-                records += sink.write_window("p", w, parts, finisher(w, rows))
+                records += sink.write_window("p", w, read_of(parts, finisher(w, rows)))
             table = sink.connection.sql("SELECT uuid, _upload_hour, _line FROM events ORDER BY uuid").to_arrow_table()
             results.append((table.to_pylist(), [(r.events_loaded, r.duplicates) for r in records]))
     assert results[0] == results[1]
@@ -123,11 +124,11 @@ def test_a_window_with_more_uuids_than_the_memory_limit_is_deduplicated_the_same
 
 def test_rewriting_a_window_replaces_its_rows(sink: DuckDBSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
 
     changed = [dict(r, event_type="changed") for r in rows1 if r["uuid"] != "u3"]
-    records = sink.write_window("p", w1, [batch(changed)], finisher(w1, changed))
+    records = sink.write_window("p", w1, read_of([batch(changed)], finisher(w1, changed)))
 
     table = sink.read_arrow()
     assert uuids(table) == [u for u in EXPECTED_UUIDS if u != "u3"]
@@ -139,17 +140,17 @@ def test_rewriting_a_window_replaces_its_rows(sink: DuckDBSink) -> None:
 
 def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(sink: DuckDBSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     finish = finisher(w2, rows2)
 
     with pytest.raises(Crash):
-        sink.write_window("p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finish)
+        sink.write_window("p", w2, read_of(crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finish))
 
     assert finish.calls == []  # type: ignore[attr-defined]
     assert uuids(sink.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
     assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
     # the connection is usable again and the same window then loads normally
-    sink.write_window("p", w2, [batch(rows2)], finish)
+    sink.write_window("p", w2, read_of([batch(rows2)], finish))
     assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
 
 
@@ -160,17 +161,17 @@ def test_a_failure_in_finish_or_a_bad_batch_rolls_back(sink: DuckDBSink) -> None
         raise Crash("reader could not total the hours")
 
     with pytest.raises(Crash):
-        sink.write_window("p", w1, [batch(rows1)], broken_finish)
+        sink.write_window("p", w1, read_of([batch(rows1)], broken_finish))
     stray = [event("x", hour(5))]
     with pytest.raises(ValueError, match="outside the window"):
-        sink.write_window("p", w1, [batch(stray)], finisher(w1))
+        sink.write_window("p", w1, read_of([batch(stray)], finisher(w1)))
     assert count(sink) == 0
     assert sink.ledger("p") == {}
 
 
 def test_record_hours_upserts_the_ledger_without_touching_events(sink: DuckDBSink) -> None:
     (w1, rows1), _ = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
 
     sink.record_hours(
         "p", [HourRecord(hour=hour(5), status=EMPTY), HourRecord(hour=hour(6), status=FAILED, reason="x")]
@@ -186,8 +187,8 @@ def test_record_hours_upserts_the_ledger_without_touching_events(sink: DuckDBSin
 
 def test_read_arrow_filters_on_server_upload_time(sink: DuckDBSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
 
     assert uuids(sink.read_arrow(hour(1), hour(2))) == ["u4", "u5"]  # hour 2's events are after 02:00
     assert uuids(sink.read_arrow(start=hour(3))) == ["u8", "u9"]
@@ -197,7 +198,7 @@ def test_read_arrow_filters_on_server_upload_time(sink: DuckDBSink) -> None:
 def test_a_wide_window_loads_under_a_small_memory_limit(tmp_path: Path) -> None:
     with DuckDBSink(tmp_path / "big.duckdb", memory_limit="64MB", threads=1) as s:
         w = window(0, 1)
-        records = s.write_window("p", w, synthetic_batches(w, 5_000, batch_rows=2048), finisher(w))
+        records = s.write_window("p", w, read_of(synthetic_batches(w, 5_000, batch_rows=2048), finisher(w)))
         assert sum(r.events_loaded for r in records) == count(s) == 9_980
         assert sum(r.duplicates for r in records) == 20
 
@@ -208,7 +209,7 @@ def test_inserts_write_row_groups_of_the_sinks_size_into_any_path(tmp_path: Path
     path = tmp_path / "it's here" / "events.duckdb"
     with DuckDBSink(path, threads=1) as s:
         w = window(0, 1)
-        s.write_window("p", w, synthetic_batches(w, 36_000, duplicate_every=0), finisher(w))
+        s.write_window("p", w, read_of(synthetic_batches(w, 36_000, duplicate_every=0), finisher(w)))
         sizes = s.connection.sql(
             "SELECT sum(count) FROM pragma_storage_info('events') WHERE column_name = 'uuid'"
             " AND segment_type = 'VARCHAR' GROUP BY row_group_id ORDER BY row_group_id"
@@ -258,12 +259,12 @@ def test_a_second_process_holding_the_file_makes_it_busy(tmp_path: Path) -> None
 
 HOLD_BETWEEN_WINDOWS = """
 import os, pathlib, sys, time
-from sink_helpers import batch, finisher, two_windows
+from sink_helpers import batch, finisher, read_of, two_windows
 from amplitude_export.sinks.duckdb import DuckDBSink
 path, ready, closed, go_on = (pathlib.Path(arg) for arg in sys.argv[1:5])
 sink = DuckDBSink(path)
 win, rows = two_windows()[0]
-sink.write_window("p", win, [batch(rows)], finisher(win, rows))
+sink.write_window("p", win, read_of([batch(rows)], finisher(win, rows)))
 ready.write_text("x")  # between windows, as a run is while it downloads the next one
 while not go_on.exists():
     time.sleep(0.01)
@@ -326,8 +327,8 @@ def test_kill_9_mid_window_then_the_same_run_leaves_exact_rows(tmp_path: Path, p
     with DuckDBSink(tmp_path / "events.duckdb") as s:
         assert uuids(s.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
         assert sorted(s.ledger("p")) == [hour(0), hour(1)]
-        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         assert uuids(s.read_arrow()) == EXPECTED_UUIDS
         assert sorted(s.ledger("p")) == [hour(0), hour(1), hour(2), hour(3)]
 
@@ -341,7 +342,7 @@ def test_docs_schema_names_every_column() -> None:
 def test_a_read_only_open_reads_rows_and_ledger(tmp_path: Path) -> None:
     (w1, rows1), _ = two_windows()
     with DuckDBSink(tmp_path / "e.duckdb") as s:
-        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     with open_sink(f"duckdb:{tmp_path / 'e.duckdb'}", read_only=True) as s:  # type: ignore[attr-defined]
         assert uuids(s.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
         assert sorted(s.ledger("p")) == [hour(0), hour(1)]

@@ -25,6 +25,7 @@ from sink_helpers import (
     finisher,
     hour,
     hour_events,
+    read_of,
     two_windows,
     uuids,
     window,
@@ -76,7 +77,7 @@ def test_the_table_is_partitioned_by_upload_day_and_typed_as_everywhere(sink: Ic
     w = window(22, 25)  # crosses midnight: one file per upload day
     rows = hour_events(hour(22), ["a", "b"]) + hour_events(hour(25), ["c"])
 
-    records = sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+    records = sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
 
     assert [p.parent.name for p in data_files(root)] == ["server_upload_day=2024-03-01", "server_upload_day=2024-03-02"]
     assert str(sink.table.spec().fields[0].transform) == "day"
@@ -95,9 +96,9 @@ def test_the_table_is_partitioned_by_upload_day_and_typed_as_everywhere(sink: Ic
 
 def test_one_commit_per_window_carries_its_ledger(sink: IcebergSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     commits, snapshots = len(sink.table.metadata.metadata_log), len(sink.table.snapshots())
-    sink.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))  # a reload: files replaced
+    sink.write_window("p", w1, read_of([batch(rows1[::-1])], finisher(w1, rows1)))  # a reload: files replaced
     table = sink.table.refresh()
     assert len(table.metadata.metadata_log) == commits + 1  # one new metadata file: one catalog commit
     assert len(table.snapshots()) == snapshots + 1  # holding one snapshot
@@ -106,14 +107,14 @@ def test_one_commit_per_window_carries_its_ledger(sink: IcebergSink) -> None:
     assert last.summary["amplitude-export.project-tag"] == project_tag("p")
     names = [name for name in table.properties if name.startswith(PREFIX)]
     assert names == [f"{PREFIX}{project_tag('p')}.2024-03"]
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     assert sorted(sink.ledger("p")) == [hour(0), hour(1), hour(2), hour(3)]
 
 
 def test_duplicates_within_and_across_windows_are_written_once_and_counted(sink: IcebergSink) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    r1 = sink.write_window("p", w1, [batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1))
-    r2 = sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    r1 = sink.write_window("p", w1, read_of([batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1)))
+    r2 = sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     assert [r["uuid"] for r in in_duckdb(sink)] == EXPECTED_UUIDS
     assert [(r.events_loaded, r.duplicates) for r in r1 + r2] == [(3, 1), (2, 1), (2, 1), (2, 2)]
 
@@ -123,10 +124,10 @@ def test_iceberg_and_duckdb_destinations_hold_the_same_rows(tmp_path: Path, root
     tables = []
     for dest in (f"duckdb:{tmp_path / 'x.duckdb'}", f"iceberg:{root}"):
         with open_sink(dest) as s:
-            s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-            s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+            s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+            s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
             # reload in another arrival order: u2 now arrives first in hour 1, so hour 1 keeps it
-            s.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))
+            s.write_window("p", w1, read_of([batch(rows1[::-1])], finisher(w1, rows1)))
             tables.append(s.read_arrow())
             assert [(r.events_loaded, r.duplicates) for r in s.ledger("p").values()] == [
                 (2, 2), (3, 0), (2, 1), (2, 2)]
@@ -136,10 +137,10 @@ def test_iceberg_and_duckdb_destinations_hold_the_same_rows(tmp_path: Path, root
 def test_a_window_inside_an_older_window_keeps_its_other_hours(sink: IcebergSink) -> None:
     w = window(0, 3)
     rows = [r for _, part in two_windows() for r in part]
-    sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+    sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
     one = window(1, 1)
     new = hour_events(hour(1), ["u4", "n1", "u8"])  # u8 lives in hour 3, outside the new window: skipped
-    records = sink.write_window("p", one, [batch(new)], finisher(one, new))
+    records = sink.write_window("p", one, read_of([batch(new)], finisher(one, new)))
     assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 1)]
     assert [r["uuid"] for r in in_duckdb(sink)] == sorted(["u1", "u2", "u3", "u4", "n1", "u6", "u7", "u8", "u9"])
     assert sink.count_by_hour("p") == {hour(0): 3, hour(1): 2, hour(2): 2, hour(3): 2}
@@ -148,9 +149,9 @@ def test_a_window_inside_an_older_window_keeps_its_other_hours(sink: IcebergSink
 def test_projects_reloads_and_the_ledger_survive_reopening(root: Path) -> None:
     (w1, rows1), _ = two_windows()
     with IcebergSink(str(root)) as s:
-        records = s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        records = s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         other = [dict(r, uuid=f"q-{r['uuid']}") for r in rows1]
-        s.write_window("q", w1, [batch(other)], finisher(w1, other))
+        s.write_window("q", w1, read_of([batch(other)], finisher(w1, other)))
         s.record_hours("p", [HourRecord(hour=hour(9), status=EMPTY)])
     with IcebergSink(str(root), read_only=True) as s:
         ledger = s.ledger("p")
@@ -166,12 +167,13 @@ def test_projects_reloads_and_the_ledger_survive_reopening(root: Path) -> None:
 
 def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(sink: IcebergSink, root: Path) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     before = (live_files(sink), data_files(root), sink.table.metadata_location)
     with pytest.raises(Crash):
-        sink.write_window("p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finisher(w2, rows2))
+        sink.write_window("p", w2, read_of(crashing([batch(rows2[:2]), batch(rows2[2:])], after=1),
+                                           finisher(w2, rows2)))
     assert (live_files(sink), data_files(root), sink.table.refresh().metadata_location) == before
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
 
 
@@ -186,10 +188,10 @@ def test_a_commit_refused_for_another_writers_is_computed_again(root: Path) -> N
         finish_a = finisher(w_a, rows_a)
 
         def b_commits_first() -> list[HourRecord]:
-            b.write_window("p", w_b, [batch(rows_b)], finisher(w_b, rows_b))
+            b.write_window("p", w_b, read_of([batch(rows_b)], finisher(w_b, rows_b)))
             return finish_a()
 
-        records = a.write_window("p", w_a, [batch(rows_a)], b_commits_first)
+        records = a.write_window("p", w_a, read_of([batch(rows_a)], b_commits_first))
         assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 1)]
         assert uuids(a.read_arrow()) == ["shared", "x1", "x2", "y1"]
         assert sorted(a.ledger("p")) == [hour(0), hour(5)]  # B's ledger month was merged, not overwritten
@@ -218,7 +220,7 @@ def test_writers_that_keep_losing_give_up_without_committing(root: Path) -> None
 
         a._skip_taken = racing  # type: ignore[method-assign]
         with pytest.raises(DestinationBusyError, match="2 commits in a row lost to other writers"):
-            a.write_window("p", w, [batch(rows)], finish)
+            a.write_window("p", w, read_of([batch(rows)], finish))
         assert a.table.refresh().scan().to_arrow().num_rows == 0 and data_files(root) == []
         assert hour(0) not in a.ledger("p")
 
@@ -234,7 +236,7 @@ def test_concurrent_writers_in_threads_keep_every_uuid_once(root: Path) -> None:
         try:
             with IcebergSink(str(root)) as s:
                 for w, rows in plans[n]:
-                    s.write_window("p", w, [batch(rows)], finisher(w, rows))
+                    s.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -268,8 +270,8 @@ def test_kill_9_mid_window_then_the_same_writes_leave_exact_rows(root: Path, tmp
     with IcebergSink(str(root)) as s:
         assert uuids(s.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
         assert sorted(s.ledger("p")) == [hour(0), hour(1)]
-        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         assert uuids(s.read_arrow()) == EXPECTED_UUIDS
         assert sorted(s.ledger("p")) == [hour(0), hour(1), hour(2), hour(3)]
 
@@ -280,8 +282,8 @@ def test_a_sql_catalog_in_postgresql(root: Path) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     sink = open_sink(dest)
     try:
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         with open_sink(dest, read_only=True) as reader:
             assert uuids(reader.read_arrow()) == EXPECTED_UUIDS and len(reader.ledger("p")) == 4
         assert not (root / "catalog.db").exists()
@@ -325,9 +327,9 @@ def test_maintain_compacts_expires_and_deletes_what_nothing_references(sink: Ice
 
     for h in range(6):  # hourly runs: one small file an hour
         w, rows = window(h, h), hour_events(hour(h), [f"a{h}", f"b{h}"])
-        sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+        sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
     w, rows = window(0, 0), hour_events(hour(0), ["a0", "c0"])
-    sink.write_window("p", w, [batch(rows)], finisher(w, rows))  # a reload: the replaced file stays on disk
+    sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))  # a reload: the replaced file stays on disk
     orphan = root / "amplitude" / "events" / "data" / "server_upload_day=2024-03-01" / "00000-0-killed.parquet"
     orphan.write_bytes(b"a killed run's file")
     before, ledger = uuids(sink.read_arrow()), sink.ledger("p")

@@ -22,6 +22,7 @@ from sink_helpers import (
     finisher,
     hour,
     hour_events,
+    read_of,
     two_windows,
     uuids,
     window,
@@ -68,7 +69,7 @@ def test_layout_types_and_ledger(sink: ParquetSink, root: Path) -> None:
     w = window(22, 25)  # crosses midnight: one file per upload date
     rows = hour_events(hour(22), ["a", "b"]) + hour_events(hour(25), ["c"])
 
-    records = sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+    records = sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
 
     assert data_files(root) == [
         f"upload_date=2024-03-01/20240301T22_20240301T23-{TAG}.parquet",
@@ -92,7 +93,7 @@ def test_layout_types_and_ledger(sink: ParquetSink, root: Path) -> None:
 def test_ledger_survives_reopen(root: Path) -> None:
     (w1, rows1), _ = two_windows()
     with ParquetSink(str(root)) as s:
-        records = s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        records = s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         s.record_hours("p", [HourRecord(hour=hour(9), status=EMPTY)])
     with ParquetSink(str(root)) as s:
         ledger = s.ledger("p")
@@ -106,8 +107,8 @@ def test_duplicates_within_and_across_windows_are_written_once_and_counted(
 ) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
 
-    r1 = sink.write_window("p", w1, [batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1))
-    r2 = sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    r1 = sink.write_window("p", w1, read_of([batch(rows1[:2]), batch(rows1[2:])], finisher(w1, rows1)))
+    r2 = sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
 
     assert [r["uuid"] for r in hive(root)] == EXPECTED_UUIDS
     assert [(r.events_loaded, r.duplicates) for r in r1 + r2] == [(3, 1), (2, 1), (2, 1), (2, 2)]
@@ -115,12 +116,12 @@ def test_duplicates_within_and_across_windows_are_written_once_and_counted(
 
 def test_rewriting_a_window_replaces_its_files(sink: ParquetSink, root: Path) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     before = data_files(root)
 
     changed = [dict(r, event_type="changed") for r in rows1 if r["uuid"] != "u3"]
-    sink.write_window("p", w1, [batch(changed)], finisher(w1, changed))
+    sink.write_window("p", w1, read_of([batch(changed)], finisher(w1, changed)))
 
     assert len(data_files(root)) == len(before) == 2 and data_files(root) != before
     seen = hive(root)
@@ -131,11 +132,11 @@ def test_rewriting_a_window_replaces_its_files(sink: ParquetSink, root: Path) ->
 def test_a_window_inside_an_older_file_keeps_that_files_other_hours(sink: ParquetSink, root: Path) -> None:
     w = window(0, 3)
     rows = [r for _, part in two_windows() for r in part]
-    sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+    sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
 
     one = window(1, 1)
     new = hour_events(hour(1), ["u4", "n1", "u8"])  # u8 lives in hour 3, outside the new window: skipped
-    records = sink.write_window("p", one, [batch(new)], finisher(one, new))
+    records = sink.write_window("p", one, read_of([batch(new)], finisher(one, new)))
 
     assert [(r.events_loaded, r.duplicates) for r in records] == [(2, 1)]
     assert data_files(root) == [
@@ -148,25 +149,24 @@ def test_a_window_inside_an_older_file_keeps_that_files_other_hours(sink: Parque
 
 def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(sink: ParquetSink, root: Path) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     before = data_files(root)
 
     with pytest.raises(Crash):
         sink.write_window(
-            "p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finisher(w2, rows2)
-        )
+            "p", w2, read_of(crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finisher(w2, rows2)))
 
     assert data_files(root) == before
     assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     assert [r["uuid"] for r in hive(root)] == EXPECTED_UUIDS
 
 
 def test_orphans_of_a_crash_are_removed_on_open(root: Path) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     with ParquetSink(str(root)) as s:
-        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     # a crash after a data file was renamed into place but before the state named it, plus a half-written temp
     live = root / "upload_date=2024-03-01" / f"20240301T00_20240301T01-{TAG}.parquet"
     shutil.copy(live, live.with_name(f"20240301T00_20240301T01-{TAG}.1.parquet"))
@@ -208,7 +208,7 @@ def test_open_errors(tmp_path: Path) -> None:
 
 def test_state_names_every_file_and_no_temp_is_left(sink: ParquetSink, root: Path) -> None:
     for w, rows in two_windows():
-        sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+        sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
     state = json.loads((root / "_state" / "ledger.json").read_text())
     assert sorted(state["files"]) == data_files(root)
     assert sum(f["rows"] for f in state["files"].values()) == len(EXPECTED_UUIDS)
@@ -219,10 +219,10 @@ def test_parquet_and_duckdb_hold_the_same_rows(tmp_path: Path, root: Path) -> No
     tables = []
     for dest in (f"duckdb:{tmp_path / 'x.duckdb'}", f"parquet:{root}"):
         s = open_sink(dest)
-        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         # reload in another arrival order: u2 now arrives first in hour 1, so hour 1 keeps it
-        s.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))
+        s.write_window("p", w1, read_of([batch(rows1[::-1])], finisher(w1, rows1)))
         tables.append(s.read_arrow())
         assert [(r.events_loaded, r.duplicates) for r in s.ledger("p").values()] == [
             (2, 2),
@@ -264,15 +264,15 @@ def test_kill_9_mid_window_then_the_same_run_leaves_exact_rows(
     with ParquetSink(str(root)) as s:
         assert [r["uuid"] for r in hive(root)] == ["u1", "u2", "u3", "u4", "u5"]
         assert sorted(s.ledger("p")) == [hour(0), hour(1)]
-        s.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
-        s.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         assert [r["uuid"] for r in hive(root)] == EXPECTED_UUIDS
         assert sorted(s.ledger("p")) == [hour(0), hour(1), hour(2), hour(3)]
 
 
 def test_a_read_only_open_neither_locks_nor_writes(sink: ParquetSink, root: Path) -> None:
     (w1, rows1), _ = two_windows()
-    sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     (root / "upload_date=2024-03-01" / ".tmp-in-progress").write_bytes(b"another run's temp file")
     shutil.rmtree(root / "_state" / "spill", ignore_errors=True)
 

@@ -33,6 +33,7 @@ from sink_helpers import (
     finisher,
     hour,
     hour_events,
+    read_of,
     two_windows,
     uuids,
     window,
@@ -101,15 +102,15 @@ def local_files(root: Path) -> list[str]:
 def write_scenario(sink: ParquetSink) -> None:
     """Two windows with duplicates, a reload in another order, and a window inside an older file."""
     (w1, rows1), (w2, rows2) = two_windows()
-    sink.write_window("p", w1, [batch(rows1[:3]), batch(rows1[3:])], finisher(w1, rows1))
-    sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
-    sink.write_window("p", w1, [batch(rows1[::-1])], finisher(w1, rows1))
+    sink.write_window("p", w1, read_of([batch(rows1[:3]), batch(rows1[3:])], finisher(w1, rows1)))
+    sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
+    sink.write_window("p", w1, read_of([batch(rows1[::-1])], finisher(w1, rows1)))
     late = window(22, 25)  # crosses midnight
     rows = hour_events(hour(22), ["n1", "u4"]) + hour_events(hour(25), ["n2"])
-    sink.write_window("p", late, [batch(rows)], finisher(late, rows))
+    sink.write_window("p", late, read_of([batch(rows)], finisher(late, rows)))
     one = window(23, 23)
     rows = hour_events(hour(23), ["n3", "n1"])  # n1 lives in hour 22, outside: skipped
-    sink.write_window("p", one, [batch(rows)], finisher(one, rows))
+    sink.write_window("p", one, read_of([batch(rows)], finisher(one, rows)))
     sink.record_hours("p", [HourRecord(hour=hour(9), status=EMPTY)])
 
 
@@ -143,7 +144,7 @@ def test_a_url_holds_the_same_files_rows_and_ledger_as_a_local_directory(lake: L
 def test_read_arrow_and_read_events_take_the_url(lake: Lake) -> None:
     with lake.sink() as sink:
         for w, rows in two_windows():
-            sink.write_window("p", w, [batch(rows)], finisher(w, rows))
+            sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
     dest = f"parquet:{lake.url}"
     options = lake.options
     assert uuids(amplitude_export.read_arrow(dest, storage_options=options)) == EXPECTED_UUIDS
@@ -157,14 +158,14 @@ def test_read_arrow_and_read_events_take_the_url(lake: Lake) -> None:
 def test_a_crash_inside_the_batches_leaves_nothing_of_the_window(lake: Lake) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     with lake.sink() as sink:
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         before = lake.files()
         with pytest.raises(Crash):
-            sink.write_window("p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1),
-                              finisher(w2, rows2))
+            sink.write_window("p", w2, read_of(crashing([batch(rows2[:2]), batch(rows2[2:])], after=1),
+                                               finisher(w2, rows2)))
         assert lake.files() == before
         assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
-        sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
 
 
@@ -173,7 +174,7 @@ def test_files_moved_but_never_committed_are_orphans_removed_on_open(
 ) -> None:
     (w1, rows1), (w2, rows2) = two_windows()
     with lake.sink() as sink:
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         committed = lake.files()
 
         def die(*args: object) -> None:
@@ -181,7 +182,7 @@ def test_files_moved_but_never_committed_are_orphans_removed_on_open(
 
         monkeypatch.setattr(sink, "_save_state", die)
         with pytest.raises(Crash):  # replaces w1 and adds w2's hours: every new file is moved into place first
-            sink.write_window("p", window(0, 3), [batch(rows1 + rows2)], finisher(window(0, 3), rows1 + rows2))
+            sink.write_window("p", window(0, 3), read_of([batch(rows1 + rows2)], finisher(window(0, 3), rows1 + rows2)))
     assert len(lake.files()) > len(committed)
     # and a move that died half way: an object store's mv is a copy then a delete
     root = lake.root
@@ -194,7 +195,7 @@ def test_files_moved_but_never_committed_are_orphans_removed_on_open(
         assert lake.files() == committed
         assert uuids(sink.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
         assert sorted(sink.ledger("p")) == [hour(0), hour(1)]
-        sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
         assert uuids(sink.read_arrow()) == EXPECTED_UUIDS
 
 
@@ -210,7 +211,7 @@ def test_a_failed_move_is_cleaned_at_once(lake: Lake, monkeypatch: pytest.Monkey
 
         monkeypatch.setattr(store, "rename", copy_then_fail)
         with pytest.raises(DestinationError, match="connection reset"):
-            sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+            sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         monkeypatch.undo()
         assert lake.files() == []
     with lake.sink() as sink:
@@ -259,11 +260,11 @@ def test_a_live_run_keeps_its_lock_fresh_between_windows(lake: Lake) -> None:
     """A run that spends longer than `lock_stale_after` between commits (a long download) keeps its lock."""
     (w1, rows1), (w2, rows2) = two_windows()
     with lake.sink(lock_stale_after=0.4) as sink:
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         time.sleep(1.2)
         with pytest.raises(DestinationBusyError, match="in use by another run"):
             lake.sink(lock_stale_after=0.4)
-        sink.write_window("p", w2, [batch(rows2)], finisher(w2, rows2))
+        sink.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
     assert not lake.fs.exists(lake.root + "/_state/lock")
 
 
@@ -271,7 +272,7 @@ def test_a_run_whose_lock_was_taken_over_stops_before_committing(lake: Lake) -> 
     (w1, rows1), (w2, rows2) = two_windows()
     lock = lake.root + "/_state/lock"
     with lake.sink() as sink:
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         before = lake.files()
         lake.fs.pipe_file(lock, lock_body())  # another run found our lock stale and took it
 
@@ -279,7 +280,7 @@ def test_a_run_whose_lock_was_taken_over_stops_before_committing(lake: Lake) -> 
             return finisher(w2, rows2)()
 
         with pytest.raises(DestinationBusyError, match="took over"):
-            sink.write_window("p", w2, [batch(rows2)], finish)
+            sink.write_window("p", w2, read_of([batch(rows2)], finish))
         assert lake.files() == before and sorted(sink.ledger("p")) == [hour(0), hour(1)]
     assert json.loads(lake.fs.cat_file(lock))["token"] == "someone"  # not ours to delete
 
@@ -335,7 +336,7 @@ def test_a_filesystem_without_exclusive_create_still_gets_one_lock(
         with pytest.raises(DestinationBusyError):
             memory_lake.sink()
         (w1, rows1), _ = two_windows()
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
     memory_lake.sink().close()
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pytest
 from conftest import POSTGRES_URL as URL
 from conftest import url_for
+from sink_helpers import read_of
 
 from amplitude_export.errors import DestinationBusyError, DestinationError, UsageError
 from amplitude_export.ledger import LOADED, HourRecord, MemberInfo
@@ -87,7 +88,7 @@ def finisher(window: Window, rows: list[dict[str, Any]]) -> Callable[[], list[Ho
 
 
 def write(sink: PostgresSink, window: Window, rows: list[dict[str, Any]]) -> list[HourRecord]:
-    return sink.write_window("p1", window, batches_of(rows), finisher(window, rows))
+    return sink.write_window("p1", window, read_of(batches_of(rows), finisher(window, rows)))
 
 
 def stored(sink: PostgresSink) -> dict[str, dict[str, Any]]:
@@ -234,7 +235,7 @@ def test_an_error_inside_the_batches_leaves_nothing(sink: PostgresSink) -> None:
         raise RuntimeError("archive broke")
 
     with pytest.raises(RuntimeError, match="archive broke"):
-        sink.write_window("p1", window, broken(), finisher(window, []))
+        sink.write_window("p1", window, read_of(broken(), finisher(window, [])))
     assert set(stored(sink)) == {r["uuid"] for r in before}
     assert sink.ledger("p1") == ledger_before
     write(sink, window, event_rows(H0, 5, seed=4))  # the sink is still usable
@@ -265,7 +266,7 @@ def test_binary_copy_edge_values_round_trip(sink: PostgresSink) -> None:
     table = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
     sliced = table.slice(1).to_batches()  # arrays with a non-zero offset
     window = Window(H0, H0)
-    sink.write_window("p1", window, [table.slice(0, 1).to_batches()[0], *sliced], finisher(window, rows))
+    sink.write_window("p1", window, read_of([table.slice(0, 1).to_batches()[0], *sliced], finisher(window, rows)))
     got = stored(sink)
     first = got[rows[0]["uuid"]]
     assert first["event_time"] == rows[0]["event_time"] and first["location_lat"] == float("inf")
@@ -444,7 +445,7 @@ def finish_then_stall():
     if {point!r} == "finish":
         stall()
     return finish()
-sink.write_window("p1", window, batches(), finish_then_stall)
+sink.write_window("p1", window, read_of(batches(), finish_then_stall))
 """
 
 

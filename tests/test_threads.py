@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sink_helpers import Crash, batch, crashing, finisher, synthetic_batches, two_windows, uuids, window
+from sink_helpers import Crash, batch, crashing, finisher, read_of, synthetic_batches, two_windows, uuids, window
 
 from amplitude_export.sinks.duckdb import DuckDBSink
 from amplitude_export.threads import prefetched
@@ -67,16 +67,15 @@ def test_a_window_whose_batches_fail_midway_leaves_no_rows_and_no_thread(tmp_pat
     sink = DuckDBSink(tmp_path / "e.duckdb")
     try:
         (w1, rows1), (w2, rows2) = two_windows()
-        sink.write_window("p", w1, [batch(rows1)], finisher(w1, rows1))
+        sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
         with pytest.raises(Crash):  # the reader's own error, not a DuckDB one
-            sink.write_window("p", w2, crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finisher(w2))
+            sink.write_window("p", w2, read_of(crashing([batch(rows2[:2]), batch(rows2[2:])], after=1), finisher(w2)))
         assert _alive("amplitude-export-intake") == []
         assert uuids(sink.read_arrow()) == ["u1", "u2", "u3", "u4", "u5"]
         # many small batches through the prefetching thread: every row once, repeats dropped, in the ledger
         win = window(4, 5)
         records = sink.write_window(
-            "p", win, synthetic_batches(win, 1000, batch_rows=64, duplicate_every=10), finisher(win)
-        )
+            "p", win, read_of(synthetic_batches(win, 1000, batch_rows=64, duplicate_every=10), finisher(win)))
         assert sum(record.events_loaded for record in records) == 2 * 900
         assert sum(record.duplicates for record in records) == 2 * 100
         assert _alive("amplitude-export-intake") == []

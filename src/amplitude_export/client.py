@@ -48,6 +48,7 @@ ANSWER_QUOTE = 300  # characters of a refusal's body quoted in messages
 OK = "ok"  # a fresh archive was landed
 EMPTY = "empty"  # 404: no data in the window
 CACHED = "cached"  # a complete archive from an earlier run was already on disk
+GATEWAY_TIMEOUT = 504  # after its retries, a window that answered it is split (too large to prepare in time)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class Download:
     status: str
     path: Path | None
     bytes: int
-    attempts: int  # HTTP requests made; `pipeline.fetch_windows` adds those of the windows this one was split from
-    split_from: Window | None = None  # the planned window this one is a part of (set by `pipeline.fetch_windows`)
+    attempts: int  # HTTP requests made for this window (`fetch.Fetch` adds those of the windows it was split from)
 
 
 def classify(response: httpx.Response, window: Window, credentials: Credentials,
@@ -84,9 +84,11 @@ def classify(response: httpx.Response, window: Window, credentials: Credentials,
     if status == 400:
         raise WindowTooLargeError(f"400: {quote_answer(response)}", window=str(window), status=400)
     if status == 429:
-        raise TransientError("429 rate limited", window=str(window), retry_after=_retry_after(response))
+        raise TransientError("429 rate limited", window=str(window), retry_after=retry_after(response), status=429)
     if status >= 500:
-        raise TransientError(f"{status} server error", window=str(window), retry_after=_retry_after(response))
+        raise TransientError(
+            f"{status} server error", window=str(window), retry_after=retry_after(response), status=status
+        )
     raise AmplitudeExportError(f"{window}: unexpected answer {status} from the Export API")
 
 
@@ -106,7 +108,7 @@ def quote_answer(response: httpx.Response) -> str:
     return text if len(text) <= ANSWER_QUOTE else text[: ANSWER_QUOTE - 3] + "..."
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: httpx.Response) -> float | None:
     """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), if there is one."""
     value = response.headers.get("retry-after")
     if not value:
@@ -193,8 +195,8 @@ class ExportClient:
         `on_live` is handed a `LiveFile` for each attempt whose answer is a 200, as its body starts to arrive, so
         that a loader can read the archive while it downloads (`live.py`).
 
-        Raises AuthError (stop), WindowTooLargeError (400 at once, or 504 after every retry: split the window),
-        or TransientError once the attempts are spent.
+        Raises AuthError (stop), WindowTooLargeError (400 at once, or attempts spent with 504 among their
+        answers: split the window), or TransientError once the attempts are spent.
         """
         final = raw_dir / f"{window.name}.zip"
         if final.exists() and not fresh:
@@ -213,10 +215,14 @@ class ExportClient:
         on_live: Callable[[LiveFile], None] | None = None,
     ) -> Download:
         attempt_no = 0
+        timed_out = 0  # attempts answered 504: the Export API's gateway gave up preparing the export
 
         def retriable(exc: Exception) -> bool | float:
+            nonlocal timed_out
             if not isinstance(exc, TransientError):
                 return False
+            if exc.status == GATEWAY_TIMEOUT:
+                timed_out += 1
             if attempt_no < self.max_attempts:
                 log.warning("%s: %s (attempt %d of %d); retrying", window, exc.reason, attempt_no, self.max_attempts)
             return exc.retry_after if exc.retry_after is not None else True
@@ -234,10 +240,11 @@ class ExportClient:
                     attempt_no = attempt.num
                     return self._fetch_once(window, final, on_bytes, attempt_no, on_live)
         except TransientError as exc:
-            if exc.reason.startswith("504"):
+            # a 504 that persists means the window takes too long to prepare, whatever the last answer was
+            if timed_out:
                 raise WindowTooLargeError(
-                    f"504 gateway timeout after {attempt_no} attempts", window=str(window), status=504,
-                    attempts=attempt_no,
+                    f"504 gateway timeout after {attempt_no} attempts", window=str(window),
+                    status=GATEWAY_TIMEOUT, attempts=attempt_no,
                 ) from exc
             exc.attempts = attempt_no
             raise

@@ -32,7 +32,7 @@ import msgspec
 import stamina
 
 from . import __version__
-from .client import _retry_after, quote_answer
+from .client import quote_answer, retry_after
 from .config import Credentials
 from .errors import AmplitudeExportError, AuthError, NotOnPlanError, QuotaExceededError, TransientError, UsageError
 
@@ -235,7 +235,7 @@ class DashboardClient:
             raise QuotaExceededError(f"Amplitude refused a cohort download: the month's quota of cohort downloads "
                                      f"is spent ({text})")
         if status == 429 or status >= 500:
-            raise TransientError(f"{status} {text}", window=path, retry_after=_retry_after(answer))
+            raise TransientError(f"{status} {text}", window=path, retry_after=retry_after(answer))
         if status == 403 and path.startswith("/api/2/taxonomy") and "invalid api key" not in text.lower():
             raise NotOnPlanError(f"the Taxonomy API refused this project (403: {text}); Amplitude offers it on "
                                  "Enterprise plans")

@@ -6,7 +6,7 @@
     pipeline = dlt.pipeline("amplitude_export", destination="duckdb", dataset_name="amplitude")
     pipeline.run(amplitude_source(start="2024-03-01"))   # then, from cron: pipeline.run(amplitude_source())
 
-The windows, retries, splitting and parsing are the package's own (`windows`, `client`, `pipeline.fetch_windows`,
+The windows, retries, splitting and parsing are the package's own (`windows`, `client`, `fetch.fetch_windows`,
 `reader.WindowReader`); the resource yields `schema.ARROW_SCHEMA` record batches, never row dicts. dlt keeps the
 state: the resource merges on `uuid` (one row per uuid, a later load replacing an earlier one) and its
 incremental cursor on `server_upload_time` makes the next run start at the hour after the last one loaded.
@@ -251,8 +251,9 @@ def _window_batches(
     transport: httpx.BaseTransport | None,
 ) -> Iterator[pa.RecordBatch]:
     """Fetch the windows a few at a time and yield each one's batches; any failed window stops the run."""
-    from .client import EMPTY, ExportClient
-    from .pipeline import Failure, fetch_windows, new_run_id
+    from .client import ExportClient
+    from .fetch import fetch_windows
+    from .outcome import new_run_id
     from .reader import WindowReader
 
     run_id = new_run_id()
@@ -261,13 +262,14 @@ def _window_batches(
     rejects_dir = Path(data_dir) / "rejects" if data_dir is not None else None
     try:
         with ExportClient(credentials, max_attempts=max_attempts, transport=transport) as client:
-            for window, result in fetch_windows(client, windows, raw_dir, concurrency=concurrency):
-                if isinstance(result, Failure):
+            for result in fetch_windows(client, windows, raw_dir, concurrency=concurrency):
+                window = result.window
+                if result.failed:
                     raise AmplitudeExportError(
                         f"{window}: {result.status}: {result.reason}; nothing of this run is loaded, the next run "
                         "asks again"
                     )
-                if result.status == EMPTY or result.path is None:
+                if result.empty or result.path is None:
                     log.info("%s: no data (404)", window)
                     continue
                 reader = WindowReader(result.path, window, run_id=run_id, rejects_dir=rejects_dir,

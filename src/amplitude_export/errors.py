@@ -8,7 +8,7 @@
     │   │                           written (full disk, read-only, a file in the way)      -> exit 4
     │   └── DestinationBusyError    another run holds the destination's lock               -> exit 5
     ├── TransientError              5xx, 429, timeouts, short or broken bodies: retry
-    ├── WindowTooLargeError         400 (too large) or a 504 that outlived its retries: split the window
+    ├── WindowTooLargeError         400 (too large), or retries spent with 504s among them: split the window
     ├── ArchiveError                a landed archive fails its zip/gzip checks: fetch it again
     ├── WindowFailedError           one hour still failed after retries and splits: report, go on
     ├── QuotaExceededError          the month's cohort downloads are spent: note it, download no more
@@ -90,13 +90,20 @@ class TransientError(AmplitudeExportError):
     """A failure worth retrying: 5xx, 429, a timeout, a body that arrived short or does not open as a zip."""
 
     def __init__(
-        self, reason: str, *, window: str | None = None, retry_after: float | None = None, attempts: int = 1
+        self,
+        reason: str,
+        *,
+        window: str | None = None,
+        retry_after: float | None = None,
+        attempts: int = 1,
+        status: int | None = None,
     ) -> None:
         super().__init__(f"{window}: {reason}" if window else reason)
         self.reason = reason
         self.window = window
         self.retry_after = retry_after
         self.attempts = attempts  # HTTP requests made for the window, once the client has given up
+        self.status = status  # the HTTP status that answered, when one did (not for timeouts or broken bodies)
 
 
 class WindowTooLargeError(AmplitudeExportError):

@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 from .archive import LOCAL_HEADER, ArchiveMember, MemberStream, parse_member_name
-from .windows import Window
 
 _END_OF_MEMBERS = (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06")  # central directory, end records
 
@@ -37,10 +36,6 @@ class LiveFile:
     def __init__(self, path: Path, attempt: int) -> None:
         self.path = path
         self.attempt = attempt
-        # set by pipeline.fetch_windows, as on a Download: requests counted with those of the windows this one
-        # was split from, and the planned window it is a part of
-        self.attempts = attempt
-        self.split_from: Window | None = None
         self._fd = os.open(path, os.O_RDONLY)
         self._written = 0
         self._final: Path | None = None

@@ -4,14 +4,16 @@
 parsed (`workers`: in this thread, on parse threads or in worker processes; `parse`: line to row), and passes the
 batches on in member order then line order. Along the way it writes rejected lines to the window's rejects file
 and counts what each upload hour held, so that once the batches are exhausted it can give one ledger record per
-hour. docs/PARSE_DESIGN.md describes the path and the reasons for each shortcut.
+hour (carrying the requests the window took and the planned window it was split from, as it was told at
+construction). `WindowReader.read()` hands a sink both as one `Reading`: the sink consumes the batches, then takes
+the records. docs/PARSE_DESIGN.md describes the path and the reasons for each shortcut.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +79,8 @@ class WindowReader:
     `workers > 1` parses members on that many threads (or, without the compiled parser, worker processes);
     `workers <= 1` parses in the thread that reads the batches. `batch_rows` bounds both a batch and the memory
     each worker holds. `live`: read the archive while it downloads (live.py); `path` is then its `.part` file.
+    `attempts` (HTTP requests the archive took, with those of the windows it was split from) and `split_from`
+    (the planned window it is a part of) go into every hour's record.
     """
 
     def __init__(
@@ -92,9 +96,13 @@ class WindowReader:
         project: str = "default",
         live: LiveFile | None = None,
         redact_reject: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+        attempts: int = 1,
+        split_from: Window | None = None,
     ) -> None:
         """`redact_reject` rewrites each rejected line's record before it is written, or drops it (None)."""
         self.path = Path(path)
+        self.attempts = max(1, attempts)
+        self.split_from = str(split_from) if split_from is not None else None
         self.redact_reject = redact_reject
         self.live = live
         self.window = window
@@ -117,6 +125,13 @@ class WindowReader:
         self._hashes: concurrent.futures.Future[_Hashes] | None = None
         # streamed: the landed archive, its members (central directory) and their hashes, once it has landed
         self._landing: concurrent.futures.Future[tuple[Path, list[ArchiveMember], _Hashes]] | None = None
+
+    def read(
+        self, through: Callable[[Iterator[pa.RecordBatch]], Iterable[pa.RecordBatch]] | None = None
+    ) -> Reading:
+        """The window for a sink: its batches (passed `through` a transformation, e.g. `Privacy.apply`), then
+        its records."""
+        return Reading(self.batches() if through is None else through(self.batches()), self)
 
     @property
     def rejects_path(self) -> Path | None:
@@ -271,7 +286,8 @@ class WindowReader:
 
     def _record(self, hour: datetime, stats: _HourStats) -> HourRecord:
         if not stats.members:
-            return HourRecord(hour=hour, status=EMPTY, run_id=self.run_id)
+            return HourRecord(hour=hour, status=EMPTY, run_id=self.run_id, attempts=self.attempts,
+                              split_from=self.split_from)
         return HourRecord(
             hour=hour,
             status=LOADED,
@@ -285,4 +301,19 @@ class WindowReader:
             min_event_time=stats.min_event,
             max_event_time=stats.max_event,
             run_id=self.run_id,
+            attempts=self.attempts,
+            split_from=self.split_from,
         )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One window as the read layer hands it to a sink (`sinks.WindowRead`): its batches, then, once they are
+    consumed, one ledger record per hour."""
+
+    batches: Iterable[pa.RecordBatch]
+    reader: WindowReader
+
+    def hour_records(self) -> list[HourRecord]:
+        """The reader's records; valid once `batches` is exhausted."""
+        return self.reader.hour_records()

@@ -5,7 +5,7 @@
     df = spark.read.format("amplitude").option("start", "2024-03-01").option("end", "2024-03-31").load()
 
 The driver plans the range into windows as the CLI does (`windows.resolve_range`, `windows.plan_windows`,
-`pipeline.fit_budget`: readiness lag, window hours, size budget) and deals them, in order, to at most
+`plan.fit_budget`: readiness lag, window hours, size budget) and deals them, in order, to at most
 `concurrency` lanes. A lane is one Spark partition: its task downloads its windows one request at a time with the
 package's client (retries, 400/504 splits down to one hour, CRC checks) into executor-local scratch space, reads
 each archive with the package's reader and yields its Arrow batches (`schema.ARROW_SCHEMA`, which the Spark schema
@@ -31,7 +31,9 @@ import pyarrow as pa
 
 from .config import Credentials, load_credentials
 from .errors import AmplitudeExportError, UsageError
-from .pipeline import DEFAULT_SIZE_BUDGET, MAX_SAFE_CONCURRENCY, fit_budget, new_run_id
+from .fetch import MAX_SAFE_CONCURRENCY
+from .outcome import new_run_id
+from .plan import DEFAULT_SIZE_BUDGET, fit_budget
 from .privacy import Privacy
 from .schema import ARROW_SCHEMA
 from .windows import HOUR, Window, label_hour, plan_windows, resolve_range
@@ -189,8 +191,8 @@ def lanes(windows: Sequence[Window], count: int, run_id: str) -> list[Lane]:
 
 def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
     """Fetch and read a lane's windows on an executor; each window's batches without its repeated uuids."""
-    from .client import EMPTY, ExportClient
-    from .pipeline import Failure, fetch_windows
+    from .client import ExportClient
+    from .fetch import fetch_windows
     from .reader import WindowReader
     from .sinks import FirstCopies
 
@@ -198,12 +200,13 @@ def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
     client = ExportClient(options.credentials, max_attempts=options.max_attempts, wait_initial=options.retry_wait,
                           read_timeout=options.read_timeout)
     try:
-        for window, result in fetch_windows(client, lane.windows, scratch / "raw", concurrency=1):
-            if isinstance(result, Failure):
+        for result in fetch_windows(client, lane.windows, scratch / "raw", concurrency=1):
+            window = result.window
+            if result.failed:
                 planned = f" (part of {result.split_from})" if result.split_from else ""
                 raise AmplitudeExportError(f"amplitude: window {window}{planned} could not be fetched: "
                                            f"{result.status}: {result.reason}")
-            if result.status == EMPTY or result.path is None:
+            if result.empty or result.path is None:
                 continue
             privacy = options.privacy
             reader = WindowReader(result.path, window, run_id=lane.run_id, project=options.project,

@@ -103,7 +103,7 @@ class AmplitudeStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow)
         look_from = max(first, begin - HOUR * options.lookback_hours)
         if look_from < begin:
             windows = options.plan(look_from, begin - HOUR) + windows
-        from .pipeline import new_run_id
+        from .outcome import new_run_id
 
         return lanes(windows, options.concurrency, new_run_id())
 

@@ -8,7 +8,7 @@ ledger rows together, so the destination is the only record of progress.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +19,19 @@ import pyarrow as pa
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..windows import Window
+
+
+class WindowRead(Protocol):
+    """One window's events as the read layer gives them to `Sink.write_window` (`reader.Reading`)."""
+
+    @property
+    def batches(self) -> Iterable[pa.RecordBatch]:
+        """The window's batches, in member order then line order."""
+        ...
+
+    def hour_records(self) -> list[HourRecord]:
+        """One ledger record per hour, with its attempts and split_from; valid once `batches` is consumed."""
+        ...
 
 
 class Sink(Protocol):
@@ -34,20 +47,14 @@ class Sink(Protocol):
         """The projects the ledger holds hours for, sorted."""
         ...
 
-    def write_window(
-        self,
-        project: str,
-        window: Window,
-        batches: Iterable[pa.RecordBatch],
-        finish: Callable[[], list[HourRecord]],
-    ) -> list[HourRecord]:
-        """Replace the window's hours with `batches`, exactly once per uuid, and record them, atomically.
+    def write_window(self, project: str, window: Window, read: WindowRead) -> list[HourRecord]:
+        """Replace the window's hours with `read.batches`, exactly once per uuid, and record them, atomically.
 
         In one transaction: drop the project's rows of the window's upload hours (a reload replaces them;
         other projects' rows stay), insert the new rows keeping the first row of each uuid (by member order,
-        then line) and skipping uuids already stored under other hours, then call `finish()` for the per-hour
-        records the reader built while the batches were consumed, fill in `events_loaded` and `duplicates` per
-        hour, store them in the ledger and commit.
+        then line) and skipping uuids already stored under other hours, then take `read.hour_records()`, the
+        per-hour records the reader built while the batches were consumed, fill in `events_loaded` and
+        `duplicates` per hour, store them in the ledger and commit.
         Returns the stored records.
         """
         ...

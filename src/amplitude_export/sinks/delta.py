@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..schema import ARROW_SCHEMA
 from ..windows import Window
-from . import with_project
+from . import WindowRead, with_project
 from .duckdb import (
     COLUMNS_SQL,
     STAGE,
@@ -206,23 +206,22 @@ class DeltaSink:
         self,
         project: str,
         window: Window,
-        batches: Iterable[pa.RecordBatch],
-        finish: Callable[[], list[HourRecord]],
+        read: WindowRead,
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, once per uuid, in one commit that carries the ledger rows."""
         self._check_writable()
         con = self._connect()
         try:
-            staged = stage_batches(con, window, with_project(batches, project))
+            staged = stage_batches(con, window, with_project(read.batches, project))
             con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(None)})")  # later copies within the window
             con.execute(f"CREATE TEMP TABLE {_TAKEN} (uuid VARCHAR)")
             con.execute(f"CREATE TEMP VIEW {_KEPT} AS SELECT * FROM {STAGE} "
                         f"WHERE NOT EXISTS (SELECT 1 FROM {_TAKEN} AS t WHERE t.uuid = {STAGE}.uuid)")
-            read = finish()
+            records_read = read.hour_records()
             for _ in range(COMMIT_ATTEMPTS):
                 self._find_taken(con, project, window)
                 loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {_KEPT} GROUP BY 1")
-                records = fill_counts(read, staged, loaded, datetime.now(UTC))
+                records = fill_counts(records_read, staged, loaded, datetime.now(UTC))
                 try:
                     self._commit_window(con, project, window, records)
                     break

@@ -38,7 +38,7 @@ from ..table_ledger import (
 )
 from ..threads import prefetched
 from ..windows import Window
-from . import SEEN_LIMIT, FirstCopies, with_project
+from . import SEEN_LIMIT, FirstCopies, WindowRead, with_project
 from .filelock import FileLock
 
 EVENTS = "events"
@@ -523,8 +523,7 @@ class DuckDBSink:
         self,
         project: str,
         window: Window,
-        batches: Iterable[pa.RecordBatch],
-        finish: Callable[[], list[HourRecord]],
+        read: WindowRead,
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, once per uuid, and upsert the ledger, atomically."""
         con = self.connection
@@ -533,7 +532,7 @@ class DuckDBSink:
         con.begin()
         try:
             con.execute(f"DELETE FROM {EVENTS} WHERE {mine}", params)
-            intake = Intake(window, with_project(batches, project), first_copies=True, seen_limit=self.seen_limit,
+            intake = Intake(window, with_project(read.batches, project), first_copies=True, seen_limit=self.seen_limit,
                             taken=self._nearby_uuids(params))
             # all `threads` insert: with vacuum off (see __init__) the partial row groups two threads leave are
             # no longer rewritten at close, and with the reader's threads in this process the second DuckDB
@@ -546,7 +545,7 @@ class DuckDBSink:
             loaded = hour_counts(
                 con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} WHERE {mine} GROUP BY 1", params
             )
-            records = fill_counts(finish(), intake.staged, loaded, datetime.now(UTC))
+            records = fill_counts(read.hour_records(), intake.staged, loaded, datetime.now(UTC))
             self._upsert(project, records)
             con.commit()
         except BaseException as exc:

@@ -22,7 +22,7 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +34,9 @@ from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..windows import Window
+from . import WindowRead, with_project
 from . import iceberg_catalog as catalogs
 from . import iceberg_ledger as ledgers
-from . import with_project
 from .duckdb import (
     COLUMNS_SQL,
     DELETED,
@@ -133,8 +133,7 @@ class IcebergSink:
         self,
         project: str,
         window: Window,
-        batches: Iterable[pa.RecordBatch],
-        finish: Callable[[], list[HourRecord]],
+        read: WindowRead,
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, once per uuid, with the ledger, in one catalog commit."""
         self._check_writable()
@@ -142,9 +141,9 @@ class IcebergSink:
         try:
             with self._errors(f"cannot write {window} to"):
                 con.begin()  # one transaction: committing each staged batch on its own costs more CPU
-                staged = stage_batches(con, window, with_project(batches, project))
+                staged = stage_batches(con, window, with_project(read.batches, project))
                 con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(None)})")  # first copy of each uuid
-                records = finish()
+                records = read.hour_records()
                 return self._commit(lambda table, written: self._window_commit(
                     con, table, project, window, staged, records, written))
         finally:

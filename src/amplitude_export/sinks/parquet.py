@@ -34,7 +34,7 @@ import socket
 import tempfile
 import threading
 import uuid as uuid_module
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -52,7 +52,7 @@ from ..schema import ARROW_SCHEMA
 from ..storage import fsspec_options
 from ..table_ledger import PROJECT_COLUMN, TableState, TableWrite, with_project_column
 from ..windows import HOUR, Window
-from . import with_project
+from . import WindowRead, with_project
 from .duckdb import (
     COLUMNS_SQL,
     DELETED,
@@ -677,8 +677,7 @@ class ParquetSink:
         self,
         project: str,
         window: Window,
-        batches: Iterable[pa.RecordBatch],
-        finish: Callable[[], list[HourRecord]],
+        read: WindowRead,
     ) -> list[HourRecord]:
         """Replace the window's files with `batches`, once per uuid, then commit the state and its ledger."""
         self._check_writable()
@@ -689,7 +688,7 @@ class ParquetSink:
         con = self._connect()
         try:
             con.begin()  # one transaction: committing each staged batch on its own costs 4x the CPU
-            staged = stage_batches(con, window, with_project(batches, project))
+            staged = stage_batches(con, window, with_project(read.batches, project))
             overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window, project)}
             # every other file's uuids count as taken: uuids are unique across projects too
             others = [rel for rel, f in self.files.items() if rel not in overlapping or not _inside(f, window)]
@@ -703,7 +702,7 @@ class ParquetSink:
                 )
             con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(taken)})")
             loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} GROUP BY 1")
-            records = fill_counts(finish(), staged, loaded, datetime.now(UTC))
+            records = fill_counts(read.hour_records(), staged, loaded, datetime.now(UTC))
 
             new_files: dict[str, DataFile] = {}
             for part in _by_date(window):

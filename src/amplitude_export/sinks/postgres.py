@@ -61,7 +61,7 @@ from ..table_ledger import (
     with_project_column,
 )
 from ..windows import Window
-from . import SEEN_LIMIT, FirstCopies, with_project
+from . import SEEN_LIMIT, FirstCopies, WindowRead, with_project
 
 try:  # the compiled helpers (built by `pip install` where a C compiler is at hand); optional
     from .. import _fastparse
@@ -605,8 +605,7 @@ class PostgresSink:
         self,
         project: str,
         window: Window,
-        batches: Iterable[pa.RecordBatch],
-        finish: Callable[[], list[HourRecord]],
+        read: WindowRead,
     ) -> list[HourRecord]:
         """Replace the window's hours with `batches`, first row per uuid, and record them, in one transaction."""
         conn = self.conn
@@ -622,13 +621,13 @@ class PostgresSink:
                 )
                 first = FirstCopies(self._seen_limit, self._nearby_uuids(conn, project, window))
                 load = _WindowLoad(conn, self._events, first, self.chunk_bytes)
-                load.send(with_project(batches, project))
+                load.send(with_project(read.batches, project))
                 self.route = load.route
                 staged = load.staged
                 inserted = load.inserted
                 if load.stage_rows:
                     inserted.update(self._insert(conn, sort=load.first.overflowed))
-                records = finish()
+                records = read.hour_records()
                 self._check_hours(window, staged, records)
                 now = self._now()
                 records = [
