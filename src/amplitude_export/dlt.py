@@ -94,8 +94,8 @@ def amplitude_source(
     credentials = load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
     first = as_hour(start, is_end=False)
     last = as_hour(end, is_end=True)
-    if first is not None and last is not None and last < first:
-        raise UsageError(f"end {last:%Y-%m-%dT%H} is before start {first:%Y-%m-%dT%H}")
+    if first is not None and last is not None:
+        Window(first, last)  # refuses an end before the start
     # a backfill (start and end) filters on [start, end + 1 h) and leaves dlt's cursor alone
     cursor = dlt.sources.incremental(
         "server_upload_time",

@@ -156,6 +156,8 @@ def lookback_windows(
 ) -> list[Window]:
     """Windows over the loaded and empty hours among the `lookback_hours` up to `end` that this run does not load
     anyway: Amplitude re-exports loaded hours, and has answered 404 for hours that later had data."""
+    if lookback_hours < 1:
+        return []
     span = Window(end - HOUR * (lookback_hours - 1), end)
     wanted = [
         h

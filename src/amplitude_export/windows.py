@@ -156,8 +156,7 @@ def plan_windows(start: datetime, end: datetime, window_hours: int = 24) -> list
     """
     if window_hours < 1:
         raise UsageError("--window-hours must be at least 1")
-    if end < start:
-        raise UsageError(f"end {label_hour(end)} is before start {label_hour(start)}")
+    Window(start, end)  # refuses an end before the start
     size = min(window_hours, MAX_WINDOW_HOURS)
     windows: list[Window] = []
     cursor = floor_hour(start)
@@ -199,6 +198,5 @@ def resolve_range(
     if last < first and start is None:
         raise UsageError(f"end {label_hour(last)} is before the default start {label_hour(first)} (yesterday, UTC): "
                          "give --start too")
-    if last < first:
-        raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
+    Window(first, last)  # refuses an end before the start
     return first, last, min(last, ready_hour)
