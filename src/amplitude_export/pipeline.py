@@ -74,16 +74,10 @@ def run(
 ) -> RunReport:
     """Extract and load start..end into `sink`, downloading the next windows while one loads.
 
-    With `stream`, a window is loaded while it downloads when the loader would otherwise wait (`live.py`).
-
-    With no `start`, continue from the hour after the last one loaded (the first run takes yesterday, or the day
-    of `end` if that is earlier), up to the last ready hour (or `end`); hours failed by earlier runs are tried
-    again, and the loaded and empty hours among the `lookback_hours` before the run's end are fetched again and
-    reloaded only if Amplitude changed them (a 404 never removes loaded rows: see `Loader.answered_404`).
-    Archives already on disk are reused, not fetched again.
-
-    `privacy` (PII controls) applies to every batch and reject; the users of the deletion jobs the destination
-    applied are always left out. With PII controls, `keep_raw` defaults to False (archives hold the originals).
+    Without `start`, continue after the last loaded hour and re-check the `lookback_hours` before the end
+    (`plan.plan_run` gives the rules). With `stream`, a window is loaded while it downloads when the loader
+    would otherwise wait (`live.py`). `privacy` applies to every batch and reject, and the users of the deletion
+    jobs the destination applied are always left out; with PII controls `keep_raw` defaults to False.
     """
     reporter = reporter or Reporter()
     moment = now or datetime.now(UTC)

@@ -51,8 +51,14 @@ def plan_run(
     refresh: bool,
     landed: set[Window],
 ) -> Plan:
-    """The windows of a run (`pipeline.run` documents the rules), fitted to `size_budget` bytes of archive and
-    `line_budget` lines, and replaced by the `landed` archives inside them."""
+    """The windows of a run, fitted to `size_budget` bytes of archive and `line_budget` lines, and replaced by the
+    `landed` archives inside them.
+
+    With no `start`, continue from the hour after the last one loaded (the first run takes yesterday, or the day
+    of `end` if that is earlier), up to the last ready hour (or `end`); hours failed by earlier runs are asked
+    again, and the loaded and empty hours among the `lookback_hours` before the end are to be fetched again and
+    compared (`recheck`). Hours the ledger holds as done (or too large) are asked again only with `refresh`.
+    """
     plan = Plan()
     first, last = _run_range(ledger, start, end, now, lag_hours)
     ready = min(last, last_ready_hour(now, lag_hours))
