@@ -470,7 +470,7 @@ class FakeExportServer:
         whole archive (~0.15 s per 136 MB here). None when the archive needs ZIP64: `build_archive` then.
         """
         stamp = _dos_time(_zip_time(start))
-        entries = [(f"{self.project_id}/", None, 0, 0)]
+        entries: list[tuple[str, Path | None, int, int]] = [(f"{self.project_id}/", None, 0, 0)]
         entries += [(name, path, *self._size_and_crc(path)) for name, path in self.window_members(start, end)]
         headers: list[bytes] = []
         central: list[bytes] = []
