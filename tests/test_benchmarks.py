@@ -1,5 +1,6 @@
-"""The benchmarks run, on a tiny dataset, so they cannot rot; their numbers are never checked here (the machine is
-shared: speeds are compared only side by side in one run, by a person)."""
+"""The benchmarks run, on a tiny dataset, so they cannot rot: each script has `--tiny` and a test here runs it
+(spark_read.py is run_benchmark.py's `spark` candidate; measure.py is their shared timer). Their numbers are never
+checked here (the machine is shared: speeds are compared only side by side in one run, by a person)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,17 @@ def test_the_corpus_grows_the_real_lines_into_a_varied_day(tmp_path: Path) -> No
 def test_the_privacy_cost_benchmark_runs() -> None:
     out = run("privacy_cost.py", "--tiny")
     assert "round 1 plain: " in out and "round 1 controls: " in out and "median CPU s: plain" in out
+
+
+@pytest.mark.slow
+def test_the_decisions_benchmark_runs() -> None:
+    out = run("decisions.py", "--tiny")
+    for line in ("decode: msgspec ", "ISA-L: inflate ", "reader: compiled parser ", "uuids: Python set "):
+        assert f"\n{line}" in out, out
+
+
+def test_the_corpus_script_writes_the_lines_it_is_asked_for(tmp_path: Path) -> None:
+    out = run("corpus.py", str(tmp_path / "corpus.jsonl"), "--tiny")
+    assert out.strip() == str(tmp_path / "corpus.jsonl")
+    lines = (tmp_path / "corpus.jsonl").read_text().splitlines()
+    assert len(lines) == 700 and len({json.loads(line)["uuid"] for line in lines}) == 700
