@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,6 +194,7 @@ def _stream_resources(dlt: Any, credentials: Any, chosen: list[str], *, start: d
 
     resources = []
     for spec in tables_of(chosen):
+        function: Callable[..., Iterator[Any]]
         if spec.refresh == SNAPSHOT:
             function, disposition, merge_key = (lambda name=spec.name: snapshot(name)), "replace", None
         elif spec is COHORT_MEMBERS:

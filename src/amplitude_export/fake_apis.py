@@ -370,8 +370,8 @@ class FakeApis:
             bucket.update(key for key in users if metric == "active" or first_days.get(key) == day)
         labels: list[str] = []
         rows: dict[str, dict[date, int]] = {}
-        for when, users in buckets.items():
-            for amplitude_id in users:
+        for when, members in buckets.items():
+            for amplitude_id in members:
                 value = self.project.pool[amplitude_id].template.get(group) if group else "All"
                 label = "(none)" if value is None else str(value)
                 rows.setdefault(label, dict.fromkeys(buckets, 0))[when] += 1

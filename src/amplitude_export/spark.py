@@ -150,7 +150,8 @@ def settings(options: Mapping[str, str], *, streaming: bool = False) -> Settings
             raise
         raise UsageError(f"{missing}: set the api_key and secret_key options, or AMP_API_KEY and AMP_SECRET_KEY "
                          "in the driver's environment or .env") from None
-    texts = {key: given[key] for key in ("start", "end", "project", "rejects_dir", "scratch_dir") if key in given}
+    named = ("start", "end", "project", "rejects_dir", "scratch_dir")
+    texts: dict[str, Any] = {key: given[key] for key in named if key in given}
     if given.get("exclude_columns") or given.get("hash_columns"):
         values["privacy"] = Privacy.from_options(given.get("exclude_columns"), given.get("hash_columns"))
     result = Settings(credentials, **texts, **values)
@@ -168,7 +169,7 @@ def _moment(text: str) -> datetime:
 
 
 @dataclass(frozen=True)
-class Lane(InputPartition):  # type: ignore[misc]
+class Lane(InputPartition):
     """One Spark partition: windows fetched one after another, one request at a time."""
 
     windows: tuple[Window, ...]
@@ -227,7 +228,7 @@ def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-class AmplitudeReader(DataSourceReader):  # type: ignore[misc]
+class AmplitudeReader(DataSourceReader):
     """The batch reader: plans on the driver (`partitions`), reads on the executors (`read`)."""
 
     def __init__(self, options: Settings) -> None:
@@ -245,11 +246,12 @@ class AmplitudeReader(DataSourceReader):  # type: ignore[misc]
             return []
         return lanes(options.plan(first, ready), options.concurrency, self.run_id)
 
-    def read(self, partition: Lane) -> Iterator[pa.RecordBatch]:
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        assert isinstance(partition, Lane)  # partitions() plans lanes only
         return read_lane(self.options, partition)
 
 
-class AmplitudeDataSource(DataSource):  # type: ignore[misc]
+class AmplitudeDataSource(DataSource):
     """`format("amplitude")`: Amplitude's raw events, batch and streaming."""
 
     @classmethod
