@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from .duckdb import (
     time_filter,
     winners_sql,
 )
+from .maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 
@@ -332,28 +334,40 @@ class DeltaSink:
 
     # -- housekeeping --
 
-    def maintain(self, *, retain_hours: int | None = None) -> str:
-        """Compact small files, write a checkpoint, then delete the files no version of the last `retain_hours`
-        needs (default: the table's `delta.deletedFileRetentionDuration`, a week unless set), in both tables."""
+    def maintain(self, *, compact: bool = True, older_than: timedelta | None = None) -> Maintenance:
+        """Compact small files (when `compact`), write a checkpoint, then delete the files no version younger than
+        `older_than` needs (default: the table's `delta.deletedFileRetentionDuration`, a week unless set), in the
+        events table and the tables beside it."""
         self._check_writable()
-        enforce = retain_hours is None  # a shorter retention than the table's, asked for explicitly, is allowed
+        enforce = older_than is None  # a shorter retention than the table's, asked for explicitly, is allowed
+        hours = None if older_than is None else math.ceil(older_than.total_seconds() / 3600)
+        done = Maintenance(self.description)
         try:
-            compacted = self.table.optimize.compact(writer_properties=WRITER)
+            if compact:
+                compacted = self.table.optimize.compact(writer_properties=WRITER)
+                done.files_compacted, done.files_written = compacted["numFilesRemoved"], compacted["numFilesAdded"]
             self.table.create_checkpoint()
             # full: also the files no commit ever named (a window interrupted, or beaten, before its commit)
-            removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+            removed = self.table.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True)
             self._save_cache(every=1, strict=True)
-            cache = DeltaTable(self._cache_uri, storage_options=self.options)
-            removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+            for uri in [self._cache_uri, *self._side_tables()]:
+                side = DeltaTable(uri, storage_options=self.options)
+                if compact and uri != self._cache_uri:
+                    side.optimize.compact(writer_properties=WRITER)
+                removed += side.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True)
         except CommitFailedError:
             raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
                                        "run maintain again") from None
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot maintain {self.uri}: {first_line(exc)}") from None
-        return (f"{self.description}: compacted {compacted['numFilesRemoved']} files into "
-                f"{compacted['numFilesAdded']}; deleted {len(removed)} files no longer referenced")
+        done.files_deleted = len(removed)
+        return done
 
     # -- helpers --
+
+    def _side_tables(self) -> list[str]:
+        """The URIs of the stream tables beside `events` that exist."""
+        return []
 
     def _check_writable(self) -> None:
         if self.read_only:

@@ -49,12 +49,14 @@ from .duckdb import (
     stage_batches,
     winners_sql,
 )
-from .iceberg_files import file_batches, register_file, row_filter, window_filter, write_data_files
+from .iceberg_files import file_batches, predicate, register_file, row_filter, window_filter, write_data_files
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.manifest import DataFile
     from pyiceberg.table import Table, Transaction
+
+    from .maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +259,11 @@ class IcebergSink:
         """In one commit: rewrite the files holding rows of `project` whose amplitude_id (or the one `_extra`
         kept as text) is in `amplitude_ids` without them, lower their hours' `events_loaded`, and store `record`
         with `rows_deleted` raised. A file is read twice (count, then copy), one file at a time."""
-        from pyiceberg.expressions import And, EqualTo, In, IsNull, Or
+        from pyiceberg.expressions import And, Or
 
         self._check_writable()
-        maybe = And(EqualTo("_project", project), Or(In("amplitude_id", set(amplitude_ids)), IsNull("amplitude_id")))
+        maybe = And(predicate("EqualTo", "_project", project),
+                    Or(predicate("In", "amplitude_id", set(amplitude_ids)), predicate("IsNull", "amplitude_id")))
         gone_rows = f"_project = $project AND {DELETED_ROWS}"
 
         def commit(table: Table, written: list[str]) -> DeletionRecord:
@@ -339,13 +342,14 @@ class IcebergSink:
 
     # -- housekeeping --
 
-    def maintain(self, **options: Any) -> Any:
-        """Compact small files, expire old snapshots and delete unreferenced files (see `iceberg_maintain`)."""
+    def maintain(self, *, compact: bool = True, older_than: timedelta | None = None) -> Maintenance:
+        """Compact small files, expire snapshots older than `older_than` (None: 7 days) and delete unreferenced
+        files as old (see `iceberg_maintain`)."""
         from .iceberg_maintain import maintain
 
         self._check_writable()
         with self._errors("cannot maintain"):
-            return maintain(self, **options)
+            return maintain(self, compact=compact, older_than=older_than)
 
     def close(self) -> None:
         """Release the catalog's connections and this sink's spill directory."""

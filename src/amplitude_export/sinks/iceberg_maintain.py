@@ -22,11 +22,11 @@ the same time makes it start again rather than lose a window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..ledger import HourRecord
+from .maintenance import Maintenance
 
 if TYPE_CHECKING:
     from pyiceberg.table import FileScanTask, Table
@@ -37,30 +37,13 @@ DEFAULT_AGE = timedelta(days=7)
 MIN_FILES = 4
 
 
-@dataclass
-class Maintenance:
-    """What `maintain` did."""
-
-    files_compacted: int = 0  # live data files rewritten ...
-    files_written: int = 0  # ... into these
-    snapshots_expired: int = 0
-    files_deleted: int = 0
-    bytes_deleted: int = 0
-    note: str | None = None  # what could not be done, and why
-
-    def summary(self) -> str:
-        """One line for the CLI."""
-        line = (f"compacted {self.files_compacted} files into {self.files_written}; expired "
-                f"{self.snapshots_expired} snapshots; deleted {self.files_deleted} unreferenced files "
-                f"({self.bytes_deleted / 1e6:.1f} MB)")
-        return f"{line}; {self.note}" if self.note else line
-
-
 def maintain(sink: IcebergSink, *, compact: bool = True, min_files: int = MIN_FILES,
-             older_than: timedelta = DEFAULT_AGE, now: datetime | None = None) -> Maintenance:
-    """Compact (unless not `compact`), expire snapshots older than `older_than`, delete unreferenced files."""
-    done = Maintenance()
+             older_than: timedelta | None = None, now: datetime | None = None) -> Maintenance:
+    """Compact (unless not `compact`), expire snapshots older than `older_than` (None: `DEFAULT_AGE`), delete
+    unreferenced files as old."""
+    done = Maintenance(sink.description, snapshots_expired=0, bytes_deleted=0)
     now = now or datetime.now(UTC)
+    older_than = DEFAULT_AGE if older_than is None else older_than
     if compact:
         sink._commit(lambda table, written: _compact(sink, table, min_files, written, done))  # noqa: SLF001
     sink._commit(lambda table, written: _expire(sink, table, now - older_than, done))  # noqa: SLF001
@@ -150,7 +133,7 @@ def _delete_unreferenced(table: Table, before: datetime, done: Maintenance) -> N
                 continue
             fs.delete_file(info.path)
             done.files_deleted += 1
-            done.bytes_deleted += info.size or 0
+            done.bytes_deleted = (done.bytes_deleted or 0) + (info.size or 0)
 
 
 def _path_of(location: str) -> str:
