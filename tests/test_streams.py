@@ -114,14 +114,15 @@ def loaded(dest: str, project: str = KEY) -> dict[str, set[tuple[Any, ...]]]:
 
 def destination(kind: str, tmp_path: Path, pg_schema: str) -> str:
     return {"duckdb": f"duckdb:{tmp_path / 'amplitude.duckdb'}", "parquet": f"parquet:{tmp_path / 'lake'}",
-            "postgresql": f"{POSTGRES_URL}?schema={pg_schema}"}[kind]
+            "postgresql": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'warehouse'}",
+            "delta": f"delta:{tmp_path / 'lake' / 'events'}"}[kind]
 
 
 # -- every stream, every destination -------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
 def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     server: FakeExportServer, tmp_path: Path, pg_schema: str, kind: str
 ) -> None:
@@ -361,7 +362,7 @@ def test_parquet_removes_what_a_crashed_table_write_left(tmp_path: Path) -> None
     assert read_table(f"parquet:{lake}", "annotations").num_rows == 5
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
 def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_schema: str, kind: str) -> None:
     """The rows and the state row commit together: a write whose rows stop with an error leaves both as before,
     and a scoped write replaces only its scope."""
@@ -426,10 +427,10 @@ def test_a_destination_without_tables_is_refused_before_anything_is_fetched() ->
     from amplitude_export.streams import check_sink
 
     class EventsOnly:
-        description = "iceberg:warehouse"
+        description = "custom:events-only"
 
     check_sink(EventsOnly(), ["events"])
-    with pytest.raises(UsageError, match="iceberg:warehouse holds only events"):
+    with pytest.raises(UsageError, match="custom:events-only holds only events"):
         check_sink(EventsOnly(), ["events", "cohorts"])
 
 
@@ -468,7 +469,7 @@ def test_run_hashes_member_user_ids_like_events(tmp_path: Path) -> None:
     assert joined > 0  # the hashed ids still join
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
 def test_a_deletion_job_takes_a_users_members_out_of_every_destination(
     tmp_path: Path, pg_schema: str, kind: str
 ) -> None:

@@ -87,7 +87,7 @@ def check_sink(sink: object, streams: Iterable[str]) -> None:
     """Refuse, before anything is fetched, a destination that cannot hold the streams' tables."""
     if set(streams) - {EVENTS} and not all(hasattr(sink, name) for name in ("write_table", "table_states")):
         raise UsageError(f"--streams: {getattr(sink, 'description', 'this destination')} holds only events; "
-                         "the other streams go to duckdb:, parquet: and postgresql:// destinations")
+                         "the other streams need a destination with tables (write_table, table_states)")
 
 
 def tables_of(streams: Iterable[str]) -> list[TableSpec]:

@@ -24,7 +24,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from ..errors import DestinationBusyError
 from ..stream_tables import TABLES
-from ..table_ledger import TableState, TableWrite, with_project_column
+from ..table_ledger import TableState, TableWrite, project_rows, with_project_column
 
 TABLES_DIR = "_amplitude_tables"
 META = "amplitude_export"
@@ -109,7 +109,7 @@ class DeltaTables:
         schema = with_project_column(write.schema)
         rows = None
         if write.batches is not None:
-            rows = pa.Table.from_batches([_with_project(b, project, schema) for b in write.batches], schema)
+            rows = pa.Table.from_batches([project_rows(b, project, schema) for b in write.batches], schema)
         where = f"_project = {sql_literal(project)}"
         if write.scope_column is not None:
             if write.scope_values:
@@ -187,7 +187,3 @@ def _properties(payload: dict[str, Any], project: str, state: TableState | None)
     body = {"format": FORMAT, "states": states, "deleted": payload.get("deleted", {})}
     return CommitProperties(custom_metadata={META: body}, max_commit_retries=0)
 
-
-def _with_project(batch: pa.RecordBatch, project: str, schema: pa.Schema) -> pa.RecordBatch:
-    column = pa.repeat(pa.scalar(project, pa.string()), batch.num_rows)
-    return pa.RecordBatch.from_arrays([column, *batch.select(schema.names[1:]).columns], schema=schema)

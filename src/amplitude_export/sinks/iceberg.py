@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
+from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import iceberg_catalog as catalogs
 from . import iceberg_ledger as ledgers
@@ -50,6 +51,7 @@ from .duckdb import (
     winners_sql,
 )
 from .iceberg_files import file_batches, predicate, register_file, row_filter, window_filter, write_data_files
+from .iceberg_tables import IcebergTables
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
@@ -90,6 +92,7 @@ class IcebergSink:
         with self._errors("cannot open"):
             self.catalog = catalogs.load(self.location, create=not read_only)
             self.table = catalogs.open_table(self.catalog, self.location, create=not read_only)
+        self.tables = IcebergTables(self.catalog, self.location.namespace)
 
     # -- reading --
 
@@ -266,6 +269,9 @@ class IcebergSink:
                     Or(predicate("In", "amplitude_id", set(amplitude_ids)), predicate("IsNull", "amplitude_id")))
         gone_rows = f"_project = $project AND {DELETED_ROWS}"
 
+        with self._errors(f"cannot apply deletion job {record.day} to the cohort_members beside"):
+            members = self.tables.delete_members(project, amplitude_ids, record.day)
+
         def commit(table: Table, written: list[str]) -> DeletionRecord:
             gone: dict[datetime, int] = {}
             replaced: list[DataFile] = []
@@ -292,7 +298,8 @@ class IcebergSink:
             ledger = ledgers.read(table.properties).get(project, {})
             lowered = [dataclasses.replace(ledger[h], events_loaded=ledger[h].events_loaded - n)
                        for h, n in gone.items() if h in ledger]
-            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()))
+            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
+                                         cohort_rows_deleted=max(record.cohort_rows_deleted, members))
             properties = {**ledgers.updates(table.properties, project, lowered),
                           **ledgers.deletion_updates(table.properties, project, stored)}
             summary = {f"{SUMMARY}project-tag": ledgers.project_tag(project),
@@ -339,6 +346,24 @@ class IcebergSink:
                 self.row_group_size)
             files += write_data_files(table, day, reader, written)
         return files
+
+    # -- the tables of the other streams (`iceberg_tables`) --
+
+    def write_table(self, project: str, write: TableWrite) -> TableState:
+        """Replace the project's rows of a stream's table in scope and store its state, in one catalog commit."""
+        self._check_writable()
+        with self._errors(f"cannot write {write.table} beside"):
+            return self.tables.write(project, write)
+
+    def table_states(self, project: str) -> dict[str, TableState]:
+        """The state of each stream table of `project`, by table name."""
+        with self._errors("cannot read the tables beside"):
+            return self.tables.states(project)
+
+    def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
+        """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
+        with self._errors(f"cannot read {name} beside"):
+            return self.tables.read(name, project).cast(with_project_column(schema))
 
     # -- housekeeping --
 
