@@ -153,6 +153,34 @@ def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     assert not [r for r in server.apis.requests if r[2] == 429]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
+def test_a_stream_that_keeps_failing_costs_only_itself(
+    server: FakeExportServer, tmp_path: Path, pg_schema: str, kind: str
+) -> None:
+    """Annotations answer 500 past every retry: the run exits 1 naming them, and the events and the other streams
+    it fetched are committed as if nothing had happened."""
+    from amplitude_export import read_arrow
+
+    dest = destination(kind, tmp_path, pg_schema)
+    server.apis.failing = {"/api/3/annotations", "/api/2/annotations"}
+    try:
+        done = cli(server, tmp_path, "--dest", dest, "--streams", "events,cohorts,annotations,events_list",
+                   "--start", "2024-03-01T00", "--end", "2024-03-01T05", "--max-attempts", "2", "--retry-wait", "0")
+    finally:
+        server.apis.failing = set()
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].startswith("FAILED annotations: "), done.stdout
+    got, want = loaded(dest), expected(server.apis.project, [])
+    assert got["cohorts"] == want["cohorts"] and got["events_list"] == want["events_list"]
+    assert got["annotations"] == set()
+    uuids = read_arrow(dest).column("uuid").to_pylist()
+    assert set(uuids) == server.expected_uuids(DAY, DAY.replace(hour=5)) and len(uuids) == len(set(uuids))
+    with open_sink(dest, read_only=True) as sink:
+        assert set(sink.table_states(KEY)) == {"cohorts", "events_list"}  # type: ignore[attr-defined]
+
+
 def test_the_default_run_asks_no_other_api_and_creates_no_tables(tmp_path: Path) -> None:
     with fake_server_for() as fake:
         done = cli(fake, tmp_path, "--start", "2024-03-01T00", "--end", "2024-03-01T01")
