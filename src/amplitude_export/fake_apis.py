@@ -369,8 +369,8 @@ class FakeApis:
         for day in days:
             start = day - timedelta(days=day.weekday()) if interval == "7" else day.replace(day=1)
             bucket = buckets.setdefault(day if interval == "1" else start, set())
-            users = self.project.day_events(day)
-            bucket.update(key for key in users if metric == "active" or first_days.get(key) == day)
+            seen = self.project.day_events(day)
+            bucket.update(key for key in seen if metric == "active" or first_days.get(key) == day)
         labels: list[str] = []
         rows: dict[str, dict[date, int]] = {}
         for when, users in buckets.items():
