@@ -425,6 +425,29 @@ def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_sch
     assert pairs == {("a", 7), ("a", 8)} | {("b", i) for i in range(5)}
 
 
+@pytest.mark.parametrize("kind", ["iceberg", "delta"])
+def test_maintain_keeps_the_streams_tables_and_forgets_their_old_versions(tmp_path: Path, kind: str) -> None:
+    from datetime import timedelta as age
+
+    from amplitude_export.sinks.maintenance import maintain
+    from amplitude_export.table_ledger import TableState, TableWrite
+
+    spec, dest = TABLES["annotations"], destination(kind, tmp_path, "")
+    with open_sink(dest) as sink:
+        for n in range(1, 4):  # three runs: three versions of the table, each replacing the rows
+            rows = [{"id": i, "label": f"run {n}", "_taken_at": DAY} for i in range(n)]
+            sink.write_table(KEY, TableWrite(spec.name, spec.schema, [pa.RecordBatch.from_pylist(rows, spec.schema)],
+                                             TableState(spec.name, spec.stream, spec.refresh)))
+    done = maintain(dest, older_than=age(0))
+    assert done.files_deleted >= 2  # the replaced files of the first two runs
+    assert {(r["id"], r["label"]) for r in read_table(dest, "annotations").to_pylist()} == {
+        (0, "run 3"), (1, "run 3"), (2, "run 3")}
+    with open_sink(dest, read_only=True) as sink:
+        assert sink.table_states(KEY)["annotations"].rows == 3  # type: ignore[attr-defined]
+        if kind == "iceberg":
+            assert len(sink.tables.open("annotations").snapshots()) == 1  # type: ignore[attr-defined]
+
+
 def test_schema_md_names_every_table_its_key_and_columns() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "SCHEMA.md").read_text()
     section = text[text.index("## The other streams"):]

@@ -16,6 +16,9 @@ still referenced by older snapshots (time travel); a killed run leaves files no 
    and that is older than `older_than` is deleted. The age keeps the files of a run writing meanwhile, which the
    catalog does not know of yet.
 
+The tables of the other streams (`iceberg_tables`) get 2. and 3., not compaction: they are small, and rewritten
+whole or by cohort on every run anyway.
+
 Every commit here is computed against the latest snapshot and asserts it, like a window's, so a run writing at
 the same time makes it start again rather than lose a window.
 """
@@ -29,7 +32,7 @@ from ..ledger import HourRecord
 from .maintenance import Maintenance
 
 if TYPE_CHECKING:
-    from pyiceberg.table import FileScanTask, Table
+    from pyiceberg.table import FileScanTask, Table, Transaction
 
     from .iceberg import IcebergSink
 
@@ -48,6 +51,12 @@ def maintain(sink: IcebergSink, *, compact: bool = True, min_files: int = MIN_FI
         sink._commit(lambda table, written: _compact(sink, table, min_files, written, done))  # noqa: SLF001
     sink._commit(lambda table, written: _expire(sink, table, now - older_than, done))  # noqa: SLF001
     _delete_unreferenced(sink.table, now - older_than, done)
+    for name in sink.tables.names():  # the streams' tables: small, so expiry and unreferenced files only
+        expired = sink.tables.retry(name, lambda table: _expire_table(table, now - older_than))
+        done.snapshots_expired = (done.snapshots_expired or 0) + expired
+        table = sink.tables.open(name)
+        if table is not None:
+            _delete_unreferenced(table, now - older_than, done)
     return done
 
 
@@ -82,19 +91,35 @@ def _compact(sink: IcebergSink, table: Table, min_files: int, written: list[str]
 
 
 def _expire(sink: IcebergSink, table: Table, before: datetime, done: Maintenance) -> list[HourRecord]:
+    tx, done.snapshots_expired = _expiry(table, before)
+    if tx is not None:
+        sink.send(tx)
+    return []
+
+
+def _expire_table(table: Table, before: datetime) -> int:
+    """Expire the snapshots of a stream's table older than `before` (never its current one); how many."""
+    tx, expired = _expiry(table, before)
+    if tx is not None:
+        tx.commit_transaction()
+    return expired
+
+
+def _expiry(table: Table, before: datetime) -> tuple[Transaction | None, int]:
+    """A transaction expiring the snapshots older than `before` but the current one (None if there are none), and
+    how many it expires."""
+    from pyiceberg.table.update.snapshot import ExpireSnapshots
+
     from .iceberg_catalog import without_retries
 
     current = table.current_snapshot()
     old = [s.snapshot_id for s in table.snapshots()
            if s.timestamp_ms < before.timestamp() * 1000 and (current is None or s.snapshot_id != current.snapshot_id)]
-    if old:
-        from pyiceberg.table.update.snapshot import ExpireSnapshots
-
-        tx = without_retries(table).transaction()
-        ExpireSnapshots(tx).by_ids(old).commit()
-        sink.send(tx)
-    done.snapshots_expired = len(old)
-    return []
+    if not old:
+        return None, 0
+    tx = without_retries(table).transaction()
+    ExpireSnapshots(tx).by_ids(old).commit()
+    return tx, len(old)
 
 
 def _reachable(table: Table) -> set[str]:

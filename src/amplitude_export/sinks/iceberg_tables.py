@@ -51,6 +51,10 @@ class IcebergTables:
         except (NoSuchTableError, NoSuchNamespaceError):
             return None
 
+    def names(self) -> list[str]:
+        """The stream tables that exist."""
+        return [name for name in TABLES if self.open(name) is not None]
+
     def _create(self, name: str) -> Table:
         self.catalog.create_namespace_if_not_exists(self.namespace)
         return self.catalog.create_table_if_not_exists((self.namespace, name),
@@ -102,7 +106,7 @@ class IcebergTables:
             tx.commit_transaction()
             return state
 
-        return self._retry(write.table, attempt, create=True)
+        return self.retry(write.table, attempt, create=True)
 
     def delete_members(self, project: str, amplitude_ids: list[int], day: date) -> int:
         """Delete the users' rows of `project` from `cohort_members` (where it exists), lowering its state's row
@@ -131,10 +135,12 @@ class IcebergTables:
 
         if self.open(MEMBERS) is None:
             return 0
-        result: int = self._retry(MEMBERS, attempt, create=False)
+        result: int = self.retry(MEMBERS, attempt, create=False)
         return result
 
-    def _retry(self, name: str, attempt: Any, *, create: bool) -> Any:
+    def retry(self, name: str, attempt: Any, *, create: bool = False) -> Any:
+        """`attempt(table)` (which commits) on the table's latest snapshot until the catalog takes its commit
+        (created first when `create`; 0 without the table otherwise)."""
         from pyiceberg.exceptions import CommitFailedException
 
         for _ in range(COMMIT_ATTEMPTS):
