@@ -37,7 +37,7 @@ from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import with_project
-from .delta_tables import DeltaTables, sql_literal
+from .delta_tables import DeltaTables, carried, sql_literal
 from .duckdb import (
     COLUMNS_SQL,
     DELETED,
@@ -460,9 +460,10 @@ class DeltaSink:
             self._save_cache(every=1, strict=True)
             for uri in [self._cache_uri, *self._side_tables()]:
                 side = DeltaTable(uri, storage_options=self.options)
-                if compact and uri != self._cache_uri:
-                    side.optimize.compact(writer_properties=WRITER)
-                removed += side.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+                if compact and uri != self._cache_uri:  # its commit carries the newest states forward
+                    side.optimize.compact(writer_properties=WRITER, commit_properties=carried(side))
+                removed += side.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True,
+                                       commit_properties=carried(side))
         except CommitFailedError:
             raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
                                        "run maintain again") from None

@@ -165,6 +165,14 @@ class DeltaTables:
                                    f"{COMMIT_ATTEMPTS} attempts; run again")
 
 
+def carried(table: DeltaTable) -> CommitProperties:
+    """Commit properties that carry the table's newest `amplitude_export` forward (for commits of `maintain`), so
+    the newest commit still says everything once Delta deletes older commit files; no automatic retry, since a
+    commit landing meanwhile would make the carried value stale."""
+    payload = DeltaTables.payload(table)
+    return CommitProperties(custom_metadata={META: payload} if payload else None, max_commit_retries=0)
+
+
 def _count(table: DeltaTable, project: str, where: str | None = None) -> int:
     """The project's rows (matching `where`, SQL over the table), counted with DuckDB."""
     import duckdb
