@@ -202,6 +202,28 @@ def test_a_commit_that_lost_a_race_is_checked_against_the_winner_and_committed_a
         assert uuids(reader.read_arrow()) == ["x", "y", "z"] and verify(reader, "p").complete
 
 
+def test_a_deletion_that_lost_a_race_lowers_the_winners_ledger_rows_too(table: Table) -> None:
+    from amplitude_export.ledger import DeletionRecord
+
+    with table.sink() as sink:
+        rows = hour_events(hour(0), ["a", "b"])
+        sink.write_window("p", window(0, 0), [batch(rows)], finisher(window(0, 0), rows))
+    first, second = table.sink(), table.sink()  # two writers on one snapshot
+    try:
+        rows = hour_events(hour(1), ["c", "d"])
+        second.write_window("p", window(1, 1), [batch(rows)], finisher(window(1, 1), rows))
+        doomed = rows[0]["amplitude_id"]  # line 1 of each hour: "a", and "c" which first's snapshot lacks
+        stored = first.delete_users("p", [doomed], DeletionRecord(date(2024, 3, 9), "done", [doomed]))
+        assert stored.rows_deleted == 2
+        assert {h: r.events_loaded for h, r in first.ledger("p").items()} == {hour(0): 1, hour(1): 1}
+    finally:
+        first.close()
+        second.close()
+    with table.sink(read_only=True) as reader:
+        assert uuids(reader.read_arrow()) == ["b", "d"] and verify(reader, "p").complete
+        assert [(r.day, r.rows_deleted) for r in reader.deletion_records("p")] == [(date(2024, 3, 9), 2)]
+
+
 def test_a_reader_polling_during_reloads_sees_each_window_whole(local: Table) -> None:
     day = window(0, 23)
     versions = [[row for h in day.each_hour() for row in hour_events(h, [f"{h:%H}-{n}-{v}" for n in range(5)])]

@@ -346,6 +346,7 @@ class DeltaSink:
                     log.info("%s: another writer committed first; deletion job %s is checked again", self.uri,
                              record.day)
                     self.table.update_incremental()
+                    self._fold()  # the ledger rows it lowers are those of the new snapshot
             else:
                 raise DestinationBusyError(f"{self.description}: other writers committed before each of "
                                            f"{COMMIT_ATTEMPTS} attempts to apply deletion job {record.day}; run again")
