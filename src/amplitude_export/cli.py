@@ -745,18 +745,14 @@ def report(dest: str | None, project: str | None, data_dir: Path, start: str | N
 @cli.command(epilog=EXIT_CODES)
 @dest_options
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
-@click.option("--older-than", "older_than", type=click.IntRange(0, None), default=168, show_default=True,
-              metavar="HOURS", help="iceberg: expire snapshots, and delete unreferenced files, older than this. 0 only "
-              "while no run writes: a run's files are unreferenced until it commits.")
+@click.option("--older-than", "older_than", default=None, metavar="AGE",
+              help="Delete what no snapshot or version younger than this needs: 7d, 24h, 90m, or 0 (only while no "
+                   "run writes: a run's files are unreferenced until it commits). Default: iceberg: 7d; delta: the "
+                   "table's delta.deletedFileRetentionDuration (7 days unless set).")
 @click.option("--compact/--no-compact", default=True, show_default=True,
-              help="iceberg: rewrite each upload day's small files into few large ones first (delta: always).")
-@click.option("--retain-hours", type=click.IntRange(min=1), default=None,
-              help="delta: keep the files that versions of the last N hours need (readers of older snapshots, "
-                   "time travel); default: the table's own setting (delta.deletedFileRetentionDuration, "
-                   "7 days unless set).")
+              help="First rewrite small files into few large ones.")
 @reports_errors
-def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: int, compact: bool,
-             retain_hours: int | None) -> None:
+def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: str | None, compact: bool) -> None:
     """Housekeeping of a table destination (iceberg:, delta:): compact small files, drop what no recent
     snapshot or version needs.
 
@@ -766,30 +762,16 @@ def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: 
     \b
     Example:
       amplitude-export maintain --dest iceberg:warehouse/
-      amplitude-export maintain --dest iceberg:warehouse/ --older-than 24 --no-compact
-      amplitude-export maintain --dest delta:events/
-      amplitude-export maintain --dest delta:s3://bucket/amplitude --retain-hours 24
+      amplitude-export maintain --dest iceberg:warehouse/ --older-than 24h --no-compact
+      amplitude-export maintain --dest delta:s3://bucket/amplitude --older-than 7d
     """
-    from datetime import timedelta
-
-    from .sinks import open_sink
+    from .sinks.maintenance import maintain as maintain_table
+    from .sinks.maintenance import parse_age
 
     if dest is None:
         raise UsageError("maintain needs --dest (an iceberg: or delta: table)")
-    url = _dest(dest, data_dir)
-    sink = open_sink(url, **_sink_options())
-    try:
-        housekeeping = getattr(sink, "maintain", None)
-        if housekeeping is None:
-            raise UsageError(f"{sink.description}: maintain applies to iceberg: and delta: tables "
-                             "(the other destinations need none)")
-        if url.lower().startswith("delta:"):
-            click.echo(housekeeping(retain_hours=retain_hours))
-        else:
-            done = housekeeping(compact=compact, older_than=timedelta(hours=older_than))
-            click.echo(f"{sink.description}: {done.summary()}")
-    finally:
-        sink.close()
+    age = parse_age(older_than) if older_than is not None else None
+    click.echo(maintain_table(_dest(dest, data_dir), compact=compact, older_than=age, **_sink_options()).summary())
 
 
 def _hour_list(option: str, text: str | None) -> list[datetime]:
