@@ -110,8 +110,8 @@ def test_the_api_functions_stay_functions_beside_submodules_of_the_same_name() -
     import amplitude_export.status
     import amplitude_export.verify  # noqa: F401
 
-    assert callable(amplitude_export.verify) and amplitude_export.verify.__module__ == "amplitude_export.api"
-    assert amplitude_export.status.__module__ == "amplitude_export.api"
+    assert callable(amplitude_export.verify) and amplitude_export.verify.__module__ == "amplitude_export.reads"
+    assert amplitude_export.status.__module__ == "amplitude_export.reads"
     from amplitude_export.verify import Verification
 
     assert Verification.__module__ == "amplitude_export.verify"

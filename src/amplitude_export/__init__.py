@@ -1,9 +1,9 @@
 """amplitude-export: move raw events out of Amplitude's Export API into DuckDB, Parquet, PostgreSQL and pandas.
 
-The library is what the CLI calls. Each command is a function with the command's options as keyword arguments
-(`api.py`): `run`, `extract`, `load`, `verify`, `status`, `sync_deletions`. The loaded events come back as a
-stream of Arrow batches (`read_batches`), an Arrow table (`read_arrow`) or a pandas DataFrame (`read_events`,
-the `pandas` extra); `read_table` gives the tables of `run --streams` (`reads.py`).
+The library is what the CLI calls. Each command is a function with the command's options as keyword arguments:
+`run`, `extract`, `load`, `sync_deletions` (`api.py`), `status`, `verify` (`reads.py`). The loaded events come
+back as a stream of Arrow batches (`read_batches`), an Arrow table (`read_arrow`) or a pandas DataFrame
+(`read_events`, the `pandas` extra); `read_table` gives the tables of `run --streams` (`reads.py`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import types
 
 __version__ = "0.1.0"
 
-from .api import RunResult, extract, load, run, status, sync_deletions, verify  # noqa: E402
-from .reads import read_arrow, read_batches, read_events, read_table  # noqa: E402
+from .api import RunResult, extract, load, run, sync_deletions  # noqa: E402
+from .reads import read_arrow, read_batches, read_events, read_table, status, verify  # noqa: E402
 
 __all__ = [
     "RunResult",

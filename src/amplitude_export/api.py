@@ -1,6 +1,7 @@
-"""What each command does, as a function: the command's options are keyword arguments, and the result is an
-object (a `RunReport`, a `Verification`, ...) instead of an exit code. The CLI parses flags and calls these;
-`import amplitude_export` offers them at the top level.
+"""What each command that moves data does, as a function: the command's options are keyword arguments, and the
+result is an object (a `RunResult`, a `RunReport`, ...) instead of an exit code. The CLI parses flags and calls
+these; `import amplitude_export` offers them at the top level (and `status`, `verify` and the reads of
+`reads.py`). Also the steps the commands share: the destination URL, opening it, naming the project.
 
 Every function raises the errors of `errors.py` (a `UsageError` for bad input, before anything is created).
 Credentials come from the arguments, else the `AMP_*` variables, else `.env`, as for the CLI.
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from .progress import Reporter
     from .sinks import Sink
     from .streams import StreamsReport, TableSink
-    from .verify import Verification
 
 log = logging.getLogger("amplitude_export")
 
@@ -455,50 +455,3 @@ def _sync(
 
     with DeletionsClient(credentials, max_attempts=max_attempts, wait_initial=retry_wait) as client:
         return sync(client, sink, project, data_dir=data_dir, start_day=start_day, end_day=end_day, run_id=run_id)
-
-
-def status(
-    dest: str | None = None,
-    *,
-    project: str | None = None,
-    api_key: str | None = None,
-    data_dir: str | Path = DATA_DIR,
-    start: Hour | None = None,
-    end: Hour | None = None,
-    schema: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """What the destination holds, as plain data (`amplitude-export status --json`): its spans of hours, every
-    ledger row, and where the next run starts; `start`/`end` limit what is shown."""
-    from .status import hour_range, status_data
-
-    first, last = hour_range(hour_text(start), hour_text(end, is_end=True))
-    sink = open_for_reading(destination(dest, Path(data_dir), schema=schema), storage_options=storage_options)
-    try:
-        return status_data(sink, resolve_project(project, api_key, sink), start=first, end=last)
-    finally:
-        sink.close()
-
-
-def verify(
-    dest: str | None = None,
-    *,
-    project: str | None = None,
-    api_key: str | None = None,
-    data_dir: str | Path = DATA_DIR,
-    deep: bool = False,
-    schema: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> Verification:
-    """Check that the destination is complete: every hour from the first to the last loaded is present and whole
-    (`amplitude-export verify`); with `deep`, the archives kept under DATA_DIR/raw are hashed again."""
-    from .verify import verify as verify_sink
-
-    sink = open_for_reading(destination(dest, Path(data_dir), schema=schema), storage_options=storage_options)
-    try:
-        name = resolve_project(project, api_key, sink)
-        result = verify_sink(sink, name, deep=deep, raw_dir=Path(data_dir) / "raw")
-        result.destination, result.project = sink.description, name
-        return result
-    finally:
-        sink.close()

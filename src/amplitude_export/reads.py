@@ -1,4 +1,5 @@
-"""Reading the loaded events back: a stream of Arrow batches, an Arrow table, or a pandas DataFrame.
+"""Reading a destination back: its events as a stream of Arrow batches, an Arrow table or a pandas DataFrame;
+the tables of `run --streams`; what `status` and `verify` show.
 
 `start` and `end` name whole UTC upload hours (`server_upload_time`), both inclusive: the CLI's forms
 (`2024-03-01`, `20240301T05`), ISO 8601 times (`2024-03-01T05:00:00Z`) or aware datetimes, each naming the hour
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .api import DATA_DIR, Hour, destination, hour_text, open_for_reading, resolve_project
 from .errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
+
+    from .verify import Verification
 
 TIME_COLUMN = "server_upload_time"
 PANDAS_MISSING = "read_events needs pandas: pip install 'amplitude-export[pandas]'"
@@ -143,5 +148,52 @@ def read_table(
     sink = open_sink(dest, read_only=True, storage_options=storage_options)
     try:
         return sink.read_table(name, TABLES[name].schema, project)  # type: ignore[attr-defined]
+    finally:
+        sink.close()
+
+
+def status(
+    dest: str | None = None,
+    *,
+    project: str | None = None,
+    api_key: str | None = None,
+    data_dir: str | Path = DATA_DIR,
+    start: Hour | None = None,
+    end: Hour | None = None,
+    schema: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What the destination holds, as plain data (`amplitude-export status --json`): its spans of hours, every
+    ledger row, and where the next run starts; `start`/`end` limit what is shown."""
+    from .status import hour_range, status_data
+
+    first, last = hour_range(hour_text(start), hour_text(end, is_end=True))
+    sink = open_for_reading(destination(dest, Path(data_dir), schema=schema), storage_options=storage_options)
+    try:
+        return status_data(sink, resolve_project(project, api_key, sink), start=first, end=last)
+    finally:
+        sink.close()
+
+
+def verify(
+    dest: str | None = None,
+    *,
+    project: str | None = None,
+    api_key: str | None = None,
+    data_dir: str | Path = DATA_DIR,
+    deep: bool = False,
+    schema: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Verification:
+    """Check that the destination is complete: every hour from the first to the last loaded is present and whole
+    (`amplitude-export verify`); with `deep`, the archives kept under DATA_DIR/raw are hashed again."""
+    from .verify import verify as verify_sink
+
+    sink = open_for_reading(destination(dest, Path(data_dir), schema=schema), storage_options=storage_options)
+    try:
+        name = resolve_project(project, api_key, sink)
+        result = verify_sink(sink, name, deep=deep, raw_dir=Path(data_dir) / "raw")
+        result.destination, result.project = sink.description, name
+        return result
     finally:
         sink.close()

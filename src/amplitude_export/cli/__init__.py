@@ -7,10 +7,11 @@ refused before anything is created; 3 Amplitude refused the credentials; 4 the d
 cannot be opened or written (a full disk); 5 another run holds the destination; 130 interrupted.
 
 `app.py` holds the group and the error mapping, `options.py` the shared options, `commands.py` the commands
-that move and check data, `render.py` what they print, `maintain.py` and `servers.py` the rest.
+that move data, `readback.py` those that read a destination back (`status`, `verify`, `report`), `render.py`
+what they print, `maintain.py` and `servers.py` the rest.
 """
 
-from . import commands, maintain, servers  # noqa: F401 - each registers its commands on `cli`
+from . import commands, maintain, readback, servers  # noqa: F401 - each registers its commands on `cli`
 from .app import cli, main
 
 __all__ = ["cli", "main"]
