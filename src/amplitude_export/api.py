@@ -53,6 +53,7 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
+        """Whether every part completed."""
         return self.exit_code == EXIT_OK
 
     def summary(self) -> str:
