@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+from . import clock
 from .errors import ArchiveError
 from .fetch import Fetch
 from .ledger import EMPTY, FAILED, LOADED, HourRecord
@@ -218,7 +219,7 @@ class Loader:
         split_from: Window | None = None,
     ) -> None:  # fmt: skip
         """Ledger rows for every hour of a window that loaded nothing (failed, too large, empty)."""
-        now = datetime.now(UTC)
+        now = clock.now()
         self.sink.record_hours(self.project, [
             HourRecord(hour=h, status=status, reason=reason, attempts=max(1, attempts),
                        split_from=str(split_from) if split_from else None, run_id=self.run_id, updated_at=now)

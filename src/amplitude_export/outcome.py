@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import clock
 from .errors import EXIT_INCOMPLETE, EXIT_OK
 from .ledger import FAILED, TOO_LARGE
 from .windows import Window, label_hour
@@ -19,7 +20,7 @@ def plural(count: int, noun: str) -> str:
 
 def new_run_id(now: datetime | None = None) -> str:
     """A sortable, unique run id: `20240302T031500Z-1a2b3c`."""
-    moment = (now or datetime.now(UTC)).astimezone(UTC)
+    moment = (now or clock.now()).astimezone(UTC)
     return f"{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 

@@ -9,10 +9,10 @@ CLI passes on.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-from . import sinks
+from . import clock, sinks
 from .client import CACHED, ExportClient
 from .errors import AmplitudeExportError
 from .fetch import MAX_SAFE_CONCURRENCY, Fetch, check_concurrency, fetch_windows
@@ -80,7 +80,7 @@ def run(
     jobs the destination applied are always left out; with PII controls `keep_raw` defaults to False.
     """
     reporter = reporter or Reporter()
-    moment = now or datetime.now(UTC)
+    moment = now or clock.now()
     report = RunReport(run_id or new_run_id(moment))
     check_concurrency(concurrency)
     privacy, keep_raw = privacy_controls(sink, project, privacy, keep_raw, report, data_dir)
@@ -127,7 +127,7 @@ def extract(
     check_concurrency(concurrency)
     raw_dir = data_dir / "raw"
     empty = landed_windows(raw_dir, ".empty")
-    planned, notes = plan_range(start, end, now or datetime.now(UTC), lag_hours, window_hours)
+    planned, notes = plan_range(start, end, now or clock.now(), lag_hours, window_hours)
     report.notes += notes
     windows = plan_around_landed(planned, landed_windows(raw_dir) | empty)
     pending = [w for w in windows if w not in empty]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,9 @@ import pyarrow as pa
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..windows import Window
+
+if TYPE_CHECKING:
+    from .maintenance import Maintenance
 
 
 class WindowRead(Protocol):
@@ -96,11 +99,12 @@ class Sink(Protocol):
 
 
 class Maintainable(Protocol):
-    """What `amplitude-export maintain` needs from a table format's sink (an optional part of a Sink)."""
+    """What `amplitude-export maintain` needs from a table format's sink (an optional part of a Sink;
+    `maintenance.maintain` is the library's entry)."""
 
-    def maintain(self, *, retain_hours: int | None = None) -> str:
-        """Compact small files and delete what no version of the last `retain_hours` needs (None: the table's
-        own setting); return one line saying what was done."""
+    def maintain(self, *, compact: bool = True, older_than: timedelta | None = None) -> Maintenance:
+        """Compact small files (when `compact`), then delete what no snapshot or version younger than
+        `older_than` needs (None: the format's default); say what was done."""
         ...
 
 
