@@ -37,7 +37,7 @@ import httpx
 import stamina
 from isal import igzip
 
-from . import __version__
+from . import __version__, clock
 from .config import Credentials
 from .errors import AmplitudeExportError, AuthError, StorageError, TransientError, UsageError
 from .ledger import DeletionRecord, HourRecord
@@ -261,7 +261,7 @@ def sync(
     files under `data_dir`; see the module."""
     if not hasattr(sink, "delete_users"):
         raise UsageError(f"{sink.description}: this destination cannot apply deletions yet")
-    moment = now or datetime.now(UTC)
+    moment = now or clock.now()
     records = sink.deletion_records(project)
     if start_day is None or end_day is None:
         first, last = default_range(records, sink.ledger(project), moment.date())

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pyarrow as pa
 
+from . import clock
 from .config import load_credentials
 from .errors import AmplitudeExportError, UsageError
 from .schema import ARROW_SCHEMA
@@ -106,7 +107,7 @@ def amplitude_source(
 
     @dlt.resource(name=table_name, primary_key="uuid", write_disposition="merge")
     def events(server_upload_time: Any = cursor) -> Iterator[pa.RecordBatch]:
-        moment = now or datetime.now(UTC)
+        moment = now or clock.now()
         begin, stop = _plan_range(server_upload_time, first, last, moment, lag_hours)
         if stop < begin:
             log.info("nothing to export: up to date through %s", begin - HOUR)
@@ -141,7 +142,7 @@ def _stream_resources(dlt: Any, credentials: Any, chosen: list[str], *, start: d
         return DashboardClient(credentials, max_concurrency=concurrency, max_attempts=max_attempts,
                                transport=transport)
 
-    moment = now or datetime.now(UTC)
+    moment = now or clock.now()
     taxonomy: dict[str, Any] = {}  # the three taxonomy tables come from one set of requests
 
     def snapshot(name: str) -> Iterator[pa.Table]:

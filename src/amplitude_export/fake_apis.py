@@ -33,6 +33,7 @@ from urllib.parse import SplitResult, parse_qs, unquote
 
 import msgspec
 
+from . import clock
 from .errors import UsageError
 from .fake_project import DAY, DeletionJob, FakeProject, parse_day
 
@@ -110,7 +111,7 @@ class FakeApis:
         known, invalid = self.project.resolve(amplitude_ids, user_ids)
         if invalid:
             raise UsageError(f"--delete-users: not users of the fake project: {', '.join(map(str, invalid))}")
-        today = datetime.now(UTC).date()
+        today = clock.now().date()
         job = DeletionJob(day=day or today, status="done" if done else "staging")
         job.users = [{"amplitude_id": amplitude_id, "requester": requester,
                       "requested_on_day": (job.day - 14 * DAY).isoformat()} for amplitude_id in known]
@@ -249,7 +250,7 @@ class FakeApis:
     # -- cohorts ---------------------------------------------------------------------------------------------
 
     def _usage(self) -> dict[str, Any]:
-        today = datetime.now(UTC)
+        today = clock.now()
         resets = datetime(today.year + today.month // 12, today.month % 12 + 1, 1, tzinfo=UTC)
         return {"rest_download": {"limit": MONTHLY_COHORT_DOWNLOADS,
                                   "usage": MONTHLY_COHORT_DOWNLOADS - max(0, self.cohort_quota),
@@ -447,7 +448,7 @@ class FakeApis:
         if invalid and not ignore:
             raise error(400, "BadRequest", "invalid ids", invalid_ids=invalid)
         with self._lock:
-            job = self.project.schedule(known, str(request.get("requester", "")), datetime.now(UTC).date())
+            job = self.project.schedule(known, str(request.get("requester", "")), clock.now().date())
             mapped = ({key: self.project.user_id(key) for key in known}
                       if str(request.get("include_mapped_user_ids", "")).lower() == "true" else None)
             answer = job.as_json(include_user_ids=mapped)

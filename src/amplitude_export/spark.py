@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from . import clock
 from .config import Credentials, load_credentials
 from .errors import AmplitudeExportError, UsageError
 from .fetch import MAX_SAFE_CONCURRENCY
@@ -107,7 +108,7 @@ class Settings:
         return windows
 
     def clock(self) -> datetime:
-        return self.now or datetime.now(UTC)
+        return self.now or clock.now()
 
 
 def settings(options: Mapping[str, str], *, streaming: bool = False) -> Settings:

@@ -20,13 +20,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import pyarrow as pa
 
+from . import clock
 from .config import Credentials
 from .dashboard import DEFAULT_CONCURRENCY, DashboardClient
 from .deletions import deleted_users
@@ -147,7 +148,7 @@ def run_streams(
     streams = list(streams)
     check_sink(sink, streams)
     tables = cast(TableSink, sink)
-    moment = now or datetime.now(UTC)
+    moment = now or clock.now()
     start_day = end_day = None
     if start is not None:
         start_day = resolve_range(start, end, now=moment, lag_hours=lag_hours)[0].date()
@@ -185,7 +186,7 @@ def load_streams(
     AuthError and destination errors stop the run; a stream that still fails after retries is reported in
     `failed` (exit 1) while the others load; a taxonomy the plan lacks and a spent cohort quota are notes.
     """
-    moment = now or datetime.now(UTC)
+    moment = now or clock.now()
     chosen = [name for name in streams if name != EVENTS]
     report = StreamsReport()
     states = sink.table_states(project)

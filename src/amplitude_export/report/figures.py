@@ -12,6 +12,7 @@ from typing import Any
 
 import duckdb
 
+from .. import clock
 from ..ledger import DONE, HourRecord, spans
 from ..windows import HOUR, Window, floor_hour, label_hour
 from .health import health
@@ -68,7 +69,7 @@ def gather(snapshot: Snapshot, *, start: datetime | None = None, end: datetime |
     con = snapshot.con
     meta: dict[str, Any] = {
         "project": snapshot.project,
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "generated_at": clock.now().isoformat(timespec="seconds"),
         "hourly_days": HOURLY_DAYS,
     }
     resolved = _resolve_range(snapshot, start, end)

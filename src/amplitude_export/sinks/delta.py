@@ -31,6 +31,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from .. import clock
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
@@ -244,7 +245,7 @@ class DeltaSink:
             for _ in range(COMMIT_ATTEMPTS):
                 self._find_taken(con, project, window)
                 loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {_KEPT} GROUP BY 1")
-                records = fill_counts(records_read, staged, loaded, datetime.now(UTC))
+                records = fill_counts(records_read, staged, loaded, clock.now())
                 try:
                     self._commit_window(con, project, window, records)
                     break
@@ -294,7 +295,7 @@ class DeltaSink:
         self._check_writable()
         if not records:
             return
-        now = datetime.now(UTC)
+        now = clock.now()
         stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
         try:
             write_deltalake(self.table, DELTA_SCHEMA.empty_table(), mode="append",

@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
+from .. import clock
 from ..errors import DestinationBusyError
 from ..stream_tables import TABLES
 from ..table_ledger import TableState, TableWrite, project_rows, with_project_column
@@ -123,12 +124,12 @@ class DeltaTables:
             try:
                 if rows is not None and where != "false":
                     kept = _count(table, project) - _count(table, project, where)
-                    state = dataclasses.replace(write.state, rows=kept + rows.num_rows, loaded_at=datetime.now(UTC))
+                    state = dataclasses.replace(write.state, rows=kept + rows.num_rows, loaded_at=clock.now())
                     write_deltalake(table, rows, mode="overwrite", predicate=where,
                                     commit_properties=_properties(payload, project, state))
                 else:
                     rows_now = _count(table, project) + (rows.num_rows if rows is not None else 0)
-                    state = dataclasses.replace(write.state, rows=rows_now, loaded_at=datetime.now(UTC))
+                    state = dataclasses.replace(write.state, rows=rows_now, loaded_at=clock.now())
                     write_deltalake(table, rows if rows is not None else schema.empty_table(), mode="append",
                                     commit_properties=_properties(payload, project, state))
                 return state

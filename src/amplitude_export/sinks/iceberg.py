@@ -30,6 +30,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .. import clock
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
@@ -157,7 +158,7 @@ class IcebergSink:
     def record_hours(self, project: str, records: list[HourRecord]) -> None:
         """Store ledger rows for hours without events (empty, failed, too large); the rows stay as they are."""
         self._check_writable()
-        now = datetime.now(UTC)
+        now = clock.now()
         stamped = [r if r.updated_at else _stamped(r, now) for r in records]
 
         def commit(table: Table, written: list[str]) -> list[HourRecord]:
@@ -215,7 +216,7 @@ class IcebergSink:
         mine = window_filter(project, window)
         keep = self._skip_taken(con, table, mine)
         loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} WHERE {keep} GROUP BY 1")
-        filled = fill_counts(records, staged, loaded, datetime.now(UTC))
+        filled = fill_counts(records, staged, loaded, clock.now())
         # files holding rows of the window's hours: dropped, their other rows copied into new files of the same day
         replaced, added = self._rewrite_without(table, mine, written)
         added += self._write_files(con, table, keep, written)

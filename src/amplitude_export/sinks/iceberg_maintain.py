@@ -28,6 +28,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .. import clock
 from ..ledger import HourRecord
 from .maintenance import Maintenance
 
@@ -45,7 +46,7 @@ def maintain(sink: IcebergSink, *, compact: bool = True, min_files: int = MIN_FI
     """Compact (unless not `compact`), expire snapshots older than `older_than` (None: `DEFAULT_AGE`), delete
     unreferenced files as old."""
     done = Maintenance(sink.description, snapshots_expired=0, bytes_deleted=0)
-    now = now or datetime.now(UTC)
+    now = now or clock.now()
     older_than = DEFAULT_AGE if older_than is None else older_than
     if compact:
         sink._commit(lambda table, written: _compact(sink, table, min_files, written, done))  # noqa: SLF001

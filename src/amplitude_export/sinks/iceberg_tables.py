@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from .. import clock
 from ..errors import DestinationBusyError
 from ..stream_tables import TABLES
 from ..table_ledger import TableState, TableWrite, project_rows, with_project_column
@@ -94,7 +95,7 @@ class IcebergTables:
 
         def attempt(table: Table) -> TableState:
             replaced = _count(table, scope) if rows is not None else 0
-            state = dataclasses.replace(write.state, loaded_at=datetime.now(UTC),
+            state = dataclasses.replace(write.state, loaded_at=clock.now(),
                                         rows=_count(table, _of(project)) - replaced + (rows.num_rows if rows else 0))
             tx = catalogs.without_retries(table).transaction()
             if rows is not None:
