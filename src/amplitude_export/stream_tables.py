@@ -159,8 +159,13 @@ def member_batches(path: Path, cohort_id: str, last_computed: datetime | None,
 # -- annotations and the events list ---------------------------------------------------------------------------
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """A nested object, or an empty one where the API sent something else."""
+    return value if isinstance(value, dict) else {}
+
+
 def _annotation(item: dict[str, Any], taken_at: datetime) -> dict[str, Any]:
-    category = item.get("category") if isinstance(item.get("category"), dict) else {}
+    category = _mapping(item.get("category"))
     return {"id": _int(item.get("id")), "starts_at": _iso(item.get("start")), "ends_at": _iso(item.get("end")),
             "label": _text(item.get("label")), "details": _text(item.get("details")),
             "category_id": _int(category.get("id")), "category": _text(category.get("name", category.get("category"))),
@@ -203,7 +208,7 @@ _EVENT_TYPE = {"event_type": (pa.string(), "event_type"), "display_name": (pa.st
 
 
 def _event_type(item: dict[str, Any], taken_at: datetime) -> dict[str, Any]:
-    category = item.get("category") if isinstance(item.get("category"), dict) else {}
+    category = _mapping(item.get("category"))
     return {**_typed(_EVENT_TYPE, item), "category": _text(category.get("name")), "tags": _json(item.get("tags")),
             "_extra": _extra(item, {key for _, key in _EVENT_TYPE.values()} | {"category", "tags"}),
             "_taken_at": taken_at}
