@@ -35,18 +35,9 @@ from ..ledger import HourRecord
 from ..schema import ARROW_SCHEMA
 from ..windows import Window
 from . import with_project
-from .duckdb import (
-    COLUMNS_SQL,
-    STAGE,
-    configure,
-    fill_counts,
-    hour_counts,
-    record_from_row,
-    records_table,
-    stage_batches,
-    time_filter,
-    winners_sql,
-)
+from .duckdb_stage import COLUMNS_SQL, STAGE, configure, hour_counts, stage_batches, time_filter, winners_sql
+from .ledger_table import record_from_row, records_table
+from .staging import fill_counts
 
 log = logging.getLogger(__name__)
 
