@@ -26,14 +26,9 @@ from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, DUCKDB_TYPES, RETYPED, quote
 from ..table_ledger import (
-    STATE_COLUMNS,
     STATE_TABLE,
     TableState,
     TableWrite,
-    sql_type,
-    state_from_row,
-    state_values,
-    with_project_column,
 )
 from ..windows import Window
 from . import with_project
@@ -51,8 +46,10 @@ from .duckdb_stage import (
     events_ddl,
     hour_counts,
     ranks_table,
+    rollback,
     time_filter,
 )
+from .duckdb_tables import has_table, read_table, table_states, write_table
 from .filelock import FileLock
 from .ledger_table import (
     LEDGER,
@@ -254,7 +251,7 @@ class DuckDBSink:
             self._upsert(project, records)
             con.commit()
         except BaseException as exc:
-            _rollback(con)
+            rollback(con)
             if isinstance(exc, duckdb.Error):
                 raise DestinationError(f"cannot write {window} to {self.path}: {first_line(exc)}") from exc
             raise
@@ -414,7 +411,7 @@ class DuckDBSink:
             con.unregister("_amplitude_deletion")
             con.commit()
         except BaseException as exc:
-            _rollback(con)
+            rollback(con)
             if isinstance(exc, duckdb.Error):
                 raise DestinationError(f"cannot apply deletion job {record.day} to {self.path}: "
                                        f"{first_line(exc)}") from exc
@@ -434,7 +431,7 @@ class DuckDBSink:
         count = self.connection.execute(f"SELECT count(*) FROM {COHORT_MEMBERS} WHERE {where}", params).fetchall()[0][0]
         if count:
             self.connection.execute(f"DELETE FROM {COHORT_MEMBERS} WHERE {where}", params)
-            if self._has_table(STATE_TABLE):  # the table's state counts its rows
+            if has_table(self.connection, STATE_TABLE):  # the table's state counts its rows
                 self.connection.execute(f"UPDATE {STATE_TABLE} SET rows = rows - ? WHERE project = ? "
                                         "AND table_name = ?", [count, project, COHORT_MEMBERS])
         return int(count)
@@ -466,80 +463,15 @@ class DuckDBSink:
 
     def write_table(self, project: str, write: TableWrite) -> TableState:
         """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
-        con = self.connection
-        table = quote(write.table)
-        now = datetime.now(UTC)
-        con.begin()
-        try:
-            con.execute(f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} ("
-                        + ", ".join(f"{name} {kinds[0]}" for name, kinds in STATE_COLUMNS.items())
-                        + ", PRIMARY KEY (project, table_name))")
-            if write.batches is not None:
-                stored = with_project_column(write.schema)
-                con.execute(f"CREATE TABLE IF NOT EXISTS {table} ("
-                            + ", ".join(f"{quote(c.name)} {sql_type(c, 0)}" for c in stored) + ")")
-                if write.scope_column is None:
-                    con.execute(f"DELETE FROM {table} WHERE _project = ?", [project])
-                else:
-                    con.register("_amplitude_scope", pa.table({"v": write.scope_values}))
-                    con.execute(f"DELETE FROM {table} WHERE _project = ? AND {quote(write.scope_column)} IN "
-                                "(SELECT v FROM _amplitude_scope)", [project])
-                    con.unregister("_amplitude_scope")
-                failed: list[BaseException] = []
-
-                def rows(batches: Iterable[pa.RecordBatch] = write.batches) -> Iterator[pa.RecordBatch]:
-                    try:
-                        yield from batches
-                    except BaseException as exc:  # noqa: BLE001 - raised again below, keeping its type
-                        failed.append(exc)
-                        raise
-
-                con.register("_amplitude_rows", pa.RecordBatchReader.from_batches(write.schema, rows()))
-                try:
-                    con.execute(f"INSERT INTO {table} BY NAME SELECT ? AS _project, * FROM _amplitude_rows",
-                                [project])
-                except duckdb.Error:
-                    if failed:
-                        raise failed[0] from None
-                    raise
-                con.unregister("_amplitude_rows")
-            rows = con.execute(f"SELECT count(*) FROM {table} WHERE _project = ?", [project]).fetchall()[0][0] \
-                if self._has_table(write.table) else 0
-            state = dataclasses.replace(write.state, rows=rows, loaded_at=now)
-            con.execute(f"INSERT OR REPLACE INTO {STATE_TABLE} ({', '.join(STATE_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(STATE_COLUMNS))})", state_values(project, state))
-            con.commit()
-        except BaseException as exc:
-            _rollback(con)
-            if isinstance(exc, duckdb.Error):
-                raise DestinationError(f"cannot write {write.table} to {self.path}: {first_line(exc)}") from exc
-            raise
-        return state
+        return write_table(self.connection, project, write, str(self.path))
 
     def table_states(self, project: str) -> dict[str, TableState]:
         """The state of each stream table of `project`, by table name."""
-        if not self._has_table(STATE_TABLE):
-            return {}
-        table = self.connection.sql(f"SELECT * FROM {STATE_TABLE} WHERE project = ? ORDER BY table_name",
-                                    params=[project]).to_arrow_table()
-        states = [state_from_row(row) for row in table.to_pylist()]
-        return {state.table: state for state in states}
+        return table_states(self.connection, project)
 
     def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
         """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
-        where, params = (" WHERE _project = ?", [project]) if project is not None else ("", [])
-        stored = with_project_column(schema)
-        if not self._has_table(name):
-            return stored.empty_table()
-        table = self.connection.sql(f"SELECT {', '.join(quote(c.name) for c in stored)} FROM {quote(name)}"
-                                    f"{where}", params=params).to_arrow_table()
-        return table.cast(stored)
-
-    def _has_table(self, name: str) -> bool:
-        # asked, not caught: for a missing table DuckDB looks for a Python variable of that name in the caller
-        return bool(self.connection.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-            "AND schema_name = current_schema() AND table_name = ?", [name]).fetchall()[0][0])
+        return read_table(self.connection, name, schema, project)
 
     def close(self) -> None:
         """Close the connection, which releases DuckDB's file lock, then the run's lock."""
@@ -558,10 +490,3 @@ class DuckDBSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    try:
-        con.rollback()
-    except duckdb.Error:
-        pass  # the transaction is already gone (the connection failed); the original error matters

@@ -262,3 +262,11 @@ def time_filter(start: datetime | None, end: datetime | None, project: str | Non
         clauses.append("server_upload_time <= ?")
         params.append(end)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction, if the connection still has one."""
+    try:
+        con.rollback()
+    except duckdb.Error:
+        pass  # the transaction is already gone (the connection failed); the original error matters

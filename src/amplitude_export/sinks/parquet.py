@@ -22,9 +22,7 @@ rules hold without atomic renames or flock).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import shutil
 import tempfile
 import uuid as uuid_module
@@ -33,17 +31,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
-from ..table_ledger import PROJECT_COLUMN, TableState, TableWrite, with_project_column
+from ..table_ledger import TableState, TableWrite
 from ..windows import HOUR, Window
 from . import with_project
 from .duckdb_stage import (
@@ -61,20 +58,17 @@ from .duckdb_stage import (
 from .parquet_store import (
     LOCK_FILE,
     LOCK_STALE_AFTER,
-    PARTITION,
-    STATE_DIR,
     TEMP_PREFIX,
     FsspecDirectory,
     LocalDirectory,
     open_store,
+    project_tag,
 )
+from .parquet_tables import ParquetTables
 from .staging import fill_counts, first_line
 
 STATE_FILE = "_state/ledger.json"
 STATE_FORMAT = 1
-TABLES_FILE = "_state/tables.json"  # the stream tables' files and states (table_ledger.py)
-MEMBERS = "cohort_members"  # the stream table deletions also apply to
-_TABLE_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{8}\.parquet)$")
 
 
 @dataclass(frozen=True)
@@ -121,6 +115,7 @@ class ParquetSink:
         self.row_group_size = row_group_size
         self.read_only = read_only
         self._reader_spill: str | None = None  # a read-only open's own spill directory (see `_connect`)
+        self.tables = ParquetTables(self.store, self.root, row_group_size)
         if read_only:
             try:
                 present = self.store.exists(STATE_FILE)
@@ -214,7 +209,7 @@ class ParquetSink:
         for rel in self.store.state_temp_files():
             self.store.delete(rel)
         self.store.clear_spill()
-        self._remove_table_orphans()
+        self.tables.remove_orphans()
         missing = sorted(set(self.files) - on_disk)
         if missing:
             raise DestinationError(
@@ -358,7 +353,7 @@ class ParquetSink:
         self._check_writable()
         # committed first, on its own: a crash before the state below leaves the job unrecorded, and its re-run
         # (finding no members left) completes it
-        members = self._delete_members(project, amplitude_ids)
+        members = self.tables.delete_members(project, amplitude_ids)
         self.store.refresh_lock()
         written: list[str] = []
         committing = False
@@ -425,127 +420,20 @@ class ParquetSink:
         where = None if project is None else ds.field("_project") == project
         return dataset.scanner(columns=list(schema.names), filter=where).to_reader()
 
-    # -- stream tables: DIR/<table>/<project tag>-<id>.parquet, one file per project, named by TABLES_FILE --
+    # -- stream tables (`parquet_tables`) --
 
     def write_table(self, project: str, write: TableWrite) -> TableState:
-        """Write the project's new file of a stream's table (its rows out of scope kept), then commit the state
-        file naming it with the table's state, then delete the old file."""
+        """Write the project's new file of a stream's table, then commit the state file naming it."""
         self._check_writable()
-        self.store.refresh_lock()
-        tables = self._tables()
-        entry = tables.get(project, {}).get(write.table, {})
-        old: str | None = entry.get("file")
-        new, rows = old, int(entry.get("state", {}).get("rows", 0))
-        written: list[str] = []
-        committing = False
-        try:
-            if write.batches is not None:
-                new, rows = self._write_table_file(project, write, old, written)
-            state = replace(write.state, rows=rows, loaded_at=datetime.now(UTC))
-            tables[project] = {**tables.get(project, {}), write.table: {"file": new, "state": state.to_dict()}}
-            self.store.refresh_lock()
-            committing = True
-            self.store.write_text_atomic(TABLES_FILE, json.dumps({"format": STATE_FORMAT, "projects": tables},
-                                                                 indent=1, sort_keys=True))
-        except BaseException as exc:
-            if not committing:
-                for rel in written:
-                    self.store.delete(rel)
-            if isinstance(exc, OSError | pa.ArrowException):
-                raise DestinationError(f"cannot write {write.table} to {self.root}: {first_line(exc)}") from exc
-            raise
-        if old is not None and old != new:
-            self.store.delete(old)
-        return state
+        return self.tables.write(project, write)
 
     def table_states(self, project: str) -> dict[str, TableState]:
         """The state of each stream table of `project`, by table name."""
-        tables = self._tables().get(project, {})
-        return {name: TableState.from_dict(entry["state"]) for name, entry in sorted(tables.items())}
+        return self.tables.states(project)
 
     def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
         """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
-        stored = with_project_column(schema)
-        parts = [stored.empty_table()]
-        for owner, tables in sorted(self._tables().items()):
-            rel = tables.get(name, {}).get("file")
-            if rel and (project is None or owner == project):
-                with self._open_read(rel) as handle:
-                    parts.append(pq.read_table(handle).select(stored.names).cast(stored))
-        return pa.concat_tables(parts)
-
-    def _delete_members(self, project: str, amplitude_ids: list[int]) -> int:
-        """Rewrite the project's `cohort_members` file without the rows of `amplitude_ids`; how many went."""
-        entry = self._tables().get(project, {}).get(MEMBERS, {})
-        if not entry.get("file") or not amplitude_ids:
-            return 0
-        with self._open_read(entry["file"]) as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
-        schema = schema.remove(schema.get_field_index(PROJECT_COLUMN))
-        before = TableState.from_dict(entry["state"])
-        after = self.write_table(project, TableWrite(MEMBERS, schema, [], before, scope_column="amplitude_id",
-                                                     scope_values=list(amplitude_ids)))
-        return before.rows - after.rows
-
-    def _tables(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """project -> table -> {"file": its live file or None, "state": TableState.to_dict()}."""
-        text = self.store.read_text(TABLES_FILE)
-        if text is None:
-            return {}
-        try:
-            return dict(json.loads(text)["projects"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DestinationError(f"cannot read {self.root}/{TABLES_FILE}: {exc}") from None
-
-    def _write_table_file(self, project: str, write: TableWrite, old: str | None,
-                          written: list[str]) -> tuple[str | None, int]:
-        stored = with_project_column(write.schema)
-        temp = f"{write.table}/{TEMP_PREFIX}{uuid_module.uuid4().hex}"
-        self.store.makedirs(write.table)
-        written.append(temp)
-        rows = 0
-        with self.store.open_write(temp) as handle, pq.ParquetWriter(handle, stored, compression="zstd") as writer:
-            if old is not None and write.scope_column is not None:
-                with self._open_read(old) as source:
-                    for batch in pq.ParquetFile(source).iter_batches(self.row_group_size):
-                        column = batch.column(write.scope_column)
-                        dropped = pc.is_in(column, value_set=pa.array(write.scope_values, column.type))
-                        kept = batch.filter(pc.invert(pc.fill_null(dropped, False)))
-                        writer.write_batch(pa.RecordBatch.from_arrays(kept.select(stored.names).columns,
-                                                                      schema=stored))
-                        rows += kept.num_rows
-            for batch in write.batches or ():
-                tag = pa.repeat(pa.scalar(project, pa.string()), batch.num_rows)
-                columns = [tag, *batch.select(write.schema.names).cast(write.schema).columns]
-                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=stored))
-                rows += batch.num_rows
-        if not rows:
-            self.store.delete(temp)
-            return None, 0
-        final = f"{write.table}/{project_tag(project)}-{uuid_module.uuid4().hex[:8]}.parquet"
-        written.append(final)
-        self.store.rename(temp, final)
-        return final, rows
-
-    def _open_read(self, rel: str) -> IO[bytes]:
-        if isinstance(self.store, LocalDirectory):
-            return open(self.store.abs(rel), "rb")
-        return self.store.fs.open(self.store.abs(rel), "rb")  # type: ignore[no-any-return]
-
-    def _remove_table_orphans(self) -> None:
-        """Delete the table files a crashed write left: temp files and files of ours the state does not name."""
-        named = {entry["file"] for tables in self._tables().values() for entry in tables.values() if entry["file"]}
-        if isinstance(self.store, LocalDirectory):
-            found = [f"{d.name}/{f.name}" for d in self.store.root.iterdir() if d.is_dir() for f in d.iterdir()]
-        else:
-            prefix = self.store.root + "/"
-            found = [p.removeprefix(prefix) for p in self.store.fs.find(self.store.root, maxdepth=2)]
-        for rel in found:
-            folder, _, name = rel.partition("/")
-            if PARTITION.match(folder) or folder == STATE_DIR or "/" in name or rel in named:
-                continue
-            if _TABLE_FILE.match(name):
-                self.store.delete(rel)
+        return self.tables.read(name, schema, project)
 
     def close(self) -> None:
         """Release the directory's lock (and any local spill directory of this sink)."""
@@ -634,11 +522,6 @@ class ParquetSink:
             n += 1
             name = f"{stem}.{n}.parquet"
         return name
-
-
-def project_tag(project: str) -> str:
-    """The short hash of a project name that its data files carry (`<hours>-<tag>.parquet`)."""
-    return hashlib.sha256(project.encode()).hexdigest()[:8]
 
 
 def _by_date(window: Window) -> Iterator[Window]:

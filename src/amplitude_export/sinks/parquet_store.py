@@ -10,6 +10,7 @@ written with a single PUT (which object stores apply whole or not at all), and t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -139,6 +140,10 @@ class LocalDirectory:
         """Rename within a directory, then fsync the directory so the rename survives a power cut."""
         os.replace(self.root / src, self.root / dst)
         self._sync_dir(str(Path(dst).parent))
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        """File `rel`, open for reading."""
+        return open(self.root / rel, "rb")
 
     def read_text(self, rel: str) -> str | None:
         """The text of `rel`, or None if it does not exist."""
@@ -324,6 +329,10 @@ class FsspecDirectory:
         """Move `src` to `dst`: a copy and a delete on object stores, which is why the state commits, not this."""
         self.fs.mv(self.abs(src), self.abs(dst))
 
+    def open_read(self, rel: str) -> IO[bytes]:
+        """File `rel`, open for reading."""
+        return self.fs.open(self.abs(rel), "rb")  # type: ignore[no-any-return]
+
     def read_text(self, rel: str) -> str | None:
         """The text of `rel`, or None if it does not exist."""
         try:
@@ -369,3 +378,8 @@ def open_store(
 def sql_list(paths: list[str]) -> str:
     """A DuckDB list literal of `paths`."""
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def project_tag(project: str) -> str:
+    """The short hash of a project name that its data files carry (`<hours>-<tag>.parquet`)."""
+    return hashlib.sha256(project.encode()).hexdigest()[:8]

@@ -9,7 +9,6 @@ is `postgres_load` (binary COPY, `postgres_copy`); the URL and its password, `po
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
@@ -21,7 +20,6 @@ import psycopg.rows
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import DestinationBusyError, DestinationError, UsageError
@@ -29,15 +27,9 @@ from ..ledger import DeletionRecord, HourRecord
 from ..logs import FATAL
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, POSTGRES_TYPES, RETYPED, quote
 from ..table_ledger import (
-    STATE_COLUMNS,
     STATE_TABLE,
     TableState,
     TableWrite,
-    is_json,
-    sql_type,
-    state_from_row,
-    state_values,
-    with_project_column,
 )
 from ..windows import Window
 from . import with_project
@@ -52,6 +44,7 @@ from .ledger_table import (
 )
 from .postgres_copy import escape_json_text
 from .postgres_load import CHUNK_BYTES, MAX_CONFLICTS, WindowLoad
+from .postgres_tables import read_table, table_states, write_table
 from .postgres_url import check_url, one_line, redact, secrets, split_schema
 from .staging import SEEN_LIMIT, FirstCopies, check_records, fill_counts
 
@@ -438,73 +431,20 @@ class PostgresSink:
 
     def write_table(self, project: str, write: TableWrite) -> TableState:
         """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
-        conn = self.conn
-        table = sql.Identifier(self.schema, write.table)
-        states = sql.Identifier(self.schema, STATE_TABLE)
-        stored = with_project_column(write.schema)
         try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
-                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY (project, table_name))").format(
-                    states, sql.SQL(", ").join(sql.SQL(f"{{}} {kinds[1]}").format(sql.Identifier(name))
-                                               for name, kinds in STATE_COLUMNS.items())))
-                if write.batches is not None:
-                    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, sql.SQL(", ").join(
-                        sql.SQL(f"{{}} {sql_type(c, 1)}").format(sql.Identifier(c.name)) for c in stored)))
-                    if write.scope_column is None:
-                        conn.execute(sql.SQL("DELETE FROM {} WHERE _project = %s").format(table), [project])
-                    else:
-                        conn.execute(sql.SQL("DELETE FROM {} WHERE _project = %s AND {}::text = ANY(%s)").format(
-                            table, sql.Identifier(write.scope_column)),
-                            [project, [str(value) for value in write.scope_values]])
-                    names = sql.SQL(", ").join(sql.Identifier(c.name) for c in stored)
-                    with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, names)) as copy:
-                        for batch in write.batches:
-                            for row in batch.to_pylist():
-                                copy.write_row([project, *(row[c.name] for c in write.schema)])
-                exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                      [f"{quote(self.schema)}.{quote(write.table)}"]).fetchone()
-                rows = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE _project = %s").format(table),
-                                    [project]).fetchone()[0] if exists and exists[0] else 0  # type: ignore[index]
-                state = replace(write.state, rows=rows, loaded_at=self._now())
-                conn.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (project, table_name) DO UPDATE "
-                                     "SET {}").format(
-                    states, sql.SQL(", ").join(map(sql.Identifier, STATE_COLUMNS)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(STATE_COLUMNS)),
-                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
-                                       for name in list(STATE_COLUMNS)[2:])),
-                    state_values(project, state))
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
+                return write_table(self.conn, self.schema, project, write, self._now())
         except psycopg.Error as exc:
             raise self._fatal(f"{self.description}: cannot write {write.table}: {self._message(exc)}") from None
-        return state
 
     def table_states(self, project: str) -> dict[str, TableState]:
         """The state of each stream table of `project`, by table name."""
-        states = sql.Identifier(self.schema, STATE_TABLE)
-        exists = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                   [f"{quote(self.schema)}.{STATE_TABLE}"]).fetchone()
-        if not (exists and exists[0]):
-            return {}
-        with self.conn.cursor(row_factory=dict_row) as cursor:
-            rows = cursor.execute(sql.SQL("SELECT * FROM {} WHERE project = %s ORDER BY table_name").format(states),
-                                  [project]).fetchall()
-        return {row["table_name"]: state_from_row(row) for row in rows}
+        return table_states(self.conn, self.schema, project)
 
     def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
         """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
-        stored = with_project_column(schema)
-        exists = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                   [f"{quote(self.schema)}.{quote(name)}"]).fetchone()
-        if not (exists and exists[0]):
-            return stored.empty_table()
-        query = sql.SQL("SELECT {} FROM {} WHERE %s::text IS NULL OR _project = %s").format(
-            sql.SQL(", ").join(sql.Identifier(c.name) for c in stored), sql.Identifier(self.schema, name))
-        rows = self.conn.execute(query, [project, project]).fetchall()
-        json_columns = [i for i, c in enumerate(stored) if is_json(c)]
-        columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in stored]
-        for index in json_columns:
-            columns[index] = [None if v is None else json.dumps(v) for v in columns[index]]
-        return pa.table(columns, schema=stored)
+        return read_table(self.conn, self.schema, name, schema, project)
 
     def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
         """The stored events (of one project, or all), only `columns`, in no particular order: copied out as CSV
