@@ -7,7 +7,7 @@ in-memory DuckDB (`stage_batches`) and keep the first row of each uuid minus the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -134,7 +134,7 @@ class Intake:
             self._rows += batch.num_rows
             yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
 
-    def _stream(self) -> Iterator[pa.RecordBatch]:
+    def _stream(self) -> Generator[pa.RecordBatch, None, None]:
         try:
             # batches are checked, counted and deduplicated one thread ahead: DuckDB pulls them holding its
             # scan's lock, which would keep its other thread waiting through that work

@@ -71,12 +71,12 @@ def write_table(con: duckdb.DuckDBPyConnection, project: str, write: TableWrite,
                     raise failed[0] from None
                 raise
             con.unregister("_amplitude_rows")
-        rows = (
+        count = (
             con.execute(f"SELECT count(*) FROM {table} WHERE _project = ?", [project]).fetchall()[0][0]
             if has_table(con, write.table)
             else 0
         )
-        state = dataclasses.replace(write.state, rows=rows, loaded_at=now)
+        state = dataclasses.replace(write.state, rows=count, loaded_at=now)
         con.execute(
             f"INSERT OR REPLACE INTO {STATE_TABLE} ({', '.join(STATE_COLUMNS)}) VALUES "
             f"({', '.join('?' * len(STATE_COLUMNS))})",

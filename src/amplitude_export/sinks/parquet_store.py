@@ -331,7 +331,7 @@ class FsspecDirectory:
 
     def open_read(self, rel: str) -> IO[bytes]:
         """File `rel`, open for reading."""
-        return self.fs.open(self.abs(rel), "rb")  # type: ignore[no-any-return]
+        return self.fs.open(self.abs(rel), "rb")
 
     def read_text(self, rel: str) -> str | None:
         """The text of `rel`, or None if it does not exist."""

@@ -17,7 +17,7 @@ from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, COMPILED_KINDS, JS
 try:  # the compiled helpers (built by `pip install` where a C compiler is at hand); optional
     from .. import _fastparse
 except ImportError:  # pragma: no cover - depends on the environment
-    _fastparse = None  # type: ignore[assignment]
+    _fastparse = None
 
 # An escape jsonb refuses (\u0000, a lone surrogate), a valid surrogate pair (kept), and the run of backslashes
 # before it: only an odd run makes it an escape rather than literal text.

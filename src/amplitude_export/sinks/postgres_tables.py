@@ -65,11 +65,10 @@ def write_table(
                 for row in batch.to_pylist():
                     copy.write_row([project, *(row[c.name] for c in write.schema)])
     exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{quote(write.table)}"]).fetchone()
-    rows = (
-        conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE _project = %s").format(table), [project]).fetchone()[0]
-        if exists and exists[0]
-        else 0
-    )  # type: ignore[index]
+    rows = 0
+    if exists and exists[0]:
+        counted = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE _project = %s").format(table), [project])
+        rows = int(counted.fetchall()[0][0])
     state = replace(write.state, rows=rows, loaded_at=now)
     conn.execute(
         sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (project, table_name) DO UPDATE SET {}").format(
