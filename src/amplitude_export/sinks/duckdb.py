@@ -26,30 +26,23 @@ from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, DUCKDB_TYPES, RETYPED, quote
 from ..table_ledger import (
-    STATE_TABLE,
     TableState,
     TableWrite,
 )
 from ..windows import Window
 from . import with_project
+from .duckdb_deletions import delete_users, deletion_records
 from .duckdb_stage import (
-    COHORT_MEMBERS,
     COLUMNS_SQL,
-    DELETED,
-    DELETED_ROWS,
-    DELETIONS,
-    DELETIONS_DDL,
     Intake,
     configure,
-    deleted_table,
-    deletion_row,
     events_ddl,
     hour_counts,
     ranks_table,
     rollback,
     time_filter,
 )
-from .duckdb_tables import has_table, read_table, table_states, write_table
+from .duckdb_tables import read_table, table_states, write_table
 from .filelock import FileLock
 from .ledger_table import (
     LEDGER,
@@ -378,63 +371,12 @@ class DuckDBSink:
 
     def deletion_records(self, project: str) -> list[DeletionRecord]:
         """The deletion jobs applied to `project`, by day (`_amplitude_deletions`)."""
-        try:
-            table = self.connection.sql(f"SELECT * FROM {DELETIONS} WHERE project = ? ORDER BY day",
-                                        params=[project]).to_arrow_table()
-        except duckdb.CatalogException:  # no deletion applied yet
-            return []
-        return [DeletionRecord.from_dict(row) for row in table.to_pylist()]
+        return deletion_records(self.connection, project)
 
     def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
         """Delete every row of `amplitude_ids` of `project` from `events` (their hours' ledger counts follow) and
         from `cohort_members` where that table exists, and store `record` with the rows counted, atomically."""
-        con = self.connection
-        params = {"project": project}
-        con.begin()
-        try:
-            con.execute(DELETIONS_DDL)
-            con.register(DELETED, deleted_table(amplitude_ids))
-            gone = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} "
-                                    f"WHERE _project = $project AND {DELETED_ROWS} GROUP BY 1", params)
-            if gone:
-                con.execute(f"DELETE FROM {EVENTS} WHERE _project = $project AND {DELETED_ROWS}", params)
-                con.register("_amplitude_gone", pa.table({"hour": list(gone), "n": list(gone.values())}))
-                con.execute(f"UPDATE {LEDGER} SET events_loaded = events_loaded - g.n FROM _amplitude_gone AS g "
-                            f"WHERE {LEDGER}.project = $project AND {LEDGER}.hour = g.hour", params)
-                con.unregister("_amplitude_gone")
-            members = self._delete_members(project)
-            con.unregister(DELETED)
-            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
-                                         cohort_rows_deleted=record.cohort_rows_deleted + members)
-            con.register("_amplitude_deletion", deletion_row(project, stored))
-            con.execute(f"INSERT OR REPLACE INTO {DELETIONS} SELECT * FROM _amplitude_deletion")
-            con.unregister("_amplitude_deletion")
-            con.commit()
-        except BaseException as exc:
-            rollback(con)
-            if isinstance(exc, duckdb.Error):
-                raise DestinationError(f"cannot apply deletion job {record.day} to {self.path}: "
-                                       f"{first_line(exc)}") from exc
-            raise
-        return stored
-
-    def _delete_members(self, project: str) -> int:
-        """Delete the deleted users' rows of `cohort_members`, if the table exists; how many."""
-        columns = {row[0] for row in self.connection.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
-            "AND schema_name = current_schema() AND table_name = ?", [COHORT_MEMBERS]).fetchall()}
-        if "amplitude_id" not in columns:
-            return 0
-        where = (f"TRY_CAST(amplitude_id AS BIGINT) IN (SELECT amplitude_id FROM {DELETED})"
-                 + (" AND _project = $project" if "_project" in columns else ""))
-        params = {"project": project} if "_project" in columns else {}
-        count = self.connection.execute(f"SELECT count(*) FROM {COHORT_MEMBERS} WHERE {where}", params).fetchall()[0][0]
-        if count:
-            self.connection.execute(f"DELETE FROM {COHORT_MEMBERS} WHERE {where}", params)
-            if has_table(self.connection, STATE_TABLE):  # the table's state counts its rows
-                self.connection.execute(f"UPDATE {STATE_TABLE} SET rows = rows - ? WHERE project = ? "
-                                        "AND table_name = ?", [count, project, COHORT_MEMBERS])
-        return int(count)
+        return delete_users(self.connection, project, amplitude_ids, record, str(self.path))
 
     def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
         """The stored events (of one project, or all), only `columns`, streamed as Arrow batches in no particular

@@ -8,17 +8,15 @@ is `postgres_load` (binary COPY, `postgres_copy`); the URL and its password, `po
 
 from __future__ import annotations
 
-import io
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import psycopg
 import psycopg.rows
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
@@ -27,7 +25,6 @@ from ..ledger import DeletionRecord, HourRecord
 from ..logs import FATAL
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, POSTGRES_TYPES, RETYPED, quote
 from ..table_ledger import (
-    STATE_TABLE,
     TableState,
     TableWrite,
 )
@@ -43,26 +40,15 @@ from .ledger_table import (
     record_values,
 )
 from .postgres_copy import escape_json_text
+from .postgres_deletions import delete_users, deletion_records
 from .postgres_load import CHUNK_BYTES, MAX_CONFLICTS, WindowLoad
+from .postgres_read import copy_to_stream, copy_to_table
 from .postgres_tables import read_table, table_states, write_table
 from .postgres_url import check_url, one_line, redact, secrets, split_schema
 from .staging import SEEN_LIMIT, FirstCopies, check_records, fill_counts
 
 DEFAULT_SCHEMA = "amplitude"
 LEDGER_TABLE = LEDGER
-DELETIONS_TABLE = "_amplitude_deletions"
-COHORT_MEMBERS = "cohort_members"
-_DELETIONS_COLUMNS = (
-    "project text NOT NULL, day date NOT NULL, status text NOT NULL, amplitude_ids bigint[] NOT NULL, "
-    "rows_deleted bigint NOT NULL, cohort_rows_deleted bigint NOT NULL, applied_at timestamptz, run_id text, "
-    "PRIMARY KEY (project, day)"
-)
-# a deleted user's row: by amplitude_id, or by the one `_extra` kept (as text) when it did not fit the column
-# (CASE, not AND: PostgreSQL may evaluate the cast before the pattern test; braces doubled for sql.SQL.format)
-_DELETED_ROWS = (
-    "coalesce(amplitude_id, CASE WHEN _extra->>'amplitude_id' ~ '^\\s*-?[0-9]{{1,18}}\\s*$' "
-    "THEN (_extra->>'amplitude_id')::bigint END) = ANY(%(ids)s::bigint[])"
-)
 # byte order: uuids and project names need no locale, and the key, the hour index and sorts get faster
 _COLLATE = {"uuid": ' COLLATE "C"', "_project": ' COLLATE "C"'}
 # An event Amplitude received again lands in a later upload hour, usually a near one: the uuids the project holds
@@ -340,17 +326,10 @@ class PostgresSink:
         query = sql.SQL(
             "COPY (SELECT {} FROM {} {} ORDER BY _upload_hour, _member, _line, uuid) TO STDOUT (FORMAT csv)"
         ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMN_NAMES)), self._events, where)
-        buffer = io.BytesIO()
         try:
-            with self.conn.cursor().copy(query) as copy:
-                for chunk in copy:
-                    buffer.write(chunk)
+            return copy_to_table(self.conn, query, ARROW_SCHEMA)
         except psycopg.Error as exc:
             raise DestinationError(f"{self.description}: cannot read events: {self._message(exc)}") from None
-        if buffer.tell() == 0:
-            return ARROW_SCHEMA.empty_table()
-        buffer.seek(0)
-        return pacsv.read_csv(buffer, **_csv_options(ARROW_SCHEMA)).cast(ARROW_SCHEMA)
 
     def count_by_hour(self, project: str) -> dict[datetime, int]:
         """Rows of `project` stored per `_upload_hour` (what `verify` compares with the ledger)."""
@@ -364,70 +343,21 @@ class PostgresSink:
 
     def deletion_records(self, project: str) -> list[DeletionRecord]:
         """The deletion jobs applied to `project`, by day (`_amplitude_deletions`)."""
-        table = sql.Identifier(self.schema, DELETIONS_TABLE)
         try:
-            if not self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                     [f"{quote(self.schema)}.{DELETIONS_TABLE}"]).fetchone()[0]:  # type: ignore[index]
-                return []
-            cursor = self.conn.cursor(row_factory=psycopg.rows.dict_row)
-            rows = cursor.execute(sql.SQL("SELECT * FROM {} WHERE project = %s ORDER BY day").format(table),
-                                  [project]).fetchall()
+            return deletion_records(self.conn, self.schema, project)
         except psycopg.Error as exc:
             raise DestinationError(f"{self.description}: cannot read the deletions: {self._message(exc)}") from None
-        return [DeletionRecord.from_dict(row) for row in rows]
 
     def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
         """Delete every row of `amplitude_ids` of `project` from `events` (their hours' ledger counts follow) and
         from `cohort_members` where that table exists, and store `record` with the rows counted, atomically."""
-        table = sql.Identifier(self.schema, DELETIONS_TABLE)
-        params = {"project": project, "ids": sorted(set(amplitude_ids))}
-        conn = self.conn
         try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
-                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (" + _DELETIONS_COLUMNS + ")").format(table))
-                deleted = 0 if not amplitude_ids else conn.execute(sql.SQL(
-                    "WITH gone AS (DELETE FROM {events} WHERE _project = %(project)s AND " + _DELETED_ROWS +
-                    " RETURNING _upload_hour), counts AS (SELECT _upload_hour AS hour, count(*) AS n FROM gone "
-                    "GROUP BY 1), fixed AS (UPDATE {ledger} AS l SET events_loaded = l.events_loaded - counts.n "
-                    "FROM counts WHERE l.project = %(project)s AND l.hour = counts.hour RETURNING 1) "
-                    "SELECT coalesce(sum(n), 0) FROM counts").format(events=self._events, ledger=self._ledger),
-                    params).fetchone()[0]  # type: ignore[index]
-                members = self._delete_members(params) if amplitude_ids else 0
-                stored = replace(record, rows_deleted=record.rows_deleted + int(deleted),
-                                 cohort_rows_deleted=record.cohort_rows_deleted + members)
-                values = asdict(stored)
-                conn.execute(sql.SQL(
-                    "INSERT INTO {} (project, day, status, amplitude_ids, rows_deleted, cohort_rows_deleted, "
-                    "applied_at, run_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (project, day) DO UPDATE "
-                    "SET status = EXCLUDED.status, amplitude_ids = EXCLUDED.amplitude_ids, "
-                    "rows_deleted = EXCLUDED.rows_deleted, cohort_rows_deleted = EXCLUDED.cohort_rows_deleted, "
-                    "applied_at = EXCLUDED.applied_at, run_id = EXCLUDED.run_id").format(table),
-                    [project, *(values[name] for name in ("day", "status", "amplitude_ids", "rows_deleted",
-                                                           "cohort_rows_deleted", "applied_at", "run_id"))])
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [self._lock_key])
+                return delete_users(self.conn, self.schema, project, amplitude_ids, record)
         except psycopg.Error as exc:
             raise self._fatal(f"{self.description}: cannot apply deletion job {record.day}: "
                               f"{self._message(exc)}") from None
-        return stored
-
-    def _delete_members(self, params: dict[str, Any]) -> int:
-        """Delete the deleted users' rows of `cohort_members`, if the table exists; how many."""
-        columns = {row[0] for row in self.conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
-            [self.schema, COHORT_MEMBERS]).fetchall()}
-        if "amplitude_id" not in columns:
-            return 0
-        where = "amplitude_id::text = ANY(%(texts)s)" + (" AND _project = %(project)s" if "_project" in columns else "")
-        gone = self.conn.execute(sql.SQL("WITH gone AS (DELETE FROM {} WHERE " + where + " RETURNING 1) "
-                                         "SELECT count(*) FROM gone").format(
-            sql.Identifier(self.schema, COHORT_MEMBERS)), {**params, "texts": [str(i) for i in params["ids"]]})
-        count = int(gone.fetchone()[0])  # type: ignore[index]
-        states = self.conn.execute("SELECT to_regclass(%s) IS NOT NULL",
-                                   [f"{quote(self.schema)}.{STATE_TABLE}"]).fetchone()
-        if count and states and states[0] and "project" in params:  # the table's state counts its rows
-            self.conn.execute(sql.SQL("UPDATE {} SET rows = rows - %s WHERE project = %s AND table_name = %s").format(
-                sql.Identifier(self.schema, STATE_TABLE)), [count, params["project"], COHORT_MEMBERS])
-        return count
 
     def write_table(self, project: str, write: TableWrite) -> TableState:
         """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
@@ -447,40 +377,18 @@ class PostgresSink:
         return read_table(self.conn, self.schema, name, schema, project)
 
     def read_batches(self, columns: Sequence[str] | None = None, *, project: str | None = None) -> pa.RecordBatchReader:
-        """The stored events (of one project, or all), only `columns`, in no particular order: copied out as CSV
-        into an anonymous temporary file (COPY runs at the server's pace, the file bounds memory), then read back
-        in Arrow batches; the file goes when the stream ends."""
-        import tempfile
-
+        """The stored events (of one project, or all), only `columns`, in no particular order, streamed through a
+        temporary file (`postgres_read.copy_to_stream`)."""
         from ..schema import arrow_schema
 
         schema = arrow_schema(columns)
         query = sql.SQL("COPY (SELECT {} FROM {} WHERE {project}::text IS NULL OR _project = {project}) "
                         "TO STDOUT (FORMAT csv)").format(
             sql.SQL(", ").join(map(sql.Identifier, schema.names)), self._events, project=sql.Literal(project))
-        spool = tempfile.TemporaryFile(prefix="amplitude-export-")
         try:
-            with self.conn.cursor().copy(query) as copy:
-                for chunk in copy:
-                    spool.write(chunk)
-            if spool.tell() == 0:
-                spool.close()
-                return schema.empty_table().to_reader()
-            spool.seek(0)
-            stream = pacsv.open_csv(spool, **_csv_options(schema))
+            return copy_to_stream(self.conn, query, schema)
         except psycopg.Error as exc:
-            spool.close()
             raise DestinationError(f"{self.description}: cannot read events: {self._message(exc)}") from None
-        except BaseException:
-            spool.close()
-            raise
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            with spool:
-                for batch in stream:
-                    yield batch.cast(schema)
-
-        return pa.RecordBatchReader.from_batches(schema, batches())
 
     def close(self) -> None:
         """Close the connection, which releases the session lock; safe to call twice."""
@@ -493,22 +401,6 @@ class PostgresSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _csv_options(schema: pa.Schema) -> dict[str, Any]:
-    """How pyarrow reads the CSV that `COPY ... (FORMAT csv)` writes of `schema`'s columns, typed as `schema`."""
-    return {
-        "read_options": pacsv.ReadOptions(column_names=schema.names),
-        "convert_options": pacsv.ConvertOptions(
-            column_types={field.name: field.type for field in schema},
-            true_values=["t"],
-            false_values=["f"],
-            # only an unquoted empty field is NULL: "" is text, and "NA" or "null" are values, not Arrow's defaults
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        ),
-    }
 
 
 __all__ = ["MAX_CONFLICTS", "NEARBY", "PostgresSink", "escape_json_text", "redact"]
