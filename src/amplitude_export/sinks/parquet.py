@@ -22,13 +22,12 @@ rules hold without atomic renames or flock).
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import uuid as uuid_module
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite
-from ..windows import HOUR, Window
+from ..windows import Window
 from . import with_project
 from .duckdb_stage import (
     COLUMNS_SQL,
@@ -55,6 +54,7 @@ from .duckdb_stage import (
     time_filter,
     winners_sql,
 )
+from .parquet_state import STATE_FILE, DataFile, by_date, parse_state, state_text
 from .parquet_store import (
     LOCK_FILE,
     LOCK_STALE_AFTER,
@@ -66,24 +66,6 @@ from .parquet_store import (
 )
 from .parquet_tables import ParquetTables
 from .staging import fill_counts, first_line
-
-STATE_FILE = "_state/ledger.json"
-STATE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class DataFile:
-    """One live data file: its path under the root and the upload hours it covers (inclusive)."""
-
-    path: str
-    start: datetime
-    end: datetime
-    rows: int
-    project: str = "default"  # whose rows: a window of one project never replaces another's files
-
-    def overlaps(self, window: Window, project: str) -> bool:
-        """Whether the file holds rows of `project` in any hour of `window`."""
-        return self.project == project and self.start <= window.end and self.end >= window.start
 
 
 class ParquetSink:
@@ -165,19 +147,8 @@ class ParquetSink:
                 raise DestinationError(f"cannot write {self.root}/{STATE_FILE}: {first_line(exc)}") from None
             return {}, {}
         try:
-            state = json.loads(text)
-            files = {
-                rel: DataFile(
-                    rel,
-                    datetime.fromisoformat(f["start"]),
-                    datetime.fromisoformat(f["end"]),
-                    f["rows"],
-                    f.get("project", "default"),
-                )
-                for rel, f in state["files"].items()
-            }
-            self.state_deletions = state.get("deletions", {})
-            return files, state["ledger"]
+            files, ledger, self.state_deletions = parse_state(text)
+            return files, ledger
         except (ValueError, KeyError, TypeError) as exc:
             raise DestinationError(f"cannot read {self.root}/{STATE_FILE}: {exc}") from None
 
@@ -186,16 +157,7 @@ class ParquetSink:
         """Commit point: after this returns, `files`, `ledger` and `deletions` (default: as they are) are what the
         directory holds."""
         deletions = self.state_deletions if deletions is None else deletions
-        state = {
-            "format": STATE_FORMAT,
-            "files": {
-                rel: {"start": f.start.isoformat(), "end": f.end.isoformat(), "rows": f.rows, "project": f.project}
-                for rel, f in sorted(files.items())
-            },
-            "ledger": ledger,
-            **({"deletions": deletions} if deletions else {}),
-        }
-        self.store.write_text_atomic(STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+        self.store.write_text_atomic(STATE_FILE, state_text(files, ledger, deletions))
 
     def _remove_orphans(self) -> None:
         """Delete what a crash left behind: temp files, Parquet files the state does not name, spill files."""
@@ -246,7 +208,7 @@ class ParquetSink:
             staged = stage_batches(con, window, with_project(batches, project))
             overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window, project)}
             # every other file's uuids count as taken: uuids are unique across projects too
-            others = [rel for rel, f in self.files.items() if rel not in overlapping or not _inside(f, window)]
+            others = [rel for rel, f in self.files.items() if rel not in overlapping or not f.inside(window)]
             taken = None
             if others:
                 # rows of other hours, including those of partly replaced files outside the window
@@ -260,11 +222,11 @@ class ParquetSink:
             records = fill_counts(finish(), staged, loaded, datetime.now(UTC))
 
             new_files: dict[str, DataFile] = {}
-            for part in _by_date(window):
+            for part in by_date(window):
                 source = f"SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {_between(part)}"
                 self._copy(con, source, part, project, new_files, written)
             for old in overlapping.values():  # keep the hours of a replaced file that lie outside the window
-                for part in _outside(old, window):
+                for part in old.outside(window):
                     scan = self.store.scan(con, [old.path])
                     source = f"SELECT {COLUMNS_SQL} FROM {scan} WHERE {_between(part)}"
                     self._copy(con, source, part, project, new_files, written)
@@ -522,27 +484,6 @@ class ParquetSink:
             n += 1
             name = f"{stem}.{n}.parquet"
         return name
-
-
-def _by_date(window: Window) -> Iterator[Window]:
-    """The window cut at UTC midnights: one piece per upload date."""
-    start = window.start
-    while start <= window.end:
-        day_end = start.replace(hour=23)
-        yield Window(start, min(day_end, window.end))
-        start = day_end + HOUR
-
-
-def _inside(f: DataFile, window: Window) -> bool:
-    return window.start <= f.start and f.end <= window.end
-
-
-def _outside(f: DataFile, window: Window) -> Iterator[Window]:
-    """The runs of `f`'s hours that `window` does not cover."""
-    if f.start < window.start:
-        yield Window(f.start, min(f.end, window.start - HOUR))
-    if f.end > window.end:
-        yield Window(max(f.start, window.end + HOUR), f.end)
 
 
 def _between(part: Window) -> str:

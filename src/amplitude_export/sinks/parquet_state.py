@@ -47,8 +47,13 @@ def parse_state(text: str) -> tuple[dict[str, DataFile], Ledger, Deletions]:
     """The files, ledger and deletions a state file holds; ValueError, KeyError or TypeError when malformed."""
     state = json.loads(text)
     files = {
-        rel: DataFile(rel, datetime.fromisoformat(f["start"]), datetime.fromisoformat(f["end"]), f["rows"],
-                      f.get("project", "default"))
+        rel: DataFile(
+            rel,
+            datetime.fromisoformat(f["start"]),
+            datetime.fromisoformat(f["end"]),
+            f["rows"],
+            f.get("project", "default"),
+        )
         for rel, f in state["files"].items()
     }
     return files, state["ledger"], state.get("deletions", {})

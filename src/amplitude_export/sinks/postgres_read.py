@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 
-def copy_to_table(conn: psycopg.Connection[Any], query: sql.Composable, schema: pa.Schema) -> pa.Table:
+def copy_to_table(conn: psycopg.Connection[Any], query: sql.Composed, schema: pa.Schema) -> pa.Table:
     """The rows `query` (a `COPY ... TO STDOUT (FORMAT csv)` of `schema`'s columns) writes, as one table."""
     buffer = io.BytesIO()
     with conn.cursor().copy(query) as copy:
@@ -27,7 +27,7 @@ def copy_to_table(conn: psycopg.Connection[Any], query: sql.Composable, schema: 
     return pacsv.read_csv(buffer, **_csv_options(schema)).cast(schema)
 
 
-def copy_to_stream(conn: psycopg.Connection[Any], query: sql.Composable, schema: pa.Schema) -> pa.RecordBatchReader:
+def copy_to_stream(conn: psycopg.Connection[Any], query: sql.Composed, schema: pa.Schema) -> pa.RecordBatchReader:
     """The same as a stream: copied into an anonymous temporary file (COPY runs at the server's pace, the file
     bounds memory), then read back in Arrow batches; the file goes when the stream ends."""
     spool = tempfile.TemporaryFile(prefix="amplitude-export-")
