@@ -1,6 +1,7 @@
 """A day of export lines grown from the real ones in tests/data/real-export-events.jsonl, for the benchmark.
 
     .venv/bin/python benchmarks/corpus.py OUT.jsonl --lines 500000 --day 2025-07-01
+    .venv/bin/python benchmarks/corpus.py OUT.jsonl --tiny    # 700 lines: the test runs this
 
 Each output line is one of the seven real lines (in turn, so the key sets and nesting stay theirs, including
 the trimmed line without nine keys), mutated as a real project's day differs from one event to the next: a new
@@ -125,7 +126,10 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=500_000)
     parser.add_argument("--day", default="2025-07-01")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--tiny", action="store_true", help="700 lines (each real line a hundred times)")
     args = parser.parse_args()
+    if args.tiny:
+        args.lines = 700
     day = datetime.strptime(args.day, "%Y-%m-%d").replace(tzinfo=UTC)
     print(build(args.out, args.lines, day, args.seed))
 

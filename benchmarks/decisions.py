@@ -1,6 +1,7 @@
 """The figures of docs/DECISIONS.md, as ratios of medians of candidates run in turn (machine noise hits them alike).
 
     .venv/bin/python benchmarks/decisions.py --rounds 5
+    .venv/bin/python benchmarks/decisions.py --tiny      # 400 lines, 1 round, 20,000 uuids: the test runs this
 
 - JSON decode: msgspec into the reader's typed struct against the standard library's `json` to a dict, per line;
 - inflate and CRC-32: ISA-L against zlib, on one gzip member;
@@ -37,7 +38,7 @@ MEMORY = """
 import sys, uuid
 import pyarrow as pa
 from amplitude_export._fastparse import StringSet
-ids = pa.array([str(uuid.uuid4()) for _ in range(1_000_000)], pa.string())
+ids = pa.array([str(uuid.uuid4()) for _ in range(int(sys.argv[2]))], pa.string())
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
 before = rss()
 if sys.argv[1] == "set":
@@ -71,7 +72,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--uuids", type=int, default=1_000_000, help="uuids held by each set whose memory is measured")
+    parser.add_argument("--tiny", action="store_true", help="400 lines, one round, 20,000 uuids")
     args = parser.parse_args()
+    if args.tiny:
+        args.events, args.rounds, args.uuids = 400, 1, 20_000
 
     # no line varied: the decoders are compared on lines that fit the struct, not on their fallbacks
     events = synthetic.generate_hour(HOUR, project_id=1, seed=1, events=args.events, variation=0)
@@ -98,8 +103,8 @@ def main() -> None:
             "reader, msgspec": lambda: read_window(archive, window, None),
         }, args.rounds)
         parse.FAST_PARSER = compiled
-    memory = {kind: float(subprocess.run([sys.executable, "-c", MEMORY, kind], capture_output=True, text=True,
-                                         check=True).stdout) for kind in ("set", "stringset")}
+    memory = {kind: float(subprocess.run([sys.executable, "-c", MEMORY, kind, str(args.uuids)], capture_output=True,
+                                         text=True, check=True).stdout) for kind in ("set", "stringset")}
     print(f"{len(lines):,} lines of {len(text) / len(lines):,.0f} B, {args.rounds} rounds (medians, seconds): "
           + ", ".join(f"{name} {value:.3f}" for name, value in got.items()))
     print(f"decode: msgspec {got['json'] / got['msgspec']:.1f}x json's lines/s")

@@ -11,8 +11,9 @@ candidate's process tree (benchmarks/measure.py).
 Candidates
     gzip        `gzip -dc` over the extracted members to /dev/null: the floor to beat
     inflate     isal inflate + line split in Python, no parsing: the cost of reading alone
-    reader1     WindowReader(workers=1) -> DuckDB table (msgspec struct per line, Arrow columns)
-    reader2     WindowReader(workers=2) -> DuckDB table (the same in 2 worker processes)
+    reader1     WindowReader(workers=1) -> DuckDB table (the compiled parser where built, else msgspec)
+    reader2     WindowReader(workers=2) -> DuckDB table (the same on 2 parse threads; worker processes where the
+                compiled parser is not built)
     duckdb      DuckDB read_json over the extracted members, typed columns, nested as JSON, memory_limit set,
                 ignore_errors (it stops at the first drifted type otherwise): no line numbers, no _extra, no
                 rejects, and it drops lines; a speed reference, not a candidate for fidelity

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -455,6 +456,49 @@ def ratios(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -
     return "\n".join(out)
 
 
+def targets(datasets: list[Dataset], results: dict[tuple[str, str], list[Run]]) -> str:
+    """Where this run stands against the speed issue's targets (docs/BENCHMARKS.md, "Targets"): a table written
+    with the run, so the verdicts are always those of the figures beside them."""
+    served = [d.name for d in datasets if not d.unavailable]
+
+    def over(tool: str, other: str, value: str = "wall", only: str | None = None) -> list[float]:
+        """`other`'s median over `tool`'s, per dataset: how many times faster (or leaner) the tool is."""
+        out = []
+        for dataset in (name for name in served if only in (None, name)):
+            mine, theirs = results.get((dataset, tool)), results.get((dataset, other))
+            if mine and theirs:
+                out.append(_median(theirs, value) / _median(mine, value))
+        return out
+
+    def span(values: list[float], unit: str = "×", digits: int = 2) -> str:
+        low, high = (f"{value:.{digits}f}" for value in (min(values), max(values)))
+        return f"{low}{unit}" if low == high else f"{low}–{high}{unit}"
+
+    rows = ["| target | measured | |", "|---|---|---|"]
+
+    def row(target: str, values: list[float], met: Callable[[list[float]], bool], shown: Callable[[], str]) -> None:
+        verdict = ("met" if met(values) else "not met") if values else "not measured"
+        rows.append(f"| {target} | {shown() if values else '–'} | {verdict} |")
+
+    floor, real = over("duckdb", "gzip", only="synthetic-2pct"), over("duckdb", "gzip", only="real-lines")
+    row("DuckDB ≥ 1.0× `gzip -dc` on `synthetic-2pct`", floor, lambda v: v[0] >= 1.0,
+        lambda: span(floor) + (f" ({span(real)} on `real-lines`)" if real else ""))
+    varied, plain = results.get(("synthetic-2pct", "duckdb")), results.get(("synthetic", "duckdb"))
+    steady = [_median(plain, "wall") / _median(varied, "wall")] if varied and plain else []
+    row("varied day ≥ 0.95× the 0 % day", steady, lambda v: v[0] >= 0.95, lambda: span(steady))
+    for peer, goal, label in (("pandas", 10, "the pandas script"), ("airbyte", 25, "Airbyte's connector")):
+        wall, cpu = over("duckdb", peer), over("duckdb", peer, "cpu")
+        row(f"≥ {goal}× {label}", wall, lambda v, goal=goal: min(v) >= goal,
+            lambda wall=wall, cpu=cpu: f"{span(wall, digits=1)} (CPU {span(cpu, digits=1)})")
+    postgres = over("postgres", "duckdb")
+    row("PostgreSQL ≥ half of DuckDB", postgres, lambda v: min(v) >= 0.5, lambda: span(postgres))
+    peaks = [max(run.result.rss for run in runs) / 2**20 for (_, name), runs in results.items() if name == "duckdb"]
+    row("DuckDB's peak RSS < 1 GB for the day", peaks, lambda v: max(v) * 2**20 < 1e9, lambda: span(peaks, " MiB", 0))
+    compiled = [d.compiled for d in datasets if d.name == "synthetic-2pct" and d.compiled is not None]
+    row("compiled path ≥ 99.9 % of the varied day", compiled, lambda v: v[0] >= 0.999, lambda: f"{compiled[0]:.2%}")
+    return "\n".join(rows)
+
+
 def write_docs(path: Path, text: str) -> None:
     """Replace the generated section of `path` (between the markers), or append one."""
     begin, end = "<!-- run_benchmark:begin -->", "<!-- run_benchmark:end -->"
@@ -558,7 +602,8 @@ def main() -> None:
                               flush=True)  # fmt: skip
         except KeyboardInterrupt:  # a long run stopped by hand still reports the runs it finished
             header.append(f"Stopped by hand in round {round_ + 1}: medians of the runs each candidate finished.")
-        text = "\n\n".join(["\n".join(header), table(datasets, names, results, why), ratios(datasets, results)])
+        text = "\n\n".join(["\n".join(header), table(datasets, names, results, why), ratios(datasets, results),
+                            targets(datasets, results)])
         print("\n" + text)
         if args.write_docs:
             write_docs(args.docs, text)

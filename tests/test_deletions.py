@@ -1,7 +1,7 @@
 """Deletions follow Amplitude's: the User Privacy API client against the fake server, the plan, the kept files,
 each sink's `delete_users`, and end to end through the CLI (`deletions`, `run --sync-deletions`) on DuckDB,
-Parquet and PostgreSQL: the users' rows go, the ledger says so, a re-run changes nothing, and a lookback reload
-of their hours does not bring them back."""
+Parquet, PostgreSQL, Iceberg and Delta: the users' rows go, the ledger says so, a re-run changes nothing, and a
+lookback reload of their hours does not bring them back."""
 
 from __future__ import annotations
 
@@ -112,10 +112,11 @@ def test_archives_naming_a_deleted_user_are_dropped_and_rejects_cleaned(tmp_path
 
 def sink_url(kind: str, tmp_path: Path, pg_schema: str) -> str:
     return {"duckdb": f"duckdb:{tmp_path / 'd.duckdb'}", "parquet": f"parquet:{tmp_path / 'p'}",
-            "postgres": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'i'}"}[kind]
+            "postgres": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'i'}",
+            "delta": f"delta:{tmp_path / 'lake' / 'events'}"}[kind]
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_a_sink_deletes_users_and_their_ledger_counts_in_one_go(kind: str, tmp_path: Path, pg_schema: str) -> None:
     rows = [event(f"u{n}", hour(n % 3), n) for n in range(1, 10)]
     rows[4].update(amplitude_id=None, _extra=json.dumps({"amplitude_id": str(rows[0]["amplitude_id"])}))
@@ -206,7 +207,7 @@ def archives_naming(raw: Path, users: list[int]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_deletions_remove_users_once_and_a_lookback_reload_keeps_them_out(
     kind: str, server: FakeExportServer, tmp_path: Path, pg_schema: str
 ) -> None:
@@ -252,7 +253,7 @@ def test_deletions_remove_users_once_and_a_lookback_reload_keeps_them_out(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_run_sync_deletions_applies_jobs_before_loading(
     kind: str, server: FakeExportServer, tmp_path: Path, pg_schema: str
 ) -> None:

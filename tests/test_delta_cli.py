@@ -100,8 +100,9 @@ def test_run_rerun_status_verify_report_and_maintain(place: Place, fake_server: 
     report = cli("report", "--dest", place.dest, *flags, "--out", "report.html", env=env, cwd=tmp_path)
     assert report.returncode == 0, said(report)
     assert f"{len(expected):,}" in (tmp_path / "report.html").read_text()
-    maintain = cli("maintain", "--dest", place.dest, *flags, env=env, cwd=tmp_path)
-    assert maintain.returncode == 0 and "compacted" in maintain.stdout, said(maintain)
+    maintain = cli("maintain", "--dest", place.dest, *flags, "--older-than", "0", env=env, cwd=tmp_path)
+    assert maintain.returncode == 0, said(maintain)
+    assert maintain.stdout.startswith(f"{place.dest}: compacted ") and "deleted " in maintain.stdout, said(maintain)
     assert sorted(place.uuids()) == sorted(stored)
 
     printed = [said(r) for r in (first, again, status, verify, deep, report, maintain)]
@@ -112,11 +113,16 @@ def test_run_rerun_status_verify_report_and_maintain(place: Place, fake_server: 
 def test_maintain_is_for_table_formats(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
     duckdb_dest = ["--dest", f"duckdb:{tmp_path / 'a.duckdb'}"]
-    for args, message in ((duckdb_dest, "maintain applies to iceberg: and delta: tables"),
-                          ([], "maintain needs --dest")):
+    parquet_dest = ["--dest", f"parquet:{tmp_path / 'p'}"]
+    for args, message in ((duckdb_dest, "maintain applies to iceberg: and delta: tables, not to duckdb:"),
+                          (parquet_dest, "maintain applies to iceberg: and delta: tables, not to parquet:"),
+                          (["--dest", "postgresql://me:hunter2@127.0.0.1:1/x"], "not to postgresql:"),
+                          ([], "maintain needs --dest"),
+                          (["--dest", f"delta:{tmp_path / 'd'}", "--older-than", "7"], "use a number and a unit")):
         result = cli("maintain", *args, env=env, cwd=tmp_path, timeout=60)
-        assert result.returncode == 2 and result.stderr.count("error:") == 1, said(result)
-        assert message in result.stderr
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, said(result)
+        assert message in result.stderr and "hunter2" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before anything was opened or created
 
 
 def commits(place: Place) -> int:

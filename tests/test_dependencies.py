@@ -89,3 +89,18 @@ print(isinstance(amplitude_export.read_events("duckdb:{tmp_path / 'x.duckdb'}"),
 """
     done = python(code, os.environ.copy(), tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+
+
+def test_the_core_dependencies_are_those_the_architecture_lists() -> None:
+    """A dependency added to (or dropped from) the core install is a decision docs/ARCHITECTURE.md states."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower() for requirement in declared}
+    section = (root / "docs" / "ARCHITECTURE.md").read_text().partition("\n## Dependencies\n")[2]
+    core = section.partition("Core: ")[2].partition("A fresh virtualenv")[0]
+    listed = set(re.findall(r"`([a-z][a-z0-9-]*)` \(", core))
+    assert listed == names
+    assert not names & {"pandas", "orjson", "vl-convert-python", "altair"}

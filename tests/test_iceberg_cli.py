@@ -51,7 +51,7 @@ def check_day(dest: str, server: FakeExportServer, tmp_path: Path, env: dict[str
     report = cli("report", "--dest", dest, *options, "--out", "report.html", env=env, cwd=tmp_path)
     assert report.returncode == 0, said(report)
     assert f"{len(expected):,}" in (tmp_path / "report.html").read_text()
-    kept = cli("maintain", "--dest", dest, *options, "--older-than", "0", env=env, cwd=tmp_path)
+    kept = cli("maintain", "--dest", dest, *options, "--older-than", "0", "--compact", env=env, cwd=tmp_path)
     assert kept.returncode == 0 and "expired" in kept.stdout, said(kept)
     after = cli("verify", "--dest", dest, *options, env=env, cwd=tmp_path)
     assert after.returncode == 0, said(after)

@@ -2,7 +2,8 @@
 
 The destination is built the way users build theirs: the fake Export API (with transient faults, malformed lines,
 empty hours and one hour too large to export) through `pipeline.run` into DuckDB and Parquet; then one more hour
-is written with fields the schema does not know, as a newer SDK would send them.
+is written with fields the schema does not know, as a newer SDK would send them. The DuckDB file also holds two
+tables of `run --streams` (cohorts, annotations), for the report's "Other streams" section.
 """
 
 from __future__ import annotations
@@ -88,9 +89,36 @@ def destinations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                     [batch(rows)],
                     finisher(Window(EXTRA_HOUR, EXTRA_HOUR), rows),
                 )
+                if dest.startswith("duckdb:"):
+                    write_streams(sink)
             finally:
                 sink.close()
     return dests
+
+
+COHORTS = [  # as the Behavioral Cohorts API lists them
+    {"id": "c-big", "name": "Power users", "size": 1_200, "archived": False, "lastComputed": 1709251200000},
+    {"id": "c-small", "name": "Churn risk <b>", "size": 35, "archived": False, "lastComputed": 1709337600000},
+    {"id": "c-old", "name": "Old campaign", "size": 9_999, "archived": True, "lastComputed": 1704067200000},
+]
+ANNOTATIONS = [  # two inside the report's range, one after it
+    {"id": 1, "start": "2024-03-02T10:00:00", "end": None, "label": "Release 2.0", "category": {"name": "release"}},
+    {"id": 2, "start": "2024-03-01T00:00:00", "end": None, "label": "Spring campaign", "category": None},
+    {"id": 3, "start": "2024-05-01T00:00:00", "end": None, "label": "Later", "category": None},
+]
+
+
+def write_streams(sink: Any) -> None:
+    """`cohorts` and `annotations` as `run --streams` writes them: rows with their state, through `write_table`."""
+    from amplitude_export.stream_tables import ANNOTATIONS as ANNOTATIONS_TABLE
+    from amplitude_export.stream_tables import COHORTS as COHORTS_TABLE
+    from amplitude_export.stream_tables import rows_table
+    from amplitude_export.table_ledger import TableState, TableWrite
+
+    for spec, items in ((COHORTS_TABLE, COHORTS), (ANNOTATIONS_TABLE, ANNOTATIONS)):
+        rows = rows_table(spec, items, datetime(2024, 4, 1, tzinfo=UTC))
+        sink.write_table(PROJECT, TableWrite(spec.name, spec.schema, rows.to_batches(),
+                                             TableState(spec.name, spec.stream, spec.refresh)))
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +175,25 @@ def test_figures_match_sql_over_the_same_file(report: Path, con: duckdb.DuckDBPy
     platforms = dict(sql(con, "SELECT coalesce(platform, '(none)'), count(*) FROM events "
                               "WHERE event_time >= '2024-03-01' GROUP BY 1"))  # fmt: skip
     assert {p["value"]: p["events"] for p in data["platforms"]} == platforms
+
+
+def test_other_streams_are_a_section_and_annotations_mark_the_daily_chart(report: Path,
+                                                                         destinations: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    data = island(report)["streams"]
+    assert [(t["table"], t["rows"]) for t in data["tables"]] == [("annotations", 3), ("cohorts", 3)]
+    assert [(c["cohort"], c["size"]) for c in data["cohorts"]] == [("Power users", 1_200), ("Churn risk <b>", 35)]
+    assert data["annotations"] == [{"day": "2024-03-01", "label": "Spring campaign", "category": ""},
+                                   {"day": "2024-03-02", "label": "Release 2.0", "category": "release"}]
+    page = report.read_text()
+    assert '<section id="other-streams">' in page and "Churn risk &lt;b&gt;" in page
+    assert '"annotations"' in page.split('id="report-specs">')[1]  # the daily chart draws them
+    # a range without annotations, and a destination without streams: no layer, no section
+    quiet = write_report(destinations["duckdb"], tmp_path / "quiet.html", start=datetime(2024, 3, 3, tzinfo=UTC))
+    assert island(quiet)["streams"]["annotations"] == []
+    assert '"annotations"' not in quiet.read_text().split('id="report-specs">')[1]
+    plain = write_report(destinations["parquet"], tmp_path / "plain.html")
+    assert island(plain)["streams"] == {} and 'id="other-streams"' not in plain.read_text()
 
 
 def test_health_lateness_and_windows_match_the_ledger(
@@ -356,6 +403,9 @@ def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> Non
             page.locator("#chart-types svg g.mark-rect path").first.hover()  # vega-embed's tooltip handler
             page.wait_for_selector("#vg-tooltip-element.visible", timeout=5_000)
             tooltip = page.inner_text("#vg-tooltip-element")
+            labels = page.evaluate("[...document.querySelectorAll('#chart-daily svg g.role-mark.mark-text text')]"
+                                   ".map(t => t.textContent)")
+            section = page.inner_text("#other-streams")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
             browser.close()
@@ -367,7 +417,9 @@ def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> Non
                                                                                   "countries")]  # fmt: skip
     assert marks == {
         "chart-hourly": [f"mark-rect {len(data['hourly'])}"] * 2,  # the ledger's shading and the bars
-        "chart-daily": [f"mark-rect {len(data['daily'])}"],
+        # the days' bars, and a dashed rule and a label per annotation in the range
+        "chart-daily": sorted([f"mark-rect {len(data['daily'])}", f"mark-rule {len(data['streams']['annotations'])}",
+                               f"mark-text {len(data['streams']['annotations'])}"]),
         "chart-users": ["mark-line 1", "mark-line 1", f"mark-symbol {2 * len(data['daily'])}"],
         "chart-types": [f"mark-rect {drawn[0]}"],
         "chart-platforms": [f"mark-rect {drawn[1]}"],
@@ -375,6 +427,8 @@ def test_chromium_draws_every_chart_offline(report: Path, tmp_path: Path) -> Non
         "chart-lateness": [f"mark-rect {len(data['lateness']['buckets'])}"],
     }
     assert versions == vega_versions()  # the scripts inlined are the ones package data names
+    assert sorted(labels) == sorted(a["label"] for a in data["streams"]["annotations"]) != []
+    assert "Other streams" in section and "Power users" in section and "1,200" in section
     top = data["event_types"][0]
     assert " ".join(tooltip.replace(",", "").split()) == (
         f"event_type {top['value']} events {top['events']} users (approx.) {top['users']} share {top['share']:.1%}"

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,28 @@ def test_a_commit_that_lost_a_race_is_checked_against_the_winner_and_committed_a
         assert uuids(reader.read_arrow()) == ["x", "y", "z"] and verify(reader, "p").complete
 
 
+def test_a_deletion_that_lost_a_race_lowers_the_winners_ledger_rows_too(table: Table) -> None:
+    from amplitude_export.ledger import DeletionRecord
+
+    with table.sink() as sink:
+        rows = hour_events(hour(0), ["a", "b"])
+        sink.write_window("p", window(0, 0), [batch(rows)], finisher(window(0, 0), rows))
+    first, second = table.sink(), table.sink()  # two writers on one snapshot
+    try:
+        rows = hour_events(hour(1), ["c", "d"])
+        second.write_window("p", window(1, 1), [batch(rows)], finisher(window(1, 1), rows))
+        doomed = rows[0]["amplitude_id"]  # line 1 of each hour: "a", and "c" which first's snapshot lacks
+        stored = first.delete_users("p", [doomed], DeletionRecord(date(2024, 3, 9), "done", [doomed]))
+        assert stored.rows_deleted == 2
+        assert {h: r.events_loaded for h, r in first.ledger("p").items()} == {hour(0): 1, hour(1): 1}
+    finally:
+        first.close()
+        second.close()
+    with table.sink(read_only=True) as reader:
+        assert uuids(reader.read_arrow()) == ["b", "d"] and verify(reader, "p").complete
+        assert [(r.day, r.rows_deleted) for r in reader.deletion_records("p")] == [(date(2024, 3, 9), 2)]
+
+
 def test_a_reader_polling_during_reloads_sees_each_window_whole(local: Table) -> None:
     day = window(0, 23)
     versions = [[row for h in day.each_hour() for row in hour_events(h, [f"{h:%H}-{n}-{v}" for n in range(5)])]
@@ -244,8 +266,8 @@ def test_maintain_compacts_and_deletes_unreferenced_files(table: Table) -> None:
         if not table.options:  # what a window killed before its commit leaves: a file no commit names
             (live, *_) = Path(table.uri).glob("_upload_day=*/*.parquet")
             shutil.copy(live, live.with_name("part-00000-orphan.parquet"))
-        line = sink.maintain(retain_hours=0)
-        assert "compacted 3 files into 1" in line
+        done = sink.maintain(older_than=timedelta(0))
+        assert "compacted 3 files into 1" in done.summary() and done.files_deleted >= 4
         assert uuids(sink.read_arrow()) == before and comparable(sink.ledger("p")) == ledger
     assert len(table.delta().file_uris()) == 1
     if not table.options:  # on disk: only the compacted file is left in the partition

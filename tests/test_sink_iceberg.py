@@ -350,3 +350,4 @@ def test_maintain_is_for_table_destinations(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(cli, ["maintain", "--dest", f"duckdb:{tmp_path / 'x.duckdb'}"])
     assert result.exit_code == 2 and "maintain applies to iceberg: and delta: tables" in result.output
+    assert not (tmp_path / "x.duckdb").exists()

@@ -114,14 +114,15 @@ def loaded(dest: str, project: str = KEY) -> dict[str, set[tuple[Any, ...]]]:
 
 def destination(kind: str, tmp_path: Path, pg_schema: str) -> str:
     return {"duckdb": f"duckdb:{tmp_path / 'amplitude.duckdb'}", "parquet": f"parquet:{tmp_path / 'lake'}",
-            "postgresql": f"{POSTGRES_URL}?schema={pg_schema}"}[kind]
+            "postgresql": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'warehouse'}",
+            "delta": f"delta:{tmp_path / 'lake' / 'events'}"}[kind]
 
 
 # -- every stream, every destination -------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
 def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     server: FakeExportServer, tmp_path: Path, pg_schema: str, kind: str
 ) -> None:
@@ -150,6 +151,34 @@ def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     # the Dashboard REST calls and cohort downloads overlapped, and never more than 5 at once
     assert 2 <= server.apis.max_in_flight <= 5
     assert not [r for r in server.apis.requests if r[2] == 429]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
+def test_a_stream_that_keeps_failing_costs_only_itself(
+    server: FakeExportServer, tmp_path: Path, pg_schema: str, kind: str
+) -> None:
+    """Annotations answer 500 past every retry: the run exits 1 naming them, and the events and the other streams
+    it fetched are committed as if nothing had happened."""
+    from amplitude_export import read_arrow
+
+    dest = destination(kind, tmp_path, pg_schema)
+    server.apis.failing = {"/api/3/annotations", "/api/2/annotations"}
+    try:
+        done = cli(server, tmp_path, "--dest", dest, "--streams", "events,cohorts,annotations,events_list",
+                   "--start", "2024-03-01T00", "--end", "2024-03-01T05", "--max-attempts", "2", "--retry-wait", "0")
+    finally:
+        server.apis.failing = set()
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].startswith("FAILED annotations: "), done.stdout
+    got, want = loaded(dest), expected(server.apis.project, [])
+    assert got["cohorts"] == want["cohorts"] and got["events_list"] == want["events_list"]
+    assert got["annotations"] == set()
+    uuids = read_arrow(dest).column("uuid").to_pylist()
+    assert set(uuids) == server.expected_uuids(DAY, DAY.replace(hour=5)) and len(uuids) == len(set(uuids))
+    with open_sink(dest, read_only=True) as sink:
+        assert set(sink.table_states(KEY)) == {"cohorts", "events_list"}  # type: ignore[attr-defined]
 
 
 def test_the_default_run_asks_no_other_api_and_creates_no_tables(tmp_path: Path) -> None:
@@ -361,7 +390,7 @@ def test_parquet_removes_what_a_crashed_table_write_left(tmp_path: Path) -> None
     assert read_table(f"parquet:{lake}", "annotations").num_rows == 5
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
 def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_schema: str, kind: str) -> None:
     """The rows and the state row commit together: a write whose rows stop with an error leaves both as before,
     and a scoped write replaces only its scope."""
@@ -396,6 +425,29 @@ def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_sch
     assert pairs == {("a", 7), ("a", 8)} | {("b", i) for i in range(5)}
 
 
+@pytest.mark.parametrize("kind", ["iceberg", "delta"])
+def test_maintain_keeps_the_streams_tables_and_forgets_their_old_versions(tmp_path: Path, kind: str) -> None:
+    from datetime import timedelta as age
+
+    from amplitude_export.sinks.maintenance import maintain
+    from amplitude_export.table_ledger import TableState, TableWrite
+
+    spec, dest = TABLES["annotations"], destination(kind, tmp_path, "")
+    with open_sink(dest) as sink:
+        for n in range(1, 4):  # three runs: three versions of the table, each replacing the rows
+            rows = [{"id": i, "label": f"run {n}", "_taken_at": DAY} for i in range(n)]
+            sink.write_table(KEY, TableWrite(spec.name, spec.schema, [pa.RecordBatch.from_pylist(rows, spec.schema)],
+                                             TableState(spec.name, spec.stream, spec.refresh)))
+    done = maintain(dest, older_than=age(0))
+    assert done.files_deleted >= 2  # the replaced files of the first two runs
+    assert {(r["id"], r["label"]) for r in read_table(dest, "annotations").to_pylist()} == {
+        (0, "run 3"), (1, "run 3"), (2, "run 3")}
+    with open_sink(dest, read_only=True) as sink:
+        assert sink.table_states(KEY)["annotations"].rows == 3  # type: ignore[attr-defined]
+        if kind == "iceberg":
+            assert len(sink.tables.open("annotations").snapshots()) == 1  # type: ignore[attr-defined]
+
+
 def test_schema_md_names_every_table_its_key_and_columns() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "SCHEMA.md").read_text()
     section = text[text.index("## The other streams"):]
@@ -426,10 +478,10 @@ def test_a_destination_without_tables_is_refused_before_anything_is_fetched() ->
     from amplitude_export.streams import check_sink
 
     class EventsOnly:
-        description = "iceberg:warehouse"
+        description = "custom:events-only"
 
     check_sink(EventsOnly(), ["events"])
-    with pytest.raises(UsageError, match="iceberg:warehouse holds only events"):
+    with pytest.raises(UsageError, match="custom:events-only holds only events"):
         check_sink(EventsOnly(), ["events", "cohorts"])
 
 
@@ -468,7 +520,7 @@ def test_run_hashes_member_user_ids_like_events(tmp_path: Path) -> None:
     assert joined > 0  # the hashed ids still join
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
 def test_a_deletion_job_takes_a_users_members_out_of_every_destination(
     tmp_path: Path, pg_schema: str, kind: str
 ) -> None:

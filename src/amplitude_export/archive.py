@@ -20,16 +20,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from .errors import ArchiveError
 
 try:  # ISA-L: the same bytes as zlib, inflated and checked several times faster; optional
-    from isal import isal_zlib as _inflate
     from isal.igzip import IGzipFile as _GzipFile
     from isal.isal_zlib import crc32
+    from isal.isal_zlib import error as _isal_error
+
+    _INFLATE_ERROR = cast(type[Exception], _isal_error)  # isal's stub declares the class as an instance
 except ImportError:  # pragma: no cover - depends on the environment
-    _inflate = zlib  # type: ignore[assignment]
+    _INFLATE_ERROR = zlib.error
     _GzipFile = gzip.GzipFile  # type: ignore[assignment,misc]
     crc32 = zlib.crc32
 
@@ -171,7 +173,7 @@ class MemberStream:
         return None
 
 
-def open_member(archive: zipfile.ZipFile, fd: int, name: str) -> MemberStream | zipfile.ZipExtFile:
+def open_member(archive: zipfile.ZipFile, fd: int, name: str) -> MemberStream | IO[bytes]:
     """A member's stream: stored members (what exports hold) read straight from `fd`, the archive's file; any
     other method through zipfile, which inflates it."""
     info = archive.getinfo(name)
@@ -269,5 +271,5 @@ def member_chunks(opener: Opener, index: int, member: ArchiveMember, chunk_bytes
                 yield segments
     except ArchiveError as exc:
         raise ArchiveError(exc.reason, member=member.name) from None
-    except (zipfile.BadZipFile, zlib.error, _inflate.error, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, zlib.error, _INFLATE_ERROR, EOFError, OSError) as exc:
         raise ArchiveError(f"member is broken: {exc}", member=member.name) from None

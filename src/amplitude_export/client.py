@@ -14,15 +14,15 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
 import stamina
 
-from . import __version__
-from .config import REGION_HOSTS, Credentials, other_region
+from . import __version__, clock
+from .config import REGION_HOSTS, RETRY_TIMEOUT, Credentials, other_region
 from .errors import (
     AmplitudeExportError,
     ArchiveError,
@@ -116,7 +116,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     except ValueError:
         pass
     try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+        return max(0.0, (parsedate_to_datetime(value) - clock.now()).total_seconds())
     except (TypeError, ValueError):
         return None
 
@@ -133,11 +133,13 @@ class ExportClient:
         wait_max: float = 120.0,
         read_timeout: float = READ_TIMEOUT,
         first_byte_timeout: float = FIRST_BYTE_TIMEOUT,
+        retry_timeout: float | None = RETRY_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
         region_hosts: dict[str, str] | None = None,
     ) -> None:
         """`read_timeout`: seconds without a byte of a body, `first_byte_timeout`: seconds for an answer to start;
-        past either the attempt is a transient failure and is retried."""
+        past either the attempt is a transient failure and is retried, up to `max_attempts` attempts and while
+        fewer than `retry_timeout` seconds have passed since the window's first attempt (None: no time bound)."""
         for name, value in (("read_timeout", read_timeout), ("first_byte_timeout", first_byte_timeout)):
             if not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
@@ -152,6 +154,7 @@ class ExportClient:
         self.max_attempts = max_attempts
         self.wait_initial = wait_initial
         self.wait_max = wait_max
+        self.retry_timeout = retry_timeout
         self._http = httpx.Client(
             base_url=credentials.base_url,
             auth=httpx.BasicAuth(credentials.api_key, credentials.secret_key.reveal()),
@@ -225,7 +228,7 @@ class ExportClient:
             for attempt in stamina.retry_context(
                 on=retriable,
                 attempts=self.max_attempts,
-                timeout=None,
+                timeout=self.retry_timeout,
                 wait_initial=self.wait_initial,
                 wait_max=self.wait_max,
                 wait_jitter=self.wait_initial,
@@ -324,7 +327,7 @@ class ExportClient:
         host = self.region_hosts.get(other)
         if not host or host == self.credentials.base_url:
             return None
-        yesterday = floor_hour(datetime.now(UTC)) - timedelta(days=1)
+        yesterday = floor_hour(clock.now()) - timedelta(days=1)
         try:
             with httpx.Client(
                 auth=httpx.BasicAuth(self.credentials.api_key, self.credentials.secret_key.reveal()),

@@ -15,6 +15,10 @@ from dotenv import dotenv_values
 
 from .errors import UsageError
 
+# Seconds from a window's first attempt after which no new attempt starts (`ExportClient`, --retry-timeout): long
+# enough for a few full retries of a slow export, short enough that one window that keeps failing does not hold
+# up an hourly schedule.
+RETRY_TIMEOUT = 1800.0
 REGION_HOSTS = {
     "us": "https://amplitude.com",
     "eu": "https://analytics.eu.amplitude.com",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,6 +194,7 @@ def _stream_resources(dlt: Any, credentials: Any, chosen: list[str], *, start: d
 
     resources = []
     for spec in tables_of(chosen):
+        function: Callable[..., Iterator[Any]]
         if spec.refresh == SNAPSHOT:
             function, disposition, merge_key = (lambda name=spec.name: snapshot(name)), "replace", None
         elif spec is COHORT_MEMBERS:
@@ -252,6 +253,7 @@ def _window_batches(
 ) -> Iterator[pa.RecordBatch]:
     """Fetch the windows a few at a time and yield each one's batches; any failed window stops the run."""
     from .client import EMPTY, ExportClient
+    from .live import LiveFile
     from .pipeline import Failure, fetch_windows, new_run_id
     from .reader import WindowReader
 
@@ -267,6 +269,7 @@ def _window_batches(
                         f"{window}: {result.status}: {result.reason}; nothing of this run is loaded, the next run "
                         "asks again"
                     )
+                assert not isinstance(result, LiveFile)  # fetch_windows offers live files only when asked (live=True)
                 if result.status == EMPTY or result.path is None:
                     log.info("%s: no data (404)", window)
                     continue

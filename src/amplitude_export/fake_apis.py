@@ -76,6 +76,7 @@ class FakeApis:
         self.s3_link_seconds = s3_link_seconds
         self.taxonomy_forbidden = taxonomy_forbidden
         self.latency = latency
+        self.failing: set[str] = set()  # paths answered 500 every time (a stream's server error that lasts)
         self.project = FakeProject(project_id=server.project_id, seed=server.seed, data_start=server.data_start,
                                    data_end=server.data_end, generated=server.generated_lines,
                                    lines=server.hour_lines)
@@ -176,6 +177,8 @@ class FakeApis:
                                     f"Too many concurrent requests: the limit is {LIMITS[group]}",
                                     limit=LIMITS[group])
                 answer.headers["Retry-After"] = f"{self.server.retry_after:g}"
+            elif path in self.failing:
+                answer = error(500, "InternalServerError", "an error that lasts (FakeApis.failing)")
             else:
                 if self.latency:
                     time.sleep(self.latency)
@@ -366,12 +369,12 @@ class FakeApis:
         for day in days:
             start = day - timedelta(days=day.weekday()) if interval == "7" else day.replace(day=1)
             bucket = buckets.setdefault(day if interval == "1" else start, set())
-            users = self.project.day_events(day)
-            bucket.update(key for key in users if metric == "active" or first_days.get(key) == day)
+            seen = self.project.day_events(day)
+            bucket.update(key for key in seen if metric == "active" or first_days.get(key) == day)
         labels: list[str] = []
         rows: dict[str, dict[date, int]] = {}
-        for when, users in buckets.items():
-            for amplitude_id in users:
+        for when, members in buckets.items():
+            for amplitude_id in members:
                 value = self.project.pool[amplitude_id].template.get(group) if group else "All"
                 label = "(none)" if value is None else str(value)
                 rows.setdefault(label, dict.fromkeys(buckets, 0))[when] += 1

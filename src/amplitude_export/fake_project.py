@@ -307,7 +307,8 @@ class FakeProject:
     def resolve(self, amplitude_ids: Iterable[int], user_ids: Iterable[str]) -> tuple[list[int], list[Any]]:
         """(known amplitude ids, the ids given that match no user of the project)."""
         by_user = {user.template["user_id"]: key for key, user in self.pool.items() if user.template["user_id"]}
-        known, invalid = [], []
+        known: list[int] = []
+        invalid: list[Any] = []
         for amplitude_id in amplitude_ids:
             (known if amplitude_id in self.pool else invalid).append(amplitude_id)
         for user_id in user_ids:

@@ -11,9 +11,9 @@ Events come from `synthetic.generate_hour`, so the server knows exactly which ev
 `lines_file` instead, it serves that file's lines as they are, each in the hour of its `server_upload_time`.
 
 Each hour's members are built once and cached on disk (a temporary directory unless `cache_dir` is given); a
-response is assembled from them into a temporary file and streamed with a bounded buffer, so a day of a
-million events (about 1.7 GB of JSON) never sits in memory. The zip stores its members (ZIP_STORED): they are
-gzip already.
+response's zip is made from them on the fly as it is sent (`stream_archive`; into a temporary file only when it
+needs ZIP64), so a day of a million events never sits in memory. The zip stores its members (ZIP_STORED): they
+are gzip already.
 
     with FakeExportServer(api_key="demo-key", secret_key="demo-secret", faults=["503", "truncate"]) as srv:
         httpx.get(f"{srv.url}/api/2/export", params={...}, auth=("demo-key", "demo-secret"))
@@ -467,10 +467,10 @@ class FakeExportServer:
 
         The bytes are those `build_archive` writes (the folder entry, then the members, stored), made on the fly
         from the cached members and their CRCs, so the answer starts at once instead of after a copy of the
-        whole archive (~0.15 s per 136 MB here). None when the archive needs ZIP64: `build_archive` then.
+        whole archive. None when the archive needs ZIP64: `build_archive` then.
         """
         stamp = _dos_time(_zip_time(start))
-        entries = [(f"{self.project_id}/", None, 0, 0)]
+        entries: list[tuple[str, Path | None, int, int]] = [(f"{self.project_id}/", None, 0, 0)]
         entries += [(name, path, *self._size_and_crc(path)) for name, path in self.window_members(start, end)]
         headers: list[bytes] = []
         central: list[bytes] = []

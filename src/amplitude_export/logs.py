@@ -50,7 +50,7 @@ class RunLogHandler(logging.FileHandler):
             return
         if self.failure is None:
             self.failure = StorageError.from_os_error(exc, self.baseFilename)
-        stream, self.stream = self.stream, None  # type: ignore[assignment]
+        stream, self.stream = self.stream, None
         if stream is not None:
             try:
                 stream.close()

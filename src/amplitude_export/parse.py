@@ -14,7 +14,7 @@ argument of each shortcut.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -30,7 +30,7 @@ from .archive import ArchiveMember
 try:  # the compiled fast path, built by `pip install` where a C compiler is at hand (setup.py); optional
     from . import _fastparse
 except ImportError:  # pragma: no cover - depends on the environment
-    _fastparse = None  # type: ignore[assignment]
+    _fastparse = None
 
 DEFAULT_BATCH_ROWS = 4096  # per-batch overheads are amortised while each worker's memory stays small
 LINE_BYTES = 1_700  # a typical export line: batches are cut by bytes, at about batch_rows such lines
@@ -275,7 +275,7 @@ def _parse(
     extras: dict[int, dict[str, Any]] = {}
     rejects: list[dict[str, Any]] = []
     unknown: set[str] = set()
-    decode = EVENT_DECODER.decode
+    decode: Callable[[bytes], Any] = EVENT_DECODER.decode  # the struct's fields are made at run time
     require_uuid = ctx.require_uuid
     fitted = False  # every line decoded straight into the struct
     if utf8:  # the common case: every line fits the struct, decoded without a Python loop of our own
@@ -350,7 +350,7 @@ def _columns(
             arrays.append(_timestamp_column(values))
         else:
             arrays.append(pa.array(values, schema.ARROW_TYPES[column.kind]))
-    extra_texts = [None] * len(events)
+    extra_texts: list[str | None] = [None] * len(events)
     for row, extra in extras.items():
         extra_texts[row] = msgspec.json.encode(extra).decode()
     batch = _batch(arrays, pa.array(extra_texts, pa.string()), pa.array(numbers, pa.int64()), member, ctx)

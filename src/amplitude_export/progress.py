@@ -8,7 +8,7 @@ import threading
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # rich is imported by the bars only: a run without them (cron, CI) starts ~25 ms sooner
+if TYPE_CHECKING:  # rich is imported by the bars only: a run without them (cron, CI) does not pay its import
     from rich.console import Console
     from rich.progress import TaskID
 

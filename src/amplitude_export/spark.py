@@ -148,7 +148,8 @@ def settings(options: Mapping[str, str], *, streaming: bool = False) -> Settings
             raise
         raise UsageError(f"{missing}: set the api_key and secret_key options, or AMP_API_KEY and AMP_SECRET_KEY "
                          "in the driver's environment or .env") from None
-    texts = {key: given[key] for key in ("start", "end", "project", "rejects_dir", "scratch_dir") if key in given}
+    named = ("start", "end", "project", "rejects_dir", "scratch_dir")
+    texts: dict[str, Any] = {key: given[key] for key in named if key in given}
     if given.get("exclude_columns") or given.get("hash_columns"):
         values["privacy"] = Privacy.from_options(given.get("exclude_columns"), given.get("hash_columns"))
     result = Settings(credentials, **texts, **values)
@@ -166,7 +167,7 @@ def _moment(text: str) -> datetime:
 
 
 @dataclass(frozen=True)
-class Lane(InputPartition):  # type: ignore[misc]
+class Lane(InputPartition):
     """One Spark partition: windows fetched one after another, one request at a time."""
 
     windows: tuple[Window, ...]
@@ -190,6 +191,7 @@ def lanes(windows: Sequence[Window], count: int, run_id: str) -> list[Lane]:
 def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
     """Fetch and read a lane's windows on an executor; each window's batches without its repeated uuids."""
     from .client import EMPTY, ExportClient
+    from .live import LiveFile
     from .pipeline import Failure, fetch_windows
     from .reader import WindowReader
     from .sinks import FirstCopies
@@ -203,6 +205,7 @@ def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
                 planned = f" (part of {result.split_from})" if result.split_from else ""
                 raise AmplitudeExportError(f"amplitude: window {window}{planned} could not be fetched: "
                                            f"{result.status}: {result.reason}")
+            assert not isinstance(result, LiveFile)  # fetch_windows offers live files only when asked (live=True)
             if result.status == EMPTY or result.path is None:
                 continue
             privacy = options.privacy
@@ -224,7 +227,7 @@ def read_lane(options: Settings, lane: Lane) -> Iterator[pa.RecordBatch]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-class AmplitudeReader(DataSourceReader):  # type: ignore[misc]
+class AmplitudeReader(DataSourceReader):
     """The batch reader: plans on the driver (`partitions`), reads on the executors (`read`)."""
 
     def __init__(self, options: Settings) -> None:
@@ -242,11 +245,12 @@ class AmplitudeReader(DataSourceReader):  # type: ignore[misc]
             return []
         return lanes(options.plan(first, ready), options.concurrency, self.run_id)
 
-    def read(self, partition: Lane) -> Iterator[pa.RecordBatch]:
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        assert isinstance(partition, Lane)  # partitions() plans lanes only
         return read_lane(self.options, partition)
 
 
-class AmplitudeDataSource(DataSource):  # type: ignore[misc]
+class AmplitudeDataSource(DataSource):
     """`format("amplitude")`: Amplitude's raw events, batch and streaming."""
 
     @classmethod

@@ -23,15 +23,15 @@ from .spark import INSTALL, Lane, Settings, lanes, read_lane
 from .windows import HOUR, floor_hour, label_hour, last_ready_hour, parse_hour, resolve_range
 
 try:
-    from pyspark.sql.datasource import DataSourceStreamReader
+    from pyspark.sql.datasource import DataSourceStreamReader, InputPartition
 except ImportError:  # pragma: no cover - spark.py has already refused
     raise ImportError(INSTALL) from None
 
 try:  # Spark 4.2+: availableNow runs stop at the hour that was ready when they began
     from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadMaxFiles, SupportsTriggerAvailableNow
 except ImportError:  # pragma: no cover - Spark 4.0 and 4.1 wrap the source for availableNow themselves
-    ReadAllAvailable = ReadMaxFiles = None
-    SupportsTriggerAvailableNow = object
+    ReadAllAvailable = ReadMaxFiles = None  # type: ignore[assignment,misc]  # absent before Spark 4.2
+    SupportsTriggerAvailableNow = object  # type: ignore[assignment,misc]  # absent before Spark 4.2
 
 
 def offset(next_hour: datetime, first_hour: datetime) -> dict[str, str]:
@@ -43,7 +43,7 @@ def _hours(position: dict[str, str]) -> tuple[datetime, datetime]:
     return parse_hour(position["next_hour"]), parse_hour(position["first_hour"])
 
 
-class AmplitudeStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):  # type: ignore[misc]
+class AmplitudeStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     """Offsets are upload hours; each micro-batch is a batch read of its hours and the lookback before them."""
 
     def __init__(self, options: Settings) -> None:
@@ -107,7 +107,8 @@ class AmplitudeStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow)
 
         return lanes(windows, options.concurrency, new_run_id())
 
-    def read(self, partition: Lane) -> Iterator[pa.RecordBatch]:
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        assert isinstance(partition, Lane)  # partitions() plans lanes only
         return read_lane(self.options, partition)
 
     def commit(self, end: dict[str, str]) -> None:

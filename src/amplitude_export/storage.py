@@ -45,7 +45,7 @@ def _value(text: str, where: str) -> Any:
     if text.lstrip().startswith(("{", "[")):
         try:
             return json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise UsageError(f"{where}: a value starting with {{ or [ must be JSON ({exc.msg} at "
                              f"character {exc.pos}; the value is not shown)") from None
     return text

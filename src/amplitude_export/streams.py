@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pyarrow as pa
 
@@ -87,7 +88,7 @@ def check_sink(sink: object, streams: Iterable[str]) -> None:
     """Refuse, before anything is fetched, a destination that cannot hold the streams' tables."""
     if set(streams) - {EVENTS} and not all(hasattr(sink, name) for name in ("write_table", "table_states")):
         raise UsageError(f"--streams: {getattr(sink, 'description', 'this destination')} holds only events; "
-                         "the other streams go to duckdb:, parquet: and postgresql:// destinations")
+                         "the other streams need a destination with tables (write_table, table_states)")
 
 
 def tables_of(streams: Iterable[str]) -> list[TableSpec]:
@@ -123,7 +124,7 @@ class StreamsReport:
 
 def run_streams(
     credentials: Credentials,
-    sink: TableSink,
+    sink: object,
     *,
     project: str,
     streams: Iterable[str],
@@ -141,7 +142,11 @@ def run_streams(
 ) -> StreamsReport:
     """`load_streams` with the run's options: `start`/`end` in the CLI's forms name the days of the series
     (either open: incremental), `lookback_hours` rounds up to whole days; `privacy` (the run's PII controls)
-    also leaves out the users the destination's deletion jobs removed."""
+    also leaves out the users the destination's deletion jobs removed. `sink` is any destination: one without
+    tables is a UsageError (`check_sink`)."""
+    streams = list(streams)
+    check_sink(sink, streams)
+    tables = cast(TableSink, sink)
     moment = now or datetime.now(UTC)
     start_day = end_day = None
     if start is not None:
@@ -150,10 +155,10 @@ def run_streams(
         end_day = parse_hour(end, is_end=True).date()
     with DashboardClient(credentials, max_concurrency=concurrency, max_attempts=max_attempts,
                          wait_initial=retry_wait) as client:
-        deleted = deleted_users(sink, project)
+        deleted = deleted_users(tables, project)
         if deleted:
             privacy = (privacy or Privacy()).with_deleted(deleted)
-        return load_streams(client, sink, project=project, streams=streams, run_id=run_id, data_dir=data_dir,
+        return load_streams(client, tables, project=project, streams=streams, run_id=run_id, data_dir=data_dir,
                             start_day=start_day, end_day=end_day, lookback_days=-(-lookback_hours // 24),
                             privacy=privacy, now=moment)
 
@@ -195,7 +200,7 @@ def load_streams(
             job.submit("cohorts", client.cohorts, lambda cohorts: job.cohorts(cohorts, chosen))
         for spec, fetch in ((ANNOTATIONS, client.annotations), (EVENTS_LIST, client.events_list)):
             if spec.stream in chosen:
-                job.submit(spec.name, fetch, lambda items, spec=spec: job.snapshot(spec, items))
+                job.submit(spec.name, fetch, partial(job.snapshot, spec))
         if "taxonomy" in chosen:
             job.submit("taxonomy", lambda: fetch_taxonomy(client), job.taxonomy)
         for spec in (ACTIVE_USERS, AVERAGE_SESSION_LENGTH):
@@ -205,9 +210,8 @@ def load_streams(
                 if begin > last_day:
                     report.notes.append(f"{spec.name}: up to date (through {last_day})")
                     continue
-                job.submit(spec.name, lambda spec=spec, begin=begin: fetch_series(client, spec, begin, last_day,
-                                                                                  moment),
-                           lambda rows, spec=spec, begin=begin: job.series(spec, rows, begin, last_day))
+                job.submit(spec.name, partial(fetch_series, client, spec, begin, last_day, moment),
+                           partial(job.series, spec, begin=begin, end=last_day))
         job.drain()
     except BaseException:
         client.close()  # stops any poll, so the threads end soon
@@ -307,7 +311,7 @@ class _Job:
                 self.computed.pop(cid, None)
             self.write_members(gone, [], None)
         for cohort in todo:
-            self.submit(f"cohort {cohort['id']}", lambda c=cohort: self.download(c), self.members_landed)
+            self.submit(f"cohort {cohort['id']}", partial(self.download, cohort), self.members_landed)
         self.after.append(self.members_done)
 
     def download(self, cohort: dict[str, Any]) -> tuple[dict[str, Any], Path | QuotaExceededError]:
@@ -431,7 +435,7 @@ def fetch_taxonomy(client: DashboardClient) -> dict[str, Any] | NotOnPlanError:
     # one request per event type; a pool of its own, as this runs on one of the streams' threads
     own = DaemonPool(client.max_concurrency, "taxonomy")
     try:
-        futures = [own.submit(lambda name=name: client.taxonomy("event-property", form={"event_type": name}))
+        futures = [own.submit(partial(client.taxonomy, "event-property", form={"event_type": name}))
                    for name in names]
         for name, future in zip(names, futures, strict=True):
             properties += [dict(item, event_type=item.get("event_type", name)) for item in future.result()]

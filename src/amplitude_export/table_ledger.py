@@ -55,6 +55,12 @@ def with_project_column(schema: pa.Schema) -> pa.Schema:
     return schema.insert(0, pa.field(PROJECT_COLUMN, pa.string()))
 
 
+def project_rows(batch: pa.RecordBatch, project: str, schema: pa.Schema) -> pa.RecordBatch:
+    """A stream's batch as stored: `_project` (set to `project`) first, then the columns of `schema` after it."""
+    column = pa.repeat(pa.scalar(project, pa.string()), batch.num_rows)
+    return pa.RecordBatch.from_arrays([column, *batch.select(schema.names[1:]).columns], schema=schema)
+
+
 @dataclass
 class TableState:
     """What the destination knows of one table of one project."""

@@ -85,6 +85,8 @@ class Verification:
     problems: list[Problem]
     hours_loaded: int = 0
     hours_empty: int = 0  # the Export API had no data for them (404, or no member in the archive)
+    destination: str | None = None  # what was checked, as `api.verify` names it
+    project: str | None = None
 
     @property
     def complete(self) -> bool:

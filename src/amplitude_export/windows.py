@@ -27,7 +27,10 @@ _FORMATS = [
 
 
 def parse_hour(text: str, *, is_end: bool = False) -> datetime:
-    """Parse a user's start or end into a UTC hour; a bare end date means its hour 23 (the end is inclusive)."""
+    """Parse a user's start or end into a UTC hour; a bare end date means its hour 23 (the end is inclusive).
+
+    An ISO 8601 time names the hour that holds it (`2024-03-01T05:30:00+02:00` is 03 UTC), read as UTC when it
+    names no zone."""
     value = text.strip()
     for pattern, has_hour in _FORMATS:
         match = pattern.match(value)
@@ -39,9 +42,26 @@ def parse_hour(text: str, *, is_end: bool = False) -> datetime:
             return datetime(year, month, day, hour, tzinfo=UTC)
         except ValueError as exc:
             raise UsageError(f"invalid date {text!r}: {exc}") from None
+    moment = _iso_moment(value)
+    if moment is not None:
+        return floor_hour(moment)
     raise UsageError(
-        f"cannot read {text!r} as a date: use YYYYMMDDTHH, YYYYMMDD, YYYY-MM-DD or YYYY-MM-DDTHH (UTC)"
+        f"cannot read {text!r} as a date: use YYYY-MM-DD, YYYY-MM-DDTHH, YYYYMMDD, YYYYMMDDTHH (UTC) or an ISO "
+        "8601 time such as 2024-03-01T05:00:00Z"
     )
+
+
+def _iso_moment(value: str) -> datetime | None:
+    """An ISO 8601 date and time (`2024-03-01T05:30:00Z`, `2024-03-01 05:00+02:00`), in UTC when it names no
+    zone; None when `value` is not one. Only forms with a time: a bare date is handled above (an end date means
+    its last hour)."""
+    if not re.match(r"^\d{4}-?\d{2}-?\d{2}[T ]\d{2}", value):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def as_hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:

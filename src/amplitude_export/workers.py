@@ -14,7 +14,7 @@ import multiprocessing
 import queue as queue_module
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -24,6 +24,9 @@ from .errors import ArchiveError
 from .live import LiveMembers, StreamAbandoned
 from .parse import LINE_BYTES, Context, Part, parse_chunk
 from .tuning import tune_for_bulk_loading
+
+if TYPE_CHECKING:  # the context classes exist only where those start methods do
+    from multiprocessing.context import ForkServerContext, SpawnContext
 
 _QUEUE_PARTS = 2  # parts a worker may have waiting; bounds memory across threads and processes
 Numbered = Iterable[tuple[int, ArchiveMember]]  # members with their index in the reader's member list
@@ -84,7 +87,7 @@ def parts_on_threads(
 def parts_in_processes(ctx: Context, numbered: list[tuple[int, ArchiveMember]], workers: int
                        ) -> Generator[Part, None, None]:
     """Parts of the landed archive's members, parsed in `workers` processes, in member order."""
-    mp = multiprocessing.get_context(_start_method())
+    mp = _context()
     if mp.get_start_method() == "forkserver":
         mp.set_forkserver_preload([__name__])
     count = min(workers, len(numbered))
@@ -213,16 +216,18 @@ def _receive(source: Any, process: Any, member: ArchiveMember) -> tuple[Any, ...
     """The next message from a worker; a worker that died without a word is an error, not a hang."""
     while True:
         try:
-            return source.get(timeout=1.0)  # type: ignore[no-any-return]
+            return source.get(timeout=1.0)
         except queue_module.Empty:
             if not process.is_alive():
                 try:  # it may have sent its last words just before exiting
-                    return source.get(timeout=0.5)  # type: ignore[no-any-return]
+                    return source.get(timeout=0.5)
                 except queue_module.Empty:
                     pass
                 raise RuntimeError(f"reader worker died (exit code {process.exitcode}) on {member.name}") from None
 
 
-def _start_method() -> str:
+def _context() -> ForkServerContext | SpawnContext:
     """forkserver: safe when the parent holds threads (DuckDB's pool) and cheap per worker once preloaded."""
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")

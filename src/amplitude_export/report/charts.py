@@ -17,21 +17,25 @@ STATUS_COLORS = {
     TOO_LARGE: "#9d2a2a",
     MISSING: "#f2a93b",
 }
+ANNOTATION_COLOR = "#7a5195"
 ASSETS = resources.files("amplitude_export") / "report_assets"
 VEGA_FILES = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")  # in load order: embed needs the other two
 
 
 def vega_versions() -> dict[str, str]:
     """The versions of the Vega, Vega-Lite and vega-embed builds the report inlines (tools/vendor_vega.sh)."""
-    return json.loads((ASSETS / "versions.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    versions: dict[str, str] = json.loads((ASSETS / "versions.json").read_text(encoding="utf-8"))
+    return versions
 
 
 def _field(name: str, kind: str, **more: Any) -> dict[str, Any]:
     return {"field": name, "type": kind, **more}
 
 
-def chart_specs() -> dict[str, dict[str, Any]]:
-    """The Vega-Lite spec of each chart, by the id of its container; data comes from named datasets at render."""
+def chart_specs(*, annotations: bool = False) -> dict[str, dict[str, Any]]:
+    """The Vega-Lite spec of each chart, by the id of its container; data comes from named datasets at render.
+    With `annotations`, the daily chart also draws the `annotations` dataset: a vertical rule and its label per
+    annotation (only then: a layer over an empty dataset makes Vega warn)."""
     schema = f"https://vega.github.io/schema/vega-lite/v{vega_versions()['vega-lite'].split('.')[0]}.json"
     hour = _field("hour", "temporal", scale={"type": "utc"})
     hour_label = _field("label", "nominal", title="hour")
@@ -91,6 +95,19 @@ def chart_specs() -> dict[str, dict[str, Any]]:
         "width": "container",
         "height": 200,
     }  # fmt: skip
+    if annotations:
+        marked = {**_field("day", "temporal", timeUnit="utcyearmonthdate")}
+        note = [_field("day", "nominal", title="annotation"), _field("label", "nominal"),
+                _field("category", "nominal")]
+        bars = {key: daily.pop(key) for key in ("transform", "mark", "encoding")}
+        daily["layer"] = [
+            bars,
+            {"data": {"name": "annotations"}, "mark": {"type": "rule", "color": ANNOTATION_COLOR, "strokeDash": [4, 2]},
+             "encoding": {"x": marked, "tooltip": note}},
+            {"data": {"name": "annotations"},
+             "mark": {"type": "text", "align": "left", "baseline": "top", "dx": 3, "color": ANNOTATION_COLOR},
+             "encoding": {"x": marked, "y": {"value": 2}, "text": _field("label", "nominal"), "tooltip": note}},
+        ]  # fmt: skip
     users = {
         "data": {"name": "daily"},
         "transform": [

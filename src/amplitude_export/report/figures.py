@@ -122,7 +122,31 @@ def gather(snapshot: Snapshot, *, start: datetime | None = None, end: datetime |
         "lateness": lateness,
         "health": health(con, ledger, stored, upload, span),
         "windows": spans(ledger),
+        "streams": _streams(snapshot.streams, first, stop),
     }
+
+
+def _streams(streams: dict[str, Any], first: datetime, stop: datetime) -> dict[str, Any]:
+    """The "Other streams" figures: each table's rows and when it was loaded, the cohorts by size (archived ones
+    left out), and the annotations whose start falls on an event day of the range (drawn on the daily chart)."""
+    states = streams.get("states") or {}
+    if not states:
+        return {}
+    tables = [{"table": name, "rows": state.rows, "note": state.note or "",
+               "loaded_at": state.loaded_at.astimezone(UTC).isoformat(timespec="seconds") if state.loaded_at else ""}
+              for name, state in sorted(states.items())]
+    cohorts = [{"cohort": row["name"], "id": row["id"], "size": row["size"],
+                "last_computed": row["last_computed"].astimezone(UTC).isoformat(timespec="minutes")
+                if row.get("last_computed") else ""}
+               for row in streams.get("cohorts", []) if not row.get("archived")]
+    cohorts.sort(key=lambda row: (-(row["size"] or 0), str(row["cohort"])))
+    days = (first.date(), (stop - HOUR).date())
+    annotations = [{"day": row["starts_at"].astimezone(UTC).date().isoformat(), "label": row["label"] or "",
+                    "category": row["category"] or ""}
+                   for row in streams.get("annotations", [])
+                   if row.get("starts_at") and days[0] <= row["starts_at"].astimezone(UTC).date() <= days[1]]
+    annotations.sort(key=lambda row: (row["day"], row["label"]))
+    return {"tables": tables, "cohorts": cohorts, "annotations": annotations}
 
 
 def _empty_figures() -> dict[str, Any]:
@@ -135,7 +159,7 @@ def _empty_figures() -> dict[str, Any]:
                      "quantiles": {}, "negative": 0, "unknown": 0},
         "health": {"duplicates": 0, "rejects": 0, "retried_hours": [], "split_windows": [], "failed": [],
                    "unknown_fields": [], "ledger_mismatches": []},
-        "windows": [],
+        "windows": [], "streams": {},
     }  # fmt: skip
 
 

@@ -148,6 +148,7 @@ def render_html(data: dict[str, Any]) -> str:
             "Distinct <code>amplitude_id</code> per event day; new users are those whose first event anywhere in "
             "the destination falls on that day. Dashed: days still filling in.",
         ),
+        section_streams=_streams_section(data.get("streams") or {}),
         section_types=_section("chart-types", "Top event types", "By events in the range. " + _others(
             data["event_types"])),
         section_platforms=_section("chart-platforms", "Platforms",
@@ -180,8 +181,28 @@ def render_html(data: dict[str, Any]) -> str:
         ),
         vega_credit=html.escape(vega_credit()),
         island=_script_safe(json.dumps(data, separators=(",", ":"), default=str, allow_nan=False)),
-        specs=_script_safe(json.dumps(chart_specs(), separators=(",", ":"))),
+        specs=_script_safe(json.dumps(chart_specs(annotations=bool((data.get("streams") or {}).get("annotations"))),
+                                      separators=(",", ":"))),
         render_js=_text("render.js"),  # draws every chart; body[data-rendered] tells a test when all are done
+    )
+
+
+def _streams_section(streams: dict[str, Any]) -> str:
+    """"Other streams": the tables `run --streams` loaded, the cohorts by size, and where the annotations are."""
+    if not streams:
+        return ""
+    annotations = streams["annotations"]
+    drawn = (f"{len(annotations):,} annotations fall in the range: drawn on the events-per-day chart as dashed "
+             "rules with their labels." if annotations else "No annotation falls in the range.")
+    return (
+        '<section id="other-streams"><h2>Other streams</h2>'
+        '<p class="note">The tables <code>run --streams</code> loaded beside <code>events</code>, with the rows each '
+        f"holds for the project. {html.escape(drawn)}</p>"
+        + _table(streams["tables"], ["table", "rows", "loaded_at", "note"], empty="")
+        + "<h3>Cohorts</h3><p class=\"note\">By size, as Amplitude computed it (archived cohorts left out).</p>"
+        + _table(streams["cohorts"], ["cohort", "id", "size", "last_computed"], empty="No cohorts loaded.",
+                 classes="cohorts")
+        + "</section>"
     )
 
 

@@ -1,7 +1,8 @@
 (function () {
   const data = JSON.parse(document.getElementById('report-data').textContent);
   const datasets = {hourly: data.hourly, daily: data.daily, event_types: data.event_types,
-                    platforms: data.platforms, countries: data.countries, lateness: data.lateness.buckets};
+                    platforms: data.platforms, countries: data.countries, lateness: data.lateness.buckets,
+                    annotations: (data.streams && data.streams.annotations) || []};
   const specs = JSON.parse(document.getElementById('report-specs').textContent);
   const jobs = Object.entries(specs).map(([id, spec]) => {
     spec.datasets = datasets;

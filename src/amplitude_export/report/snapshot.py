@@ -1,7 +1,8 @@
 """What the report reads of a destination: the ledger of one project, and the few event columns the figures need
 copied into a DuckDB database of the report's own.
 
-Both come through the public reads every sink offers (`projects`, `ledger`, `read_batches`), so any destination
+Both come through the public reads every sink offers (`projects`, `ledger`, `read_batches`; for the tables of
+`run --streams`, `table_states` and `read_table` where a sink has them), so any destination
 `run` writes can be reported on and the report knows nothing of how a sink stores its rows. The copy streams, so
 memory stays bounded however many events there are (DuckDB spills to a temporary directory past 1 GB); the
 destination is closed again before any figure is computed, so a run need not wait for the report.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ import duckdb
 from ..errors import UsageError
 from ..ledger import HourRecord
 from ..sinks import open_sink
+from ..stream_tables import TABLES
 
 # the columns the figures read: all the report copies out of a destination
 REPORT_COLUMNS = (
@@ -35,6 +37,7 @@ class Snapshot:
     project: str | None  # None: the ledger names no project (a destination never loaded)
     ledger: dict[datetime, HourRecord]
     con: duckdb.DuckDBPyConnection  # table `events`: REPORT_COLUMNS of the project's events
+    streams: dict[str, Any] = field(default_factory=dict)  # `read_streams`: states, cohorts, annotations
 
 
 @contextmanager
@@ -60,11 +63,25 @@ def take_snapshot(
                 con.register("_stream", sink.read_batches(REPORT_COLUMNS, project=project))
                 con.execute("CREATE TABLE events AS SELECT * FROM _stream")
                 con.unregister("_stream")
+                streams = read_streams(sink, project) if project is not None else {}
             finally:
                 sink.close()
-            yield Snapshot(project, ledger, con)
+            yield Snapshot(project, ledger, con, streams)
         finally:
             con.close()
+
+
+def read_streams(sink: Any, project: str) -> dict[str, Any]:
+    """What the report shows of `run --streams`: `states` (each table's state, by name) and the rows of the
+    small tables it draws (`cohorts`, `annotations`) where they were loaded; empty for a sink without such tables.
+    `cohort_members`, which can be large, is not read: the cohorts' own `size` says how many members each has."""
+    states_of = getattr(sink, "table_states", None)
+    states = states_of(project) if states_of is not None else {}
+    found: dict[str, Any] = {"states": states} if states else {}
+    for name in ("cohorts", "annotations"):
+        if name in states and states[name].note is None:
+            found[name] = sink.read_table(name, TABLES[name].schema, project).to_pylist()
+    return found
 
 
 def pick_project(projects: list[str], project: str | None) -> str | None:

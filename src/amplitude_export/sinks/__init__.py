@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
@@ -21,6 +21,9 @@ from ..windows import Window
 from .staging import SEEN_LIMIT, FirstCopies
 
 __all__ = ["SEEN_LIMIT", "FirstCopies", "Maintainable", "Sink", "open_sink", "with_project"]
+
+if TYPE_CHECKING:
+    from .maintenance import Maintenance
 
 
 class Sink(Protocol):
@@ -91,11 +94,12 @@ class Sink(Protocol):
 
 
 class Maintainable(Protocol):
-    """What `amplitude-export maintain` needs from a table format's sink (an optional part of a Sink)."""
+    """What `amplitude-export maintain` needs from a table format's sink (an optional part of a Sink;
+    `maintenance.maintain` is the library's entry)."""
 
-    def maintain(self, *, retain_hours: int | None = None) -> str:
-        """Compact small files and delete what no version of the last `retain_hours` needs (None: the table's
-        own setting); return one line saying what was done."""
+    def maintain(self, *, compact: bool = True, older_than: timedelta | None = None) -> Maintenance:
+        """Compact small files (when `compact`), then delete what no snapshot or version younger than
+        `older_than` needs (None: the format's default); say what was done."""
         ...
 
 

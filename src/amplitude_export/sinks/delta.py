@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,26 @@ from deltalake import CommitProperties, DeltaTable, WriterProperties, write_delt
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from ..errors import DestinationBusyError, DestinationError, UsageError
-from ..ledger import HourRecord
+from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
+from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import with_project
-from .duckdb_stage import COLUMNS_SQL, STAGE, configure, hour_counts, stage_batches, time_filter, winners_sql
+from .delta_tables import DeltaTables, carried, sql_literal
+from .duckdb_stage import (
+    COLUMNS_SQL,
+    DELETED,
+    DELETED_ROWS,
+    STAGE,
+    configure,
+    deleted_table,
+    hour_counts,
+    stage_batches,
+    time_filter,
+    winners_sql,
+)
 from .ledger_table import record_from_row, records_table
+from .maintenance import Maintenance
 from .staging import fill_counts
 
 log = logging.getLogger(__name__)
@@ -85,12 +100,18 @@ class DeltaSink:
         self._folded = -1  # the events version up to which `_ledger` holds every commit's ledger rows
         self._cached = -1  # the same for `_amplitude_ledger`
         self._handler: Any = None
+        self._deletions: dict[str, dict[date, DeletionRecord]] = {}  # the deletion jobs applied, by project
+        self.tables = DeltaTables(self.uri, self.options)
         try:
-            cached = self._read_cache()  # before the events table: the cache never runs ahead of the snapshot
+            cached, meta = self._read_cache()  # before the events table: the cache never runs ahead of the snapshot
             self.table = self._open_table()
             for row in cached:
                 version = row.pop("events_version")
                 self._keep(row["project"], record_from_row(row), version)
+            for project, records in meta.get("deletions", {}).items():
+                for data in records:
+                    self._keep_deletion(project, DeletionRecord.from_dict(data))
+            self._folded = max(self._folded, int(meta.get("folded", -1)))
             self._cached = self._folded  # what the cache holds, so what a rewrite of it would add
             self._fold()
         except (DeltaError, OSError) as exc:
@@ -116,14 +137,18 @@ class DeltaSink:
                                    f"(no column {missing[0] if missing else DAY} to partition by)")
         return table
 
-    def _read_cache(self) -> list[dict[str, Any]]:
+    def _read_cache(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The cache's ledger rows, and its commit info (the deletion jobs, the version it folded up to)."""
         try:
             cache = DeltaTable(self._cache_uri, storage_options=self.options)
         except TableNotFoundError:
-            return []
-        return cache.to_pyarrow_table().to_pylist()
+            return [], {}
+        return cache.to_pyarrow_table().to_pylist(), DeltaTables.payload(cache)
 
     # -- the ledger --
+
+    def _keep_deletion(self, project: str, record: DeletionRecord) -> None:
+        self._deletions.setdefault(project, {})[record.day] = record
 
     def _keep(self, project: str, record: HourRecord, version: int) -> None:
         self._ledger.setdefault(project, {})[record.hour.astimezone(UTC)] = (record, version)
@@ -143,6 +168,8 @@ class DeltaSink:
             if payload is not None:
                 for data in payload["ledger"]:
                     self._keep(payload["project"], HourRecord.from_dict(data), version)
+                if payload.get("deletion"):
+                    self._keep_deletion(payload["project"], DeletionRecord.from_dict(payload["deletion"]))
         self._folded = max(self._folded, latest)
 
     def _commit_payload(self, version: int) -> dict[str, Any] | None:
@@ -179,7 +206,11 @@ class DeltaSink:
             table = records_table(project, [record for record, _ in hours.values()])
             versions = [hours[hour.astimezone(UTC)][1] for hour in table.column("hour").to_pylist()]
             parts.append(table.append_column("events_version", pa.array(versions, pa.int64())))
-        write_deltalake(self._cache_uri, pa.concat_tables(parts), mode="overwrite", storage_options=self.options)
+        deletions = {project: [record.to_dict() for _, record in sorted(days.items())]
+                     for project, days in self._deletions.items()}
+        info = {"format": META_FORMAT, "folded": self._folded, "deletions": deletions}
+        write_deltalake(self._cache_uri, pa.concat_tables(parts), mode="overwrite", storage_options=self.options,
+                        commit_properties=CommitProperties(custom_metadata={META: info}))
         self._cached = self._folded
 
     def projects(self) -> list[str]:
@@ -273,9 +304,97 @@ class DeltaSink:
             raise DestinationError(f"cannot write the ledger of {self.uri}: {first_line(exc)}") from exc
         self._save_cache()
 
-    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None) -> Any:
-        payload = {"format": META_FORMAT, "project": project, "ledger": [r.to_dict() for r in records]}
+    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None,
+                           deletion: DeletionRecord | None = None) -> Any:
+        payload: dict[str, Any] = {"format": META_FORMAT, "project": project, "ledger": [r.to_dict() for r in records]}
+        if deletion is not None:
+            payload["deletion"] = deletion.to_dict()
         return CommitProperties(custom_metadata={META: payload}, max_commit_retries=retries)
+
+    # -- deletions (User Privacy API jobs) --
+
+    def deletion_records(self, project: str) -> list[DeletionRecord]:
+        """The deletion jobs applied to `project`, by day (in the commits' info, folded like the ledger)."""
+        days = self._deletions.get(project, {})
+        return [days[day] for day in sorted(days)]
+
+    def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
+        """Delete the users' rows of `project` from `cohort_members` (its own commit, see `delta_tables`), then
+        from `events` in one commit (delta-rs rewrites the files holding them) whose info carries the hours'
+        lowered ledger rows and `record`, with the rows counted."""
+        self._check_writable()
+        try:
+            members = self.tables.delete_members(project, amplitude_ids, record.day)
+            for _ in range(COMMIT_ATTEMPTS):
+                gone, uuids = self._doomed(project, amplitude_ids)
+                ledger = self.ledger(project)
+                lowered = [dataclasses.replace(ledger[h], events_loaded=ledger[h].events_loaded - n)
+                           for h, n in gone.items() if h in ledger]
+                stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
+                                             cohort_rows_deleted=max(record.cohort_rows_deleted, members))
+                properties = self._commit_properties(project, lowered, retries=0, deletion=stored)
+                try:
+                    if gone:
+                        self.table.delete(doomed_predicate(project, amplitude_ids, uuids, gone),
+                                          commit_properties=properties)
+                    else:
+                        write_deltalake(self.table, DELTA_SCHEMA.empty_table(), mode="append",
+                                        commit_properties=properties)
+                    break
+                except CommitFailedError:
+                    log.info("%s: another writer committed first; deletion job %s is checked again", self.uri,
+                             record.day)
+                    self.table.update_incremental()
+                    self._fold()  # the ledger rows it lowers are those of the new snapshot
+            else:
+                raise DestinationBusyError(f"{self.description}: other writers committed before each of "
+                                           f"{COMMIT_ATTEMPTS} attempts to apply deletion job {record.day}; run again")
+            self._fold()
+        except (duckdb.Error, DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot apply deletion job {record.day} to {self.uri}: {first_line(exc)}") from exc
+        self._save_cache()
+        return stored
+
+    def _doomed(self, project: str, amplitude_ids: list[int]) -> tuple[dict[datetime, int], list[str]]:
+        """(rows of the users per hour, the uuids of those found only by the `_extra` copy of their id)."""
+        if not amplitude_ids or not self.table.file_uris():
+            return {}, []
+        con = self._connect()
+        try:
+            con.register("_amplitude_events", self.dataset())
+            con.register(DELETED, deleted_table(amplitude_ids))
+            where = f"_project = $project AND {DELETED_ROWS}"
+            gone = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM _amplitude_events WHERE {where} "
+                                    "GROUP BY 1", {"project": project})
+            uuids = [row[0] for row in con.execute(f"SELECT uuid FROM _amplitude_events WHERE {where} "
+                                                   "AND amplitude_id IS NULL", {"project": project}).fetchall()]
+            return gone, uuids
+        finally:
+            con.close()
+
+    # -- the tables of the other streams (`delta_tables`) --
+
+    def write_table(self, project: str, write: TableWrite) -> TableState:
+        """Replace the project's rows of a stream's table in scope and store its state, in one commit."""
+        self._check_writable()
+        try:
+            return self.tables.write(project, write)
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot write {write.table} to {self.uri}: {first_line(exc)}") from exc
+
+    def table_states(self, project: str) -> dict[str, TableState]:
+        """The state of each stream table of `project`, by table name."""
+        try:
+            return self.tables.states(project)
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot read the tables beside {self.uri}: {first_line(exc)}") from exc
+
+    def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
+        """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
+        try:
+            return self.tables.read(name, project).cast(with_project_column(schema))
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot read {name} beside {self.uri}: {first_line(exc)}") from exc
 
     # -- reading --
 
@@ -323,28 +442,41 @@ class DeltaSink:
 
     # -- housekeeping --
 
-    def maintain(self, *, retain_hours: int | None = None) -> str:
-        """Compact small files, write a checkpoint, then delete the files no version of the last `retain_hours`
-        needs (default: the table's `delta.deletedFileRetentionDuration`, a week unless set), in both tables."""
+    def maintain(self, *, compact: bool = True, older_than: timedelta | None = None) -> Maintenance:
+        """Compact small files (when `compact`), write a checkpoint, then delete the files no version younger than
+        `older_than` needs (default: the table's `delta.deletedFileRetentionDuration`, a week unless set), in the
+        events table and the tables beside it."""
         self._check_writable()
-        enforce = retain_hours is None  # a shorter retention than the table's, asked for explicitly, is allowed
+        enforce = older_than is None  # a shorter retention than the table's, asked for explicitly, is allowed
+        hours = None if older_than is None else math.ceil(older_than.total_seconds() / 3600)
+        done = Maintenance(self.description)
         try:
-            compacted = self.table.optimize.compact(writer_properties=WRITER)
+            if compact:
+                compacted = self.table.optimize.compact(writer_properties=WRITER)
+                done.files_compacted, done.files_written = compacted["numFilesRemoved"], compacted["numFilesAdded"]
             self.table.create_checkpoint()
             # full: also the files no commit ever named (a window interrupted, or beaten, before its commit)
-            removed = self.table.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+            removed = self.table.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True)
             self._save_cache(every=1, strict=True)
-            cache = DeltaTable(self._cache_uri, storage_options=self.options)
-            removed += cache.vacuum(retain_hours, dry_run=False, enforce_retention_duration=enforce, full=True)
+            for uri in [self._cache_uri, *self._side_tables()]:
+                side = DeltaTable(uri, storage_options=self.options)
+                if compact and uri != self._cache_uri:  # its commit carries the newest states forward
+                    side.optimize.compact(writer_properties=WRITER, commit_properties=carried(side))
+                removed += side.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True,
+                                       commit_properties=carried(side))
         except CommitFailedError:
             raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
                                        "run maintain again") from None
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot maintain {self.uri}: {first_line(exc)}") from None
-        return (f"{self.description}: compacted {compacted['numFilesRemoved']} files into "
-                f"{compacted['numFilesAdded']}; deleted {len(removed)} files no longer referenced")
+        done.files_deleted = len(removed)
+        return done
 
     # -- helpers --
+
+    def _side_tables(self) -> list[str]:
+        """The URIs of the stream tables beside `events` that exist."""
+        return self.tables.existing()
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -407,6 +539,17 @@ def replace_where(project: str, window: Window) -> str:
     return (f"_project = {quoted} AND _upload_hour >= '{start:%Y-%m-%dT%H:%M:%SZ}' "
             f"AND _upload_hour <= '{end:%Y-%m-%dT%H:%M:%SZ}' "
             f"AND {DAY} >= '{start:%Y-%m-%d}' AND {DAY} <= '{end:%Y-%m-%d}'")
+
+
+def doomed_predicate(project: str, amplitude_ids: list[int], uuids: list[str], hours: dict[datetime, int]) -> str:
+    """The rows of a deletion: the users' (by amplitude_id, or by uuid where only `_extra` kept the id), in the
+    upload days that hold them (so delta-rs looks only at those)."""
+    who = f"amplitude_id IN ({', '.join(str(int(i)) for i in sorted(set(amplitude_ids)))})"
+    if uuids:
+        who = f"({who} OR uuid IN ({', '.join(sql_literal(u) for u in uuids)}))"
+    days = sorted({hour.astimezone(UTC).date() for hour in hours})
+    return (f"_project = {sql_literal(project)} AND {who} "
+            f"AND {DAY} IN ({', '.join(sql_literal(day) for day in days)})")
 
 
 def first_line(exc: BaseException) -> str:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
+from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import iceberg_catalog as catalogs
 from . import iceberg_ledger as ledgers
@@ -48,13 +49,16 @@ from .duckdb_stage import (
     stage_batches,
     winners_sql,
 )
-from .iceberg_files import file_batches, register_file, row_filter, window_filter, write_data_files
+from .iceberg_files import file_batches, predicate, register_file, row_filter, window_filter, write_data_files
+from .iceberg_tables import IcebergTables
 from .staging import fill_counts
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.manifest import DataFile
     from pyiceberg.table import Table, Transaction
+
+    from .maintenance import Maintenance
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ class IcebergSink:
         with self._errors("cannot open"):
             self.catalog = catalogs.load(self.location, create=not read_only)
             self.table = catalogs.open_table(self.catalog, self.location, create=not read_only)
+        self.tables = IcebergTables(self.catalog, self.location.namespace)
 
     # -- reading --
 
@@ -257,11 +262,15 @@ class IcebergSink:
         """In one commit: rewrite the files holding rows of `project` whose amplitude_id (or the one `_extra`
         kept as text) is in `amplitude_ids` without them, lower their hours' `events_loaded`, and store `record`
         with `rows_deleted` raised. A file is read twice (count, then copy), one file at a time."""
-        from pyiceberg.expressions import And, EqualTo, In, IsNull, Or
+        from pyiceberg.expressions import And, Or
 
         self._check_writable()
-        maybe = And(EqualTo("_project", project), Or(In("amplitude_id", set(amplitude_ids)), IsNull("amplitude_id")))
+        maybe = And(predicate("EqualTo", "_project", project),
+                    Or(predicate("In", "amplitude_id", set(amplitude_ids)), predicate("IsNull", "amplitude_id")))
         gone_rows = f"_project = $project AND {DELETED_ROWS}"
+
+        with self._errors(f"cannot apply deletion job {record.day} to the cohort_members beside"):
+            members = self.tables.delete_members(project, amplitude_ids, record.day)
 
         def commit(table: Table, written: list[str]) -> DeletionRecord:
             gone: dict[datetime, int] = {}
@@ -289,7 +298,8 @@ class IcebergSink:
             ledger = ledgers.read(table.properties).get(project, {})
             lowered = [dataclasses.replace(ledger[h], events_loaded=ledger[h].events_loaded - n)
                        for h, n in gone.items() if h in ledger]
-            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()))
+            stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
+                                         cohort_rows_deleted=max(record.cohort_rows_deleted, members))
             properties = {**ledgers.updates(table.properties, project, lowered),
                           **ledgers.deletion_updates(table.properties, project, stored)}
             summary = {f"{SUMMARY}project-tag": ledgers.project_tag(project),
@@ -337,15 +347,34 @@ class IcebergSink:
             files += write_data_files(table, day, reader, written)
         return files
 
+    # -- the tables of the other streams (`iceberg_tables`) --
+
+    def write_table(self, project: str, write: TableWrite) -> TableState:
+        """Replace the project's rows of a stream's table in scope and store its state, in one catalog commit."""
+        self._check_writable()
+        with self._errors(f"cannot write {write.table} beside"):
+            return self.tables.write(project, write)
+
+    def table_states(self, project: str) -> dict[str, TableState]:
+        """The state of each stream table of `project`, by table name."""
+        with self._errors("cannot read the tables beside"):
+            return self.tables.states(project)
+
+    def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
+        """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
+        with self._errors(f"cannot read {name} beside"):
+            return self.tables.read(name, project).cast(with_project_column(schema))
+
     # -- housekeeping --
 
-    def maintain(self, **options: Any) -> Any:
-        """Compact small files, expire old snapshots and delete unreferenced files (see `iceberg_maintain`)."""
+    def maintain(self, *, compact: bool = True, older_than: timedelta | None = None) -> Maintenance:
+        """Compact small files, expire snapshots older than `older_than` (None: 7 days) and delete unreferenced
+        files as old (see `iceberg_maintain`)."""
         from .iceberg_maintain import maintain
 
         self._check_writable()
         with self._errors("cannot maintain"):
-            return maintain(self, **options)
+            return maintain(self, compact=compact, older_than=older_than)
 
     def close(self) -> None:
         """Release the catalog's connections and this sink's spill directory."""

@@ -125,21 +125,33 @@ def register_file(con: duckdb.DuckDBPyConnection, table: Table, task: FileScanTa
                                                                       file_batches(table, task, AlwaysTrue())))
 
 
-def window_filter(project: str, window: Window) -> BooleanExpression:
-    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
+def predicate(kind: str, *args: Any) -> BooleanExpression:
+    """`pyiceberg.expressions.<kind>(*args)` (`EqualTo("_project", "p")`): its predicates are pydantic models,
+    whose synthesised keyword-only __init__ is all mypy sees of them, not pyiceberg's own positional one."""
+    import pyiceberg.expressions as expressions
 
-    return And(EqualTo("_project", project), GreaterThanOrEqual("_upload_hour", window.start.isoformat()),
-               LessThanOrEqual("_upload_hour", window.end.isoformat()))
+    built: BooleanExpression = getattr(expressions, kind)(*args)
+    return built
+
+
+def window_filter(project: str, window: Window) -> BooleanExpression:
+    from pyiceberg.expressions import And
+
+    return And(predicate("EqualTo", "_project", project),
+               predicate("GreaterThanOrEqual", "_upload_hour", window.start.isoformat()),
+               predicate("LessThanOrEqual", "_upload_hour", window.end.isoformat()))
 
 
 def row_filter(start: datetime | None, end: datetime | None, project: str | None) -> BooleanExpression:
-    from pyiceberg.expressions import AlwaysTrue, And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
+    from pyiceberg.expressions import AlwaysTrue, And
 
     expression: BooleanExpression = AlwaysTrue()
     if project is not None:
-        expression = And(expression, EqualTo("_project", project))
+        expression = And(expression, predicate("EqualTo", "_project", project))
     if start is not None:
-        expression = And(expression, GreaterThanOrEqual("server_upload_time", start.astimezone(UTC).isoformat()))
+        expression = And(expression, predicate("GreaterThanOrEqual", "server_upload_time",
+                                               start.astimezone(UTC).isoformat()))
     if end is not None:
-        expression = And(expression, LessThanOrEqual("server_upload_time", end.astimezone(UTC).isoformat()))
+        expression = And(expression, predicate("LessThanOrEqual", "server_upload_time",
+                                               end.astimezone(UTC).isoformat()))
     return expression

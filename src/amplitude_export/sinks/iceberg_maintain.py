@@ -16,20 +16,23 @@ still referenced by older snapshots (time travel); a killed run leaves files no 
    and that is older than `older_than` is deleted. The age keeps the files of a run writing meanwhile, which the
    catalog does not know of yet.
 
+The tables of the other streams (`iceberg_tables`) get 2. and 3., not compaction: they are small, and rewritten
+whole or by cohort on every run anyway.
+
 Every commit here is computed against the latest snapshot and asserts it, like a window's, so a run writing at
 the same time makes it start again rather than lose a window.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..ledger import HourRecord
+from .maintenance import Maintenance
 
 if TYPE_CHECKING:
-    from pyiceberg.table import FileScanTask, Table
+    from pyiceberg.table import FileScanTask, Table, Transaction
 
     from .iceberg import IcebergSink
 
@@ -37,34 +40,23 @@ DEFAULT_AGE = timedelta(days=7)
 MIN_FILES = 4
 
 
-@dataclass
-class Maintenance:
-    """What `maintain` did."""
-
-    files_compacted: int = 0  # live data files rewritten ...
-    files_written: int = 0  # ... into these
-    snapshots_expired: int = 0
-    files_deleted: int = 0
-    bytes_deleted: int = 0
-    note: str | None = None  # what could not be done, and why
-
-    def summary(self) -> str:
-        """One line for the CLI."""
-        line = (f"compacted {self.files_compacted} files into {self.files_written}; expired "
-                f"{self.snapshots_expired} snapshots; deleted {self.files_deleted} unreferenced files "
-                f"({self.bytes_deleted / 1e6:.1f} MB)")
-        return f"{line}; {self.note}" if self.note else line
-
-
 def maintain(sink: IcebergSink, *, compact: bool = True, min_files: int = MIN_FILES,
-             older_than: timedelta = DEFAULT_AGE, now: datetime | None = None) -> Maintenance:
-    """Compact (unless not `compact`), expire snapshots older than `older_than`, delete unreferenced files."""
-    done = Maintenance()
+             older_than: timedelta | None = None, now: datetime | None = None) -> Maintenance:
+    """Compact (unless not `compact`), expire snapshots older than `older_than` (None: `DEFAULT_AGE`), delete
+    unreferenced files as old."""
+    done = Maintenance(sink.description, snapshots_expired=0, bytes_deleted=0)
     now = now or datetime.now(UTC)
+    older_than = DEFAULT_AGE if older_than is None else older_than
     if compact:
         sink._commit(lambda table, written: _compact(sink, table, min_files, written, done))  # noqa: SLF001
     sink._commit(lambda table, written: _expire(sink, table, now - older_than, done))  # noqa: SLF001
     _delete_unreferenced(sink.table, now - older_than, done)
+    for name in sink.tables.names():  # the streams' tables: small, so expiry and unreferenced files only
+        expired = sink.tables.retry(name, lambda table: _expire_table(table, now - older_than))
+        done.snapshots_expired = (done.snapshots_expired or 0) + expired
+        table = sink.tables.open(name)
+        if table is not None:
+            _delete_unreferenced(table, now - older_than, done)
     return done
 
 
@@ -99,19 +91,35 @@ def _compact(sink: IcebergSink, table: Table, min_files: int, written: list[str]
 
 
 def _expire(sink: IcebergSink, table: Table, before: datetime, done: Maintenance) -> list[HourRecord]:
+    tx, done.snapshots_expired = _expiry(table, before)
+    if tx is not None:
+        sink.send(tx)
+    return []
+
+
+def _expire_table(table: Table, before: datetime) -> int:
+    """Expire the snapshots of a stream's table older than `before` (never its current one); how many."""
+    tx, expired = _expiry(table, before)
+    if tx is not None:
+        tx.commit_transaction()
+    return expired
+
+
+def _expiry(table: Table, before: datetime) -> tuple[Transaction | None, int]:
+    """A transaction expiring the snapshots older than `before` but the current one (None if there are none), and
+    how many it expires."""
+    from pyiceberg.table.update.snapshot import ExpireSnapshots
+
     from .iceberg_catalog import without_retries
 
     current = table.current_snapshot()
     old = [s.snapshot_id for s in table.snapshots()
            if s.timestamp_ms < before.timestamp() * 1000 and (current is None or s.snapshot_id != current.snapshot_id)]
-    if old:
-        from pyiceberg.table.update.snapshot import ExpireSnapshots
-
-        tx = without_retries(table).transaction()
-        ExpireSnapshots(tx).by_ids(old).commit()
-        sink.send(tx)
-    done.snapshots_expired = len(old)
-    return []
+    if not old:
+        return None, 0
+    tx = without_retries(table).transaction()
+    ExpireSnapshots(tx).by_ids(old).commit()
+    return tx, len(old)
 
 
 def _reachable(table: Table) -> set[str]:
@@ -150,7 +158,7 @@ def _delete_unreferenced(table: Table, before: datetime, done: Maintenance) -> N
                 continue
             fs.delete_file(info.path)
             done.files_deleted += 1
-            done.bytes_deleted += info.size or 0
+            done.bytes_deleted = (done.bytes_deleted or 0) + (info.size or 0)
 
 
 def _path_of(location: str) -> str:

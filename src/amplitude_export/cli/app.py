@@ -1,0 +1,170 @@
+"""The command group, the mapping of our errors to one line and an exit code, and the process's way out."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, AmplitudeExportError, DestinationBusyError, StorageError
+from .options import F, redact
+
+EXIT_CODES = """\b
+Exit codes:
+  0  done
+  1  some windows failed (the rest completed; the next run retries them)
+  2  bad input: dates, flags, paths, ports, base or destination URL (nothing is created)
+  3  Amplitude refused the credentials (check the keys, and the region)
+  4  the data dir, log dir or destination cannot be written (e.g. no space left)
+  5  another run holds the destination (--wait queues instead)
+  130 interrupted"""
+LOGS = "amplitude_export.logs"
+
+
+def _fail(message: str, code: int) -> None:
+    logs = sys.modules.get(LOGS)
+    if logs is not None:  # the run's log file, once a command has opened one
+        logs.FATAL.error("%s", message)
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _message(exc: AmplitudeExportError) -> str:
+    """The error's line; a busy destination says how to queue, where the command can."""
+    message = str(exc)
+    context = click.get_current_context(silent=True)
+    can_wait = context is not None and any(param.name == "wait" for param in context.command.params)
+    if isinstance(exc, DestinationBusyError) and can_wait and "--wait" not in message:
+        message += "; pass --wait to queue behind it"
+    return message
+
+
+def _check_log(code: int | str | None) -> None:
+    """End with exit 4 if the run's log file could not be written (the run itself went on without it)."""
+    logs = sys.modules.get(LOGS)
+    failure = logs.log_failure() if logs is not None else None
+    if failure is not None and code in (0, 1, None):
+        _fail(str(failure), failure.exit_code)
+
+
+def reports_errors(func: F) -> F:
+    """Turn our errors into one line on stderr (and in the run's log) and their exit code, never a traceback for
+    expected errors. An OSError that reaches here (a file that cannot be written) is exit 4, like a full disk."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = func(*args, **kwargs)
+        except AmplitudeExportError as exc:
+            _fail(redact(_message(exc)), exc.exit_code)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError):  # stdout closed (`| head`): nothing to say, nowhere to say it
+                raise
+            error = StorageError.from_os_error(exc)
+            _fail(redact(str(error)), error.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
+        except SystemExit as exc:
+            _check_log(exc.code)
+            raise
+        _check_log(0)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _OneLineError(click.ClickException):
+    """A bad flag value, shown as one `error:` line with exit code 2 like every other bad input."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@contextlib.contextmanager
+def _in_one_line() -> Iterator[None]:
+    """Turn click's usage errors (a bad flag, an unknown command) into our one `error:` line with exit 2."""
+    try:
+        yield
+    except click.UsageError as exc:
+        raise _OneLineError(exc.format_message()) from None
+
+
+class _OneLineErrors(click.Command):
+    """A command whose flags that do not parse get one line and exit 2, not click's usage block."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _in_one_line():
+            return super().parse_args(ctx, args)
+
+
+class _OneLineGroup(click.Group):
+    """The command group: an unknown command, and every subcommand's bad flags, are one line and exit 2."""
+
+    command_class = _OneLineErrors
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _in_one_line():
+            return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        with _in_one_line():
+            return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_OneLineGroup, epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="amplitude-export")
+def cli() -> None:
+    """Move raw events out of Amplitude's Export API into DuckDB, Parquet or PostgreSQL, exactly once.
+
+    \b
+    Example:
+      export AMP_API_KEY=... AMP_SECRET_KEY=...
+      amplitude-export run --start 2024-03-01 --end 2024-03-07
+      amplitude-export demo
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    from ..tuning import tune_for_bulk_loading
+
+    tune_for_bulk_loading()
+    try:
+        cli(prog_name="amplitude-export")
+    except SystemExit as exc:
+        _exit_without_teardown(exc)
+
+
+def _exit_without_teardown(exc: SystemExit) -> None:
+    """End the process once the command has returned, skipping the interpreter's teardown: freeing the modules
+    and a loaded window's objects one by one took ~50 ms of a 3 s run (measured, docs/PARSE_DESIGN.md). By then
+    the command has committed and closed its destination; what is left to do is done here: join any non-daemon
+    thread, close the log files, flush stdout and stderr. Worker processes still alive take the usual way out.
+    """
+    code = exc.code
+    multiprocessing = sys.modules.get("multiprocessing")
+    if (multiprocessing is not None and multiprocessing.active_children()) or not isinstance(code, int | None):
+        raise exc
+    pools = sys.modules.get("concurrent.futures.thread")
+    if pools is not None:  # a library's thread pool (pyiceberg's): its idle workers wait for this word to leave
+        pools._python_exit()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more can be said there
+            pass
+    os._exit(code or 0)

@@ -1,0 +1,46 @@
+"""What the commands print: a run's summary lines and the verdict of `verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from ..verify import Verification
+
+
+def print_run(summary: str, log_path: Path | None) -> None:
+    """A run's summary lines, then where its log is."""
+    if summary:
+        click.echo(summary)
+    if log_path:
+        click.echo(f"log: {log_path}")
+
+
+def print_verification(result: Verification, *, as_json: bool = False) -> None:
+    """`verify`: the problems as runs of consecutive hours, then one line with the counts and the verdict; or,
+    `as_json`, everything hour by hour."""
+    from ..pipeline import plural
+
+    if as_json:
+        click.echo(
+            json.dumps({"destination": result.destination, "project": result.project, **result.to_dict()}, indent=2)
+        )
+        return
+    if result.problems:
+        runs = result.runs
+        click.echo(
+            f"{plural(len(result.problems), 'problem')}"
+            + (f" in {plural(len(runs), 'run')} of hours:" if len(runs) < len(result.problems) else ":")
+        )
+        for run_of_hours in runs:
+            click.echo(f"  {run_of_hours.describe()}")
+    span = f"{result.first:%Y-%m-%dT%H}..{result.last:%Y-%m-%dT%H}" if result.first and result.last else "nothing"
+    verdict = "complete" if result.complete else "NOT complete"
+    click.echo(
+        f"{span}: {result.hours_checked:,} hours checked ({result.hours_loaded:,} loaded, "
+        f"{result.hours_empty:,} empty), {result.archives_hashed:,} archive hours hashed: {verdict}"
+    )

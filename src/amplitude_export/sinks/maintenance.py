@@ -1,0 +1,83 @@
+"""`amplitude-export maintain`: housekeeping of the table formats (iceberg:, delta:), one interface for both.
+
+`maintain(dest, compact=..., older_than=...)` opens the table and calls its sink's `maintain` (`Maintainable`):
+compact small files, then forget what no recent snapshot or version needs (Iceberg: expire snapshots, delete
+unreferenced files; Delta: vacuum). The other destinations need none, and are refused before anything is opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from ..errors import UsageError
+
+TABLE_SCHEMES = ("iceberg", "delta")
+_AGE = re.compile(r"^\s*(\d+)\s*([mhdw])\s*$")
+_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+
+@dataclass
+class Maintenance:
+    """What `maintain` did to one table."""
+
+    description: str = ""  # the table, for messages
+    files_compacted: int = 0  # live data files rewritten ...
+    files_written: int = 0  # ... into these
+    snapshots_expired: int | None = None  # Iceberg; None where the format keeps its versions (Delta's log)
+    files_deleted: int = 0
+    bytes_deleted: int | None = None  # None where the store does not say (Delta's vacuum)
+    note: str | None = None  # what could not be done, and why
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        parts = [f"compacted {self.files_compacted} files into {self.files_written}"]
+        if self.snapshots_expired is not None:
+            parts.append(f"expired {self.snapshots_expired} snapshots")
+        deleted = f"deleted {self.files_deleted} unreferenced files"
+        if self.bytes_deleted is not None:
+            deleted += f" ({self.bytes_deleted / 1e6:.1f} MB)"
+        parts.append(deleted)
+        if self.note:
+            parts.append(self.note)
+        line = "; ".join(parts)
+        return f"{self.description}: {line}" if self.description else line
+
+
+def parse_age(text: str) -> timedelta:
+    """`7d`, `24h`, `90m`, `2w` or `0` as a timedelta; anything else is a UsageError."""
+    if text.strip() == "0":
+        return timedelta(0)
+    match = _AGE.match(text.lower())
+    if match is None:
+        raise UsageError(f"--older-than {text!r}: use a number and a unit, e.g. 7d, 24h, 90m (or 0)")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def is_table(dest: str) -> bool:
+    """Whether `dest` names a table format's destination (the ones `maintain` applies to)."""
+    scheme, sep, _ = dest.partition(":")
+    return bool(sep) and scheme.lower() in TABLE_SCHEMES
+
+
+def maintain(dest: str, *, compact: bool = True, older_than: timedelta | None = None,
+             storage_options: dict[str, Any] | None = None) -> Maintenance:
+    """Housekeeping of the table at `dest` (see the module): compact its small files unless not `compact`, and
+    delete what no snapshot or version younger than `older_than` needs (None: the format's default, 7 days).
+    Any other destination is a UsageError, raised before anything is opened or created."""
+    if not is_table(dest):
+        scheme = dest.partition(":")[0].lower() if ":" in dest else dest
+        raise UsageError(f"maintain applies to iceberg: and delta: tables, not to {scheme}: destinations "
+                         "(they need none)")
+    if older_than is not None and older_than < timedelta(0):
+        raise UsageError("--older-than must not be negative")
+    from . import Maintainable, open_sink
+
+    sink = open_sink(dest, storage_options=storage_options)
+    try:
+        table: Maintainable = sink  # type: ignore[assignment]  # both table formats' sinks are
+        return table.maintain(compact=compact, older_than=older_than)
+    finally:
+        sink.close()
