@@ -10,7 +10,7 @@ from conftest import REAL_EVENTS
 
 from amplitude_export import parse, synthetic
 from amplitude_export.archive import ArchiveMember
-from amplitude_export.sinks import postgres
+from amplitude_export.sinks import postgres_copy as postgres
 
 HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
 MEMBER = ArchiveMember("123_2025-07-01_10#1.json.gz", HOUR, 1, 0, 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
 from .windows import HOUR, hour_runs, label_hour
 
@@ -70,7 +70,8 @@ class HourRecord:
                     "max_event_time", "updated_at"):
             if isinstance(values.get(key), str):
                 values[key] = datetime.fromisoformat(values[key])  # type: ignore[arg-type]
-        values["members"] = [MemberInfo(**m) for m in values.get("members") or []]  # type: ignore[union-attr]
+        members = cast("list[dict[str, Any]]", values.get("members") or [])
+        values["members"] = [MemberInfo(**m) for m in members]
         return cls(**values)  # type: ignore[arg-type]
 
 

@@ -13,12 +13,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import pyarrow as pa
 
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..windows import Window
+from .staging import SEEN_LIMIT, FirstCopies
+
+__all__ = ["SEEN_LIMIT", "FirstCopies", "Maintainable", "Sink", "open_sink", "with_project"]
 
 if TYPE_CHECKING:
     from .maintenance import Maintenance
@@ -117,117 +119,6 @@ def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa
         arrays = batch.columns
         arrays[index] = column
         yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
-
-
-try:  # built with the reader's compiled parser (setup.py); without a compiler the Python set below does the job
-    from .._fastparse import StringSet as _StringSet
-except ImportError:  # pragma: no cover - exercised by the tests through compiled=False
-    _StringSet = None
-
-# uuids a window deduplicates in memory before SQL has to remove the rest (slowly: +5 s for a window of 1 M
-# events past the limit, measured): ~77 bytes each compiled, so 2 M keep a DuckDB run near 900 MB RSS (902 MiB
-# for a 1.9 M-event window, measured); ~120 bytes each as Python strings
-SEEN_LIMIT = 2_000_000 if _StringSet is not None else 1_000_000
-
-
-def _strings(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
-    """The column's chunks as plain `string` arrays (DuckDB may answer with large or view strings)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    return [chunk if chunk.type == pa.string() else chunk.cast(pa.string()) for chunk in chunks]
-
-
-class _CompiledSet:
-    """`_fastparse.StringSet` over Arrow arrays: no Python string per row."""
-
-    def __init__(self) -> None:
-        self._set = _StringSet()
-
-    def __len__(self) -> int:
-        return len(self._set)
-
-    def add(self, column: pa.Array, *, taken: bool = False) -> pa.Array | None:
-        validity, offsets, data = column.buffers()
-        mask = self._set.add(offsets, data, validity, column.offset, len(column), taken)
-        return None if mask is None else pa.Array.from_buffers(pa.bool_(), len(column), [None, pa.py_buffer(mask)])
-
-    def own(self) -> pa.Array:
-        count, offsets, data = self._set.own()
-        return pa.Array.from_buffers(pa.large_string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-class _PythonSet:
-    """The same over Python sets, where the compiled module was not built."""
-
-    def __init__(self) -> None:
-        self._own: set[str] = set()
-        self._taken: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self._own)
-
-    def add(self, column: pa.Array, *, taken: bool = False) -> pa.Array | None:
-        values = column.to_pylist()
-        own, other = self._own, self._taken
-        target = other if taken else own
-        distinct = set(values)
-        distinct.discard(None)
-        if len(distinct) == len(values) - column.null_count and own.isdisjoint(distinct) and other.isdisjoint(distinct):
-            target |= distinct  # the common case, at C speed: no repeat
-            return None
-        keep = np.ones(len(values), dtype=bool)
-        for row, value in enumerate(values):
-            if value is None:
-                continue
-            if value in own or value in other:
-                keep[row] = False
-            else:
-                target.add(value)
-        return pa.array(keep)
-
-    def own(self) -> pa.Array:
-        return pa.array(list(self._own), pa.large_string())
-
-
-class FirstCopies:
-    """Finds each row whose uuid an earlier row of the same window had, so the first copy in arrival order
-    (member order, then line) is the one kept; rows without a uuid are always kept.
-
-    Sinks drop repeats before the rows reach the database because removing them afterwards costs far more
-    (DuckDB rewrites freshly inserted row groups at commit; PostgreSQL sorts the whole window). `taken` uuids
-    (held by other hours) are dropped too, without counting as the window's. The set costs ~70 bytes per uuid
-    (compiled; ~120 as Python strings), so it stops growing at `limit`: from then on (`overflowed`) rows pass
-    unfiltered and the sink removes the remaining repeats in SQL.
-    """
-
-    def __init__(
-        self, limit: int = SEEN_LIMIT, taken: pa.Array | pa.ChunkedArray | None = None, *, compiled: bool | None = None
-    ) -> None:
-        if compiled is None:
-            compiled = _StringSet is not None
-        self.limit = limit
-        self.overflowed = False
-        self._set: _CompiledSet | _PythonSet = _CompiledSet() if compiled else _PythonSet()
-        for chunk in _strings(taken) if taken is not None else []:
-            self._set.add(chunk, taken=True)
-
-    @property
-    def uuids(self) -> pa.Array:
-        """The window's uuids kept so far (all of them, unless `overflowed`), in no particular order."""
-        return self._set.own()
-
-    def keep(self, batch: pa.RecordBatch) -> pa.Array | None:
-        """A boolean mask of the batch's rows to keep, or None to keep them all."""
-        if len(self._set) >= self.limit:
-            self.overflowed = True
-            return None
-        (column,) = _strings(batch.column("uuid"))
-        return self._set.add(column)
-
-    def filter(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The batch without repeated uuids: the batch itself when it has none, else one filtered copy (one copy
-        costs the sinks less than zero-copy slices around each repeat: they pay per batch, docs/PARSE_DESIGN.md)."""
-        keep = self.keep(batch)
-        return batch if keep is None else batch.filter(keep)
 
 
 def _client_error(exc: Exception) -> bool:

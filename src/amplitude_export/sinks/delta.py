@@ -39,22 +39,21 @@ from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import WindowRead, with_project
 from .delta_tables import DeltaTables, carried, sql_literal
-from .duckdb import (
+from .duckdb_stage import (
     COLUMNS_SQL,
     DELETED,
     DELETED_ROWS,
     STAGE,
     configure,
     deleted_table,
-    fill_counts,
     hour_counts,
-    record_from_row,
-    records_table,
     stage_batches,
     time_filter,
     winners_sql,
 )
+from .ledger_table import record_from_row, records_table
 from .maintenance import Maintenance
+from .staging import fill_counts
 
 log = logging.getLogger(__name__)
 

@@ -39,20 +39,20 @@ from ..windows import Window
 from . import WindowRead, with_project
 from . import iceberg_catalog as catalogs
 from . import iceberg_ledger as ledgers
-from .duckdb import (
+from .duckdb_stage import (
     COLUMNS_SQL,
     DELETED,
     DELETED_ROWS,
     STAGE,
     configure,
     deleted_table,
-    fill_counts,
     hour_counts,
     stage_batches,
     winners_sql,
 )
 from .iceberg_files import file_batches, predicate, register_file, row_filter, window_filter, write_data_files
 from .iceberg_tables import IcebergTables
+from .staging import fill_counts
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression

@@ -16,521 +16,56 @@ Exactly once across windows: a window's rows are deduplicated by an in-memory Du
 of the files holding other hours. The files are the only copy of the data; the state is small and holds the
 ledger.
 
-All file access goes through a store: `LocalDirectory` for a path (or a `file://` URL), `FsspecDirectory` for any
-other fsspec URL (`s3://`, `gs://`, `az://`, `memory://`, ...). Object stores have no atomic rename and no
-flock, so there the rules are: a data file is complete before the state names it (a half-moved file is an orphan
-like any other), the state is one object written with a single PUT (which object stores apply whole or not at
-all), and the lock is a best-effort object `_state/lock` (see `FsspecDirectory`). See docs/WAREHOUSES.md.
+All file access goes through a store (`parquet_store`: a local directory or any fsspec URL, where the same
+rules hold without atomic renames or flock).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import shutil
-import socket
 import tempfile
-import threading
 import uuid as uuid_module
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
-from ..storage import fsspec_options
-from ..table_ledger import PROJECT_COLUMN, TableState, TableWrite, with_project_column
-from ..windows import HOUR, Window
+from ..table_ledger import TableState, TableWrite
+from ..windows import Window
 from . import WindowRead, with_project
-from .duckdb import (
+from .duckdb_stage import (
     COLUMNS_SQL,
     DELETED,
     DELETED_ROWS,
     STAGE,
     configure,
     deleted_table,
-    fill_counts,
     hour_counts,
     stage_batches,
     time_filter,
     winners_sql,
 )
-from .filelock import FileLock
-
-if TYPE_CHECKING:
-    import pyarrow.dataset as pa_dataset
-    from fsspec import AbstractFileSystem
-
-STATE_DIR = "_state"
-STATE_FILE = "_state/ledger.json"
-LOCK_FILE = "_state/lock"
-SPILL_DIR = "_state/spill"  # DuckDB's temp_directory while staging a window
-TEMP_PREFIX = ".tmp-"
-STATE_FORMAT = 1
-TABLES_FILE = "_state/tables.json"  # the stream tables' files and states (table_ledger.py)
-MEMBERS = "cohort_members"  # the stream table deletions also apply to
-_TABLE_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{8}\.parquet)$")
-_PARTITION = re.compile(r"^upload_date=\d{4}-\d{2}-\d{2}$")
-LOCK_STALE_AFTER = timedelta(hours=1)  # an object-store lock not refreshed for this long belongs to a dead run
-# which extra provides an fsspec protocol's implementation
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
-          "adl": "azure"}
-
-
-@dataclass(frozen=True)
-class DataFile:
-    """One live data file: its path under the root and the upload hours it covers (inclusive)."""
-
-    path: str
-    start: datetime
-    end: datetime
-    rows: int
-    project: str = "default"  # whose rows: a window of one project never replaces another's files
-
-    def overlaps(self, window: Window, project: str) -> bool:
-        """Whether the file holds rows of `project` in any hour of `window`."""
-        return self.project == project and self.start <= window.end and self.end >= window.start
-
-
-class LocalDirectory:
-    """The file operations the sink needs, on a local directory. Paths are relative to the root."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.label = str(root)
-        self._lock = FileLock(root / LOCK_FILE)
-
-    def abs(self, rel: str) -> str:
-        """The absolute path DuckDB and pyarrow open."""
-        return str(self.root / rel)
-
-    def scan(self, con: duckdb.DuckDBPyConnection, rels: list[str]) -> str:
-        """A SQL table expression over the data files `rels` (DuckDB reads local files itself)."""
-        return f"read_parquet({_sql_list([self.abs(rel) for rel in rels])})"
-
-    def spill_dir(self) -> str:
-        """Where DuckDB spills while a window is staged: `_state/spill`."""
-        self.makedirs(SPILL_DIR)
-        return self.abs(SPILL_DIR)
-
-    def clear_spill(self) -> None:
-        """Remove what a crashed run spilled."""
-        self.clear_dir(SPILL_DIR)
-
-    def refresh_lock(self) -> None:
-        """Nothing to do: a flock lasts as long as the descriptor."""
-
-    def prepare(self) -> None:
-        """Create the root and `_state` (and parents)."""
-        (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
-
-    def lock(self) -> bool:
-        """Take the exclusive lock (a flock on `_state/lock`, see `filelock`); False when another run has it."""
-        return self._lock.acquire()
-
-    def unlock(self) -> None:
-        """Release the lock."""
-        self._lock.release()
-
-    def state_temp_files(self) -> Iterator[str]:
-        """Temp files an interrupted state write left in `_state`."""
-        for child in (self.root / STATE_DIR).glob(f"{TEMP_PREFIX}*"):
-            yield f"{STATE_DIR}/{child.name}"
-
-    def data_files(self) -> Iterator[str]:
-        """Every file inside a partition directory (`upload_date=YYYY-MM-DD/`), temp files included."""
-        for part in sorted(self.root.iterdir()):
-            if part.is_dir() and _PARTITION.match(part.name):
-                for child in sorted(part.iterdir()):
-                    if child.is_file():
-                        yield f"{part.name}/{child.name}"
-
-    def exists(self, rel: str) -> bool:
-        """Whether `rel` exists."""
-        return (self.root / rel).exists()
-
-    def makedirs(self, rel: str) -> None:
-        """Create directory `rel`."""
-        (self.root / rel).mkdir(parents=True, exist_ok=True)
-
-    def delete(self, rel: str) -> None:
-        """Delete file `rel` if present, and its partition directory once empty."""
-        path = self.root / rel
-        path.unlink(missing_ok=True)
-        if path.parent != self.root and path.parent.name != STATE_DIR:
-            try:
-                path.parent.rmdir()
-            except OSError:
-                pass  # not empty
-
-    def clear_dir(self, rel: str) -> None:
-        """Remove directory `rel` and everything in it."""
-        shutil.rmtree(self.root / rel, ignore_errors=True)
-
-    @contextmanager
-    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
-        """A new file for writing, fsynced on a clean exit so a later rename never exposes unwritten bytes."""
-        with open(self.root / rel, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def rename(self, src: str, dst: str) -> None:
-        """Rename within a directory, then fsync the directory so the rename survives a power cut."""
-        os.replace(self.root / src, self.root / dst)
-        self._sync_dir(str(Path(dst).parent))
-
-    def read_text(self, rel: str) -> str | None:
-        """The text of `rel`, or None if it does not exist."""
-        try:
-            return (self.root / rel).read_text()
-        except FileNotFoundError:
-            return None
-
-    def write_text_atomic(self, rel: str, text: str) -> None:
-        """Replace `rel` with `text` atomically: temp file, fsync, os.replace, fsync the directory."""
-        target = self.root / rel
-        temp = target.with_name(f"{TEMP_PREFIX}{target.name}-{uuid_module.uuid4().hex[:8]}")
-        with open(temp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        self._sync_dir(str(Path(rel).parent))
-
-    def _sync_dir(self, rel: str) -> None:
-        fd = os.open(self.root / rel, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class FsspecDirectory:
-    """The same operations on any fsspec filesystem (`s3://`, `gs://`, `az://`, `memory://`, ...).
-
-    What differs from a local directory, and why it stays correct:
-
-    - `rename` is `fs.mv`: a copy then a delete on object stores, not atomic. It happens before the state names
-      the file, so a crash mid-move leaves at most an orphan (temp or final name) that the next open deletes.
-    - The state is written with one `pipe_file` (a single PUT): object stores make an object visible whole or not
-      at all, so there is no temp file and no rename to trust.
-    - There is no flock. The lock is an object `_state/lock` (owner token, host, pid, times), created with mode
-      `xb` where the filesystem supports exclusive create, refused while fresh, refreshed by a thread four times
-      per `stale_after` for as long as the sink is open (between windows too) and checked again just before each
-      commit. It is best effort: two runs starting in the same instant on a filesystem without exclusive create
-      can both get it. Running one writer at a time is the user's job.
-    - Reads go through pyarrow datasets over the fsspec filesystem, registered in DuckDB; DuckDB's own httpfs
-      never sees the URL (so it never needs credentials of its own). Spill files stay on local disk.
-    """
-
-    def __init__(self, fs: AbstractFileSystem, root: str, url: str, *, stale_after: timedelta) -> None:
-        self.fs = fs
-        self.root = root.rstrip("/")
-        self.label = url
-        self.stale_after = stale_after
-        self._token: str | None = None
-        self._lost = False  # another run took the lock over: no commit of ours may follow
-        self._guard = threading.Lock()  # the heartbeat and the writer refresh the lock object in turn
-        self._stop_beat: threading.Event | None = None
-        self._beat: threading.Thread | None = None
-        self._spill: str | None = None
-        self._scans = 0
-        self._arrow_fs: Any = None
-
-    def abs(self, rel: str) -> str:
-        """The path of `rel` on the filesystem (without the protocol)."""
-        return f"{self.root}/{rel}"
-
-    def dataset(self, rels: list[str]) -> pa_dataset.Dataset:
-        """A pyarrow dataset over the data files `rels`, read through fsspec."""
-        import pyarrow.dataset as ds
-        import pyarrow.fs as pafs
-
-        if self._arrow_fs is None:
-            self._arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
-        return ds.dataset([self.abs(rel) for rel in rels], schema=ARROW_SCHEMA, format="parquet",
-                          filesystem=self._arrow_fs)
-
-    def scan(self, con: duckdb.DuckDBPyConnection, rels: list[str]) -> str:
-        """Register a dataset over `rels` in `con` and return its name (DuckDB pushes columns and filters down)."""
-        self._scans += 1
-        name = f"_amplitude_files_{self._scans}"
-        con.register(name, self.dataset(rels))
-        return name
-
-    def spill_dir(self) -> str:
-        """A local temporary directory: spilling to an object store would be slow and is never needed."""
-        if self._spill is None:
-            self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
-        return self._spill
-
-    def clear_spill(self) -> None:
-        """Nothing is ever spilled to the filesystem itself."""
-
-    def prepare(self) -> None:
-        """Create the root and `_state` where the filesystem has directories (a no-op on object stores)."""
-        self.fs.invalidate_cache()  # listings cached by an earlier sink in this process may be stale
-        self.fs.makedirs(self.abs(STATE_DIR), exist_ok=True)
-
-    # -- the lock --
-
-    def lock(self) -> bool:
-        """Create `_state/lock` unless a fresh one exists; a stale one (dead run) is taken over."""
-        for _ in range(2):
-            if self._create_lock():
-                self._start_heartbeat()
-                return True
-            holder = self._read_lock()
-            if holder is not None and not self._stale(holder):
-                return False
-            self._delete_quietly(self.abs(LOCK_FILE))
-        return False
-
-    def lock_holder(self) -> str:
-        """Who holds the lock, for the busy message."""
-        holder = self._read_lock() or {}
-        return f"pid {holder.get('pid')} on {holder.get('host')}, refreshed {holder.get('refreshed')}"
-
-    def refresh_lock(self) -> None:
-        """Check the lock is still ours (a run that found it stale may have taken it) and renew its time."""
-        with self._guard:
-            if self._token is not None:
-                holder = self._read_lock()
-                if holder is not None and holder.get("token") == self._token:
-                    self.fs.pipe_file(self.abs(LOCK_FILE), self._lock_body(holder.get("acquired")))
-                    return
-                self._token, self._lost = None, True
-            if self._lost:
-                raise DestinationBusyError(
-                    f"{self.label}: another run took over {LOCK_FILE} (it looked stale); this run stops before "
-                    "committing, so nothing of it is kept"
-                )
-
-    def _start_heartbeat(self) -> None:
-        self._stop_beat = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, args=(self._stop_beat,), daemon=True,
-                                      name="amplitude-export-lock")
-        self._beat.start()
-
-    def _heartbeat(self, stop: threading.Event) -> None:
-        """Refresh the lock four times per `stale_after` while the run lives, so that it never looks stale
-        between windows (a long download) nor within one; a refresh that fails is tried again at the next beat,
-        and the check before each commit still decides."""
-        while not stop.wait(max(self.stale_after.total_seconds() / 4, 0.05)):
-            try:
-                self.refresh_lock()
-            except DestinationBusyError:
-                return
-            except Exception:  # noqa: BLE001 - a store's hiccup; the next beat or the commit's check decides
-                continue
-
-    def unlock(self) -> None:
-        """Stop refreshing the lock and delete it if it is still ours; clean the local spill directory."""
-        if self._stop_beat is not None and self._beat is not None:
-            self._stop_beat.set()
-            self._beat.join()
-            self._stop_beat = self._beat = None
-        if self._spill is not None:
-            shutil.rmtree(self._spill, ignore_errors=True)
-            self._spill = None
-        if self._token is None:
-            return
-        holder = self._read_lock()
-        if holder is not None and holder.get("token") == self._token:
-            self._delete_quietly(self.abs(LOCK_FILE))
-        self._token = None
-
-    def _lock_body(self, acquired: str | None = None) -> bytes:
-        now = datetime.now(UTC).isoformat()
-        body = {"token": self._token, "host": socket.gethostname(), "pid": os.getpid(),
-                "acquired": acquired or now, "refreshed": now}
-        return json.dumps(body).encode()
-
-    def _create_lock(self) -> bool:
-        """Create the lock object; True if it now holds our token.
-
-        Exclusive create (`xb`) where the filesystem has it; where it is not implemented, or an implementation
-        ignores the `x`, the existence check before and the read back after still catch all but a true race.
-        """
-        path = self.abs(LOCK_FILE)
-        if self.fs.exists(path):
-            return False
-        previous, self._token = self._token, uuid_module.uuid4().hex
-        body = self._lock_body()
-        try:
-            with self.fs.open(path, "xb") as handle:
-                handle.write(body)
-        except FileExistsError:
-            self._token = previous
-            return False
-        except (NotImplementedError, ValueError):
-            self.fs.pipe_file(path, body)
-        holder = self._read_lock()
-        if holder is None or holder.get("token") != self._token:
-            self._token = previous
-            return False
-        return True
-
-    def _read_lock(self) -> dict[str, Any] | None:
-        text = self.read_text(LOCK_FILE)
-        if text is None:
-            return None
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            return {}  # half-written or foreign: stale unless its age says otherwise (it has none)
-        return holder if isinstance(holder, dict) else {}
-
-    def _stale(self, holder: dict[str, Any]) -> bool:
-        """A lock is stale when not refreshed for `stale_after`, or its process on this host is gone."""
-        try:
-            refreshed = datetime.fromisoformat(holder["refreshed"])
-        except (KeyError, TypeError, ValueError):
-            return True
-        if datetime.now(UTC) - refreshed > self.stale_after:
-            return True
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return not _pid_alive(holder["pid"])
-        return False
-
-    # -- files --
-
-    def state_temp_files(self) -> Iterator[str]:
-        """Temp files in `_state` (only an older version or another tool leaves them: the state is one PUT)."""
-        for path in self._find(self.abs(STATE_DIR), maxdepth=1):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(TEMP_PREFIX):
-                yield f"{STATE_DIR}/{name}"
-
-    def data_files(self) -> Iterator[str]:
-        """Every file inside a partition (`upload_date=YYYY-MM-DD/`), temp files included, in one listing."""
-        prefix = self.root + "/"
-        rels = []
-        for path in self._find(self.root, maxdepth=2):
-            rel = path.removeprefix(prefix)
-            parts = rel.split("/")
-            if len(parts) == 2 and _PARTITION.match(parts[0]):
-                rels.append(rel)
-        yield from sorted(rels)
-
-    def _find(self, path: str, maxdepth: int) -> list[str]:
-        try:
-            return [p.rstrip("/") for p in self.fs.find(path, maxdepth=maxdepth, withdirs=False)]
-        except FileNotFoundError:
-            return []
-
-    def exists(self, rel: str) -> bool:
-        """Whether `rel` exists."""
-        return bool(self.fs.exists(self.abs(rel)))
-
-    def makedirs(self, rel: str) -> None:
-        """Create directory `rel` where the filesystem has directories."""
-        self.fs.makedirs(self.abs(rel), exist_ok=True)
-
-    def delete(self, rel: str) -> None:
-        """Delete file `rel` if present, and its partition directory once empty (where directories exist)."""
-        self._delete_quietly(self.abs(rel))
-        parent = rel.rsplit("/", 1)[0] if "/" in rel else ""
-        if parent and parent != STATE_DIR:
-            try:
-                if not self.fs.ls(self.abs(parent)):
-                    self.fs.rmdir(self.abs(parent))
-            except OSError:
-                pass  # not empty, or an object store's prefix that vanished with its last object
-
-    def _delete_quietly(self, path: str) -> None:
-        try:
-            self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
-
-    def clear_dir(self, rel: str) -> None:
-        """Remove directory `rel` and everything in it."""
-        try:
-            self.fs.rm(self.abs(rel), recursive=True)
-        except FileNotFoundError:
-            pass
-
-    @contextmanager
-    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
-        """A new file for writing; a failed write is discarded (an aborted multipart upload) where supported."""
-        handle = self.fs.open(self.abs(rel), "wb")
-        try:
-            yield handle
-        except BaseException:
-            discard = getattr(handle, "discard", None)
-            if discard is not None:
-                discard()
-            else:
-                handle.close()
-            raise
-        handle.close()
-
-    def rename(self, src: str, dst: str) -> None:
-        """Move `src` to `dst`: a copy and a delete on object stores, which is why the state commits, not this."""
-        self.fs.mv(self.abs(src), self.abs(dst))
-
-    def read_text(self, rel: str) -> str | None:
-        """The text of `rel`, or None if it does not exist."""
-        try:
-            return bytes(self.fs.cat_file(self.abs(rel))).decode()
-        except FileNotFoundError:
-            return None
-
-    def write_text_atomic(self, rel: str, text: str) -> None:
-        """Replace `rel` with one PUT, which an object store applies whole or not at all."""
-        self.fs.pipe_file(self.abs(rel), text.encode())
-
-
-def open_store(root: str, storage_options: dict[str, Any] | None = None,
-               stale_after: timedelta = LOCK_STALE_AFTER) -> LocalDirectory | FsspecDirectory:
-    """The store for `root`: a local path or `file://` URL, else an fsspec URL (`s3://bucket/prefix`, ...).
-
-    A missing fsspec, or a protocol whose implementation is not installed, is a UsageError naming the
-    `pip install` line that fixes it.
-    """
-    protocol, sep, rest = root.partition("://")
-    if not sep:
-        return LocalDirectory(Path(root).expanduser())
-    protocol = protocol.lower()
-    if protocol in ("file", "local"):
-        return LocalDirectory(Path(rest).expanduser())
-    extra = EXTRAS.get(protocol.split("::")[-1])
-    install = f"pip install 'amplitude-export[{extra}]'" if extra else "pip install fsspec"
-    try:
-        import fsspec
-    except ImportError:
-        raise UsageError(f"parquet:{root} needs fsspec: {install}") from None
-    try:
-        fs, path = fsspec.core.url_to_fs(root, **fsspec_options(protocol.split("::")[-1], storage_options))
-    except ImportError as exc:
-        hint = install if extra else f"{exc} (pip install the package it names)"
-        raise UsageError(f"parquet:{root}: the {protocol}:// filesystem is not installed: {hint}") from None
-    except ValueError as exc:
-        raise UsageError(f"parquet:{root}: {exc}") from None
-    return FsspecDirectory(fs, path, root, stale_after=stale_after)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+from .parquet_state import STATE_FILE, DataFile, by_date, parse_state, state_text
+from .parquet_store import (
+    LOCK_FILE,
+    LOCK_STALE_AFTER,
+    TEMP_PREFIX,
+    FsspecDirectory,
+    LocalDirectory,
+    open_store,
+    project_tag,
+)
+from .parquet_tables import ParquetTables
+from .staging import fill_counts, first_line
 
 
 class ParquetSink:
@@ -562,11 +97,12 @@ class ParquetSink:
         self.row_group_size = row_group_size
         self.read_only = read_only
         self._reader_spill: str | None = None  # a read-only open's own spill directory (see `_connect`)
+        self.tables = ParquetTables(self.store, self.root, row_group_size)
         if read_only:
             try:
                 present = self.store.exists(STATE_FILE)
             except OSError as exc:
-                raise DestinationError(f"cannot open Parquet dataset {self.root}: {_first_line(exc)}") from None
+                raise DestinationError(f"cannot open Parquet dataset {self.root}: {first_line(exc)}") from None
             if not present:
                 raise DestinationError(f"{self.root} is not a Parquet dataset written by amplitude-export")
             self.files, self.state_ledger = self._load_state()
@@ -576,7 +112,7 @@ class ParquetSink:
             locked = self.store.lock()
         except OSError as exc:
             raise DestinationError(
-                f"cannot open Parquet directory {self.root}: {exc.strerror or _first_line(exc)}"
+                f"cannot open Parquet directory {self.root}: {exc.strerror or first_line(exc)}"
             ) from None
         if not locked:
             if isinstance(self.store, FsspecDirectory):
@@ -608,22 +144,11 @@ class ParquetSink:
             try:
                 self._save_state({}, {})
             except OSError as exc:  # a full disk
-                raise DestinationError(f"cannot write {self.root}/{STATE_FILE}: {_first_line(exc)}") from None
+                raise DestinationError(f"cannot write {self.root}/{STATE_FILE}: {first_line(exc)}") from None
             return {}, {}
         try:
-            state = json.loads(text)
-            files = {
-                rel: DataFile(
-                    rel,
-                    datetime.fromisoformat(f["start"]),
-                    datetime.fromisoformat(f["end"]),
-                    f["rows"],
-                    f.get("project", "default"),
-                )
-                for rel, f in state["files"].items()
-            }
-            self.state_deletions = state.get("deletions", {})
-            return files, state["ledger"]
+            files, ledger, self.state_deletions = parse_state(text)
+            return files, ledger
         except (ValueError, KeyError, TypeError) as exc:
             raise DestinationError(f"cannot read {self.root}/{STATE_FILE}: {exc}") from None
 
@@ -632,16 +157,7 @@ class ParquetSink:
         """Commit point: after this returns, `files`, `ledger` and `deletions` (default: as they are) are what the
         directory holds."""
         deletions = self.state_deletions if deletions is None else deletions
-        state = {
-            "format": STATE_FORMAT,
-            "files": {
-                rel: {"start": f.start.isoformat(), "end": f.end.isoformat(), "rows": f.rows, "project": f.project}
-                for rel, f in sorted(files.items())
-            },
-            "ledger": ledger,
-            **({"deletions": deletions} if deletions else {}),
-        }
-        self.store.write_text_atomic(STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
+        self.store.write_text_atomic(STATE_FILE, state_text(files, ledger, deletions))
 
     def _remove_orphans(self) -> None:
         """Delete what a crash left behind: temp files, Parquet files the state does not name, spill files."""
@@ -655,7 +171,7 @@ class ParquetSink:
         for rel in self.store.state_temp_files():
             self.store.delete(rel)
         self.store.clear_spill()
-        self._remove_table_orphans()
+        self.tables.remove_orphans()
         missing = sorted(set(self.files) - on_disk)
         if missing:
             raise DestinationError(
@@ -691,7 +207,7 @@ class ParquetSink:
             staged = stage_batches(con, window, with_project(read.batches, project))
             overlapping = {rel: f for rel, f in self.files.items() if f.overlaps(window, project)}
             # every other file's uuids count as taken: uuids are unique across projects too
-            others = [rel for rel, f in self.files.items() if rel not in overlapping or not _inside(f, window)]
+            others = [rel for rel, f in self.files.items() if rel not in overlapping or not f.inside(window)]
             taken = None
             if others:
                 # rows of other hours, including those of partly replaced files outside the window
@@ -705,11 +221,11 @@ class ParquetSink:
             records = fill_counts(read.hour_records(), staged, loaded, datetime.now(UTC))
 
             new_files: dict[str, DataFile] = {}
-            for part in _by_date(window):
+            for part in by_date(window):
                 source = f"SELECT {COLUMNS_SQL} FROM {STAGE} WHERE {_between(part)}"
                 self._copy(con, source, part, project, new_files, written)
             for old in overlapping.values():  # keep the hours of a replaced file that lie outside the window
-                for part in _outside(old, window):
+                for part in old.outside(window):
                     scan = self.store.scan(con, [old.path])
                     source = f"SELECT {COLUMNS_SQL} FROM {scan} WHERE {_between(part)}"
                     self._copy(con, source, part, project, new_files, written)
@@ -728,9 +244,9 @@ class ParquetSink:
                 for rel in written:
                     self.store.delete(rel)
             if isinstance(exc, (duckdb.Error, OSError)):
-                raise DestinationError(f"cannot write {window} to {self.root}: {_first_line(exc)}") from exc
+                raise DestinationError(f"cannot write {window} to {self.root}: {first_line(exc)}") from exc
             if isinstance(exc, pa.ArrowException):  # pyarrow reading through fsspec
-                raise DestinationError(f"cannot write {window} to {self.root}: {_first_line(exc)}") from exc
+                raise DestinationError(f"cannot write {window} to {self.root}: {first_line(exc)}") from exc
             raise
         self.files, self.state_ledger = files, ledger
         for rel in overlapping:
@@ -798,7 +314,7 @@ class ParquetSink:
         self._check_writable()
         # committed first, on its own: a crash before the state below leaves the job unrecorded, and its re-run
         # (finding no members left) completes it
-        members = self._delete_members(project, amplitude_ids)
+        members = self.tables.delete_members(project, amplitude_ids)
         self.store.refresh_lock()
         written: list[str] = []
         committing = False
@@ -842,7 +358,7 @@ class ParquetSink:
                     self.store.delete(rel)
             if isinstance(exc, duckdb.Error | OSError | pa.ArrowException):
                 raise DestinationError(f"cannot apply deletion job {record.day} to {self.root}: "
-                                       f"{_first_line(exc)}") from exc
+                                       f"{first_line(exc)}") from exc
             raise
         self.files, self.state_ledger, self.state_deletions = files, ledger, deletions
         for rel in touched:
@@ -865,127 +381,20 @@ class ParquetSink:
         where = None if project is None else ds.field("_project") == project
         return dataset.scanner(columns=list(schema.names), filter=where).to_reader()
 
-    # -- stream tables: DIR/<table>/<project tag>-<id>.parquet, one file per project, named by TABLES_FILE --
+    # -- stream tables (`parquet_tables`) --
 
     def write_table(self, project: str, write: TableWrite) -> TableState:
-        """Write the project's new file of a stream's table (its rows out of scope kept), then commit the state
-        file naming it with the table's state, then delete the old file."""
+        """Write the project's new file of a stream's table, then commit the state file naming it."""
         self._check_writable()
-        self.store.refresh_lock()
-        tables = self._tables()
-        entry = tables.get(project, {}).get(write.table, {})
-        old: str | None = entry.get("file")
-        new, rows = old, int(entry.get("state", {}).get("rows", 0))
-        written: list[str] = []
-        committing = False
-        try:
-            if write.batches is not None:
-                new, rows = self._write_table_file(project, write, old, written)
-            state = replace(write.state, rows=rows, loaded_at=datetime.now(UTC))
-            tables[project] = {**tables.get(project, {}), write.table: {"file": new, "state": state.to_dict()}}
-            self.store.refresh_lock()
-            committing = True
-            self.store.write_text_atomic(TABLES_FILE, json.dumps({"format": STATE_FORMAT, "projects": tables},
-                                                                 indent=1, sort_keys=True))
-        except BaseException as exc:
-            if not committing:
-                for rel in written:
-                    self.store.delete(rel)
-            if isinstance(exc, OSError | pa.ArrowException):
-                raise DestinationError(f"cannot write {write.table} to {self.root}: {_first_line(exc)}") from exc
-            raise
-        if old is not None and old != new:
-            self.store.delete(old)
-        return state
+        return self.tables.write(project, write)
 
     def table_states(self, project: str) -> dict[str, TableState]:
         """The state of each stream table of `project`, by table name."""
-        tables = self._tables().get(project, {})
-        return {name: TableState.from_dict(entry["state"]) for name, entry in sorted(tables.items())}
+        return self.tables.states(project)
 
     def read_table(self, name: str, schema: pa.Schema, project: str | None = None) -> pa.Table:
         """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
-        stored = with_project_column(schema)
-        parts = [stored.empty_table()]
-        for owner, tables in sorted(self._tables().items()):
-            rel = tables.get(name, {}).get("file")
-            if rel and (project is None or owner == project):
-                with self._open_read(rel) as handle:
-                    parts.append(pq.read_table(handle).select(stored.names).cast(stored))
-        return pa.concat_tables(parts)
-
-    def _delete_members(self, project: str, amplitude_ids: list[int]) -> int:
-        """Rewrite the project's `cohort_members` file without the rows of `amplitude_ids`; how many went."""
-        entry = self._tables().get(project, {}).get(MEMBERS, {})
-        if not entry.get("file") or not amplitude_ids:
-            return 0
-        with self._open_read(entry["file"]) as handle:
-            schema = pq.ParquetFile(handle).schema_arrow
-        schema = schema.remove(schema.get_field_index(PROJECT_COLUMN))
-        before = TableState.from_dict(entry["state"])
-        after = self.write_table(project, TableWrite(MEMBERS, schema, [], before, scope_column="amplitude_id",
-                                                     scope_values=list(amplitude_ids)))
-        return before.rows - after.rows
-
-    def _tables(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """project -> table -> {"file": its live file or None, "state": TableState.to_dict()}."""
-        text = self.store.read_text(TABLES_FILE)
-        if text is None:
-            return {}
-        try:
-            return dict(json.loads(text)["projects"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DestinationError(f"cannot read {self.root}/{TABLES_FILE}: {exc}") from None
-
-    def _write_table_file(self, project: str, write: TableWrite, old: str | None,
-                          written: list[str]) -> tuple[str | None, int]:
-        stored = with_project_column(write.schema)
-        temp = f"{write.table}/{TEMP_PREFIX}{uuid_module.uuid4().hex}"
-        self.store.makedirs(write.table)
-        written.append(temp)
-        rows = 0
-        with self.store.open_write(temp) as handle, pq.ParquetWriter(handle, stored, compression="zstd") as writer:
-            if old is not None and write.scope_column is not None:
-                with self._open_read(old) as source:
-                    for batch in pq.ParquetFile(source).iter_batches(self.row_group_size):
-                        column = batch.column(write.scope_column)
-                        dropped = pc.is_in(column, value_set=pa.array(write.scope_values, column.type))
-                        kept = batch.filter(pc.invert(pc.fill_null(dropped, False)))
-                        writer.write_batch(pa.RecordBatch.from_arrays(kept.select(stored.names).columns,
-                                                                      schema=stored))
-                        rows += kept.num_rows
-            for batch in write.batches or ():
-                tag = pa.repeat(pa.scalar(project, pa.string()), batch.num_rows)
-                columns = [tag, *batch.select(write.schema.names).cast(write.schema).columns]
-                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=stored))
-                rows += batch.num_rows
-        if not rows:
-            self.store.delete(temp)
-            return None, 0
-        final = f"{write.table}/{project_tag(project)}-{uuid_module.uuid4().hex[:8]}.parquet"
-        written.append(final)
-        self.store.rename(temp, final)
-        return final, rows
-
-    def _open_read(self, rel: str) -> IO[bytes]:
-        if isinstance(self.store, LocalDirectory):
-            return open(self.store.abs(rel), "rb")
-        return self.store.fs.open(self.store.abs(rel), "rb")  # type: ignore[no-any-return]
-
-    def _remove_table_orphans(self) -> None:
-        """Delete the table files a crashed write left: temp files and files of ours the state does not name."""
-        named = {entry["file"] for tables in self._tables().values() for entry in tables.values() if entry["file"]}
-        if isinstance(self.store, LocalDirectory):
-            found = [f"{d.name}/{f.name}" for d in self.store.root.iterdir() if d.is_dir() for f in d.iterdir()]
-        else:
-            prefix = self.store.root + "/"
-            found = [p.removeprefix(prefix) for p in self.store.fs.find(self.store.root, maxdepth=2)]
-        for rel in found:
-            folder, _, name = rel.partition("/")
-            if _PARTITION.match(folder) or folder == STATE_DIR or "/" in name or rel in named:
-                continue
-            if _TABLE_FILE.match(name):
-                self.store.delete(rel)
+        return self.tables.read(name, schema, project)
 
     def close(self) -> None:
         """Release the directory's lock (and any local spill directory of this sink)."""
@@ -1076,32 +485,6 @@ class ParquetSink:
         return name
 
 
-def project_tag(project: str) -> str:
-    """The short hash of a project name that its data files carry (`<hours>-<tag>.parquet`)."""
-    return hashlib.sha256(project.encode()).hexdigest()[:8]
-
-
-def _by_date(window: Window) -> Iterator[Window]:
-    """The window cut at UTC midnights: one piece per upload date."""
-    start = window.start
-    while start <= window.end:
-        day_end = start.replace(hour=23)
-        yield Window(start, min(day_end, window.end))
-        start = day_end + HOUR
-
-
-def _inside(f: DataFile, window: Window) -> bool:
-    return window.start <= f.start and f.end <= window.end
-
-
-def _outside(f: DataFile, window: Window) -> Iterator[Window]:
-    """The runs of `f`'s hours that `window` does not cover."""
-    if f.start < window.start:
-        yield Window(f.start, min(f.end, window.start - HOUR))
-    if f.end > window.end:
-        yield Window(max(f.start, window.end + HOUR), f.end)
-
-
 def _between(part: Window) -> str:
     return f"_upload_hour BETWEEN {_ts(part.start)} AND {_ts(part.end)}"
 
@@ -1112,16 +495,4 @@ def _ts(moment: datetime) -> str:
 
 
 def _literal(text: str) -> str:
-    return f"'{_escape(text)}'"
-
-
-def _escape(text: str) -> str:
-    return text.replace("'", "''")
-
-
-def _sql_list(paths: list[str]) -> str:
-    return "[" + ", ".join(f"'{_escape(p)}'" for p in paths) + "]"
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "'" + text.replace("'", "''") + "'"
