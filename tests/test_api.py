@@ -127,20 +127,11 @@ def test_the_clock_is_one_function_the_planner_asks(server: FakeExportServer, tm
     assert report.run_id.startswith("20240302T103000Z-")
 
 
-# Files that still call datetime.now themselves; each is being rewritten elsewhere and routes through clock.now
-# when it is merged. The list only shrinks.
-NOT_YET_ON_THE_CLOCK = {
-    "sinks/duckdb.py",
-    "sinks/parquet.py",
-    "sinks/postgres.py",
-}
-
-
 def test_datetime_now_appears_only_in_the_clock() -> None:
     package = ROOT / "src" / "amplitude_export"
     calling = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
                if "datetime.now(" in path.read_text(encoding="utf-8")}  # fmt: skip
-    assert calling - NOT_YET_ON_THE_CLOCK == {"clock.py"}
+    assert calling == {"clock.py"}
 
 
 def test_retries_stop_when_their_time_is_spent(tmp_path: Path) -> None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from .. import clock
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, DUCKDB_TYPES, RETYPED, quote
@@ -239,7 +240,7 @@ class DuckDBSink:
             loaded = hour_counts(
                 con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {EVENTS} WHERE {mine} GROUP BY 1", params
             )
-            records = fill_counts(read.hour_records(), intake.staged, loaded, datetime.now(UTC))
+            records = fill_counts(read.hour_records(), intake.staged, loaded, clock.now())
             self._upsert(project, records)
             con.commit()
         except BaseException as exc:
@@ -331,7 +332,7 @@ class DuckDBSink:
 
     def record_hours(self, project: str, records: list[HourRecord]) -> None:
         """Upsert ledger rows for hours without events (empty, failed, too large); `events` is not touched."""
-        now = datetime.now(UTC)
+        now = clock.now()
         stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
         try:
             self._upsert(project, stamped)

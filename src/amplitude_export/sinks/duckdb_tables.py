@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
 
+from .. import clock
 from ..errors import DestinationError
 from ..schema import quote
 from ..table_ledger import (
@@ -29,7 +29,7 @@ from .staging import first_line
 def write_table(con: duckdb.DuckDBPyConnection, project: str, write: TableWrite, label: str) -> TableState:
     """Replace the project's rows of a stream's table in scope and store its state, in one transaction."""
     table = quote(write.table)
-    now = datetime.now(UTC)
+    now = clock.now()
     con.begin()
     try:
         con.execute(

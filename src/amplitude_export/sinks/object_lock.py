@@ -13,9 +13,10 @@ import os
 import socket
 import threading
 import uuid as uuid_module
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from .. import clock
 from ..errors import DestinationBusyError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class ObjectLock:
                 continue
 
     def _body(self, acquired: str | None = None) -> bytes:
-        now = datetime.now(UTC).isoformat()
+        now = clock.now().isoformat()
         body = {
             "token": self._token,
             "host": socket.gethostname(),
@@ -153,7 +154,7 @@ class ObjectLock:
             refreshed = datetime.fromisoformat(holder["refreshed"])
         except (KeyError, TypeError, ValueError):
             return True
-        if datetime.now(UTC) - refreshed > self.stale_after:
+        if clock.now() - refreshed > self.stale_after:
             return True
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
             return not _pid_alive(holder["pid"])

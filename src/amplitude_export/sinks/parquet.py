@@ -36,6 +36,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import clock
 from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
@@ -218,7 +219,7 @@ class ParquetSink:
                 )
             con.execute(f"DELETE FROM {STAGE} WHERE NOT ({winners_sql(taken)})")
             loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} GROUP BY 1")
-            records = fill_counts(read.hour_records(), staged, loaded, datetime.now(UTC))
+            records = fill_counts(read.hour_records(), staged, loaded, clock.now())
 
             new_files: dict[str, DataFile] = {}
             for part in by_date(window):
@@ -256,7 +257,7 @@ class ParquetSink:
     def record_hours(self, project: str, records: list[HourRecord]) -> None:
         """Store ledger rows for hours without events (empty, failed, too large); data files stay."""
         self._check_writable()
-        now = datetime.now(UTC)
+        now = clock.now()
         ledger = {**self.state_ledger, project: dict(self.state_ledger.get(project, {}))}
         for record in records:
             data = record.to_dict()

@@ -7,13 +7,13 @@ import dataclasses
 import json
 import re
 import uuid as uuid_module
-from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import clock
 from ..errors import DestinationError
 from ..table_ledger import PROJECT_COLUMN, TableState, TableWrite, with_project_column
 from .parquet_store import PARTITION, STATE_DIR, TEMP_PREFIX, FsspecDirectory, LocalDirectory, project_tag
@@ -46,7 +46,7 @@ class ParquetTables:
         try:
             if write.batches is not None:
                 new, rows = self._write_table_file(project, write, old, written)
-            state = dataclasses.replace(write.state, rows=rows, loaded_at=datetime.now(UTC))
+            state = dataclasses.replace(write.state, rows=rows, loaded_at=clock.now())
             tables[project] = {**tables.get(project, {}), write.table: {"file": new, "state": state.to_dict()}}
             self.store.refresh_lock()
             committing = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Self
 
 import psycopg
@@ -20,6 +20,7 @@ import pyarrow as pa
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from .. import clock
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..logs import FATAL
@@ -82,7 +83,7 @@ class PostgresSink:
         self._secrets = secrets(url)
         self._work_mem = work_mem
         self._seen_limit = seen_limit  # uuids a window dedups in memory before the merge has to sort
-        self._now = now or (lambda: datetime.now(UTC))
+        self._now = now or (clock.now)
         self._conn: psycopg.Connection[Any] | None = None
         self._events = sql.Identifier(schema, "events")
         self._ledger = sql.Identifier(schema, LEDGER_TABLE)
