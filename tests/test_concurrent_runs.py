@@ -169,7 +169,7 @@ def trial(server: FakeExportServer, dest: str, cwd: Path, after: int, delay: flo
             needle = "run again" if table_format else "--wait"
             assert needle in error, f"{summary}: the refusal does not name {needle}: {error}"
     assert table_format or not (wait and outcomes[1] == 5), f"{summary}: --wait must queue, not refuse"
-    if after:
+    if after and not table_format:  # there, either run may lose 8 commits in a row to the other and stop
         assert outcomes[0] == 0, f"{summary}: the first run had the destination alone and must complete"
 
     return summary
