@@ -1,7 +1,8 @@
 """Deletions follow Amplitude's: the User Privacy API client against the fake server, the plan, the kept files,
 each sink's `delete_users`, and end to end through the CLI (`deletions`, `run --sync-deletions`) on DuckDB,
-Parquet, PostgreSQL, Iceberg and Delta: the users' rows go, the ledger says so, a re-run changes nothing, and a
-lookback reload of their hours does not bring them back."""
+Parquet, PostgreSQL, Iceberg and Delta: the users' rows go, from `events` and `cohort_members`, the ledger says
+so, a re-run changes nothing, and neither a lookback reload of their hours nor a recomputed cohort brings them
+back."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 from conftest import API_KEY, POSTGRES_URL, SECRET_KEY
 from sink_helpers import batch, event, finisher, hour, read_of, window
 
+from amplitude_export import read_table
 from amplitude_export.config import load_credentials
 from amplitude_export.deletions import DeletionsClient, Job, drop_archives, plan, scrub_rejects
 from amplitude_export.errors import AuthError
@@ -268,6 +270,56 @@ def test_run_sync_deletions_applies_jobs_before_loading(
     assert rows_of(table, doomed) == 0 and [(r.amplitude_ids, r.rows_deleted) for r in records] == [(doomed, count)]
     out = ok(cli(["run", "--sync-deletions", "--end", "2024-03-02T23", "--no-progress"], env, tmp_path))
     assert "already applied" in out and stored(env["DEST"])[1] == records
+
+
+def members_of(dest: str) -> set[tuple[str, int]]:
+    return {(row["cohort_id"], row["amplitude_id"])
+            for row in read_table(dest, "cohort_members", project=API_KEY).to_pylist()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
+def test_deletions_take_users_out_of_cohort_members_and_a_recomputed_cohort_keeps_them_out(
+    kind: str, tmp_path: Path, pg_schema: str
+) -> None:
+    streams = ["--streams", "events,cohort_members", "--no-progress"]
+    with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY2, apis={"cohort_polls": 0}) as server:
+        env = environment(server, sink_url(kind, tmp_path, pg_schema))
+        project = server.apis.project
+        ok(cli(["run", "--start", "2024-03-01", "--end", "2024-03-02", *streams], env, tmp_path))
+        before = members_of(env["DEST"])
+        cohort = max({c for c, _ in before}, key=lambda c: sum(c == other for other, _ in before))
+        project.recompute(cohort)  # Amplitude recomputes it: a new lastComputed, a download again
+        # three users the recomputed cohort still holds: deleted, they must not come back with it
+        doomed = sorted(set(project.members(cohort)) & {a for c, a in before if c == cohort})[:3]
+        events_before, _ = stored(env["DEST"])
+        held = sum(a in doomed for _, a in before)
+        assert len(doomed) == 3 and rows_of(events_before, doomed) > 0 and held > len(doomed)
+        with httpx.Client(base_url=server.url, auth=(API_KEY, SECRET_KEY)) as api:
+            assert api.post("/api/2/deletions/users", json={"amplitude_ids": doomed, "requester": "dpo@example.com"}
+                            ).status_code == 200
+        server.apis.advance_deletions()  # submitted: locked, but the export and the cohort still serve them
+
+        out = ok(cli(["deletions"], env, tmp_path))
+        assert "submitted: applied, 3 users" in out
+        events_after, records = stored(env["DEST"])
+        assert [(r.amplitude_ids, r.cohort_rows_deleted) for r in records] == [(doomed, held)]
+        assert rows_of(events_after, doomed) == 0 and members_of(env["DEST"]) == {
+            (c, a) for c, a in before if a not in doomed}
+
+        downloads = server.apis.cohort_downloads
+        late = min(DAY + timedelta(hours=h) for h in range(48) for e in server.hour_lines(DAY + timedelta(hours=h))
+                   if int(e["amplitude_id"]) == doomed[0])
+        server.set_hour_version(late, 1)  # and an hour of theirs re-exported, for the lookback to reload
+        out = ok(cli(["run", "--end", "2024-03-02T23", "--lookback-hours", "48", *streams], env, tmp_path))
+        assert server.apis.cohort_downloads == downloads + 1 and "changed since last run" in out
+        assert set(project.members(cohort)) & set(doomed)  # the fake served them again
+        members = members_of(env["DEST"])
+        assert not {a for _, a in members} & set(doomed)
+        assert {a for c, a in members if c == cohort} == set(project.members(cohort)) - set(doomed)
+        events_last, records_last = stored(env["DEST"])
+        assert rows_of(events_last, doomed) == 0 and records_last == records
+        ok(cli(["verify"], env, tmp_path))
 
 
 @pytest.mark.parametrize(("args", "needle"), [

@@ -1,7 +1,7 @@
 """`--dest delta:...` as a user runs it: the CLI as a subprocess, into a local path and into a bucket on the
 loopback S3 server (tests/s3.py, in a child process), against the fake Export API. Exactly once across re-runs,
 status, verify, verify --deep, report and maintain; kill -9 mid-run then the same run; two runs at once; a
-lookback reload of the hours Amplitude changed.
+lookback reload of the hours Amplitude changed, local and on S3.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import stamina
 from s3 import LoopbackS3
@@ -25,6 +26,7 @@ from amplitude_export.fake_server import FakeExportServer
 from amplitude_export.pipeline import run
 from amplitude_export.sinks import open_sink
 from amplitude_export.sinks.delta import DeltaSink, delta_options
+from amplitude_export.verify import verify
 
 DAY = datetime(2024, 3, 1, tzinfo=UTC)
 SECRET = "loopback-secret-never-printed-7c1e"
@@ -173,26 +175,38 @@ def test_two_runs_at_once_both_finish_and_each_event_is_stored_once(tmp_path: Pa
     assert verify.returncode == 0 and "72 hours checked" in verify.stdout, said(verify)
 
 
-def test_lookback_reloads_only_the_hours_amplitude_changed(tmp_path: Path) -> None:
-    dest = f"delta:{tmp_path / 'events'}"
-    now = datetime(2024, 3, 2, 2, 30, tzinfo=UTC)  # ready through 2024-03-01T23
+def assert_hours_as_served(table: pa.Table, server: FakeExportServer, hours: list[datetime]) -> None:
+    """The rows stored for `hours` are the server's current version of them: its session ids, not older ones."""
+    rows = [row for row in table.select(["uuid", "session_id", "_upload_hour"]).to_pylist()
+            if row["_upload_hour"] in hours]
+    served = {(h, e["uuid"]): e["session_id"] for h in hours for e in reversed(server.hour_lines(h))}
+    assert rows and all(served[row["_upload_hour"], row["uuid"]] == row["session_id"] for row in rows)
 
-    def run_into(server: FakeExportServer, **options: object) -> None:
+
+def test_lookback_reloads_only_the_hours_amplitude_changed(place: Place, tmp_path: Path) -> None:
+    now = datetime(2024, 3, 2, 2, 30, tzinfo=UTC)  # ready through 2024-03-01T23
+    options = place.options or None
+
+    def run_into(server: FakeExportServer, **kwargs: object) -> None:
         with (stamina.set_testing(True, attempts=100, cap=True),
               ExportClient(Credentials("demo-key", Secret("demo-secret"), "us", server.url)) as client,
-              open_sink(dest) as sink):
-            assert run(client, sink, project="p", data_dir=tmp_path, now=now, **options).exit_code == 0  # type: ignore[arg-type]
+              open_sink(place.dest, storage_options=options) as sink):
+            assert run(client, sink, project="p", data_dir=tmp_path, now=now, **kwargs).exit_code == 0  # type: ignore[arg-type]
 
+    changed_hours = [DAY.replace(hour=20), DAY.replace(hour=21)]
     with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY.replace(hour=23)) as server:
         run_into(server, start="2024-03-01", end="2024-03-01")
-        with DeltaSink(dest.removeprefix("delta:"), read_only=True) as sink:
+        with DeltaSink(place.uri, read_only=True, storage_options=options) as sink:
             before, version = sink.ledger("p"), sink.table.version()
-        server.set_hour_version(DAY.replace(hour=20), 1)
-        server.set_hour_version(DAY.replace(hour=21), 1)
+        for changed in changed_hours:
+            server.set_hour_version(changed, 1)
         run_into(server, lookback_hours=12)
         expected = server.expected_uuids(DAY, DAY.replace(hour=23))
-    with DeltaSink(dest.removeprefix("delta:"), read_only=True) as sink:
-        after, stored = sink.ledger("p"), sink.read_arrow().column("uuid").to_pylist()
-        assert sink.table.version() == version + 1  # the two changed hours: one window, one commit
+        with DeltaSink(place.uri, read_only=True, storage_options=options) as sink:
+            after, table = sink.ledger("p"), sink.read_arrow()
+            assert sink.table.version() == version + 1  # the two changed hours: one window, one commit
+            assert verify(sink, "p").complete
+        assert_hours_as_served(table, server, changed_hours)
+    stored = table.column("uuid").to_pylist()
     changed = sorted(h.hour for h in after if after[h].run_id != before[h].run_id)
     assert changed == [20, 21] and len(stored) == len(set(stored)) and set(stored) == expected

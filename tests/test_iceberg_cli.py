@@ -1,6 +1,7 @@
 """`--dest iceberg:...` as a user runs it: the CLI as a subprocess into a local warehouse and into a warehouse on a
 real S3-compatible server on loopback (moto, tests/s3.py): exactly once across re-runs, status, verify, verify
---deep, report, maintain, kill -9 then re-run, a lookback reload, and a reader polling during reloads."""
+--deep, report, maintain, kill -9 then re-run; a lookback reload, and a reader polling during reloads of a window
+between two versions, each on a local path and on S3."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import stamina
 from s3 import LoopbackS3
-from sink_helpers import finisher, read_of, synthetic_batches, window
+from sink_helpers import batch, finisher, hour_events, read_of, window
+from test_delta_cli import assert_hours_as_served
 from test_parquet_s3 import cli, run_args, said
 
 import amplitude_export
@@ -24,6 +26,7 @@ from amplitude_export.config import Credentials, Secret
 from amplitude_export.fake_server import FakeExportServer
 from amplitude_export.pipeline import run
 from amplitude_export.sinks.iceberg import IcebergSink
+from amplitude_export.verify import verify
 
 DAY = datetime(2024, 3, 1, tzinfo=UTC)
 SECRET = "loopback-secret-never-printed-7c1e"
@@ -121,48 +124,81 @@ def test_kill_9_mid_run_then_the_same_run_gives_exact_rows(s3: LoopbackS3, s3_bu
     assert verify.returncode == 0 and "72 hours checked" in verify.stdout, said(verify)
 
 
-def test_lookback_reloads_only_the_hours_amplitude_changed(tmp_path: Path) -> None:
-    dest = str(tmp_path / "warehouse")
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str] | None]:
+    """What IcebergSink takes for a warehouse on a local path or on the loopback S3 server, and its options."""
+    if request.param == "local":
+        return str(tmp_path / "warehouse"), None
+    s3: LoopbackS3 = request.getfixturevalue("s3")
+    return f"s3://{s3.new_bucket()}/wh?catalog=sqlite:///{tmp_path / 'catalog.db'}", s3.options
+
+
+def test_lookback_reloads_only_the_hours_amplitude_changed(warehouse: tuple[str, dict[str, str] | None],
+                                                          tmp_path: Path) -> None:
+    dest, storage = warehouse
     now = datetime(2024, 3, 3, 2, 30, tzinfo=UTC)  # ready through 2024-03-02T23
     with (stamina.set_testing(True, attempts=100, cap=True),
           FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY + timedelta(days=2, hours=-1)) as server):
         credentials = Credentials("demo-key", Secret("demo-secret"), "us", server.url)
-        with ExportClient(credentials) as client, IcebergSink(dest) as sink:
+        with ExportClient(credentials) as client, IcebergSink(dest, storage_options=storage) as sink:
             assert run(client, sink, project="p", start="2024-03-01", end="2024-03-02", data_dir=tmp_path,
                        now=now).exit_code == 0
             before = {h: r.run_id for h, r in sink.ledger("p").items()}
             server.set_hour_version(DAY + timedelta(hours=30), 1)  # Amplitude re-exports two hours
             server.set_hour_version(DAY + timedelta(hours=31), 1)
             second = run(client, sink, project="p", data_dir=tmp_path, now=now, lookback_hours=24)
-            after = {h: r.run_id for h, r in sink.ledger("p").items()}
-            stored = sink.read_arrow().column("uuid").to_pylist()
         expected = server.expected_uuids(DAY, DAY + timedelta(hours=47))
+    with IcebergSink(dest, read_only=True, storage_options=storage) as reader:  # what another process sees
+        after = {h: r.run_id for h, r in reader.ledger("p").items()}
+        stored = reader.read_arrow().column("uuid").to_pylist()
+        assert verify(reader, "p").complete
     assert [h.strftime("%Y-%m-%dT%H") for h in second.changed_hours] == ["2024-03-02T06", "2024-03-02T07"]
     assert len({h for h in after if after[h] != before[h]}) == 2
     assert len(stored) == len(set(stored)) and set(stored) == expected
+    with IcebergSink(dest, read_only=True, storage_options=storage) as reader:
+        assert_hours_as_served(reader.read_arrow(), server, [DAY + timedelta(hours=30), DAY + timedelta(hours=31)])
 
 
-def test_a_reader_polling_during_reloads_never_sees_a_window_twice_or_half(tmp_path: Path) -> None:
-    root = str(tmp_path / "warehouse")
+@pytest.mark.parametrize("place", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_a_reader_polling_during_reloads_never_sees_a_window_twice_or_half(place: str,
+                                                                           request: pytest.FixtureRequest,
+                                                                           tmp_path: Path) -> None:
+    root, storage = str(tmp_path / "warehouse"), None
+    if place == "s3":
+        s3: LoopbackS3 = request.getfixturevalue("s3")
+        root, storage = f"s3://{s3.new_bucket()}/wh?catalog=sqlite:///{tmp_path / 'catalog.db'}", s3.options
     w = window(0, 3)
-    with IcebergSink(root) as writer:
-        writer.write_window("p", w, read_of(synthetic_batches(w, 200, batch_rows=100), finisher(w)))
-        whole = writer.count_by_hour("p")
-        seen: list[dict[datetime, int]] = []
-        stop = threading.Event()
+    versions = [[row for h in w.each_hour() for row in hour_events(h, [f"{h:%H}-{n}-{v}" for n in range(150)])]
+                for v in range(2)]  # two versions of the window: every uuid differs
+    stop = threading.Event()
+    reloads: list[int] = []
 
-        def poll() -> None:
-            while not stop.is_set():
-                with IcebergSink(root, read_only=True) as reader:
-                    seen.append(reader.count_by_hour("p"))
+    def reload() -> None:
+        with IcebergSink(root, storage_options=storage) as writer:
+            n = 1
+            while not stop.is_set():  # each reload: several batches, one commit
+                rows = versions[n % 2]
+                writer.write_window("p", w, read_of([batch(rows[i:i + 100]) for i in range(0, len(rows), 100)],
+                                                     finisher(w, rows)))
+                reloads.append(n)
+                n += 1
 
-        poller = threading.Thread(target=poll)
-        poller.start()
-        try:
-            for _ in range(4):  # each reload: many batches, several files, one commit
-                writer.write_window("p", w, read_of(synthetic_batches(w, 200, batch_rows=100), finisher(w)))
-        finally:
-            stop.set()
-            poller.join()
-    assert whole == {h: 200 for h in w.each_hour()}
-    assert seen and all(counts == whole for counts in seen)
+    with IcebergSink(root, storage_options=storage) as first:
+        first.write_window("p", w, read_of([batch(versions[0])], finisher(w, versions[0])))
+    writer = threading.Thread(target=reload)
+    writer.start()
+    seen: set[str] = set()
+    reads = 0
+    try:
+        while reads < 8 or (len(reloads) < 4 and writer.is_alive()):
+            reads += 1
+            with IcebergSink(root, read_only=True, storage_options=storage) as reader:
+                names = reader.read_arrow().column("uuid").to_pylist()
+                assert verify(reader, "p").complete  # the ledger read with the rows agrees with them
+            found = {name.rsplit("-", 1)[1] for name in names}
+            assert len(names) == 600 and len(set(names)) == 600 and len(found) == 1, (len(names), found)
+            seen |= found
+    finally:
+        stop.set()
+        writer.join()
+    assert len(reloads) >= 4 and seen == {"0", "1"}  # the reader saw the window change while it polled

@@ -137,6 +137,7 @@ def test_a_reject_is_redacted_withheld_or_dropped() -> None:
 HASH_KEY = "the project's hash key, kept out of logs 1234"
 BROKEN_USER, BROKEN_IP = "broken-line-user-7f3a", "198.51.100.77"
 NO_UUID_USER, NO_UUID_IP = "no-uuid-user-2b9c", "198.51.100.78"
+BROKEN_NAME, NO_UUID_NAME = "Broken Line Name 3c8a", "No Uuid Name 5d1e"  # under user_properties.name
 
 
 @pytest.fixture(scope="module")
@@ -148,25 +149,24 @@ def lines_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dic
     path = tmp_path_factory.mktemp("lines") / "events.jsonl"
     extra = [
         json.dumps({"user_id": NO_UUID_USER, "ip_address": NO_UUID_IP, "event_type": "x",
-                    "server_upload_time": "2024-03-01 05:10:00.000000"}),
-        json.dumps({"user_id": BROKEN_USER, "ip_address": BROKEN_IP,
+                    "user_properties": {"name": NO_UUID_NAME}, "server_upload_time": "2024-03-01 05:10:00.000000"}),
+        json.dumps({"user_id": BROKEN_USER, "ip_address": BROKEN_IP, "user_properties": {"name": BROKEN_NAME},
                     "server_upload_time": "2024-03-02 07:00:00.000000"})[:-1] + " BROKEN",
-        json.dumps([{"user_id": BROKEN_USER, "ip_address": BROKEN_IP,
+        json.dumps([{"user_id": BROKEN_USER, "ip_address": BROKEN_IP, "user_properties": {"name": BROKEN_NAME},
                      "server_upload_time": "2024-03-02 08:00:00.000000"}]),
     ]
     path.write_text("\n".join([json.dumps(e, ensure_ascii=False) for e in events] + extra) + "\n")
     return path, events
 
 
-DESTINATIONS = ["duckdb", "parquet", "postgres"]
+DESTINATIONS = ["duckdb", "parquet", "postgres", "iceberg", "delta"]
 
 
 def dest_url(kind: str, tmp_path: Path, name: str, pg_schema: str) -> str:
-    if kind == "duckdb":
-        return f"duckdb:{tmp_path / name}.duckdb"
-    if kind == "parquet":
-        return f"parquet:{tmp_path / name}"
-    return f"{POSTGRES_URL}?schema={pg_schema}_{name}"
+    if kind == "postgres":
+        return f"{POSTGRES_URL}?schema={pg_schema}_{name}"
+    return {"duckdb": f"duckdb:{tmp_path / name}.duckdb", "parquet": f"parquet:{tmp_path / name}",
+            "iceberg": f"iceberg:{tmp_path / name}", "delta": f"delta:{tmp_path / name / 'events'}"}[kind]
 
 
 @pytest.fixture
@@ -193,12 +193,13 @@ def every_text(root: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(root.rglob("*")) if p.is_file())
 
 
-def run_private(server: FakeExportServer, url: str, tmp_path: Path, name: str) -> tuple[pa.Table, str]:
-    """`run` two days into `url` hashing user_id and leaving out ip_address; the rows stored, and the text of
+def run_private(server: FakeExportServer, url: str, tmp_path: Path, name: str,
+                hashed: str = "user_id") -> tuple[pa.Table, str]:
+    """`run` two days into `url` hashing `hashed` and leaving out ip_address; the rows stored, and the text of
     everything else the run left behind: rejects, logs, its output, and the destination's report."""
     env = environment(server, **{HASH_KEY_ENV: HASH_KEY})
     done = cli(["run", "--start", "2024-03-01", "--end", "2024-03-02", "--dest", url, "--no-progress",
-                "--hash-columns", "user_id", "--exclude-columns", "ip_address",
+                "--hash-columns", hashed, "--exclude-columns", "ip_address",
                 "--data-dir", f"data-{name}", "--log-dir", f"logs-{name}"], env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert not list((tmp_path / f"data-{name}" / "raw").glob("*.zip"))  # archives hold the originals
@@ -241,6 +242,39 @@ def test_hashed_ids_are_the_same_in_two_runs(tmp_path: Path, lines_file: tuple[P
         runs = [run_private(server, f"duckdb:{tmp_path / name}.duckdb", tmp_path, name)[0] for name in ("a", "b")]
     first, second = ({row["uuid"]: row["user_id"] for row in table.to_pylist()} for table in runs)
     assert first == second and len(set(first.values())) > 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["duckdb", "iceberg"])
+def test_a_key_inside_a_json_column_is_hashed_everywhere_and_alike_in_two_runs(
+    kind: str, tmp_path: Path, lines_file: tuple[Path, list[dict[str, Any]]]
+) -> None:
+    path, events = lines_file
+    served = [e for e in events if (e.get("user_properties") or {}).get("name")]
+    names = {e["user_properties"]["name"] for e in served} | {NO_UUID_NAME, BROKEN_NAME}
+    users = {e["user_id"] for e in events if e.get("user_id")} | {NO_UUID_USER, BROKEN_USER}
+    # as written, and as JSON writes them with non-ASCII letters escaped
+    needles = {text for value in names | users for text in (value, json.dumps(value)[1:-1])}
+    key = HASH_KEY.encode()
+    with FakeExportServer(lines_file=path) as server:
+        runs = [run_private(server, dest_url(kind, tmp_path, name, ""), tmp_path, name,
+                            hashed="user_id,user_properties.name") for name in ("one", "two")]
+    expected: dict[str | None, list[dict[str, Any]]] = {None: [{"name": hash_text(key, NO_UUID_NAME)}]}
+    for e in events:  # the name hashed, every other key as served; a uuid's copies may carry different users
+        props = dict(e["user_properties"])
+        if "name" in props:
+            props["name"] = hash_text(key, props["name"])
+        expected.setdefault(e["uuid"], []).append(props)
+    for table, left in runs:
+        rows = table.to_pylist()
+        everything = "\n".join(json.dumps(row, default=str, ensure_ascii=False) for row in rows) + left
+        assert not {text for text in needles if text in everything}
+        properties = [(row["uuid"], json.loads(row["user_properties"])) for row in rows if row["user_properties"]]
+        assert len(properties) > 500
+        assert all(props in expected[uuid] for uuid, props in properties)
+    first, second = ({row["uuid"]: (row["user_id"], row["user_properties"]) for row in table.to_pylist()}
+                     for table, _ in runs)
+    assert first == second
 
 
 def test_keep_raw_with_pii_controls_warns_that_archives_hold_originals(

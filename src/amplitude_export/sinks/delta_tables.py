@@ -175,18 +175,14 @@ def carried(table: DeltaTable) -> CommitProperties:
 
 
 def _count(table: DeltaTable, project: str, where: str | None = None) -> int:
-    """The project's rows (matching `where`, SQL over the table), counted with DuckDB."""
-    import duckdb
+    """The project's rows (matching `where`, the SQL predicate the writes use), counted by delta-rs's own engine:
+    a file its deletes rewrote holds string_view columns, on which a filter that DuckDB pushes into the pyarrow
+    dataset fails."""
+    from deltalake import QueryBuilder
 
-    con = duckdb.connect()
-    try:
-        con.register("t", table.to_pyarrow_dataset())
-        condition = where or "_project = $project"
-        params = {"project": project} if where is None else {}
-        result = con.execute(f"SELECT count(*) FROM t WHERE {condition}", params).fetchall()
-        return int(result[0][0])
-    finally:
-        con.close()
+    condition = where or f"_project = {sql_literal(project)}"
+    result = QueryBuilder().register("t", table).execute(f"SELECT count(*) FROM t WHERE {condition}").read_all()
+    return int(result.column(0)[0].as_py())
 
 
 def _properties(payload: dict[str, Any], project: str, state: TableState | None) -> CommitProperties:
