@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -541,3 +542,17 @@ def test_a_deletion_job_takes_a_users_members_out_of_every_destination(
         assert state.rows == len(rows) - held and state.cursor["computed"]  # the rest of the state is kept
         left = sink.read_table("cohort_members", schema).to_pylist()  # type: ignore[attr-defined]
     assert len(left) == len(rows) - held and victim not in {r["amplitude_id"] for r in left}
+
+
+def test_dashboard_retries_stop_when_their_time_is_spent() -> None:
+    """Retries are bounded by time as well as by attempts: a call that keeps answering 500 stops after about
+    `retry_timeout` seconds, long before the attempts allowed run out."""
+    with fake_server_for() as fake:
+        fake.apis.failing = {"/api/3/annotations", "/api/2/annotations"}
+        with client_for(fake, max_attempts=100, wait_initial=0.2, wait_max=0.2, retry_timeout=1.0) as client:
+            started = time.monotonic()
+            with pytest.raises(TransientError):
+                client.annotations()
+            seconds = time.monotonic() - started
+        asked = sum("annotations" in path for _, path, _ in fake.apis.requests)
+    assert seconds < 5 and 2 <= asked < 15, (seconds, asked)

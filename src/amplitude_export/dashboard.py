@@ -33,7 +33,7 @@ import stamina
 
 from . import __version__
 from .client import quote_answer, retry_after
-from .config import Credentials
+from .config import RETRY_TIMEOUT, Credentials
 from .errors import AmplitudeExportError, AuthError, NotOnPlanError, QuotaExceededError, TransientError, UsageError
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class DashboardClient:
         poll_max: float = 15.0,
         poll_timeout: float = 3600.0,
         timeout: float = 120.0,
+        retry_timeout: float | None = RETRY_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not 1 <= max_concurrency <= MAX_CONCURRENCY:
@@ -68,6 +69,7 @@ class DashboardClient:
         self.credentials = credentials
         self.max_concurrency = max_concurrency
         self.max_attempts = max_attempts
+        self.retry_timeout = retry_timeout  # seconds after a call's first attempt with no new attempt
         self.wait_initial = wait_initial
         self.wait_max = wait_max
         self.poll_initial = poll_initial
@@ -181,7 +183,7 @@ class DashboardClient:
             return exc.retry_after if exc.retry_after is not None else True
 
         try:
-            for attempt in stamina.retry_context(on=retriable, attempts=self.max_attempts, timeout=None,
+            for attempt in stamina.retry_context(on=retriable, attempts=self.max_attempts, timeout=self.retry_timeout,
                                                  wait_initial=self.wait_initial, wait_max=self.wait_max,
                                                  wait_jitter=self.wait_initial):
                 with attempt:

@@ -38,7 +38,7 @@ import stamina
 from isal import igzip
 
 from . import __version__, clock
-from .config import Credentials
+from .config import RETRY_TIMEOUT, Credentials
 from .errors import AmplitudeExportError, AuthError, StorageError, TransientError, UsageError
 from .ledger import DeletionRecord, HourRecord
 
@@ -113,9 +113,11 @@ class DeletionsClient:
     """Lists deletion jobs from one project's User Privacy API, retrying 429, 5xx and timeouts (stamina)."""
 
     def __init__(self, credentials: Credentials, *, max_attempts: int = 6, wait_initial: float = 2.0,
-                 min_interval: float = MIN_INTERVAL, transport: httpx.BaseTransport | None = None) -> None:
+                 min_interval: float = MIN_INTERVAL, retry_timeout: float | None = RETRY_TIMEOUT,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.credentials = credentials
         self.max_attempts = max_attempts
+        self.retry_timeout = retry_timeout  # seconds after a call's first attempt with no new attempt
         self.wait_initial = wait_initial
         self.min_interval = min_interval
         self._last: float | None = None
@@ -162,7 +164,7 @@ class DeletionsClient:
             log.warning("User Privacy API: %s; retrying", exc.reason)
             return exc.retry_after if exc.retry_after is not None else True
 
-        for attempt in stamina.retry_context(on=retriable, attempts=self.max_attempts, timeout=None,
+        for attempt in stamina.retry_context(on=retriable, attempts=self.max_attempts, timeout=self.retry_timeout,
                                              wait_initial=self.wait_initial, wait_jitter=self.wait_initial):
             with attempt:
                 self._pace()
