@@ -1,6 +1,6 @@
 """The Export API client: one window in, one verified archive on disk out.
 
-It streams the answer to `<name>.zip.part`, checks the zip (central directory and every member's CRC) and only
+It streams the answer to `<name>.zip.<pid>.part`, checks the zip (central directory and every member's CRC) and only
 then renames it to `<name>.zip`, so a `.zip` on disk is always whole. Transient trouble (5xx, 429, timeouts,
 short or broken bodies, a body that stops arriving for `read_timeout` seconds) is retried with exponential
 backoff and jitter (stamina), honouring `Retry-After`. A `.part` that cannot be written (a full disk) is removed
@@ -260,7 +260,9 @@ class ExportClient:
         self, window: Window, final: Path, on_bytes: Callable[[int], None] | None, attempt_no: int,
         on_live: Callable[[LiveFile], None] | None = None,
     ) -> Download:
-        part = final.with_name(final.name + ".part")
+        # the process id keeps two runs that share a data dir (table formats take no lock for the whole run)
+        # off each other's partial file; each lands the same archive by an atomic rename
+        part = final.with_name(f"{final.name}.{os.getpid()}.part")
         live: LiveFile | None = None
         landed = answered = False
         with self._parts_lock:

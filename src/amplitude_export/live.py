@@ -1,6 +1,6 @@
 """Loading a window while its archive downloads, so that a run's first window does not wait for its whole zip.
 
-The client writes the archive to `<name>.zip.part` and tells a `LiveFile` of every chunk; `LiveMembers` walks the
+The client writes the archive to `<name>.zip.<pid>.part` and tells a `LiveFile` of every chunk; `LiveMembers` walks the
 zip's local headers as they arrive, and the reader parses each member once its bytes are there, checking its
 CRC-32 as zipfile would. Nothing is committed before the download has finished and the archive has passed the
 same checks as any other: the sink's transaction stays open until the reader has compared the members it read

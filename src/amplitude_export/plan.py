@@ -178,7 +178,7 @@ def lookback_windows(
 def landed_windows(raw_dir: Path, suffix: str = ".zip") -> set[Window]:
     """The windows named by the `<start>_<end><suffix>` files in `raw_dir`.
 
-    `.zip` is a complete archive (a download lands as `.zip.part` and is renamed only once verified); `.empty`
+    `.zip` is a complete archive (a download lands as `.zip.<pid>.part` and is renamed only once verified); `.empty`
     marks a window `extract` found empty.
     """
     windows: set[Window] = set()
