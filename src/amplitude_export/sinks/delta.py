@@ -44,10 +44,10 @@ from .duckdb_stage import (
     DELETED,
     DELETED_ROWS,
     STAGE,
-    configure,
     deleted_table,
     hour_counts,
     stage_batches,
+    stage_connection,
     time_filter,
     winners_sql,
 )
@@ -486,10 +486,7 @@ class DeltaSink:
         """A private in-memory DuckDB that spills to a local temporary directory of this sink."""
         if self._spill is None:
             self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
-        con = duckdb.connect(":memory:", config={"memory_limit": self.memory_limit, "threads": self.threads,
-                                                 "temp_directory": self._spill})
-        configure(con)
-        return con
+        return stage_connection(self.memory_limit, self.threads, self._spill)
 
     def close(self) -> None:
         """Bring `_amplitude_ledger` up to date and remove the spill directory; there is no lock to release."""

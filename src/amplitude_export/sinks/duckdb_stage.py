@@ -43,6 +43,14 @@ def configure(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET enable_progress_bar = false")
 
 
+def stage_connection(memory_limit: str, threads: int, spill_dir: str) -> duckdb.DuckDBPyConnection:
+    """A private in-memory DuckDB for staging a window, spilling to `spill_dir`, configured as above."""
+    con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "threads": threads,
+                                             "temp_directory": spill_dir})
+    configure(con)
+    return con
+
+
 def _json_labelled(schema: pa.Schema) -> pa.Schema:
     """The schema with JSON columns typed `arrow.json`, so DuckDB takes them as JSON without parsing each text.
 

@@ -44,10 +44,10 @@ from .duckdb_stage import (
     DELETED,
     DELETED_ROWS,
     STAGE,
-    configure,
     deleted_table,
     hour_counts,
     stage_batches,
+    stage_connection,
     winners_sql,
 )
 from .iceberg_files import file_batches, predicate, register_file, row_filter, window_filter, write_data_files
@@ -403,10 +403,7 @@ class IcebergSink:
         """A private in-memory DuckDB spilling to a local temp directory; insertion order kept."""
         if self._spill is None:
             self._spill = tempfile.mkdtemp(prefix="amplitude-export-spill-")
-        con = duckdb.connect(":memory:", config={"memory_limit": self.memory_limit, "threads": self.threads,
-                                                 "temp_directory": self._spill})
-        configure(con)
-        return con
+        return stage_connection(self.memory_limit, self.threads, self._spill)
 
     def _delete(self, paths: list[str]) -> None:
         for path in paths:

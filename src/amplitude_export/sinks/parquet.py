@@ -48,10 +48,10 @@ from .duckdb_stage import (
     DELETED,
     DELETED_ROWS,
     STAGE,
-    configure,
     deleted_table,
     hour_counts,
     stage_batches,
+    stage_connection,
     time_filter,
     winners_sql,
 )
@@ -428,14 +428,7 @@ class ParquetSink:
             spill = self._reader_spill
         else:
             spill = self.store.spill_dir()
-        config: dict[str, str | bool | int | float | list[str]] = {
-            "memory_limit": self.memory_limit,
-            "threads": self.threads,
-            "temp_directory": spill,
-        }
-        con = duckdb.connect(":memory:", config=config)
-        configure(con)
-        return con
+        return stage_connection(self.memory_limit, self.threads, spill)
 
     def _copy(
         self,
