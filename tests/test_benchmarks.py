@@ -53,6 +53,13 @@ def test_the_end_to_end_benchmark_runs_every_candidate_on_every_dataset(tmp_path
     assert "| compiled path ≥ 99.9 % of the varied day | 100.00% | met |" in text  # the targets, judged in the run
 
 
+def test_the_postgres_server_benchmark_runs() -> None:
+    out = run("postgres_server.py", "--tiny")
+    for kind in ("json", "jsonb"):
+        for load in ("first load", "reload"):
+            assert f"| `{kind}` | {load} | " in out
+
+
 @pytest.mark.slow
 def test_the_parse_paths_benchmark_runs() -> None:
     out = run("parse_paths.py", "--tiny")

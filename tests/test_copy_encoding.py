@@ -6,10 +6,12 @@ import json
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pytest
 from conftest import REAL_EVENTS
 
 from amplitude_export import parse, synthetic
 from amplitude_export.archive import ArchiveMember
+from amplitude_export.schema import JSON_COLUMNS
 from amplitude_export.sinks import postgres_copy as postgres
 
 HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
@@ -32,15 +34,20 @@ def _batch() -> pa.RecordBatch:
     return part.batch
 
 
-def test_the_compiled_encoder_writes_the_arrow_encoders_bytes() -> None:
+@pytest.mark.parametrize("jsonb", [frozenset(), frozenset(JSON_COLUMNS), frozenset({"_extra"})])
+def test_the_compiled_encoder_writes_the_arrow_encoders_bytes(jsonb: frozenset[str]) -> None:
     assert postgres._fastparse is not None
     batch = _batch()
     for piece in (batch, batch.slice(0, 1), batch.slice(17, 150), batch.slice(batch.num_rows - 5)):
         for first_seq in (41, None):  # numbered for the stage, unnumbered for `events` itself
-            expected = postgres._encode_with_arrow(piece, first_seq).to_pybytes()
-            assert postgres.encode_binary(piece, first_seq).to_pybytes() == expected
-    numbered, plain = postgres.encode_binary(batch, 0).to_pybytes(), postgres.encode_binary(batch, None).to_pybytes()
+            expected = postgres._encode_with_arrow(piece, first_seq, jsonb).to_pybytes()
+            assert postgres.encode_binary(piece, first_seq, jsonb).to_pybytes() == expected
+    numbered = postgres.encode_binary(batch, 0, jsonb).to_pybytes()
+    plain = postgres.encode_binary(batch, None, jsonb).to_pybytes()
     assert len(numbered) - len(plain) == 12 * batch.num_rows  # one bigint field (length and value) a row
+    as_json = postgres.encode_binary(batch, None).to_pybytes()
+    version_bytes = sum(batch.column(name).null_count < batch.num_rows for name in jsonb)
+    assert len(plain) - len(as_json) >= version_bytes  # a jsonb value carries one more byte than its json text
 
 
 def test_rows_that_need_cleaning_are_cleaned_first() -> None:
@@ -50,5 +57,5 @@ def test_rows_that_need_cleaning_are_cleaned_first() -> None:
     columns[index] = pa.array(['{"a":"\\u0000"}', None, '{"b":"x\\ud800"}'], pa.string())
     dirty = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
     encoded = postgres.encode_binary(dirty, 0).to_pybytes()
-    assert encoded == postgres._encode_with_arrow(postgres._clean_batch(dirty), 0).to_pybytes()
+    assert encoded == postgres._encode_with_arrow(postgres._clean_batch(dirty), 0, frozenset()).to_pybytes()
     assert b'\\\\u0000' in encoded

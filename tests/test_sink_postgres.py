@@ -28,7 +28,7 @@ from sink_helpers import read_of
 
 from amplitude_export.errors import DestinationBusyError, DestinationError, UsageError
 from amplitude_export.ledger import LOADED, HourRecord, MemberInfo
-from amplitude_export.schema import ARROW_SCHEMA, COLUMN_NAMES, EXPORT_COLUMNS, JSON, TIMESTAMP
+from amplitude_export.schema import ARROW_SCHEMA, COLUMN_NAMES, EXPORT_COLUMNS, JSON, JSON_COLUMNS, TIMESTAMP
 from amplitude_export.sinks import open_sink
 from amplitude_export.sinks.postgres import PostgresSink, escape_json_text, redact
 from amplitude_export.synthetic import generate_hour
@@ -118,7 +118,7 @@ def test_tables_are_created_with_postgres_types(sink: PostgresSink, schema: str)
     assert set(types) == set(COLUMN_NAMES)
     assert types["event_time"] == "timestamp with time zone"
     assert types["amplitude_id"] == types["_line"] == "bigint"
-    assert types["event_properties"] == types["_extra"] == "jsonb"
+    assert types["event_properties"] == types["_extra"] == "json"  # the export's text as it came, validated
     assert types["location_lat"] == "double precision" and types["is_attribution_event"] == "boolean"
     key = sink.conn.execute(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
@@ -282,6 +282,31 @@ def test_binary_copy_edge_values_round_trip(sink: PostgresSink) -> None:
     )
     empty = got[rows[2]["uuid"]]
     assert all(empty[name] is None for name in COLUMN_NAMES if name not in ("uuid", "_upload_hour", "_project"))
+
+
+def test_json_columns_keep_the_exports_text(sink: PostgresSink) -> None:
+    rows = event_rows(H0, 2)
+    rows[0].update(event_properties='{"b": 1, "a": [2, {"z": null, "y": 1.50}]}', user_properties='{"k":1,"k":2}')
+    write(sink, Window(H0, H0), rows)
+    back = stored(sink)[rows[0]["uuid"]]
+    assert (back["event_properties"], back["user_properties"]) == (rows[0]["event_properties"], '{"k":1,"k":2}')
+
+
+def test_an_events_table_with_jsonb_columns_still_loads(sink: PostgresSink, schema: str) -> None:
+    # tables made by versions before `json`, or by a user who wants jsonb's operators, type them `jsonb`, whose
+    # binary COPY form differs: the sink reads the types when it opens
+    sink.close()
+    with psycopg.connect(URL, autocommit=True) as conn:
+        for name in JSON_COLUMNS:
+            conn.execute(f'ALTER TABLE "{schema}".events ALTER COLUMN "{name}" TYPE jsonb USING "{name}"::jsonb')
+    rows = event_rows(H0, 40)
+    rows[0].update(event_properties=r'{"b": 1, "a": "x\u0000y", "d": "\udc00"}', user_properties="[]")
+    with PostgresSink(URL, schema=schema) as reopened:
+        write(reopened, Window(H0, H0), rows)
+        got = stored(reopened)
+    assert json.loads(got[rows[0]["uuid"]]["event_properties"]) == {"b": 1, "a": "x\\u0000y", "d": "\\udc00"}
+    for row in first_per_uuid(rows).values():
+        assert json.loads(got[row["uuid"]]["user_properties"]) == json.loads(row["user_properties"])
 
 
 def test_rows_outside_the_window_are_refused(sink: PostgresSink) -> None:

@@ -150,7 +150,7 @@ POSTGRES_TYPES: dict[str, str] = {
     FLOAT: "double precision",
     BOOLEAN: "boolean",
     TIMESTAMP: "timestamptz",
-    JSON: "jsonb",
+    JSON: "json",
 }
 
 ARROW_SCHEMA: pa.Schema = pa.schema(

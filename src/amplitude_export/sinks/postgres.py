@@ -24,7 +24,7 @@ from .. import clock
 from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..logs import FATAL
-from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, POSTGRES_TYPES, RETYPED, quote
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, JSON_COLUMNS, POSTGRES_TYPES, RETYPED, quote
 from ..table_ledger import (
     TableState,
     TableWrite,
@@ -88,6 +88,7 @@ class PostgresSink:
         self._events = sql.Identifier(schema, "events")
         self._ledger = sql.Identifier(schema, LEDGER_TABLE)
         self._ledger_missing: set[str] = set()  # added columns an older ledger lacks (read-only opens only)
+        self._jsonb: frozenset[str] = frozenset()  # JSON columns an older `events` (or a user's) types `jsonb`
         self.chunk_bytes = CHUNK_BYTES
         self.route: Counter[str] = Counter()  # the last window's rows by way in (`_WindowLoad.route`)
         try:
@@ -145,8 +146,10 @@ class PostgresSink:
         ).fetchone()
         if exists and exists[0]:
             self._add_ledger_columns(alter=create)
+            types = self._event_types()
             if create:
-                self._retype_columns()
+                self._retype_columns(types)
+            self._jsonb = frozenset(name for name in JSON_COLUMNS if types.get(name) == "jsonb")
             return  # already there: needs no CREATE privilege on the database
         if not create:
             raise DestinationError(f"{self.description} holds no amplitude-export tables yet: run a load first")
@@ -197,12 +200,17 @@ class PostgresSink:
             self.conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
                 self._ledger, sql.Identifier(name), sql.SQL(column_type(name, "postgres"))))
 
-    def _retype_columns(self) -> None:
-        """Migrate the columns of an older version's `events` whose kind changed (schema.RETYPED), each in one
-        transaction: old values that do not fit go to `_extra`, and values `_extra` kept that fit come back."""
-        types = dict(self.conn.execute(
+    def _event_types(self) -> dict[str, str]:
+        """`events`' column types by name, as information_schema spells them (`jsonb`, `text`, ...)."""
+        return dict(self.conn.execute(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s "
             "AND table_name = 'events'", [self.schema]).fetchall())
+
+    def _retype_columns(self, types: dict[str, str]) -> None:
+        """Migrate the columns of an older version's `events` whose kind changed (schema.RETYPED), each in one
+        transaction: old values that do not fit go to `_extra`, and values `_extra` kept that fit come back.
+        `_extra` is worked on as jsonb and stored back as its own type (`json` or `jsonb`)."""
+        extra = sql.SQL("json" if types.get("_extra") == "json" else "jsonb")
         for name, old in RETYPED.items():
             if types.get(name) != POSTGRES_TYPES[old]:
                 continue
@@ -210,15 +218,15 @@ class PostgresSink:
             column = sql.Identifier(name)
             with self.conn.transaction():
                 self.conn.execute(sql.SQL(
-                    "UPDATE {} SET _extra = coalesce(_extra, '{{}}'::jsonb) || jsonb_build_object({}, {}) "
-                    "WHERE {} IS NOT NULL").format(self._events, sql.Literal(name), column, column))
+                    "UPDATE {} SET _extra = (coalesce(_extra::jsonb, '{{}}') || jsonb_build_object({}, {}))::{} "
+                    "WHERE {} IS NOT NULL").format(self._events, sql.Literal(name), column, extra, column))
                 self.conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING NULL").format(
                     self._events, column, sql.SQL(new)))
                 self.conn.execute(sql.SQL(
-                    "UPDATE {} SET {} = (_extra->>{})::{}, _extra = NULLIF(_extra - {}, '{{}}'::jsonb) "
-                    "WHERE jsonb_typeof(_extra->{}) = {}").format(
-                    self._events, column, sql.Literal(name), sql.SQL(new), sql.Literal(name), sql.Literal(name),
-                    sql.Literal(new)))
+                    "UPDATE {} SET {} = (_extra->>{})::{}, _extra = NULLIF(_extra::jsonb - {}, '{{}}')::{} "
+                    "WHERE jsonb_typeof(_extra::jsonb->{}) = {}").format(
+                    self._events, column, sql.Literal(name), sql.SQL(new), sql.Literal(name), extra,
+                    sql.Literal(name), sql.Literal(new)))
 
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""
@@ -264,7 +272,7 @@ class PostgresSink:
                     [project, window.start, window.end],
                 )
                 first = FirstCopies(self._seen_limit, self._nearby_uuids(conn, project, window))
-                load = WindowLoad(conn, self._events, window, first, self.chunk_bytes)
+                load = WindowLoad(conn, self._events, window, first, self.chunk_bytes, self._jsonb)
                 load.send(with_project(read.batches, project))
                 self.route = load.route
                 load.merge()

@@ -1,18 +1,21 @@
 """Rows as PostgreSQL's binary COPY format: what the PostgreSQL sink sends for a window.
 
-jsonb refuses `\\u0000` and lone UTF-16 surrogate escapes, and text refuses the NUL character. Rather than lose
+JSON columns are `json` in tables this version makes and `jsonb` in older ones (or one a user made): each has its
+own binary form, so the encoder is told which columns are `jsonb`. jsonb refuses `\\u0000` and lone UTF-16
+surrogate escapes, `->>` on a `json` value refuses them too, and text refuses the NUL character. Rather than lose
 such a row, the encoder stores the offending escape or character as literal text (`\\u0000`), which is documented.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, COMPILED_KINDS, JSON_COLUMNS
+from ..schema import ALL_COLUMNS, ARROW_SCHEMA, COLUMN_NAMES, COMPILED_KINDS, JSON, JSON_COLUMNS, STRING
 
 try:  # the compiled helpers (built by `pip install` where a C compiler is at hand); optional
     from .. import _fastparse
@@ -31,7 +34,15 @@ _PG_EPOCH_US = 946_684_800_000_000  # PostgreSQL counts timestamps from 2000-01-
 _EMPTY = pa.scalar(b"", pa.binary())
 _JSONB_VERSION = pa.scalar(b"\x01", pa.binary())
 _ZONED = pa.timestamp("us", tz="UTC")
-_COPY_KINDS = [COMPILED_KINDS[column.kind] for column in ALL_COLUMNS]  # the compiled encoder's codes
+
+
+@functools.cache
+def _copy_kinds(jsonb: frozenset[str]) -> list[str]:
+    """The compiled encoder's code per column: `json` is sent as text, `jsonb` as its version byte and text."""
+    return [
+        COMPILED_KINDS[column.kind] if column.kind != JSON or column.name in jsonb else COMPILED_KINDS[STRING]
+        for column in ALL_COLUMNS
+    ]
 
 
 def escape_json_text(text: str) -> str:
@@ -86,13 +97,13 @@ def _field(column: pa.Array, values: np.ndarray, width: int) -> list[pa.Array]:
     return [_fixed_size(lengths, 4), pc.if_else(valid, _fixed_size(values, width), _EMPTY)]
 
 
-def encode_binary(batch: pa.RecordBatch, first_seq: int | None) -> pa.Buffer:
+def encode_binary(batch: pa.RecordBatch, first_seq: int | None, jsonb: frozenset[str] = frozenset()) -> pa.Buffer:
     """One batch as binary COPY rows (no file header) in ARROW_SCHEMA's order, numbered from `first_seq` in a
-    last bigint field (no such field when `first_seq` is None).
+    last bigint field (no such field when `first_seq` is None); the JSON columns named in `jsonb` are typed
+    `jsonb` in the table, the others `json`.
 
-    Each column becomes Arrow binary arrays of per-row fields, and one element-wise join in Arrow's C++ lays
-    them out row by row, so no Python loop touches a row. Binary COPY saves the server about half of CSV's
-    parsing; jsonb's binary form is a version byte and the JSON text.
+    Binary COPY saves the server about half of CSV's parsing. `json`'s binary form is the JSON text,
+    `jsonb`'s a version byte and the text.
     """
     if not batch.schema.equals(ARROW_SCHEMA):
         batch = batch.select(list(COLUMN_NAMES)).cast(ARROW_SCHEMA)
@@ -100,26 +111,27 @@ def encode_binary(batch: pa.RecordBatch, first_seq: int | None) -> pa.Buffer:
         batch = _clean_batch(batch)
     if _fastparse is not None:  # the same bytes, written in one pass by compiled code (tests compare the two)
         columns = []
-        for code, column in zip(_COPY_KINDS, batch.columns, strict=True):
+        for code, column in zip(_copy_kinds(jsonb), batch.columns, strict=True):
             buffers = column.buffers()
             columns.append((code, buffers[0], buffers[1], buffers[2] if len(buffers) > 2 else None, column.offset))
         return pa.py_buffer(_fastparse.encode_copy(columns, batch.num_rows, -1 if first_seq is None else first_seq))
-    return _encode_with_arrow(batch, first_seq)
+    return _encode_with_arrow(batch, first_seq, jsonb)
 
 
-def _encode_with_arrow(batch: pa.RecordBatch, first_seq: int | None) -> pa.Buffer:
-    """`encode_binary` without the compiled encoder: each column as Arrow binary arrays of per-row fields."""
+def _encode_with_arrow(batch: pa.RecordBatch, first_seq: int | None, jsonb: frozenset[str]) -> pa.Buffer:
+    """`encode_binary` without the compiled encoder: each column as Arrow binary arrays of per-row fields, and
+    one element-wise join in Arrow's C++ lays them out row by row, so no Python loop touches a row."""
     n = batch.num_rows
     fields = len(COLUMN_NAMES) + (first_seq is not None)
     parts: list[pa.Array] = [_fixed_size(np.full(n, fields, ">i2"), 2)]
     for field, column in zip(ARROW_SCHEMA, batch.columns, strict=True):
         kind = field.type
         if kind == pa.string():
-            is_json = field.name in JSON_COLUMNS
+            is_json = field.name in jsonb
             lengths = pc.binary_length(column)
             lengths = pc.add(lengths, 1) if is_json else lengths
             parts.append(_fixed_size(lengths.fill_null(-1).to_numpy(zero_copy_only=False).astype(">i4"), 4))
-            if is_json:
+            if is_json:  # jsonb's version byte
                 parts.append(pc.if_else(column.is_valid(), _JSONB_VERSION, _EMPTY))
             parts.append(column.cast(pa.binary()).fill_null(b""))
         elif kind == _ZONED:

@@ -53,11 +53,13 @@ class WindowLoad:
         window: Window,
         first: FirstCopies,
         chunk_bytes: int,
+        jsonb: frozenset[str] = frozenset(),
     ) -> None:
         self.conn = conn
         self.events = events
         self.first = first
         self.chunk_bytes = chunk_bytes
+        self.jsonb = jsonb  # the JSON columns `events` types `jsonb` (`encode_binary`)
         self.counts = StagedCounts(window)  # rows per upload hour the batches held; refuses rows outside
         self.inserted: dict[datetime, int] = {}  # rows per upload hour that went into `events`
         self.route: Counter[str] = Counter()  # rows sent "direct" and to the "stage"; chunks that "conflicted"
@@ -118,7 +120,7 @@ class WindowLoad:
                         break
                     if index:
                         held.append((part, seq))
-                    data = encode_binary(part, None)
+                    data = encode_binary(part, None, self.jsonb)
                     copy.write(data)
                     size += data.size
         except psycopg.errors.UniqueViolation:
@@ -140,7 +142,7 @@ class WindowLoad:
         with self._copy(stage, numbered=True) as copy:
             copy.write(COPY_SIGNATURE)
             for part, seq in parts:
-                copy.write(encode_binary(part, seq))
+                copy.write(encode_binary(part, seq, self.jsonb))
                 self.route["stage"] += part.num_rows
                 self.stage_rows += part.num_rows
 
