@@ -545,6 +545,38 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def server_at_our_priority(names: list[str]) -> tuple[str, dict[int, int]]:
+    """Give the local PostgreSQL server's processes this benchmark's scheduling priority, when that is higher.
+
+    A run into PostgreSQL is the client and the server, but only the client inherits a `nice -n -10`: the server,
+    left at its own priority, would lose its core to the other candidates' work. New backends inherit the
+    postmaster's. Returns a line for the table's header and the priorities to put back.
+    """
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    if not any(name.startswith("postgres") for name in names) or ours >= 0:
+        return "", {}
+    old: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                pid = int(entry.name)
+                old[pid] = os.getpriority(os.PRIO_PROCESS, pid)
+                os.setpriority(os.PRIO_PROCESS, pid, ours)
+        except (OSError, ValueError):
+            continue
+    if not old:
+        return "", {}
+    return f"PostgreSQL's {len(old)} server processes ran at the benchmark's priority (nice {ours}).", old
+
+
+def restore_priorities(old: dict[int, int]) -> None:
+    for pid, priority in old.items():
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, priority)
+        except OSError:
+            continue
+
+
 def main() -> None:
     args = parse_args()
     if args.serve:
@@ -557,6 +589,7 @@ def main() -> None:
     datasets = [Dataset(name, DATASETS[name]) for name in args.datasets.split(",") if name]
     servers: list[subprocess.Popen[str]] = []
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
+    priorities: dict[int, int] = {}
     try:
         why = unavailable(args, names)
         for dataset in datasets:
@@ -584,6 +617,9 @@ def main() -> None:
             )
         mode = "archive in the tool's data dir beforehand" if args.landed else "download from the fake server included"
         header.append(f"Runs: {mode}; {args.rounds} round(s), interleaved; medians, peaks are maxima.")
+        server_line, priorities = server_at_our_priority([name for name in names if name not in why])
+        if server_line:
+            header.append(server_line)
         if args.baseline_src:
             header.append(f"`*-base`: the same command with the package imported from {args.baseline_src}.")
         print("\n".join(header), flush=True)
@@ -609,6 +645,7 @@ def main() -> None:
             write_docs(args.docs, text)
             print(f"\nwritten to {args.docs}")
     finally:
+        restore_priorities(priorities)
         for server in servers:
             server.terminate()
             server.wait(timeout=30)
