@@ -363,7 +363,12 @@ def machine(airbyte: Path | None) -> str:
 
         versions.append(f"pandas {pandas.__version__}")
     if airbyte:
-        versions.append(AIRBYTE.replace("==", " "))
+        # the connector pins few of its dependencies: what pip resolved the day its virtualenv was made matters
+        probe = ("from importlib.metadata import version as v\n"
+                 "print(', '.join(f'{n} {v(n)}' for n in ('airbyte-cdk', 'pydantic', 'pendulum', 'requests')))")
+        found = subprocess.run([str(airbyte), "-c", probe], capture_output=True, text=True)
+        extra = f" ({found.stdout.strip()})" if found.returncode == 0 else ""
+        versions.append(AIRBYTE.replace("==", " ") + extra)
     gzip_version = subprocess.run(["gzip", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     return (
         f"Machine: {os.cpu_count()} cores ({model}), {mem_kb / 2**20:.1f} GiB RAM, load average at start "
@@ -545,34 +550,56 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def server_at_our_priority(names: list[str]) -> tuple[str, dict[int, int]]:
-    """Give the local PostgreSQL server's processes this benchmark's scheduling priority, when that is higher.
+def _server_processes(postmaster: int) -> list[int]:
+    """The PostgreSQL server's processes: its postmaster and the postmaster's children."""
+    pids = [postmaster]
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                pids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def server_at_our_priority(names: list[str]) -> tuple[str, int | None, dict[int, int]]:
+    """Give the PostgreSQL server at PG_URL, when it runs on this machine, this benchmark's scheduling priority
+    when that is higher.
 
     A run into PostgreSQL is the client and the server, but only the client inherits a `nice -n -10`: the server,
-    left at its own priority, would lose its core to the other candidates' work. New backends inherit the
-    postmaster's. Returns a line for the table's header and the priorities to put back.
+    left at its own priority, would lose its core to the client's threads. New backends inherit the postmaster's.
+    Returns a line for the table's header, the postmaster and the priorities to put back.
     """
     ours = os.getpriority(os.PRIO_PROCESS, 0)
     if not any(name.startswith("postgres") for name in names) or ours >= 0:
-        return "", {}
+        return "", None, {}
+    import psycopg
+
+    with psycopg.connect(PG_URL, connect_timeout=5) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        try:
+            postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # the server runs elsewhere
+            return "", None, {}
     old: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
+    for pid in _server_processes(postmaster):
         try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
-                pid = int(entry.name)
-                old[pid] = os.getpriority(os.PRIO_PROCESS, pid)
-                os.setpriority(os.PRIO_PROCESS, pid, ours)
-        except (OSError, ValueError):
-            continue
-    if not old:
-        return "", {}
-    return f"PostgreSQL's {len(old)} server processes ran at the benchmark's priority (nice {ours}).", old
+            old[pid] = os.getpriority(os.PRIO_PROCESS, pid)
+            os.setpriority(os.PRIO_PROCESS, pid, ours)
+        except OSError:
+            old.pop(pid, None)
+    if postmaster not in old:
+        restore_priorities(None, old)
+        return "", None, {}
+    return f"The PostgreSQL server's processes ran at the benchmark's priority (nice {ours}).", postmaster, old
 
 
-def restore_priorities(old: dict[int, int]) -> None:
-    for pid, priority in old.items():
+def restore_priorities(postmaster: int | None, old: dict[int, int]) -> None:
+    """Put back the priorities `server_at_our_priority` changed; backends started since get the postmaster's."""
+    pids = set(old) | set(_server_processes(postmaster) if postmaster else ())
+    for pid in pids:
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, priority)
+            os.setpriority(os.PRIO_PROCESS, pid, old.get(pid, old.get(postmaster or -1, 0)))
         except OSError:
             continue
 
@@ -589,7 +616,7 @@ def main() -> None:
     datasets = [Dataset(name, DATASETS[name]) for name in args.datasets.split(",") if name]
     servers: list[subprocess.Popen[str]] = []
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
-    priorities: dict[int, int] = {}
+    postmaster, priorities = None, {}
     try:
         why = unavailable(args, names)
         for dataset in datasets:
@@ -617,7 +644,7 @@ def main() -> None:
             )
         mode = "archive in the tool's data dir beforehand" if args.landed else "download from the fake server included"
         header.append(f"Runs: {mode}; {args.rounds} round(s), interleaved; medians, peaks are maxima.")
-        server_line, priorities = server_at_our_priority([name for name in names if name not in why])
+        server_line, postmaster, priorities = server_at_our_priority([name for name in names if name not in why])
         if server_line:
             header.append(server_line)
         if args.baseline_src:
@@ -645,7 +672,7 @@ def main() -> None:
             write_docs(args.docs, text)
             print(f"\nwritten to {args.docs}")
     finally:
-        restore_priorities(priorities)
+        restore_priorities(postmaster, priorities)
         for server in servers:
             server.terminate()
             server.wait(timeout=30)

@@ -28,7 +28,7 @@ from amplitude_export.fake_server import FakeExportServer
 from amplitude_export.ledger import EMPTY, FAILED, LOADED, HourRecord
 from amplitude_export.pipeline import run
 from amplitude_export.reader import WindowReader
-from amplitude_export.schema import EXPORT_COLUMNS, JSON, KNOWN_SOURCES, TIMESTAMP
+from amplitude_export.schema import EXPORT_COLUMNS, JSON, JSON_COLUMNS, KNOWN_SOURCES, TIMESTAMP
 from amplitude_export.sinks import Sink, open_sink
 from amplitude_export.verify import verify
 from amplitude_export.windows import HOUR, Window
@@ -283,8 +283,9 @@ def test_windows_past_the_in_memory_uuid_limit_keep_the_same_first_copies(
     assert [uuid for uuid, _, _ in results[0][0]] == EXPECTED_UUIDS
 
 
-def make_paying_text(dest: str, sets: list[str]) -> None:
-    """Make `events.paying` the text column versions before 0.x had, then run `sets` (old values) on it."""
+def make_paying_text(dest: str, sets: list[str], json_type: str | None = None) -> None:
+    """Make `events.paying` the text column versions before 0.x had, then run `sets` (old values) on it; on
+    PostgreSQL, with the JSON columns typed `json_type` (`jsonb` in the versions that had `paying` as text)."""
     statements = []
     if dest.startswith("duckdb:"):
         statements = ["ALTER TABLE events ALTER paying SET DATA TYPE VARCHAR USING NULL", *sets]
@@ -295,12 +296,15 @@ def make_paying_text(dest: str, sets: list[str]) -> None:
     url, _, schema = dest.partition("?schema=")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f'SET search_path TO "{schema}"')
-        for statement in ["ALTER TABLE events ALTER COLUMN paying TYPE text USING NULL", *sets]:
+        retype = [f'ALTER TABLE events ALTER COLUMN "{name}" TYPE {json_type} USING "{name}"::{json_type}'
+                  for name in JSON_COLUMNS if json_type]  # fmt: skip
+        for statement in [*retype, "ALTER TABLE events ALTER COLUMN paying TYPE text USING NULL", *sets]:
             conn.execute(statement.replace("::JSON", "::jsonb"))
 
 
-@pytest.mark.parametrize("dest", ["duckdb", "postgres"], indirect=True)
-def test_a_destination_with_paying_as_text_is_migrated_and_still_loads(dest: str) -> None:
+@pytest.mark.parametrize("dest, json_type", [("duckdb", None), ("postgres", "jsonb"), ("postgres", "json")],
+                         indirect=["dest"], ids=["duckdb", "postgres", "postgres-json"])  # fmt: skip
+def test_a_destination_with_paying_as_text_is_migrated_and_still_loads(dest: str, json_type: str | None) -> None:
     # versions before 0.x typed `paying` as text, so its documented booleans went to _extra: a writable open
     # migrates the column, moving each value to where a load by this version puts it
     w = window(0, 0)
@@ -312,7 +316,7 @@ def test_a_destination_with_paying_as_text_is_migrated_and_still_loads(dest: str
         """UPDATE events SET _extra = '{"paying":true,"x":1}'::JSON WHERE uuid = 'a1'""",  # a boolean kept aside
         """UPDATE events SET _extra = '{"paying":false}'::JSON WHERE uuid = 'a2'""",
         """UPDATE events SET _extra = '{"paying":"t"}'::JSON WHERE uuid = 'a3'""",  # text kept aside: stays there
-    ])
+    ], json_type)
     with open_sink(dest) as sink:
         got = {r["uuid"]: (r["paying"], json.loads(r["_extra"]) if r["_extra"] else None)
                for r in sink.read_arrow().to_pylist()}

@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 from conftest import POSTGRES_URL as URL
 from sink_helpers import read_of
-from test_sink_postgres import H0, batches_of, event_rows, finisher, first_per_uuid, kill_9_when_stalled, stored
+from test_sink_postgres import (
+    H0,
+    batches_of,
+    event_rows,
+    finisher,
+    first_per_uuid,
+    kill_9_when_stalled,
+    stored,
+    to_jsonb,
+)
 
 from amplitude_export.sinks.postgres import MAX_CONFLICTS, NEARBY, PostgresSink
 from amplitude_export.windows import HOUR, Window
@@ -40,8 +49,11 @@ def cities(sink: PostgresSink) -> dict[str, tuple[str, Any]]:
     return {uuid: (row["_project"], row["city"]) for uuid, row in stored(sink).items()}
 
 
-@pytest.fixture()
-def sink(pg_schema: str) -> Any:
+@pytest.fixture(params=["json", "jsonb"])
+def sink(pg_schema: str, request: pytest.FixtureRequest) -> Any:
+    if request.param == "jsonb":  # JSON columns as versions before `json` typed them: their own COPY form
+        PostgresSink(URL, schema=pg_schema).close()
+        to_jsonb(pg_schema)
     with PostgresSink(URL, schema=pg_schema) as opened:
         opened.chunk_bytes = 1  # a chunk per batch: many savepoints, released one after another
         yield opened

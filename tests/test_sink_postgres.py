@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid as uuid_module
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -292,13 +292,23 @@ def test_json_columns_keep_the_exports_text(sink: PostgresSink) -> None:
     assert (back["event_properties"], back["user_properties"]) == (rows[0]["event_properties"], '{"k":1,"k":2}')
 
 
-def test_an_events_table_with_jsonb_columns_still_loads(sink: PostgresSink, schema: str) -> None:
+def to_jsonb(schema: str, columns: Iterable[str] = JSON_COLUMNS) -> None:
+    """Type `columns` of the schema's `events` `jsonb`, as versions before `json` made them."""
+    with psycopg.connect(URL, autocommit=True) as conn:
+        for name in columns:
+            conn.execute(f'ALTER TABLE "{schema}".events ALTER COLUMN "{name}" TYPE jsonb USING "{name}"::jsonb')
+
+
+@pytest.mark.parametrize("made_by", ["older version", "user before the first load"])
+def test_an_events_table_with_jsonb_columns_still_loads(sink: PostgresSink, schema: str, made_by: str) -> None:
     # tables made by versions before `json`, or by a user who wants jsonb's operators, type them `jsonb`, whose
     # binary COPY form differs: the sink reads the types when it opens
     sink.close()
-    with psycopg.connect(URL, autocommit=True) as conn:
-        for name in JSON_COLUMNS:
-            conn.execute(f'ALTER TABLE "{schema}".events ALTER COLUMN "{name}" TYPE jsonb USING "{name}"::jsonb')
+    columns = JSON_COLUMNS if made_by == "older version" else ("event_properties", "_extra")
+    to_jsonb(schema, columns)
+    if made_by != "older version":  # only `events` is there: the sink makes its ledger
+        with psycopg.connect(URL, autocommit=True) as conn:
+            conn.execute(f'DROP TABLE "{schema}"._amplitude_ledger')
     rows = event_rows(H0, 40)
     rows[0].update(event_properties=r'{"b": 1, "a": "x\u0000y", "d": "\udc00"}', user_properties="[]")
     with PostgresSink(URL, schema=schema) as reopened:

@@ -145,14 +145,19 @@ class PostgresSink:
             [f"{quote(self.schema)}.events", f"{quote(self.schema)}.{LEDGER_TABLE}"],
         ).fetchone()
         if exists and exists[0]:
-            self._add_ledger_columns(alter=create)
-            types = self._event_types()
-            if create:
-                self._retype_columns(types)
-            self._jsonb = frozenset(name for name in JSON_COLUMNS if types.get(name) == "jsonb")
-            return  # already there: needs no CREATE privilege on the database
-        if not create:
+            self._add_ledger_columns(alter=create)  # already there: needs no CREATE privilege on the database
+        elif not create:
             raise DestinationError(f"{self.description} holds no amplitude-export tables yet: run a load first")
+        else:
+            self._make_tables()
+        # an `events` made before, or by a user before the first load, may type columns otherwise
+        types = self._event_types()
+        if create:
+            self._retype_columns(types)
+        self._jsonb = frozenset(name for name in JSON_COLUMNS if types.get(name) == "jsonb")
+
+    def _make_tables(self) -> None:
+        """Create what is missing of the schema, `events` and the ledger (an existing `events` is kept as it is)."""
         event_columns = sql.SQL(", ").join(
             sql.SQL("{} {}").format(
                 sql.Identifier(c.name), sql.SQL(POSTGRES_TYPES[c.kind] + _COLLATE.get(c.name, ""))
