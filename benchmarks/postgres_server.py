@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/postgres_server.py --rounds 3      # the table in docs/POSTGRES.md ("Speed")
     .venv/bin/python benchmarks/postgres_server.py --tiny          # 2,000 events, 1 round: the test runs this
 
-The window's batches are made once, before any timing, from `amplitude_export.synthetic` events (~1.7 KB of JSON
-a line, none varied; the JSON columns hold what the lines held). Each round writes them with
+The window's batches are made once, before any timing: `amplitude_export.synthetic` events (~1.7 KB of JSON a
+line, none varied) parsed by the reader's parser (`parse.parse_chunk`). Each round writes them with
 `PostgresSink.write_window` into a fresh schema of each kind in turn (interleaved), then reloads the same window
 (its rows deleted and written again). Measured per write: the server backend's CPU (from /proc, so the server
 must run on this machine), the client's CPU, and the WAL the write produced (`pg_current_wal_lsn`), each per
@@ -14,6 +14,7 @@ event; medians over rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -25,9 +26,10 @@ from pathlib import Path
 import psycopg
 import pyarrow as pa
 
-from amplitude_export import synthetic
+from amplitude_export import parse, synthetic
+from amplitude_export.archive import ArchiveMember
 from amplitude_export.ledger import HourRecord
-from amplitude_export.schema import ARROW_SCHEMA, JSON_COLUMNS
+from amplitude_export.schema import JSON_COLUMNS
 from amplitude_export.sinks.postgres import PostgresSink
 from amplitude_export.windows import Window
 
@@ -48,42 +50,20 @@ class WindowRead:
 
 
 def window_of(events: int) -> tuple[Window, list[pa.RecordBatch], list[HourRecord]]:
+    """`events` synthetic events over up to 24 upload hours, parsed as the reader parses them."""
     hours = max(1, min(24, events // 1000))
-    rows = []
-    for hour in range(hours):
-        at = START + timedelta(hours=hour)
-        for event in synthetic.generate_hour(at, project_id=7, seed=hour, events=events // hours):
-            rows.append({**{name: None for name in ARROW_SCHEMA.names}, **_typed(event), "_upload_hour": at,
-                         "_member": f"{at:%Y%m%dT%H}#0.json.gz", "_line": len(rows) + 1, "_run_id": "bench",
-                         "_project": "bench"})  # fmt: skip
-    table = pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
-    window = Window(START, START + timedelta(hours=hours - 1))
-    records = [HourRecord(hour=START + timedelta(hours=h), status="loaded", lines_read=events // hours)
-               for h in range(hours)]  # fmt: skip
-    return window, table.to_batches(max_chunksize=4096), records
-
-
-def _typed(event: dict) -> dict:
-    import json
-
-    out = {}
-    for field in ARROW_SCHEMA:
-        if field.name not in event:
-            continue
-        value = event[field.name]
-        if field.name in JSON_COLUMNS:
-            out[field.name] = None if value is None else json.dumps(value)
-        elif pa.types.is_timestamp(field.type):
-            out[field.name] = None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
-        elif pa.types.is_string(field.type):
-            out[field.name] = None if value is None else str(value)
-        elif pa.types.is_boolean(field.type):
-            out[field.name] = value if isinstance(value, bool) else None
-        elif pa.types.is_integer(field.type):
-            out[field.name] = value if isinstance(value, int) and not isinstance(value, bool) else None
-        else:
-            out[field.name] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-    return out
+    batches, records = [], []
+    for index in range(hours):
+        at = START + timedelta(hours=index)
+        hour = synthetic.generate_hour(at, project_id=7, seed=index, events=events // hours)
+        lines = [json.dumps(event, separators=(",", ":")).encode() for event in hour]
+        member = ArchiveMember(f"{at:%Y%m%dT%H}#0.json.gz", at, index, 0, 0)
+        context = parse.Context("bench.zip", "bench", "bench", START, 4096, False)
+        part, _ = parse.parse_chunk(lines, 1, member, index, context)
+        assert part.batch is not None and not part.rejects
+        batches += [part.batch.slice(start, 4096) for start in range(0, part.batch.num_rows, 4096)]
+        records.append(HourRecord(hour=at, status="loaded", lines_read=len(lines)))
+    return Window(START, START + timedelta(hours=hours - 1)), batches, records
 
 
 def backend_cpu(pid: int) -> float:
