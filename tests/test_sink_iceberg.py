@@ -225,6 +225,48 @@ def test_writers_that_keep_losing_give_up_without_committing(root: Path) -> None
         assert hour(0) not in a.ledger("p")
 
 
+@pytest.mark.parametrize("step", ["catalog", "namespace", "stream table"])
+def test_a_first_run_that_loses_the_race_to_create_opens_what_the_other_made(
+    root: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Two first runs at once on one warehouse: the other run creates the catalog's tables, or the namespace
+    (on opening the events table or a stream table), between this run's check and its insert. The interleaving
+    is forced by running the other's create inside this run's check; this run must open what the other made."""
+    from pyiceberg.catalog.sql import SqlCatalog, SqlCatalogBaseTable
+
+    raced: list[str] = []
+
+    def create_tables(self: SqlCatalog) -> None:
+        if not raced:
+            raced.append(step)
+            SqlCatalogBaseTable.metadata.create_all(self.engine)  # the other run, first
+        SqlCatalogBaseTable.metadata.create_all(self.engine, checkfirst=False)  # this one, after its check
+
+    original = SqlCatalog.namespace_exists
+
+    def namespace_exists(self: SqlCatalog, namespace: str) -> bool:
+        if raced:
+            return original(self, namespace)
+        raced.append(step)
+        other = SqlCatalog("other", **{k: v for k, v in self.properties.items() if k != "name"})
+        if not original(other, namespace):
+            other.create_namespace(namespace)
+        return False  # what this run's check saw a moment before
+
+    if step == "stream table":
+        with IcebergSink(str(root)) as s:
+            monkeypatch.setattr(SqlCatalog, "namespace_exists", namespace_exists)
+            assert s.tables._create("cohorts").name() == ("amplitude", "cohorts")
+    else:
+        monkeypatch.setattr(SqlCatalog, "create_tables", create_tables)
+        monkeypatch.setattr(SqlCatalog, "namespace_exists", namespace_exists)
+        with IcebergSink(str(root)) as s:
+            assert s.ledger("p") == {}
+    assert raced == [step]
+    with IcebergSink(str(root), read_only=True) as s:
+        assert s.read_arrow().num_rows == 0
+
+
 def test_concurrent_writers_in_threads_keep_every_uuid_once(root: Path) -> None:
     IcebergSink(str(root)).close()
     errors: list[BaseException] = []

@@ -91,8 +91,7 @@ class IcebergSink:
         self._spill: str | None = None
         self._committing = False  # a commit was sent: until the catalog answers, its files may be referenced
         with self._errors("cannot open"):
-            self.catalog = catalogs.load(self.location, create=not read_only)
-            self.table = catalogs.open_table(self.catalog, self.location, create=not read_only)
+            self.catalog, self.table = catalogs.open_events(self.location, create=not read_only)
         self.tables = IcebergTables(self.catalog, self.location.namespace)
 
     # -- reading --

@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import os
+import random
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
 import duckdb
@@ -50,6 +53,8 @@ OBJECT_STORES = ("s3", "s3a", "s3n", "gs", "gcs", "abfs", "abfss", "wasb", "wasb
 FSSPEC_NAMES = {"endpoint_url": "s3.endpoint", "key": "s3.access-key-id", "secret": "s3.secret-access-key",
                 "region": "s3.region", "region_name": "s3.region"}
 _PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
+CREATE_ATTEMPTS = 4
+T = TypeVar("T")
 
 
 def require_pyiceberg() -> None:
@@ -216,6 +221,47 @@ def events_schema() -> Schema:
              "timestamptz": TimestamptzType()}
     return Schema(*[NestedField(n, c.name, types[ICEBERG_KINDS[c.kind]], required=False)
                     for n, c in enumerate(ALL_COLUMNS, start=1)])
+
+
+def open_events(location: Location, *, create: bool) -> tuple[Catalog, Table]:
+    """The catalog and its events table (`load`, `open_table`), both created when missing and `create`."""
+    def both() -> tuple[Catalog, Table]:
+        catalog = load(location, create=create)
+        return catalog, open_table(catalog, location, create=create)
+
+    return first_writer_wins(both) if create else both()
+
+
+def first_writer_wins(make: Callable[[], T]) -> T:
+    """`make()`, made again when it lost a race to create the same catalog tables, namespace or table.
+
+    A SQL catalog checks, then inserts, so of two runs creating one at the same moment the slower fails on the
+    other's row (sqlite: "UNIQUE constraint failed", "table ... already exists"); a new attempt finds it made.
+    """
+    races = race_errors()
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            return make()
+        except races:
+            if attempt == CREATE_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0.02, 0.1) * attempt)  # noqa: S311 - spreads the racers, not a secret
+    raise AssertionError("unreachable")
+
+
+def race_errors() -> tuple[type[BaseException], ...]:
+    """What a catalog raises when another writer created the same object first."""
+    from pyiceberg import exceptions
+
+    kinds: list[type[BaseException]] = [exceptions.NamespaceAlreadyExistsError, exceptions.TableAlreadyExistsError,
+                                        exceptions.CommitFailedException]
+    try:
+        import sqlalchemy.exc
+
+        kinds += [sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError]
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def open_table(catalog: Catalog, location: Location, *, create: bool) -> Table:
