@@ -5,8 +5,9 @@
 
 The window's batches are made once, before any timing: `amplitude_export.synthetic` events (~1.7 KB of JSON a
 line, none varied) parsed by the reader's parser (`parse.parse_chunk`). Each round writes them with
-`PostgresSink.write_window` into a fresh schema of each kind in turn (interleaved), then reloads the same window
-(its rows deleted and written again). Measured per write: the server backend's CPU (from /proc, so the server
+`PostgresSink.write_window` into a fresh schema of each kind in turn (interleaved), reloads the same window
+(its rows deleted and written again), then writes the next window (the next hours' events, other uuids) into
+the table that holds the first: what a table's growth costs. Measured per write: the server backend's CPU (from /proc, so the server
 must run on this machine), the client's CPU, and the WAL the write produced (`pg_current_wal_lsn`), each per
 event; medians over rounds.
 """
@@ -49,11 +50,12 @@ class WindowRead:
         return self._records
 
 
-def window_of(events: int) -> tuple[Window, list[pa.RecordBatch], list[HourRecord]]:
-    """`events` synthetic events over up to 24 upload hours, parsed as the reader parses them."""
+def window_of(events: int, after: int = 0) -> tuple[Window, list[pa.RecordBatch], list[HourRecord]]:
+    """`events` synthetic events over up to 24 upload hours from `after` hours past START, parsed as the reader
+    parses them."""
     hours = max(1, min(24, events // 1000))
     batches, records = [], []
-    for index in range(hours):
+    for index in range(after, after + hours):
         at = START + timedelta(hours=index)
         hour = synthetic.generate_hour(at, project_id=7, seed=index, events=events // hours)
         lines = [json.dumps(event, separators=(",", ":")).encode() for event in hour]
@@ -63,7 +65,7 @@ def window_of(events: int) -> tuple[Window, list[pa.RecordBatch], list[HourRecor
         assert part.batch is not None and not part.rejects
         batches += [part.batch.slice(start, 4096) for start in range(0, part.batch.num_rows, 4096)]
         records.append(HourRecord(hour=at, status="loaded", lines_read=len(lines)))
-    return Window(START, START + timedelta(hours=hours - 1)), batches, records
+    return Window(START + timedelta(hours=after), START + timedelta(hours=after + hours - 1)), batches, records
 
 
 def backend_cpu(pid: int) -> float:
@@ -106,6 +108,7 @@ def main() -> None:
     if args.tiny:
         args.events, args.rounds = 2_000, 1
     window, batches, records = window_of(args.events)
+    following = window_of(args.events, after=(window.end - window.start) // timedelta(hours=1) + 1)
     events = sum(batch.num_rows for batch in batches)
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for _ in range(args.rounds):
@@ -113,8 +116,9 @@ def main() -> None:
             schema = f"bench_server_{kind}_{os.getpid()}"
             make_schema(schema, kind)
             try:
-                for load in ("first load", "reload"):
-                    results.setdefault((kind, load), []).append(write(schema, window, batches, records))
+                for load in ("first load", "reload", "next window"):
+                    this = following if load == "next window" else (window, batches, records)
+                    results.setdefault((kind, load), []).append(write(schema, *this))
             finally:
                 with psycopg.connect(URL, autocommit=True) as conn:
                     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -56,7 +56,7 @@ def test_the_end_to_end_benchmark_runs_every_candidate_on_every_dataset(tmp_path
 def test_the_postgres_server_benchmark_runs() -> None:
     out = run("postgres_server.py", "--tiny")
     for kind in ("json", "jsonb"):
-        for load in ("first load", "reload"):
+        for load in ("first load", "reload", "next window"):
             assert f"| `{kind}` | {load} | " in out
 
 
