@@ -7,9 +7,9 @@ The window's batches are made once, before any timing: `amplitude_export.synthet
 line, none varied) parsed by the reader's parser (`parse.parse_chunk`). Each round writes them with
 `PostgresSink.write_window` into a fresh schema of each kind in turn (interleaved), reloads the same window
 (its rows deleted and written again), then writes the next window (the next hours' events, other uuids) into
-the table that holds the first: what a table's growth costs. Measured per write: the server backend's CPU (from /proc, so the server
-must run on this machine), the client's CPU, and the WAL the write produced (`pg_current_wal_lsn`), each per
-event; medians over rounds.
+the table that holds the first: what a table's growth costs. Measured per write: the server backend's CPU (from
+/proc, so the server must run on this machine), the client's CPU, and the WAL the write produced
+(`pg_current_wal_lsn`), each per event; medians over rounds.
 """
 
 from __future__ import annotations
