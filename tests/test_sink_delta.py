@@ -185,6 +185,45 @@ def test_the_ledger_table_is_a_cache_rebuilt_from_the_log(local: Table, monkeypa
         assert reader.ledger("p")[hour(40)].reason == "504"
 
 
+@pytest.mark.parametrize("made", ["events", "stream table"])
+def test_a_first_run_that_loses_the_race_to_create_opens_the_winners_table(
+    local: Table, monkeypatch: pytest.MonkeyPatch, made: str
+) -> None:
+    """Two first runs at once: both find no table and commit version 0; the slower commit fails (delta-rs:
+    "Protocol changed since last commit") and that run must open the winner's table. Forced here: the other
+    run's create runs first, then this run's commit fails as delta-rs's does."""
+    from deltalake.exceptions import CommitFailedError
+
+    from amplitude_export.stream_tables import TABLES
+    from amplitude_export.table_ledger import TableState, TableWrite
+
+    original = DeltaTable.create.__func__  # type: ignore[attr-defined]
+    raced: list[str] = []
+
+    def create(cls: type[DeltaTable], uri: str, *args: Any, **kwargs: Any) -> DeltaTable:
+        if raced or (made == "stream table") != ("_amplitude_tables" in uri):
+            return original(cls, uri, *args, **kwargs)
+        raced.append(uri)
+        original(cls, uri, *args, **kwargs)  # the other run's commit of version 0
+        raise CommitFailedError("Failed to commit transaction: Protocol changed since last commit: protocol changed")
+
+    monkeypatch.setattr(DeltaTable, "create", classmethod(create))
+    spec = TABLES["annotations"]
+    with local.sink() as sink:
+        w = window(0, 0)
+        rows = hour_events(hour(0), ["a", "b"])
+        sink.write_window("p", w, read_of([batch(rows)], finisher(w, rows)))
+        row = {"id": 1, "label": "launch", "_taken_at": hour(0)}
+        rows_batch = pa.RecordBatch.from_pylist([row], spec.schema)
+        state = sink.write_table("p", TableWrite(spec.name, spec.schema, [rows_batch],
+                                                 TableState(spec.name, spec.stream, spec.refresh)))
+        assert state.rows == 1
+    assert len(raced) == 1
+    with local.sink(read_only=True) as reader:
+        assert uuids(reader.read_arrow()) == ["a", "b"] and verify(reader, "p").complete
+        assert reader.read_table("annotations", spec.schema).num_rows == 1
+
+
 def test_a_commit_that_lost_a_race_is_checked_against_the_winner_and_committed_again(table: Table) -> None:
     first, second = table.sink(), table.sink()  # two writers on one snapshot
     try:

@@ -128,9 +128,13 @@ class DeltaSink:
                 raise DestinationError(f"{self.uri} is not a Delta table (no _delta_log): nothing loaded yet") from None
             if "://" not in self.uri:
                 Path(self.uri).mkdir(parents=True, exist_ok=True)
-            table = DeltaTable.create(self.uri, DELTA_SCHEMA, mode="ignore", partition_by=[DAY], name="events",
-                                      description="Amplitude events, written by amplitude-export",
-                                      storage_options=self.options)
+            try:
+                table = DeltaTable.create(self.uri, DELTA_SCHEMA, mode="ignore", partition_by=[DAY], name="events",
+                                          description="Amplitude events, written by amplitude-export",
+                                          storage_options=self.options)
+            except CommitFailedError:
+                # another first run committed version 0 between the check above and this commit: open its table
+                table = DeltaTable(self.uri, storage_options=self.options)
         names = {field.name for field in table.schema().fields}
         missing = [name for name in DELTA_SCHEMA.names if name not in names]
         if missing or table.metadata().partition_columns != [DAY]:

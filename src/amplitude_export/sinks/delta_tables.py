@@ -119,9 +119,10 @@ class DeltaTables:
             else:
                 where = "false"
         for _ in range(COMMIT_ATTEMPTS):
-            table = self.open(write.table) or self._create(write.table)
-            payload = self.payload(table)
             try:
+                # a first run creating the table at the same moment as another can lose that commit too
+                table = self.open(write.table) or self._create(write.table)
+                payload = self.payload(table)
                 if rows is not None and where != "false":
                     kept = _count(table, project) - _count(table, project, where)
                     state = dataclasses.replace(write.state, rows=kept + rows.num_rows, loaded_at=clock.now())
