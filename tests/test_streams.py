@@ -4,6 +4,7 @@ the fake project holds (its own Python view, not our client's reading of it); co
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import threading
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pytest
 import stamina
 from conftest import POSTGRES_URL
+from scripted_http import ScriptedServer
 from test_cli import run_cli
 
 from amplitude_export import read_table
@@ -307,70 +309,64 @@ def test_one_client_keeps_within_its_limit_and_two_back_off_on_429() -> None:
         other.close()
 
 
-def answering(routes: dict[str, list[httpx.Response]]) -> httpx.MockTransport:
-    """A transport answering each path with its next queued response; requests are kept on `.seen`."""
-    seen: list[httpx.Request] = []
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return routes[request.url.path].pop(0)
-
-    transport = httpx.MockTransport(handle)
-    transport.seen = seen  # type: ignore[attr-defined]
-    return transport
-
-
-def mocked(routes: dict[str, list[httpx.Response]]) -> DashboardClient:
-    credentials = load_credentials(api_key=KEY, secret_key=SECRET, base_url="http://amplitude.test", env_file=None)
-    return DashboardClient(credentials, poll_initial=0.0, transport=answering(routes), max_attempts=3)
+@contextlib.contextmanager
+def scripted(routes: dict[str, list[httpx.Response]]) -> Iterator[DashboardClient]:
+    """A client of a loopback server answering each path with its next scripted response; every answer is used,
+    and every request carried the credentials."""
+    with ScriptedServer(routes) as server:
+        credentials = load_credentials(api_key=KEY, secret_key=SECRET, base_url=server.url, env_file=None)
+        with DashboardClient(credentials, poll_initial=0.0, max_attempts=3) as client:
+            yield client
+        assert not server.errors and not any(routes.values()), (server.errors, routes)
+        assert all("authorization" in request.headers for request in server.seen)  # every call to the API
 
 
 def test_each_refusal_means_what_the_caller_does() -> None:
     error = {"error": {"http_code": 429, "type": "QuotaExceeded", "message": "the monthly limit is reached"}}
     with stamina.set_testing(True, attempts=3):
-        client = mocked({"/api/5/cohorts/request/c1": [httpx.Response(429, json=error)]})
-        with pytest.raises(QuotaExceededError):
+        with scripted({"/api/5/cohorts/request/c1": [httpx.Response(429, json=error)]}) as client, \
+                pytest.raises(QuotaExceededError):
             client.download_cohort("c1", Path("unused"))
         plan = {"success": False, "errors": [{"message": "not available on this plan"}]}
-        with pytest.raises(NotOnPlanError):
-            mocked({"/api/2/taxonomy/event": [httpx.Response(403, json=plan)]}).taxonomy("event")
+        with scripted({"/api/2/taxonomy/event": [httpx.Response(403, json=plan)]}) as client, \
+                pytest.raises(NotOnPlanError):
+            client.taxonomy("event")
         keys = {"error": {"http_code": 403, "metadata": {"details": "Invalid API Key"}}}
-        with pytest.raises(AuthError, match="refused the credentials"):
-            mocked({"/api/2/taxonomy/event": [httpx.Response(403, json=keys)]}).taxonomy("event")
-        with pytest.raises(AuthError):
-            mocked({"/api/2/events/list": [httpx.Response(401)]}).events_list()
+        with scripted({"/api/2/taxonomy/event": [httpx.Response(403, json=keys)]}) as client, \
+                pytest.raises(AuthError, match="refused the credentials"):
+            client.taxonomy("event")
+        with scripted({"/api/2/events/list": [httpx.Response(401)]}) as client, pytest.raises(AuthError):
+            client.events_list()
         busy = [httpx.Response(429, headers={"Retry-After": "0"}), httpx.Response(503)]
-        assert mocked({"/api/2/events/list": [*busy, httpx.Response(200, json={"data": [{"value": "a"}]})]}
-                      ).events_list() == [{"value": "a"}]
-        with pytest.raises(TransientError):
-            mocked({"/api/2/events/list": [httpx.Response(503)] * 3}).events_list()
+        with scripted({"/api/2/events/list": [*busy, httpx.Response(200, json={"data": [{"value": "a"}]})]}) as client:
+            assert client.events_list() == [{"value": "a"}]
+        with scripted({"/api/2/events/list": [httpx.Response(503)] * 3}) as client, pytest.raises(TransientError):
+            client.events_list()
         v2 = {"data": [{"id": 7, "date": "2024-03-01", "label": "Launch", "details": ""}]}
         old = {"/api/3/annotations": [httpx.Response(404)], "/api/2/annotations": [httpx.Response(200, json=v2)]}
-        assert mocked(old).annotations() == [{"id": 7, "start": "2024-03-01", "end": None, "label": "Launch",
+        with scripted(old) as client:
+            assert client.annotations() == [{"id": 7, "start": "2024-03-01", "end": None, "label": "Launch",
                                              "details": None, "category": None, "chart_id": None}]
 
 
 def test_the_file_behind_an_expired_link_is_asked_for_again(tmp_path: Path) -> None:
     body = b'"amplitude_id","user_id"\n"1","a"\n'
-    link = "http://s3.test/bucket/file.csv?X-Amz-Signature=x"
-    routes = {
-        "/api/5/cohorts/request/c1": [httpx.Response(202, json={"request_id": "r1", "cohort_id": "c1"})],
-        "/api/5/cohorts/request-status/r1": [
-            httpx.Response(202, json={"async_status": "JOB INPROGRESS"}),
-            httpx.Response(200, json={"async_status": "JOB COMPLETED"})],
-        "/api/5/cohorts/request/r1/file": [httpx.Response(302, headers={"Location": link})] * 2,
-        # expired, then a stored .csv.gz sent without Content-Encoding
-        "/bucket/file.csv": [httpx.Response(403, content=b"<Error>Request has expired</Error>"),
-                             httpx.Response(200, content=gzip.compress(body))],
-    }
-    with stamina.set_testing(True, attempts=3):
-        client = mocked(routes)
-        client.download_cohort("c1", tmp_path / "c1.csv")
+    # expired, then a stored .csv.gz sent without Content-Encoding
+    with ScriptedServer({"/bucket/file.csv": [httpx.Response(403, content=b"<Error>Request has expired</Error>"),
+                                              httpx.Response(200, content=gzip.compress(body))]}) as s3:
+        link = f"{s3.url}/bucket/file.csv?X-Amz-Signature=x"
+        routes = {
+            "/api/5/cohorts/request/c1": [httpx.Response(202, json={"request_id": "r1", "cohort_id": "c1"})],
+            "/api/5/cohorts/request-status/r1": [
+                httpx.Response(202, json={"async_status": "JOB INPROGRESS"}),
+                httpx.Response(200, json={"async_status": "JOB COMPLETED"})],
+            "/api/5/cohorts/request/r1/file": [httpx.Response(302, headers={"Location": link})] * 2,
+        }
+        with stamina.set_testing(True, attempts=3), scripted(routes) as client:
+            client.download_cohort("c1", tmp_path / "c1.csv")
+        assert not s3.errors and len(s3.seen) == 2
+        assert not any("authorization" in request.headers for request in s3.seen)  # the link carries its own
     assert (tmp_path / "c1.csv").read_bytes() == body
-    seen = client._http._transport.seen  # type: ignore[attr-defined]
-    to_s3 = [request for request in seen if request.url.host == "s3.test"]
-    assert len(to_s3) == 2 and not any("authorization" in request.headers for request in to_s3)
-    assert all("authorization" in request.headers for request in seen if request.url.host != "s3.test")
 
 
 # -- Parquet: what a crash leaves ---------------------------------------------------------------------------
