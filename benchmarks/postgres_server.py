@@ -5,11 +5,12 @@
 
 The window's batches are made once, before any timing: `amplitude_export.synthetic` events (~1.7 KB of JSON a
 line, none varied) parsed by the reader's parser (`parse.parse_chunk`). Each round writes them with
-`PostgresSink.write_window` into a fresh schema of each kind in turn (interleaved), reloads the same window
-(its rows deleted and written again), then writes the next window (the next hours' events, other uuids) into
-the table that holds the first: what a table's growth costs. Measured per write: the server backend's CPU (from
-/proc, so the server must run on this machine), the client's CPU, and the WAL the write produced
-(`pg_current_wal_lsn`), each per event; medians over rounds.
+`PostgresSink.write_window` into a fresh schema of each kind in turn (interleaved), then writes the next window
+(the next hours' events, other uuids) into the table that holds the first (what a table's growth costs), then
+reloads the first window (its rows deleted and written again). `--drop-uuid-index` drops `events`' UNIQUE
+(uuid) before the writes, to see that key's share (a diagnosis: without it a stored uuid is not caught).
+Measured per write: the server backend's CPU (from /proc, so the server must run on this machine), the client's
+CPU, and the WAL the write produced (`pg_current_wal_lsn`), each per event; medians over rounds.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=192_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="2,000 events, 1 round")
+    parser.add_argument("--drop-uuid-index", action="store_true", help="write without the UNIQUE (uuid) index")
     args = parser.parse_args()
     if args.tiny:
         args.events, args.rounds = 2_000, 1
@@ -115,14 +117,18 @@ def main() -> None:
         for kind in ("json", "jsonb"):
             schema = f"bench_server_{kind}_{os.getpid()}"
             make_schema(schema, kind)
+            if args.drop_uuid_index:
+                with psycopg.connect(URL, autocommit=True) as conn:
+                    conn.execute(f'ALTER TABLE "{schema}".events DROP CONSTRAINT events_uuid_key')
             try:
-                for load in ("first load", "reload", "next window"):
+                for load in ("first load", "next window", "reload"):
                     this = following if load == "next window" else (window, batches, records)
                     results.setdefault((kind, load), []).append(write(schema, *this))
             finally:
                 with psycopg.connect(URL, autocommit=True) as conn:
                     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    print(f"{events:,} events in one window of {len(records)} hour(s), {args.rounds} round(s), medians\n")
+    without = ", without the uuid index" if args.drop_uuid_index else ""
+    print(f"{events:,} events in one window of {len(records)} hour(s), {args.rounds} round(s){without}, medians\n")
     print("| JSON columns | write | server CPU µs/event | client CPU µs/event | WAL bytes/event | wall s |")
     print("|---|---|---:|---:|---:|---:|")
     for (kind, load), runs in results.items():

@@ -225,20 +225,20 @@ def test_writers_that_keep_losing_give_up_without_committing(root: Path) -> None
         assert hour(0) not in a.ledger("p")
 
 
-@pytest.mark.parametrize("step", ["catalog", "namespace", "stream table"])
+@pytest.mark.parametrize("step", ["catalog tables", "namespace"])
 def test_a_first_run_that_loses_the_race_to_create_opens_what_the_other_made(
     root: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    """Two first runs at once on one warehouse: the other run creates the catalog's tables, or the namespace
-    (on opening the events table or a stream table), between this run's check and its insert. The interleaving
-    is forced by running the other's create inside this run's check; this run must open what the other made."""
+    """Two first runs at once on one warehouse: the other run creates the catalog's tables, or the namespace,
+    between this run's check and its insert. The interleaving is forced by running the other's create inside
+    this run's check (real sqlite); this run must open what the other made."""
     from pyiceberg.catalog.sql import SqlCatalog, SqlCatalogBaseTable
 
     raced: list[str] = []
 
     def create_tables(self: SqlCatalog) -> None:
         if not raced:
-            raced.append(step)
+            raced.append("catalog tables")
             SqlCatalogBaseTable.metadata.create_all(self.engine)  # the other run, first
         SqlCatalogBaseTable.metadata.create_all(self.engine, checkfirst=False)  # this one, after its check
 
@@ -247,21 +247,20 @@ def test_a_first_run_that_loses_the_race_to_create_opens_what_the_other_made(
     def namespace_exists(self: SqlCatalog, namespace: str) -> bool:
         if raced:
             return original(self, namespace)
-        raced.append(step)
-        other = SqlCatalog("other", **{k: v for k, v in self.properties.items() if k != "name"})
-        if not original(other, namespace):
-            other.create_namespace(namespace)
+        raced.append("namespace")
+        other = SqlCatalog(self.name, **{k: v for k, v in self.properties.items() if k != "name"})
+        assert not original(other, namespace)
+        other.create_namespace(namespace)  # the other run, first
         return False  # what this run's check saw a moment before
 
-    if step == "stream table":
-        with IcebergSink(str(root)) as s:
-            monkeypatch.setattr(SqlCatalog, "namespace_exists", namespace_exists)
-            assert s.tables._create("cohorts").name() == ("amplitude", "cohorts")
-    else:
+    if step == "catalog tables":
         monkeypatch.setattr(SqlCatalog, "create_tables", create_tables)
+    else:
+        root.mkdir(parents=True)
+        SqlCatalog("amplitude_export", uri=f"sqlite:///{root / 'catalog.db'}", warehouse=f"file://{root}")
         monkeypatch.setattr(SqlCatalog, "namespace_exists", namespace_exists)
-        with IcebergSink(str(root)) as s:
-            assert s.ledger("p") == {}
+    with IcebergSink(str(root)) as s:
+        assert s.ledger("p") == {}
     assert raced == [step]
     with IcebergSink(str(root), read_only=True) as s:
         assert s.read_arrow().num_rows == 0

@@ -17,10 +17,9 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import duckdb
@@ -54,7 +53,6 @@ FSSPEC_NAMES = {"endpoint_url": "s3.endpoint", "key": "s3.access-key-id", "secre
                 "region": "s3.region", "region_name": "s3.region"}
 _PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
 CREATE_ATTEMPTS = 4
-T = TypeVar("T")
 
 
 def require_pyiceberg() -> None:
@@ -224,44 +222,49 @@ def events_schema() -> Schema:
 
 
 def open_events(location: Location, *, create: bool) -> tuple[Catalog, Table]:
-    """The catalog and its events table (`load`, `open_table`), both created when missing and `create`."""
-    def both() -> tuple[Catalog, Table]:
-        catalog = load(location, create=create)
-        return catalog, open_table(catalog, location, create=create)
+    """The catalog and its events table (`load`, `open_table`), both created when missing and `create`.
 
-    return first_writer_wins(both) if create else both()
-
-
-def first_writer_wins(make: Callable[[], T]) -> T:
-    """`make()`, made again when it lost a race to create the same catalog tables, namespace or table.
-
-    A SQL catalog checks, then inserts, so of two runs creating one at the same moment the slower fails on the
-    other's row (sqlite: "UNIQUE constraint failed", "table ... already exists"); a new attempt finds it made.
+    Two first runs at once race to create the catalog's tables, the namespace and the table, and a SQL catalog
+    checks, then inserts: the slower run's insert fails on the other's row. That run opens again (up to
+    `CREATE_ATTEMPTS` times) and finds them made. (A table's create is settled by pyiceberg itself.)
     """
-    races = race_errors()
     for attempt in range(1, CREATE_ATTEMPTS + 1):
+        catalog = None
         try:
-            return make()
-        except races:
-            if attempt == CREATE_ATTEMPTS:
+            catalog = load(location, create=create)
+            return catalog, open_table(catalog, location, create=create)
+        except Exception as exc:
+            if catalog is not None:
+                _dispose(catalog)
+            if not create or attempt == CREATE_ATTEMPTS or not lost_race(exc):
                 raise
-            time.sleep(random.uniform(0.02, 0.1) * attempt)  # noqa: S311 - spreads the racers, not a secret
+        time.sleep(random.uniform(0.02, 0.1) * attempt)  # noqa: S311 - spreads the racers, not a secret
     raise AssertionError("unreachable")
 
 
-def race_errors() -> tuple[type[BaseException], ...]:
-    """What a catalog raises when another writer created the same object first."""
+def lost_race(exc: BaseException) -> bool:
+    """Whether `exc` is what a catalog raises when another writer created the same object first: a namespace or
+    table that exists, a row that exists (sqlite: "UNIQUE constraint failed"), a catalog table that exists
+    (sqlite: "table ... already exists", PostgreSQL: DuplicateTable), or sqlite's "database is locked"."""
     from pyiceberg import exceptions
 
-    kinds: list[type[BaseException]] = [exceptions.NamespaceAlreadyExistsError, exceptions.TableAlreadyExistsError,
-                                        exceptions.CommitFailedException]
+    if isinstance(exc, exceptions.NamespaceAlreadyExistsError | exceptions.TableAlreadyExistsError):
+        return True
     try:
         import sqlalchemy.exc
-
-        kinds += [sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError]
     except ImportError:
-        pass
-    return tuple(kinds)
+        return False
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.ProgrammingError) and (
+        "already exists" in message or "database is locked" in message)
+
+
+def _dispose(catalog: Catalog) -> None:
+    engine = getattr(catalog, "engine", None)  # a SQL catalog's connection pool
+    if engine is not None:
+        engine.dispose()
 
 
 def open_table(catalog: Catalog, location: Location, *, create: bool) -> Table:

@@ -57,12 +57,9 @@ class IcebergTables:
         return [name for name in TABLES if self.open(name) is not None]
 
     def _create(self, name: str) -> Table:
-        def make() -> Table:
-            self.catalog.create_namespace_if_not_exists(self.namespace)
-            return self.catalog.create_table_if_not_exists((self.namespace, name),
-                                                           schema=with_project_column(TABLES[name].schema))
-
-        return catalogs.first_writer_wins(make)
+        self.catalog.create_namespace_if_not_exists(self.namespace)
+        return self.catalog.create_table_if_not_exists((self.namespace, name),
+                                                       schema=with_project_column(TABLES[name].schema))
 
     def states(self, project: str) -> dict[str, TableState]:
         """The state of each table of `project`, by table name."""
