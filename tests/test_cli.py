@@ -84,15 +84,37 @@ def test_an_end_before_the_default_start_says_so(tmp_path: Path) -> None:
     assert "--start" in result.stderr
 
 
-@pytest.mark.parametrize(("option", "path"), [("--data-dir", "/proc/nope"), ("--log-dir", "/proc/nolog")])
+@pytest.mark.parametrize(("option", "path", "reason"), [
+    ("--data-dir", "/proc/nope", "No such file or directory"),
+    ("--log-dir", "/proc/nolog", "No such file or directory"),  # after the data directory was made: removed again
+    ("--data-dir", "afile/data", "afile is a file, not a directory"),
+])
 @pytest.mark.parametrize("command", ["extract", "run"])
-def test_a_directory_that_cannot_be_created_exits_2_with_one_line(tmp_path: Path, command: str, option: str,
-                                                                   path: str) -> None:
+def test_a_directory_that_cannot_be_created_exits_2_with_one_line_and_leaves_nothing(
+    tmp_path: Path, command: str, option: str, path: str, reason: str
+) -> None:
+    (tmp_path / "afile").write_text("a file where a directory is asked for")
     result = run_cli(command, "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
                      "--start", "2024-03-01", "--end", "2024-03-01", option, path, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"error: {option} {path}: cannot create it (No such file or directory)"], result.stderr
+    assert lines == [f"error: {option} {path}: cannot create it ({reason})"], result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_a_file_in_the_destinations_path_and_a_missing_database_are_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    result = run_cli("run", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
+                     "--start", "2024-03-01", "--end", "2024-03-01", "--dest", "duckdb:afile/events.duckdb",
+                     cwd=tmp_path)
+    assert result.returncode == 4, result.stderr
+    assert "error: cannot open DuckDB database afile/events.duckdb: afile is a file, not a directory" in result.stderr
+    for command in ("status", "verify", "report"):
+        result = run_cli(command, "--dest", "duckdb:none.duckdb", cwd=tmp_path)
+        assert result.returncode == 4, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            "error: no DuckDB database at none.duckdb: nothing loaded there yet, run a load first"), result.stderr
+    assert not (tmp_path / "none.duckdb").exists()
 
 
 def test_fake_server_on_a_busy_port_exits_2_with_one_line(tmp_path: Path) -> None:

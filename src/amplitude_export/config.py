@@ -90,7 +90,8 @@ def load_credentials(
     missing = [name for name, value in (("AMP_API_KEY", key), ("AMP_SECRET_KEY", secret)) if not value]
     if missing:
         raise UsageError(
-            f"missing {' and '.join(missing)}: set it in the environment or .env, or pass --api-key/--secret-key"
+            f"missing {' and '.join(missing)}: set {'them' if len(missing) > 1 else 'it'} in the environment or "
+            ".env, or pass --api-key/--secret-key"
         )
     assert key and secret
     return Credentials(api_key=key, secret_key=Secret(secret), region=chosen_region, base_url=url)

@@ -73,11 +73,22 @@ class StorageError(DestinationError):
     def from_os_error(cls, exc: OSError, path: str | Path | None = None) -> StorageError:
         """The error for `exc`, naming the file it names, else `path` (a failed `write` names none)."""
         where = exc.filename if exc.filename is not None else path
-        if exc.errno == errno.ENOSPC:
-            reason = "no space left on device"
-        else:
-            reason = exc.strerror or str(exc)
-        return cls(where if where is not None else "a file", reason)
+        if path is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            where = path  # the file to write; the reason names the file in its way
+        return cls(where if where is not None else "a file", os_reason(exc))
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's reason for `exc` in a few words; where a directory cannot be made because a file stands in its
+    path (mkdir's "File exists", "Not a directory"), that file is named."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(exc.filename, str | Path):
+        path = Path(exc.filename)
+        in_the_way = next((p for p in reversed((path, *path.parents)) if p.exists() and not p.is_dir()), None)
+        if in_the_way is not None:
+            return f"{in_the_way} is a file, not a directory"
+    return exc.strerror or str(exc)
 
 
 class DestinationBusyError(DestinationError):

@@ -124,7 +124,8 @@ class _OneLineGroup(click.Group):
 @click.group(cls=_OneLineGroup, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="amplitude-export")
 def cli() -> None:
-    """Move raw events out of Amplitude's Export API into DuckDB, Parquet or PostgreSQL, exactly once.
+    """Move raw events out of Amplitude's Export API into DuckDB, Parquet, Iceberg, Delta Lake or PostgreSQL,
+    exactly once.
 
     \b
     Example:

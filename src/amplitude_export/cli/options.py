@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import REGION_HOSTS, RETRY_TIMEOUT
-from ..errors import UsageError
+from ..errors import UsageError, os_reason
 
 F = TypeVar("F", bound=Callable[..., Any])
 SCHEMA = "amplitude_export.schema"
@@ -216,16 +216,25 @@ def make_dirs(**dirs: Path) -> list[Path]:
     """Create the command's directories up front: one that cannot be created is bad input (exit 2), named by its
     option, not a traceback halfway through the run. Returns the directories it created (the outermost of each
     path), for `unless_refused`."""
-    created = []
+    created: list[Path] = []
     for option, path in dirs.items():
         missing = [p for p in (path, *path.parents) if not p.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            _remove_empty(created)  # the directories made for the options before this one
             flag = "--" + option.replace("_", "-")
-            raise UsageError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
+            raise UsageError(f"{flag} {path}: cannot create it ({os_reason(exc)})") from None
         created += missing[-1:]
     return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories `make_dirs` created (the outermost of each), where nothing was put in them."""
+    for top in created:
+        for path in sorted((top, *top.rglob("*")), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 @contextlib.contextmanager
@@ -238,10 +247,7 @@ def unless_refused(created: list[Path], log_path: Path | None) -> Iterator[None]
         from ..logs import discard_run_log
 
         discard_run_log(log_path)
-        for top in created:
-            for path in sorted((top, *top.rglob("*")), key=lambda p: len(p.parts), reverse=True):
-                with contextlib.suppress(OSError):
-                    path.rmdir()
+        _remove_empty(created)
         raise
 
 

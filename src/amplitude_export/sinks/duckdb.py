@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from .. import clock
-from ..errors import DestinationBusyError, DestinationError
+from ..errors import DestinationBusyError, DestinationError, os_reason
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ALL_COLUMNS, ARROW_SCHEMA, DUCKDB_TYPES, RETYPED, quote
 from ..table_ledger import (
@@ -126,6 +126,8 @@ class DuckDBSink:
         }
         # a run's lock on the file, independent of DuckDB's own (see `filelock`); readers rely on DuckDB's
         self._lock: FileLock | None = None
+        if read_only and not self.path.exists():
+            raise DestinationError(f"no DuckDB database at {self.path}: nothing loaded there yet, run a load first")
         try:
             if not read_only:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +149,8 @@ class DuckDBSink:
             raise DestinationBusyError(f"DuckDB database {self.path} is open in this process already") from None
         except (duckdb.Error, OSError) as exc:
             self._release()
-            raise DestinationError(f"cannot open DuckDB database {self.path}: {first_line(exc)}") from None
+            reason = os_reason(exc) if isinstance(exc, OSError) else first_line(exc)
+            raise DestinationError(f"cannot open DuckDB database {self.path}: {reason}") from None
         except BaseException:
             self._release()
             raise
