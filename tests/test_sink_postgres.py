@@ -365,6 +365,31 @@ def test_second_sink_with_wait_false_is_busy(schema: str) -> None:
     PostgresSink(URL, schema=schema, wait=False).close()  # released on close
 
 
+def test_the_lock_is_released_before_the_connection_closes(schema: str) -> None:
+    """A server releases a closed connection's locks only once its backend notices and exits, which under load
+    takes long enough for a run started right after to find the destination busy (seen in CI): `close` releases
+    the lock first. Checked from another session at the moment the connection is about to close."""
+    sink = PostgresSink(URL, schema=schema)
+    held_at_close: list[bool] = []
+    with psycopg.connect(URL, autocommit=True) as other:
+        def held() -> bool:
+            row = other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s",
+                                [sink.conn.info.backend_pid]).fetchone()
+            return bool(row and row[0])
+
+        assert held()
+        close = sink.conn.close
+
+        def checked_close() -> None:
+            held_at_close.append(held())
+            close()
+
+        sink.conn.close = checked_close  # type: ignore[method-assign]
+        sink.close()
+    assert held_at_close == [False]
+    PostgresSink(URL, schema=schema, wait=False).close()
+
+
 def test_concurrent_writers_with_wait_end_exact(schema: str) -> None:
     rows = {hour: event_rows(hour, 40, seed=hour.hour) for hour in (H0, H0 + HOUR, H0 + 2 * HOUR)}
     windows = [Window(H0, H0 + HOUR), Window(H0 + HOUR, H0 + 2 * HOUR)]

@@ -91,6 +91,7 @@ class PostgresSink:
         self._jsonb: frozenset[str] = frozenset()  # JSON columns an older `events` (or a user's) types `jsonb`
         self.chunk_bytes = CHUNK_BYTES
         self.route: Counter[str] = Counter()  # the last window's rows by way in (`_WindowLoad.route`)
+        self._locked = False  # this connection holds the destination's session lock
         try:
             self._conn = psycopg.connect(
                 url, autocommit=True, connect_timeout=connect_timeout, application_name="amplitude-export"
@@ -134,10 +135,12 @@ class PostgresSink:
     def _lock_session(self, wait: bool) -> None:
         if wait:
             self.conn.execute("SELECT pg_advisory_lock(%s)", [self._lock_key])
+            self._locked = True
             return
         got = self.conn.execute("SELECT pg_try_advisory_lock(%s)", [self._lock_key]).fetchone()
         if not (got and got[0]):
             raise DestinationBusyError(f"{self.description} is busy: another run holds its lock")
+        self._locked = True
 
     def _create_tables(self, create: bool = True) -> None:
         exists = self.conn.execute(
@@ -404,10 +407,22 @@ class PostgresSink:
             raise DestinationError(f"{self.description}: cannot read events: {self._message(exc)}") from None
 
     def close(self) -> None:
-        """Close the connection, which releases the session lock; safe to call twice."""
+        """Release the session lock and close the connection; safe to call twice.
+
+        The lock is released by name first: the server would release it only once its backend notices the closed
+        connection and exits, so a run started right after this one could still find it held (exit 5)."""
         if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+            try:
+                # not inside a window's transaction: its rollback must end before another run can lock
+                idle = self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+                if self._locked and not self._conn.closed and idle:
+                    self._conn.execute("SELECT pg_advisory_unlock(%s)", [self._lock_key])
+            except psycopg.Error:
+                pass  # a broken connection: the server releases the lock as its backend ends
+            finally:
+                self._locked = False
+                self._conn.close()
+                self._conn = None
 
     def __enter__(self) -> Self:
         return self
