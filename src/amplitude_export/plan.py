@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 SKIPPED = (*DONE, TOO_LARGE)  # statuses not asked again unless --refresh
 DEFAULT_SIZE_BUDGET = 1 << 30  # plan windows under 1 GiB of archive: far from the Export API's 4 GB limit
+# A run without --start catches up every hour since the last one loaded: past a week of them, say so before it
+# starts, since a scheduled run that paused for months can otherwise work for hours without a word.
+CATCH_UP_WARNING_HOURS = 7 * 24
 
 
 @dataclass
@@ -66,6 +69,8 @@ def plan_run(
         plan.notes.append(_not_ready_note(ready, lag_hours))
     if ready >= first:
         plan.windows = pending_windows(ledger, first, ready, window_hours, refresh=refresh)
+        if start is None and end is None and incremental_start(ledger) == first:
+            _warn_long_catch_up(plan, first, ready)
     elif start is None:
         plan.notes.append(f"the destination is up to date (loaded through {label_hour(first - HOUR)})")
     if start is None:  # hours failed by earlier runs, before this run's range, are asked again
@@ -91,6 +96,17 @@ def _run_range(
         return incremental_range(ledger, end, now, lag_hours)
     first, last, _ = resolve_range(start, end, now=now, lag_hours=lag_hours)
     return first, last
+
+
+def _warn_long_catch_up(plan: Plan, first: datetime, ready: datetime) -> None:
+    hours = Window(first, ready).hours
+    if hours > CATCH_UP_WARNING_HOURS:
+        note = (
+            f"catching up {plural(hours, 'hour')} since the last loaded hour ({label_hour(first)}..{label_hour(ready)}"
+            " UTC); pass --end to stop earlier"
+        )
+        log.warning(note)
+        plan.notes.append(note)
 
 
 def _not_ready_note(ready: datetime, lag_hours: float) -> str:
