@@ -225,6 +225,35 @@ def test_status_and_verify_find_the_only_project_or_ask_for_one(tmp_path: Path) 
     assert run_cli("verify", "--dest", dest, "--project", "ios", cwd=tmp_path).returncode == 0
 
 
+_INTERRUPTIBLE = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
+def test_ctrl_c_during_an_import_waits_for_the_import_to_end(tmp_path: Path) -> None:
+    """A compiled module interrupted while it initialises can abort the process (duckdb's did, exit -6 and a core
+    dump, when Ctrl-C came as a run opened its destination): the CLI's handler lets the import finish first."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "total = sum(sum(range(1000)) for _ in range(3000))  # Python work, where a pending signal is handled\n"
+    )
+    script = _INTERRUPTIBLE + (
+        "import sys, time\n"
+        "from amplitude_export.cli import app\n"
+        "signal.signal(signal.SIGINT, app._interrupt)\n"
+        "try:\n"
+        "    import slow_module\n"
+        "    deadline = time.monotonic() + 10\n"
+        "    while time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    print('never interrupted')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted, module imported:', 'slow_module' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.stdout.strip() == "interrupted, module imported: True", result.stdout + result.stderr
+
+
 def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> None:
     """SIGINT while a window downloads (the server stalls on it): exit 130, one line, nothing half-written."""
     import signal
@@ -238,8 +267,9 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> 
         args = ["run", "--base-url", server.url, "--api-key", server.api_key, "--secret-key", "demo-secret",
                 "--start", "2024-03-01", "--end", "2024-03-01", "--no-progress"]
         base = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
-        process = subprocess.Popen([sys.executable, "-c", "from amplitude_export.cli import main; main()", *args],
-                                   cwd=tmp_path, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # as a terminal starts it: Ctrl-C not ignored, even where the suite itself runs in the background
+        command = [sys.executable, "-c", _INTERRUPTIBLE + "from amplitude_export.cli import main; main()", *args]
+        process = subprocess.Popen(command, cwd=tmp_path, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         deadline = time.monotonic() + 20
         while not list(tmp_path.glob("logs/*.log")) and time.monotonic() < deadline:  # the run has started

@@ -6,9 +6,11 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import click
@@ -140,10 +142,27 @@ def main() -> None:
     from ..tuning import tune_for_bulk_loading
 
     tune_for_bulk_loading()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         cli(prog_name="amplitude-export")
     except SystemExit as exc:
         _exit_without_teardown(exc)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C: KeyboardInterrupt, except while a module is being imported, where it waits for the import to end:
+    a compiled module interrupted as it initialises can abort the whole process (duckdb's does, with a core dump)
+    instead of raising. The signal is sent again shortly, until it arrives outside any import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            main = threading.main_thread().ident
+            timer = threading.Timer(0.02, signal.pthread_kill, (main, signal.SIGINT))
+            timer.daemon = True
+            timer.start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 def _exit_without_teardown(exc: SystemExit) -> None:
