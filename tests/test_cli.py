@@ -254,6 +254,34 @@ def test_ctrl_c_during_an_import_waits_for_the_import_to_end(tmp_path: Path) -> 
     assert result.stdout.strip() == "interrupted, module imported: True", result.stdout + result.stderr
 
 
+def test_ctrl_c_that_a_library_turns_into_its_own_error_still_exits_130_in_one_line(tmp_path: Path) -> None:
+    """DuckDB pulling a window's batches turns the KeyboardInterrupt raised in them into its own error (and in a
+    commit into "Query interrupted"): after a Ctrl-C the command still ends as interrupted, not in a traceback."""
+    script = _INTERRUPTIBLE + (
+        "import os, time\n"
+        "import duckdb, pyarrow as pa\n"
+        "from amplitude_export.cli import app\n"
+        "signal.signal(signal.SIGINT, app._interrupt)\n"
+        "schema = pa.schema([('i', pa.int64())])\n"
+        "def batches():\n"
+        "    for n in range(10_000):\n"
+        "        if n == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.001)\n"
+        "        yield pa.record_batch([pa.array(range(100))], schema=schema)\n"
+        "@app.reports_errors\n"
+        "def load():\n"
+        "    con = duckdb.connect()\n"
+        "    con.execute('CREATE TABLE t (i BIGINT)')\n"
+        "    reader = pa.RecordBatchReader.from_batches(schema, batches())\n"
+        "    con.execute('INSERT INTO t SELECT * FROM reader')\n"
+        "load()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "error: interrupted; a re-run picks up where this one stopped", result.stderr
+
+
 def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> None:
     """SIGINT while a window downloads (the server stalls on it): exit 130, one line, nothing half-written."""
     import signal

@@ -29,6 +29,7 @@ Exit codes:
   5  another run holds the destination (--wait queues instead)
   130 interrupted"""
 LOGS = "amplitude_export.logs"
+_INTERRUPTED = threading.Event()  # set by the CLI's Ctrl-C handler
 
 
 def _fail(message: str, code: int) -> None:
@@ -65,17 +66,19 @@ def reports_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             result = func(*args, **kwargs)
-        except AmplitudeExportError as exc:
-            _fail(redact(_message(exc)), exc.exit_code)
-        except OSError as exc:
-            if isinstance(exc, BrokenPipeError):  # stdout closed (`| head`): nothing to say, nowhere to say it
-                raise
-            error = StorageError.from_os_error(exc)
-            _fail(redact(str(error)), error.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
         except SystemExit as exc:
             _check_log(exc.code)
+            raise
+        except BaseException as exc:
+            # after a Ctrl-C, whatever ends the command says so: a library that noticed it may raise its own
+            # error in the KeyboardInterrupt's place (DuckDB's "Query interrupted" from inside a commit)
+            if isinstance(exc, KeyboardInterrupt) or _INTERRUPTED.is_set():
+                _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
+            if isinstance(exc, AmplitudeExportError):
+                _fail(redact(_message(exc)), exc.exit_code)
+            if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):  # `| head`: nowhere to say it
+                error = StorageError.from_os_error(exc)
+                _fail(redact(str(error)), error.exit_code)
             raise
         _check_log(0)
         return result
@@ -154,6 +157,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     """Ctrl-C: KeyboardInterrupt, except while a module is being imported, where it waits for the import to end:
     a compiled module interrupted as it initialises can abort the whole process (duckdb's does, with a core dump)
     instead of raising. The signal is sent again shortly, until it arrives outside any import."""
+    _INTERRUPTED.set()
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
             main = threading.main_thread().ident
