@@ -41,6 +41,7 @@ from amplitude_export.ledger import EMPTY, FAILED, HourRecord
 from amplitude_export.schema import ARROW_SCHEMA
 from amplitude_export.sinks import open_sink
 from amplitude_export.sinks.delta import LEDGER_DIR, META, DeltaSink, delta_options
+from amplitude_export.sinks.delta_ledger import DeltaLedger
 from amplitude_export.sinks.duckdb import DuckDBSink
 from amplitude_export.verify import verify
 
@@ -177,7 +178,7 @@ def test_the_ledger_table_is_a_cache_rebuilt_from_the_log(local: Table, monkeypa
     cached = DeltaTable(str(Path(local.uri) / LEDGER_DIR)).to_pyarrow_table()
     assert cached.num_rows == len(expected) and max(cached.column("events_version").to_pylist()) == 6
     # a writer killed between its commit and the cache's rewrite: the commit's ledger rows are still found
-    monkeypatch.setattr(DeltaSink, "_save_cache", lambda self, **_: None)
+    monkeypatch.setattr(DeltaLedger, "save", lambda self, **_: None)
     with local.sink() as sink:
         sink.record_hours("p", [HourRecord(hour=hour(40), status=FAILED, reason="504")])
     monkeypatch.undo()

@@ -1,11 +1,10 @@
 """The Delta Lake sink (`delta:PATH` or `delta:s3://bucket/prefix`): events in a Delta table written with
-deltalake (delta-rs), partitioned by `_upload_day`, the UTC date of `_upload_hour`. docs/DELTA.md says why.
+deltalake (delta-rs), partitioned by `_upload_day`, the UTC date of `_upload_hour` (`delta_events`).
+docs/DELTA.md says why.
 
 One window is one commit: a replace-where on the project and the window's hours whose commit info carries the
 window's ledger rows (key `amplitude_export`); hours without events are a commit without files. The log is the
-record of the ledger; `_amplitude_ledger/`, a small Delta table inside the table's directory, is a cache of it
-(one row per project and hour, with the `events_version` that set it): an open reads it, then folds in the
-commits after its greatest `events_version`, so a writer killed before rewriting it loses nothing.
+record of the ledger, cached in `_amplitude_ledger/` (`delta_ledger`); the streams' tables are `delta_tables`.
 
 There is no lock: a window is deduplicated against the snapshot its commit is made on, with no automatic retry,
 so the commit fails if another came in between (put-if-absent of the next log entry); it is then checked against
@@ -15,30 +14,29 @@ the new snapshot and committed again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake import DeltaTable, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 from .. import clock
-from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..errors import DestinationBusyError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import WindowRead, with_project
-from .delta_tables import DeltaTables, carried, sql_literal
+from .delta_events import DAY, DELTA_SCHEMA, delta_options, doomed_predicate, open_events, replace_where, table_uri
+from .delta_ledger import LEDGER_DIR, META, DeltaLedger, commit_properties
+from .delta_tables import DeltaTables, carried
 from .duckdb_stage import (
     COLUMNS_SQL,
     DELETED,
@@ -51,21 +49,15 @@ from .duckdb_stage import (
     time_filter,
     winners_sql,
 )
-from .ledger_table import record_from_row, records_table
 from .maintenance import Maintenance
-from .staging import fill_counts
+from .staging import fill_counts, first_line
+
+__all__ = ["LEDGER_DIR", "META", "DeltaSink", "delta_options"]  # LEDGER_DIR and META: delta_ledger's, kept here
 
 log = logging.getLogger(__name__)
 
-DAY = "_upload_day"  # the partition column: the UTC date of `_upload_hour`
-LEDGER_DIR = "_amplitude_ledger"
-META = "amplitude_export"  # the commit info key holding a commit's ledger rows
-META_FORMAT = 1
-CACHE_EVERY = 16  # commits a writer makes before it rewrites `_amplitude_ledger` (and when it closes)
 COMMIT_ATTEMPTS = 8  # a window re-checked and committed again this many times before the run gives up (exit 5)
 BATCH_ROWS = 16_384  # rows per batch DuckDB hands delta-rs; each side holds a few, so larger ones cost memory
-DELTA_SCHEMA = ARROW_SCHEMA.append(pa.field(DAY, pa.date32()))
-LEDGER_SCHEMA = records_table("", []).schema.append(pa.field("events_version", pa.int64()))
 WRITER = WriterProperties(compression="ZSTD")
 _TAKEN = "_amplitude_taken"
 _KEPT = "_amplitude_kept"  # the staged rows that are committed: first copies whose uuid no other hour holds
@@ -90,142 +82,30 @@ class DeltaSink:
         by default it reads the store's environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
         """
         self.uri = table_uri(uri)
-        self._cache_uri = f"{self.uri.rstrip('/')}/{LEDGER_DIR}"
         self.description = f"delta:{self.uri}"
         self.read_only = read_only
         self.options = delta_options(storage_options)
         self.memory_limit = memory_limit
         self.threads = threads
         self._spill: str | None = None
-        self._ledger: dict[str, dict[datetime, tuple[HourRecord, int]]] = {}  # record, events version
-        self._folded = -1  # the events version up to which `_ledger` holds every commit's ledger rows
-        self._cached = -1  # the same for `_amplitude_ledger`
-        self._handler: Any = None
-        self._deletions: dict[str, dict[date, DeletionRecord]] = {}  # the deletion jobs applied, by project
+        self._ledger = DeltaLedger(self.uri, self.options)
         self.tables = DeltaTables(self.uri, self.options)
         try:
-            cached, meta = self._read_cache()  # before the events table: the cache never runs ahead of the snapshot
-            self.table = self._open_table()
-            for row in cached:
-                version = row.pop("events_version")
-                self._keep(row["project"], record_from_row(row), version)
-            for project, records in meta.get("deletions", {}).items():
-                for data in records:
-                    self._keep_deletion(project, DeletionRecord.from_dict(data))
-            self._folded = max(self._folded, int(meta.get("folded", -1)))
-            self._cached = self._folded  # what the cache holds, so what a rewrite of it would add
-            self._fold()
+            cache = self._ledger.read_cache()  # before the events table: the cache never runs ahead of the snapshot
+            self.table = open_events(self.uri, self.options, read_only=read_only)
+            self._ledger.load(cache, self.table)
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot open Delta table {self.uri}: {first_line(exc)}") from None
 
-    # -- opening --
-
-    def _open_table(self) -> DeltaTable:
-        try:
-            table = DeltaTable(self.uri, storage_options=self.options)
-        except TableNotFoundError:
-            if self.read_only:
-                raise DestinationError(f"{self.uri} is not a Delta table (no _delta_log): nothing loaded yet") from None
-            if "://" not in self.uri:
-                Path(self.uri).mkdir(parents=True, exist_ok=True)
-            try:
-                table = DeltaTable.create(self.uri, DELTA_SCHEMA, mode="ignore", partition_by=[DAY], name="events",
-                                          description="Amplitude events, written by amplitude-export",
-                                          storage_options=self.options)
-            except CommitFailedError:
-                # another first run committed version 0 between the check above and this commit: open its table
-                table = DeltaTable(self.uri, storage_options=self.options)
-        names = {field.name for field in table.schema().fields}
-        missing = [name for name in DELTA_SCHEMA.names if name not in names]
-        if missing or table.metadata().partition_columns != [DAY]:
-            raise DestinationError(f"{self.uri} is a Delta table not written by amplitude-export "
-                                   f"(no column {missing[0] if missing else DAY} to partition by)")
-        return table
-
-    def _read_cache(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """The cache's ledger rows, and its commit info (the deletion jobs, the version it folded up to)."""
-        try:
-            cache = DeltaTable(self._cache_uri, storage_options=self.options)
-        except TableNotFoundError:
-            return [], {}
-        return cache.to_pyarrow_table().to_pylist(), DeltaTables.payload(cache)
-
-    # -- the ledger --
-
-    def _keep_deletion(self, project: str, record: DeletionRecord) -> None:
-        self._deletions.setdefault(project, {})[record.day] = record
-
-    def _keep(self, project: str, record: HourRecord, version: int) -> None:
-        self._ledger.setdefault(project, {})[record.hour.astimezone(UTC)] = (record, version)
-        self._folded = max(self._folded, version)
-
-    def _fold(self, project: str | None = None, records: list[HourRecord] | None = None) -> None:
-        """Take in the ledger rows of the commits after `_folded`, up to the table's version, from their commit
-        files (`history()` numbers versions from the loaded snapshot, so a commit landing meanwhile would be
-        misnumbered); or, when the version is our commit of `records` right after `_folded`, from those."""
-        latest = self.table.version()
-        if project is not None and records is not None and latest == self._folded + 1:
-            for record in records:
-                self._keep(project, record, latest)
-            return
-        for version in range(self._folded + 1, latest + 1):
-            payload = self._commit_payload(version)
-            if payload is not None:
-                for data in payload["ledger"]:
-                    self._keep(payload["project"], HourRecord.from_dict(data), version)
-                if payload.get("deletion"):
-                    self._keep_deletion(payload["project"], DeletionRecord.from_dict(payload["deletion"]))
-        self._folded = max(self._folded, latest)
-
-    def _commit_payload(self, version: int) -> dict[str, Any] | None:
-        import pyarrow.fs as pafs
-        from deltalake.fs import DeltaStorageHandler
-
-        if self._handler is None:
-            self._handler = pafs.PyFileSystem(DeltaStorageHandler(self.uri, self.options))
-        try:
-            with self._handler.open_input_stream(f"_delta_log/{version:020d}.json") as stream:
-                lines = stream.read().decode().splitlines()
-        except FileNotFoundError:  # removed by Delta's log cleanup: older than delta.logRetentionDuration
-            log.warning("%s: commit %d is gone from _delta_log; its ledger rows are lost", self.uri, version)
-            return None
-        infos = [json.loads(line).get("commitInfo") or {} for line in lines if line.strip()]
-        return next((info[META] for info in infos if isinstance(info.get(META), dict)), None)
-
-    def _save_cache(self, *, every: int = CACHE_EVERY, strict: bool = False) -> None:
-        """Rewrite `_amplitude_ledger` as one file holding `_ledger`, once it lacks `every` commits (a later
-        writer's rewrite simply wins: each one holds every commit up to its `events_version`). A failure is
-        only logged unless `strict`: the next open folds the commits the cache lacks."""
-        if self._folded - self._cached < max(every, 1):
-            return
-        try:
-            self._write_cache()
-        except (DeltaError, OSError) as exc:
-            if strict:
-                raise
-            log.warning("%s: could not update %s: %s", self.uri, LEDGER_DIR, first_line(exc))
-
-    def _write_cache(self) -> None:
-        parts = [LEDGER_SCHEMA.empty_table()]
-        for project, hours in self._ledger.items():
-            table = records_table(project, [record for record, _ in hours.values()])
-            versions = [hours[hour.astimezone(UTC)][1] for hour in table.column("hour").to_pylist()]
-            parts.append(table.append_column("events_version", pa.array(versions, pa.int64())))
-        deletions = {project: [record.to_dict() for _, record in sorted(days.items())]
-                     for project, days in self._deletions.items()}
-        info = {"format": META_FORMAT, "folded": self._folded, "deletions": deletions}
-        write_deltalake(self._cache_uri, pa.concat_tables(parts), mode="overwrite", storage_options=self.options,
-                        commit_properties=CommitProperties(custom_metadata={META: info}))
-        self._cached = self._folded
+    # -- the ledger (`delta_ledger`) --
 
     def projects(self) -> list[str]:
         """The projects the ledger holds hours for, sorted."""
-        return sorted(project for project, hours in self._ledger.items() if hours)
+        return self._ledger.projects()
 
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""
-        hours = self._ledger.get(project, {})
-        return {hour: hours[hour][0] for hour in sorted(hours)}
+        return self._ledger.hours(project)
 
     # -- writing --
 
@@ -258,12 +138,12 @@ class DeltaSink:
             else:
                 raise DestinationBusyError(f"{self.description}: other writers committed before each of "
                                            f"{COMMIT_ATTEMPTS} attempts to commit {window}; run again")
-            self._fold(project, records)
+            self._ledger.fold(self.table, project, records)
         except (duckdb.Error, DeltaError, OSError) as exc:
             raise DestinationError(f"cannot write {window} to {self.uri}: {first_line(exc)}") from exc
         finally:
             con.close()
-        self._save_cache()
+        self._ledger.save()
         return records
 
     def _find_taken(self, con: duckdb.DuckDBPyConnection, project: str, window: Window) -> None:
@@ -291,7 +171,7 @@ class DeltaSink:
         stream = pa.RecordBatchReader.from_batches(DELTA_SCHEMA, (batch.cast(DELTA_SCHEMA) for batch in batches))
         write_deltalake(self.table, stream, mode="overwrite", predicate=replace_where(project, window),
                         partition_by=[DAY], writer_properties=WRITER,
-                        commit_properties=self._commit_properties(project, records, retries=0))
+                        commit_properties=commit_properties(project, records, retries=0))
 
     def record_hours(self, project: str, records: list[HourRecord]) -> None:
         """Store ledger rows for hours without events (empty, failed, too large) in a commit that adds no file."""
@@ -302,25 +182,17 @@ class DeltaSink:
         stamped = [r if r.updated_at else dataclasses.replace(r, updated_at=now) for r in records]
         try:
             write_deltalake(self.table, DELTA_SCHEMA.empty_table(), mode="append",
-                            commit_properties=self._commit_properties(project, stamped))
-            self._fold(project, stamped)
+                            commit_properties=commit_properties(project, stamped))
+            self._ledger.fold(self.table, project, stamped)
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot write the ledger of {self.uri}: {first_line(exc)}") from exc
-        self._save_cache()
-
-    def _commit_properties(self, project: str, records: list[HourRecord], retries: int | None = None,
-                           deletion: DeletionRecord | None = None) -> Any:
-        payload: dict[str, Any] = {"format": META_FORMAT, "project": project, "ledger": [r.to_dict() for r in records]}
-        if deletion is not None:
-            payload["deletion"] = deletion.to_dict()
-        return CommitProperties(custom_metadata={META: payload}, max_commit_retries=retries)
+        self._ledger.save()
 
     # -- deletions (User Privacy API jobs) --
 
     def deletion_records(self, project: str) -> list[DeletionRecord]:
         """The deletion jobs applied to `project`, by day (in the commits' info, folded like the ledger)."""
-        days = self._deletions.get(project, {})
-        return [days[day] for day in sorted(days)]
+        return self._ledger.deletions(project)
 
     def delete_users(self, project: str, amplitude_ids: list[int], record: DeletionRecord) -> DeletionRecord:
         """Delete the users' rows of `project` from `cohort_members` (its own commit, see `delta_tables`), then
@@ -336,7 +208,7 @@ class DeltaSink:
                            for h, n in gone.items() if h in ledger]
                 stored = dataclasses.replace(record, rows_deleted=record.rows_deleted + sum(gone.values()),
                                              cohort_rows_deleted=max(record.cohort_rows_deleted, members))
-                properties = self._commit_properties(project, lowered, retries=0, deletion=stored)
+                properties = commit_properties(project, lowered, retries=0, deletion=stored)
                 try:
                     if gone:
                         self.table.delete(doomed_predicate(project, amplitude_ids, uuids, gone),
@@ -349,14 +221,14 @@ class DeltaSink:
                     log.info("%s: another writer committed first; deletion job %s is checked again", self.uri,
                              record.day)
                     self.table.update_incremental()
-                    self._fold()  # the ledger rows it lowers are those of the new snapshot
+                    self._ledger.fold(self.table)  # the ledger rows it lowers are those of the new snapshot
             else:
                 raise DestinationBusyError(f"{self.description}: other writers committed before each of "
                                            f"{COMMIT_ATTEMPTS} attempts to apply deletion job {record.day}; run again")
-            self._fold()
+            self._ledger.fold(self.table)
         except (duckdb.Error, DeltaError, OSError) as exc:
             raise DestinationError(f"cannot apply deletion job {record.day} to {self.uri}: {first_line(exc)}") from exc
-        self._save_cache()
+        self._ledger.save()
         return stored
 
     def _doomed(self, project: str, amplitude_ids: list[int]) -> tuple[dict[datetime, int], list[str]]:
@@ -461,10 +333,10 @@ class DeltaSink:
             self.table.create_checkpoint()
             # full: also the files no commit ever named (a window interrupted, or beaten, before its commit)
             removed = self.table.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True)
-            self._save_cache(every=1, strict=True)
-            for uri in [self._cache_uri, *self._side_tables()]:
+            self._ledger.save(every=1, strict=True)
+            for uri in [self._ledger.cache_uri, *self._side_tables()]:
                 side = DeltaTable(uri, storage_options=self.options)
-                if compact and uri != self._cache_uri:  # its commit carries the newest states forward
+                if compact and uri != self._ledger.cache_uri:  # its commit carries the newest states forward
                     side.optimize.compact(writer_properties=WRITER, commit_properties=carried(side))
                 removed += side.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True,
                                        commit_properties=carried(side))
@@ -495,7 +367,7 @@ class DeltaSink:
     def close(self) -> None:
         """Bring `_amplitude_ledger` up to date and remove the spill directory; there is no lock to release."""
         if not self.read_only:
-            self._save_cache(every=1)
+            self._ledger.save(every=1)
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
@@ -505,54 +377,4 @@ class DeltaSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def table_uri(uri: str) -> str:
-    """An absolute local path (from a path or `file://` URL), or the URL as given."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return str(Path(uri).expanduser().absolute())
-    if scheme.lower() in ("file", "local"):
-        return str(Path(rest).expanduser().absolute())
-    return uri
-
-
-def delta_options(options: dict[str, Any] | None) -> dict[str, str]:
-    """Storage options as delta-rs takes them (strings); an `http://` endpoint turns on `allow_http`, which
-    delta-rs otherwise refuses (a MinIO or a loopback test server)."""
-    result: dict[str, str] = {}
-    for key, value in (options or {}).items():
-        if isinstance(value, dict | list):
-            raise UsageError(f"storage option {key}: delta-rs takes text, not JSON (the value is not shown)")
-        result[key] = str(value).lower() if isinstance(value, bool) else str(value)
-    endpoint = next((result[key] for key in ("endpoint_url", "aws_endpoint_url", "endpoint", "aws_endpoint")
-                     if key in result), os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-    if endpoint and endpoint.startswith("http://") and not any(k.lower().endswith("allow_http") for k in result):
-        result["allow_http"] = "true"
-    return result
-
-
-def replace_where(project: str, window: Window) -> str:
-    """The predicate that selects the project's rows of the window's hours (the partition column too, so
-    delta-rs looks only at the window's days)."""
-    start, end = window.start.astimezone(UTC), window.end.astimezone(UTC)
-    quoted = "'" + project.replace("'", "''") + "'"
-    return (f"_project = {quoted} AND _upload_hour >= '{start:%Y-%m-%dT%H:%M:%SZ}' "
-            f"AND _upload_hour <= '{end:%Y-%m-%dT%H:%M:%SZ}' "
-            f"AND {DAY} >= '{start:%Y-%m-%d}' AND {DAY} <= '{end:%Y-%m-%d}'")
-
-
-def doomed_predicate(project: str, amplitude_ids: list[int], uuids: list[str], hours: dict[datetime, int]) -> str:
-    """The rows of a deletion: the users' (by amplitude_id, or by uuid where only `_extra` kept the id), in the
-    upload days that hold them (so delta-rs looks only at those)."""
-    who = f"amplitude_id IN ({', '.join(str(int(i)) for i in sorted(set(amplitude_ids)))})"
-    if uuids:
-        who = f"({who} OR uuid IN ({', '.join(sql_literal(u) for u in uuids)}))"
-    days = sorted({hour.astimezone(UTC).date() for hour in hours})
-    return (f"_project = {sql_literal(project)} AND {who} "
-            f"AND {DAY} IN ({', '.join(sql_literal(day) for day in days)})")
-
-
-def first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
