@@ -35,8 +35,8 @@ from ..table_ledger import TableState, TableWrite, with_project_column
 from ..windows import Window
 from . import WindowRead, with_project
 from .delta_events import DAY, DELTA_SCHEMA, delta_options, doomed_predicate, open_events, replace_where, table_uri
-from .delta_ledger import LEDGER_DIR, META, DeltaLedger, commit_properties
-from .delta_tables import DeltaTables, carried
+from .delta_ledger import LEDGER_DIR, DeltaLedger, commit_properties
+from .delta_tables import COMMIT_ATTEMPTS, META, DeltaTables, carried
 from .duckdb_stage import (
     COLUMNS_SQL,
     DELETED,
@@ -56,7 +56,6 @@ __all__ = ["LEDGER_DIR", "META", "DeltaSink", "delta_options"]  # LEDGER_DIR and
 
 log = logging.getLogger(__name__)
 
-COMMIT_ATTEMPTS = 8  # a window re-checked and committed again this many times before the run gives up (exit 5)
 BATCH_ROWS = 16_384  # rows per batch DuckDB hands delta-rs; each side holds a few, so larger ones cost memory
 WRITER = WriterProperties(compression="ZSTD")
 _TAKEN = "_amplitude_taken"

@@ -20,14 +20,13 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from ..ledger import DeletionRecord, HourRecord
-from .delta_tables import DeltaTables
+from .delta_tables import META, DeltaTables
 from .ledger_table import record_from_row, records_table
 from .staging import first_line
 
 log = logging.getLogger(__name__)
 
 LEDGER_DIR = "_amplitude_ledger"
-META = "amplitude_export"  # the commit info key holding a commit's ledger rows
 META_FORMAT = 1
 CACHE_EVERY = 16  # commits a writer makes before it rewrites `_amplitude_ledger` (and when it closes)
 LEDGER_SCHEMA = records_table("", []).schema.append(pa.field("events_version", pa.int64()))

@@ -28,9 +28,9 @@ from ..stream_tables import TABLES
 from ..table_ledger import TableState, TableWrite, project_rows, with_project_column
 
 TABLES_DIR = "_amplitude_tables"
-META = "amplitude_export"
+META = "amplitude_export"  # the commit info key holding a commit's ledger rows (and a stream table's state)
 FORMAT = 1
-COMMIT_ATTEMPTS = 8
+COMMIT_ATTEMPTS = 8  # a commit re-checked and tried again this many times before the run gives up (exit 5)
 HISTORY = 20  # commits looked at for the newest payload before the whole history is read
 MEMBERS = "cohort_members"
 
