@@ -125,7 +125,7 @@ def _source_key(*paths: Path) -> str:
 
 def start_server(dataset: Dataset, args: argparse.Namespace) -> subprocess.Popen[str]:
     package = ROOT / "src" / "amplitude_export"
-    key = _source_key(package / "synthetic.py", package / "fake_server.py")
+    key = _source_key(package / "synthetic.py", package / "fake_export.py")
     command = [
         sys.executable, __file__, "--serve", "--members-per-hour", str(args.members_per_hour),
         "--gzip-level", str(args.gzip_level), "--events-per-day", str(args.events_per_day),

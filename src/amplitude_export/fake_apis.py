@@ -35,7 +35,7 @@ import msgspec
 
 from . import clock
 from .errors import UsageError
-from .fake_project import DAY, DeletionJob, FakeProject, parse_day
+from .fake_project import DAY, DeletionJob, parse_day
 
 if TYPE_CHECKING:
     from .fake_server import FakeExportServer, _Handler
@@ -78,9 +78,7 @@ class FakeApis:
         self.taxonomy_forbidden = taxonomy_forbidden
         self.latency = latency
         self.failing: set[str] = set()  # paths answered 500 every time (a stream's server error that lasts)
-        self.project = FakeProject(project_id=server.project_id, seed=server.seed, data_start=server.data_start,
-                                   data_end=server.data_end, generated=server.generated_lines,
-                                   lines=server.hour_lines)
+        self.project = server.project
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.in_flight = dict.fromkeys(LIMITS, 0)
         self.max_in_flight_by_group = dict.fromkeys(LIMITS, 0)
@@ -135,15 +133,6 @@ class FakeApis:
                     job.status = "done"
         self._deletions_changed()
 
-    def deletions_key(self) -> str:
-        """A short digest of which users are scrubbed up to which day ('' for none): part of the member cache
-        key, so exports change when deletions do."""
-        scrubbed = self.project.scrubbed()
-        if not scrubbed:
-            return ""
-        text = ",".join(f"{key}@{day}" for key, day in sorted(scrubbed.items()))
-        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
-
     def _deletions_changed(self) -> None:
         self.project.forget_days()
         self.server.forget_counts()
@@ -163,7 +152,7 @@ class FakeApis:
         if group is None:
             self._finish(handler, method, path, error(404, "NotFound", f"no such endpoint: {method} {path}"))
             return
-        if not self.server._check_auth(handler.headers.get("Authorization")):
+        if not self.server.check_auth(handler.headers.get("Authorization")):
             status = 401 if not handler.headers.get("Authorization") else 403
             self._finish(handler, method, path, error(status, "Unauthorized" if status == 401 else "Forbidden",
                                                       "Invalid API Key", details="Invalid API Key"))
@@ -203,7 +192,7 @@ class FakeApis:
             payload = msgspec.json.encode(payload)
         with self._lock:
             self.requests.append((method, path, status))
-        handler._answer(status, payload, headers, content_type=content_type)
+        handler.answer(status, payload, headers, content_type=content_type)
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes, handler: _Handler) -> Any:
         parts = path.strip("/").split("/")[1:]  # after "api"

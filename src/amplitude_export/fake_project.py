@@ -304,6 +304,20 @@ class FakeProject:
                     out.setdefault(user["amplitude_id"], job.day)
         return out
 
+    def deleted_in(self, hour: datetime) -> set[int]:
+        """The amplitude ids whose events of upload hour `hour` a scrubbed job removed (up to the end of its day)."""
+        return {key for key, day in self.scrubbed().items()
+                if hour < datetime(day.year, day.month, day.day, tzinfo=UTC) + DAY}
+
+    def deletions_key(self) -> str:
+        """A short digest of which users are scrubbed up to which day ('' for none): part of the fake Export
+        API's member cache key, so exports change when deletions do."""
+        scrubbed = self.scrubbed()
+        if not scrubbed:
+            return ""
+        text = ",".join(f"{key}@{day}" for key, day in sorted(scrubbed.items()))
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
     def resolve(self, amplitude_ids: Iterable[int], user_ids: Iterable[str]) -> tuple[list[int], list[Any]]:
         """(known amplitude ids, the ids given that match no user of the project)."""
         by_user = {user.template["user_id"]: key for key, user in self.pool.items() if user.template["user_id"]}
