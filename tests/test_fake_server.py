@@ -474,6 +474,27 @@ def test_a_lines_file_is_served_as_it_is_in_the_hours_of_its_upload_times(tmp_pa
         FakeExportServer(lines_file=corpus)
 
 
+def test_a_lines_file_with_a_deletion_job_serves_the_kept_lines_as_they_are(tmp_path: Path) -> None:
+    """A scrubbed job removes its users' lines from a lines file's hours too (the other lines byte for byte), and
+    the other APIs answer for a lines file's users, who are none of the fake project's own."""
+    real = REAL_EVENTS.read_bytes().splitlines()[:5]  # uploaded 2025-07-01 17:xx
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b"\n".join(real) + b"\n")
+    with FakeExportServer(lines_file=corpus) as probe:
+        doomed = next(iter(probe.apis.project.pool))  # a user of the project, to give one line
+    event = msgspec.json.decode(real[2])
+    event["amplitude_id"] = doomed
+    lines = [*real[:2], msgspec.json.encode(event), *real[3:]]
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    with FakeExportServer(lines_file=corpus) as server:
+        server.apis.delete_users([doomed], day=datetime(2025, 7, 1, tzinfo=UTC).date())
+        assert server.expected_events("20250701T00", "20250701T23") == 4
+        members = read_members(get(server, "20250701T17", "20250701T17").content)
+        assert [line for kept in members.values() for line in kept] == real[:2] + real[3:]
+        cohorts = HTTP.get(f"{server.url}/api/3/cohorts", auth=AUTH)
+        assert cohorts.status_code == 200 and cohorts.json()["cohorts"], cohorts.text
+
+
 def test_logs_never_hold_the_secret(fake_server: FakeExportServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     get(fake_server, "20240301T00", "20240301T00")

@@ -365,7 +365,8 @@ class FakeApis:
         rows: dict[str, dict[date, int]] = {}
         for when, members in buckets.items():
             for amplitude_id in members:
-                value = self.project.pool[amplitude_id].template.get(group) if group else "All"
+                user = self.project.pool.get(amplitude_id)  # None for a lines file's user
+                value = (user.template.get(group) if user is not None else None) if group else "All"
                 label = "(none)" if value is None else str(value)
                 rows.setdefault(label, dict.fromkeys(buckets, 0))[when] += 1
         labels = sorted(rows) if rows else ["All"]

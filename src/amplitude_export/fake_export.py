@@ -181,7 +181,7 @@ class FakeExport:
         if self._corpus is not None:
             import msgspec
 
-            return [msgspec.json.decode(line) for line in self._hour_lines_bytes(hour)]
+            return [msgspec.json.decode(line) for line in self._corpus_lines(hour)]
         return generate_hour(
             hour,
             project_id=self.project_id,
@@ -289,9 +289,20 @@ class FakeExport:
 
     def _hour_lines_bytes(self, hour: datetime) -> list[bytes]:
         """The hour's lines as they are sent, without their line ends."""
-        if self._corpus is not None:
-            return self._corpus.lines(hour) if self.hour_events(hour) else []
-        return encode_lines(self.hour_lines(hour))
+        if self._corpus is None:
+            return encode_lines(self.hour_lines(hour))
+        lines = self._corpus_lines(hour)
+        deleted = self.project.deleted_in(hour)
+        if deleted:  # the kept lines' own bytes
+            import msgspec
+
+            lines = [line for line in lines if int(msgspec.json.decode(line)["amplitude_id"]) not in deleted]
+        return lines
+
+    def _corpus_lines(self, hour: datetime) -> list[bytes]:
+        """The lines file's lines for `hour`, before deletion jobs removed any."""
+        assert self._corpus is not None
+        return self._corpus.lines(hour) if self._base_events(hour) else []
 
     def window_members(self, start: datetime, end: datetime) -> list[tuple[str, Path]]:
         """Every member of the window start..end (inclusive hours), in (hour, n) order."""

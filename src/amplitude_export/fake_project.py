@@ -158,7 +158,8 @@ class FakeProject:
         scrubbed = self.scrubbed()
         out = []
         for amplitude_id, activity in sorted(self.sample().items()):
-            if amplitude_id in scrubbed or not rule(self.pool[amplitude_id], activity):
+            user = self.pool.get(amplitude_id)  # a lines file's users are not the pool's: in no cohort
+            if user is None or amplitude_id in scrubbed or not rule(user, activity):
                 continue
             if generation and hashlib.blake2b(f"{cohort_id}:{amplitude_id}:{generation}".encode(),
                                               digest_size=1).digest()[0] < 26:
@@ -184,10 +185,12 @@ class FakeProject:
         }  # fmt: skip
 
     def user_id(self, amplitude_id: int) -> str | None:
-        return self.pool[amplitude_id].template["user_id"]
+        user = self.pool.get(amplitude_id)
+        return None if user is None else user.template["user_id"]
 
     def user_props(self, amplitude_id: int) -> dict[str, Any]:
-        return self.pool[amplitude_id].props
+        user = self.pool.get(amplitude_id)
+        return {} if user is None else user.props
 
     # -- annotations, event types, taxonomy ------------------------------------------------------------------
 
