@@ -107,6 +107,20 @@ def secrets_of(options: Mapping[str, Any] | None) -> list[str]:
     return sorted(found, key=len, reverse=True)  # a value inside a longer one must not break the longer one
 
 
+# a URL's password, as typed (`://user:pw@`) or percent-encoded inside another URL's parameter (`%3A%2F%2Fuser%3Apw%40`)
+_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
+_ENCODED_PASSWORD = re.compile(r"(%3A%2F%2F(?:(?!%2F|%40|[/@&]).)*?%3A)(?:(?!%2F|%40|[/@&]).)*%40", re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"((?:[?&]|%3F|%26)password(?:=|%3D))(?:(?!%26|&|#).)*", re.IGNORECASE)
+
+
+def mask_urls(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`: in a URL's user info, typed or
+    percent-encoded (a catalog URL inside an `iceberg:` URL), or a `password=` parameter."""
+    text = _URL_PASSWORD.sub(rf"\1{MASK}@", text)
+    text = _ENCODED_PASSWORD.sub(rf"\1{MASK}%40", text)
+    return _PASSWORD_PARAM.sub(rf"\1{MASK}", text)
+
+
 def redact(text: str, options: Mapping[str, Any] | None) -> str:
     """`text` with every storage option value in it replaced by `***`."""
     for secret in secrets_of(options):

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..storage import mask_urls, redact
 from .charts import chart_specs, vega_versions
 from .figures import TOP, gather
 from .page import render_html
@@ -43,7 +44,7 @@ def write_report(
     """
     with take_snapshot(dest, project, storage_options) as snapshot:
         data = gather(snapshot, start=start, end=end)
-    data["meta"]["destination"] = dest
+    data["meta"]["destination"] = redact(mask_urls(dest), storage_options)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(data), encoding="utf-8")

@@ -28,7 +28,7 @@ from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from .. import clock
-from ..errors import DestinationBusyError, DestinationError
+from ..errors import DestinationBusyError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite, with_project_column
@@ -80,6 +80,8 @@ class DeltaSink:
         `storage_options` go to delta-rs (its object store's keys, e.g. `endpoint_url`, `aws_access_key_id`);
         by default it reads the store's environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...).
         """
+        if not uri.strip():
+            raise UsageError("delta: name a table directory or URL: delta:PATH, delta:s3://bucket/prefix")
         self.uri = table_uri(uri)
         self.description = f"delta:{self.uri}"
         self.read_only = read_only

@@ -56,6 +56,7 @@ def open_events(uri: str, options: dict[str, str], *, read_only: bool) -> DeltaT
         if read_only:
             raise DestinationError(f"{uri} is not a Delta table (no _delta_log): nothing loaded yet") from None
         if "://" not in uri:
+            _check_empty(Path(uri))
             Path(uri).mkdir(parents=True, exist_ok=True)
         try:
             table = DeltaTable.create(uri, DELTA_SCHEMA, mode="ignore", partition_by=[DAY], name="events",
@@ -70,6 +71,16 @@ def open_events(uri: str, options: dict[str, str], *, read_only: bool) -> DeltaT
         raise DestinationError(f"{uri} is a Delta table not written by amplitude-export "
                                f"(no column {missing[0] if missing else DAY} to partition by)")
     return table
+
+
+def _check_empty(path: Path) -> None:
+    """Refuse to make a table where other files are: the table's `maintain` (vacuum) would delete them all."""
+    ours = ("_delta_log", "_amplitude_")  # another first run may be making the same table at this moment
+    if path.is_dir() and (others := sorted(p.name for p in path.iterdir() if not p.name.startswith(ours))):
+        raise DestinationError(f"{path} holds files ({others[0]!r}) but no Delta table (_delta_log): "
+                               "a new table needs an empty or new directory")
+    if path.exists() and not path.is_dir():
+        raise DestinationError(f"{path} is a file, not a directory")
 
 
 def replace_where(project: str, window: Window) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pyarrow as pa
 
 from ..errors import DestinationError, UsageError
 from ..schema import ALL_COLUMNS, BOOLEAN, FLOAT, INTEGER, JSON, STRING, TIMESTAMP
+from ..storage import mask_urls
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -51,7 +51,6 @@ OBJECT_STORES = ("s3", "s3a", "s3n", "gs", "gcs", "abfs", "abfss", "wasb", "wasb
 # fsspec's names for S3 options (what `parquet:` URLs take) and pyiceberg's for the same
 FSSPEC_NAMES = {"endpoint_url": "s3.endpoint", "key": "s3.access-key-id", "secret": "s3.secret-access-key",
                 "region": "s3.region", "region_name": "s3.region"}
-_PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
 CREATE_ATTEMPTS = 4
 
 
@@ -65,8 +64,8 @@ def require_pyiceberg() -> None:
 
 
 def masked(text: str) -> str:
-    """`text` with the password of any URL in it replaced by `***`."""
-    return _PASSWORD.sub(r"\1***@", text)
+    """`text` with the password of any URL in it replaced by `***`, typed or percent-encoded."""
+    return mask_urls(text)
 
 
 @dataclass
@@ -178,6 +177,9 @@ def load(location: Location, *, create: bool) -> Catalog:
 
     if location.sqlite is not None:
         if create:
+            own = location.properties.get("warehouse") == location.sqlite.parent.as_uri()  # the warehouse's catalog
+            if own and not location.sqlite.is_file():
+                _check_empty(location.sqlite.parent, location)
             _mkdir(location.sqlite.parent, location)
         elif not location.sqlite.is_file():
             raise DestinationError(f"{location.label}: no Iceberg catalog at {location.sqlite}")
@@ -197,6 +199,14 @@ def _install_for(exc: ImportError) -> str:
     if name.startswith("psycopg"):
         return "pip install 'amplitude-export[iceberg,postgres]'"
     return INSTALL
+
+
+def _check_empty(path: Path, location: Location) -> None:
+    """Refuse to make a warehouse where other files are: its `maintain` deletes the files no snapshot needs."""
+    # another first run may be creating the same catalog at this moment
+    if path.is_dir() and (others := sorted(p.name for p in path.iterdir() if not p.name.startswith("catalog.db"))):
+        raise DestinationError(f"{location.label}: {path} holds files ({others[0]!r}) but no Iceberg "
+                               "catalog (catalog.db): a new warehouse needs an empty or new directory")
 
 
 def _mkdir(path: Path, location: Location) -> None:

@@ -75,6 +75,9 @@ def maintain(dest: str, *, compact: bool = True, older_than: timedelta | None = 
         raise UsageError("--older-than must not be negative")
     from . import Maintainable, open_sink
 
+    # a table that is not there is refused, never created: maintain deletes what the table does not reference,
+    # which in a directory that holds no table of ours is everything
+    open_sink(dest, storage_options=storage_options, read_only=True).close()
     sink = open_sink(dest, storage_options=storage_options)
     try:
         table: Maintainable = sink  # type: ignore[assignment]  # both table formats' sinks are

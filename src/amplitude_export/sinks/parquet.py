@@ -59,6 +59,7 @@ from .parquet_state import STATE_FILE, DataFile, by_date, parse_state, state_tex
 from .parquet_store import (
     LOCK_FILE,
     LOCK_STALE_AFTER,
+    STATE_DIR,
     TEMP_PREFIX,
     FsspecDirectory,
     LocalDirectory,
@@ -109,6 +110,8 @@ class ParquetSink:
             self.files, self.state_ledger = self._load_state()
             return
         try:
+            if not self.store.exists(STATE_FILE):
+                self._check_ours()  # before `_state` is made: a refused directory is left as it was
             self.store.prepare()
             locked = self.store.lock()
         except OSError as exc:
@@ -133,15 +136,20 @@ class ParquetSink:
 
     # -- state --
 
+    def _check_ours(self) -> None:
+        """Refuse a directory without our state that holds anything but `_state`: files of anything else (another
+        tool's, a Delta table's) would sit among ours and be read as ours."""
+        if others := [name for name in self.store.names() if name != STATE_DIR]:
+            raise DestinationError(
+                f"{self.root} holds files ({others[0]!r}) but no {STATE_FILE}: not written by amplitude-export, "
+                "or its state was lost; use an empty directory"
+            )
+
     def _load_state(self) -> tuple[dict[str, DataFile], dict[str, dict[str, dict[str, Any]]]]:
         text = self.store.read_text(STATE_FILE)
         self.state_deletions: dict[str, dict[str, dict[str, Any]]] = {}  # project -> job day -> DeletionRecord
         if text is None:
-            if any(rel.endswith(".parquet") for rel in self.store.data_files()):
-                raise DestinationError(
-                    f"{self.root} holds Parquet files but no {STATE_FILE}: not written by amplitude-export, "
-                    "or its state was lost; use an empty directory"
-                )
+            self._check_ours()
             try:
                 self._save_state({}, {})
             except OSError as exc:  # a full disk

@@ -81,6 +81,10 @@ class LocalDirectory:
     def refresh_lock(self) -> None:
         """Nothing to do: a flock lasts as long as the descriptor."""
 
+    def names(self) -> list[str]:
+        """The names directly under the root."""
+        return sorted(child.name for child in self.root.iterdir()) if self.root.is_dir() else []
+
     def prepare(self) -> None:
         """Create the root and `_state` (and parents)."""
         (self.root / STATE_DIR).mkdir(parents=True, exist_ok=True)
@@ -271,6 +275,13 @@ class FsspecDirectory:
             if len(parts) == 2 and PARTITION.match(parts[0]):
                 rels.append(rel)
         yield from sorted(rels)
+
+    def names(self) -> list[str]:
+        """The names directly under the root."""
+        try:
+            return sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in self.fs.ls(self.root, detail=False))
+        except FileNotFoundError:
+            return []
 
     def _find(self, path: str, maxdepth: int) -> list[str]:
         try:

@@ -1,0 +1,85 @@
+"""A destination is made only where nothing else is, and `maintain` touches only a table of ours: a directory
+holding other files (a user's, or another kind of destination) is refused in one line and left as it was."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import API_KEY, SECRET_KEY
+
+from amplitude_export.fake_server import FakeExportServer
+
+KINDS = ["parquet", "delta", "iceberg"]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
+    env.update(AMP_API_KEY=API_KEY, AMP_SECRET_KEY=SECRET_KEY)
+    return subprocess.run([sys.executable, "-c", "from amplitude_export.cli import main; main()", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def load(server: FakeExportServer, dest: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return cli("run", "--base-url", server.url, "--start", "2024-03-01", "--end", "2024-03-01", "--no-progress",
+               "--dest", dest, cwd=cwd)
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def needs(kind: str) -> None:
+    if kind in ("delta", "iceberg"):
+        pytest.importorskip({"delta": "deltalake", "iceberg": "pyiceberg"}[kind])
+
+
+@pytest.mark.parametrize("kind", ["delta", "iceberg"])
+def test_maintain_refuses_a_directory_without_a_table_and_deletes_nothing(kind: str, tmp_path: Path) -> None:
+    needs(kind)
+    mine = tmp_path / "mine"
+    (mine / "docs").mkdir(parents=True)
+    (mine / "docs" / "report.txt").write_text("important")
+    (mine / "old.csv").write_text("x")
+    os.utime(mine / "old.csv", (0, 0))  # old enough for any retention
+    before = tree(mine)
+    for dest in (f"{kind}:{mine}", f"{kind}:{tmp_path / 'missing'}"):
+        result = cli("maintain", "--dest", dest, "--older-than", "0", cwd=tmp_path)
+        assert result.returncode == 4, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert "no Iceberg catalog" in lines[0] or "is not a Delta table" in lines[0], result.stderr
+    assert tree(mine) == before and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_new_destination_is_refused_where_another_kind_already_is(kind: str, tmp_path: Path,
+                                                                    fake_server: FakeExportServer) -> None:
+    needs(kind)
+    for other in KINDS:
+        if other == kind:
+            continue
+        needs(other)
+        place = tmp_path / f"{other}-then-{kind}"
+        first = load(fake_server, f"{other}:{place}", tmp_path)
+        assert first.returncode == 0, first.stderr
+        before = tree(place)
+        second = load(fake_server, f"{kind}:{place}", tmp_path)
+        assert second.returncode == 4, second.stderr
+        error = [line for line in second.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
+        assert len(error) == 1 and "holds files" in error[0] and "empty" in error[0], second.stderr
+        assert tree(place) == before
+        again = cli("verify", "--dest", f"{other}:{place}", cwd=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_a_delta_destination_must_name_a_path(tmp_path: Path) -> None:
+    needs("delta")
+    result = cli("run", "--start", "2024-03-01", "--end", "2024-03-01", "--base-url", "http://127.0.0.1:9",
+                 "--dest", "delta:", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: delta: name a table directory or URL: delta:PATH, delta:s3://bucket/prefix"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
