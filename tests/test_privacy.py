@@ -288,6 +288,17 @@ def test_keep_raw_with_pii_controls_warns_that_archives_hold_originals(
     assert list((tmp_path / "data" / "raw").glob("*.zip"))
 
 
+def test_a_short_hash_key_is_warned_of_once_on_the_terminal_and_in_the_log(
+    tmp_path: Path, fake_server: FakeExportServer
+) -> None:
+    env = environment(fake_server, **{HASH_KEY_ENV: "short"})
+    done = cli(["run", "--start", "2024-03-01", "--end", "2024-03-01", "--no-progress", "--hash-columns", "user_id",
+                "--log-dir", str(tmp_path / "logs")], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("is shorter than 16 bytes") == 1, done.stderr
+    assert every_text(tmp_path / "logs").count("is shorter than 16 bytes") == 1
+
+
 @pytest.mark.parametrize(("args", "env_key", "needle"), [
     (["--hash-columns", "user_id"], None, HASH_KEY_ENV),
     (["--exclude-columns", "ip_adress"], None, "did you mean ip_address"),

@@ -148,13 +148,13 @@ def check_range(start: str | None, end: str | None, lag_hours: float, *, increme
 
 
 def privacy_controls(
-    exclude_columns: str | None, hash_columns: str | None, *, sync_deletions: bool = False
+    exclude_columns: str | None, hash_columns: str | None, *, sync_deletions: bool = False, warn: bool = True
 ) -> Privacy | None:
     """The PII controls asked for, or None; bad names, a missing AMP_HASH_KEY, or amplitude_id excluded where
-    deletion jobs need it are a UsageError."""
+    deletion jobs need it are a UsageError. `warn` of a short key (a check ahead of the run need not)."""
     from .privacy import Privacy
 
-    privacy = Privacy.from_options(exclude_columns, hash_columns)
+    privacy = Privacy.from_options(exclude_columns, hash_columns, warn=warn)
     if sync_deletions and any(str(t) == "amplitude_id" for t in privacy.exclude):
         raise UsageError("--sync-deletions finds a deleted user's rows by amplitude_id: do not exclude it")
     return privacy if privacy.pii else None

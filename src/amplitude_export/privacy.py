@@ -166,12 +166,14 @@ class Privacy:
 
     @classmethod
     def from_options(cls, exclude_columns: str | None, hash_columns: str | None,
-                     environ: dict[str, str] | None = None, env_file: Path | None = Path(".env")) -> Privacy:
-        """The CLI's --exclude-columns and --hash-columns (comma-separated), the key from `AMP_HASH_KEY`."""
+                     environ: dict[str, str] | None = None, env_file: Path | None = Path(".env"),
+                     warn: bool = True) -> Privacy:
+        """The CLI's --exclude-columns and --hash-columns (comma-separated), the key from `AMP_HASH_KEY`; `warn`
+        of a short key."""
         exclude = parse_targets("--exclude-columns", exclude_columns)
         hashed = parse_targets("--hash-columns", hash_columns)
         key = read_hash_key(environ, env_file) if hashed else None
-        if key is not None and len(key) < SHORT_KEY:
+        if warn and key is not None and len(key) < SHORT_KEY:
             log.warning("%s is shorter than %d bytes: hashed values are only as hard to reverse as the key is to "
                         "guess", HASH_KEY_ENV, SHORT_KEY)
         return cls(exclude=exclude, hash=hashed, key=key)

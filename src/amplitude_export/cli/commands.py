@@ -196,7 +196,7 @@ def run(
     parse_streams(streams_text)  # what `api.run` checks too, here before anything is created
     load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)
     api.check_range(start, end, lag_hours, incremental=True)
-    api.privacy_controls(exclude_columns, hash_columns, sync_deletions=sync_deletions)
+    api.privacy_controls(exclude_columns, hash_columns, sync_deletions=sync_deletions, warn=False)
     url = destination(dest, data_dir)
     created = make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id(clock.now())
@@ -288,7 +288,7 @@ def load(
     """
     from ..pipeline import new_run_id
 
-    api.privacy_controls(exclude_columns, hash_columns)
+    api.privacy_controls(exclude_columns, hash_columns, warn=False)
     url = destination(dest, data_dir)
     created = make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id(clock.now())
