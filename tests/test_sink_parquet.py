@@ -28,12 +28,14 @@ from sink_helpers import (
     window,
 )
 
+import amplitude_export
 from amplitude_export.errors import DestinationBusyError, DestinationError
-from amplitude_export.ledger import EMPTY, HourRecord
+from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.ledger import EMPTY, FAILED, LOADED, HourRecord
 from amplitude_export.schema import ARROW_SCHEMA, COLUMN_NAMES
 from amplitude_export.sinks import open_sink
 from amplitude_export.sinks.duckdb import DuckDBSink
-from amplitude_export.sinks.parquet import ParquetSink, project_tag
+from amplitude_export.sinks.parquet import LOST, ParquetSink, project_tag
 
 TESTS = Path(__file__).parent
 TAG = project_tag("p")  # the tests write as project "p"
@@ -287,3 +289,116 @@ def test_a_read_only_open_neither_locks_nor_writes(sink: ParquetSink, root: Path
     assert (root / "upload_date=2024-03-01" / ".tmp-in-progress").exists()
     with pytest.raises(DestinationError, match="not a Parquet dataset"):
         ParquetSink(str(root / "missing"), read_only=True)
+
+
+# -- a data file deleted by hand --
+
+
+def test_a_deleted_data_file_is_forgotten_on_open_and_its_window_reloads_once(root: Path) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+    with ParquetSink(str(root)) as s:
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
+    # u1 is stored in the lost file only: window 2's copy of it was dropped as a duplicate
+    (root / "upload_date=2024-03-01" / f"20240301T00_20240301T01-{TAG}.parquet").unlink()
+
+    with open_sink(f"parquet:{root}", read_only=True) as reader:
+        ledger = reader.ledger("p")
+        assert [(r.status, r.events_loaded) for r in ledger.values()] == [
+            (FAILED, 0), (FAILED, 0), (LOADED, 2), (LOADED, 2)]
+        assert ledger[hour(0)].reason == LOST and ledger[hour(1)].reason == LOST
+        assert uuids(reader.read_arrow()) == ["u6", "u7", "u8", "u9"]
+        assert reader.count_by_hour("p") == {hour(2): 2, hour(3): 2}
+        assert sorted(reader.read_batches(["uuid"]).read_all().column("uuid").to_pylist()) == ["u6", "u7", "u8", "u9"]
+
+    with ParquetSink(str(root)) as s:  # a run can open it, and sees the same
+        assert [r.status for r in s.ledger("p").values()] == [FAILED, FAILED, LOADED, LOADED]
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+    assert [r["uuid"] for r in hive(root)] == EXPECTED_UUIDS
+    with ParquetSink(str(root)) as s:
+        assert [(r.status, r.events_loaded) for r in s.ledger("p").values()] == [
+            (LOADED, 3), (LOADED, 2), (LOADED, 2), (LOADED, 2)]
+    state = json.loads((root / "_state" / "ledger.json").read_text())
+    assert sorted(state["files"]) == data_files(root)
+
+
+def test_reloading_part_of_a_lost_file_commits_the_rest_as_failed(root: Path) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+    with ParquetSink(str(root)) as s:
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
+    lost = f"upload_date=2024-03-01/20240301T02_20240301T03-{TAG}.parquet"
+    (root / lost).unlink()
+
+    hour_2 = [r for r in rows2 if r["_upload_hour"] == hour(2)]
+    with ParquetSink(str(root)) as s:
+        s.write_window("p", window(2, 2), read_of([batch(hour_2)], finisher(window(2, 2), hour_2)))
+    state = json.loads((root / "_state" / "ledger.json").read_text())
+    assert lost not in state["files"] and sorted(state["files"]) == data_files(root)
+    assert state["ledger"]["p"][hour(3).isoformat()]["status"] == FAILED  # written down with the commit
+    assert [r["uuid"] for r in hive(root)] == ["u1", "u2", "u3", "u4", "u5", "u6", "u7"]
+
+    hour_3 = [r for r in rows2 if r["_upload_hour"] == hour(3)]
+    with ParquetSink(str(root)) as s:
+        assert [r.status for r in s.ledger("p").values()] == [LOADED, LOADED, LOADED, FAILED]
+        s.write_window("p", window(3, 3), read_of([batch(hour_3)], finisher(window(3, 3), hour_3)))
+        assert [r.status for r in s.ledger("p").values()] == [LOADED] * 4
+    assert [r["uuid"] for r in hive(root)] == EXPECTED_UUIDS
+
+
+def test_a_file_replaced_after_a_reader_opened_is_one_clear_error(sink: ParquetSink, root: Path) -> None:
+    (w1, rows1), _ = two_windows()
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+    reader = open_sink(f"parquet:{root}", read_only=True)
+    sink.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))  # deletes the file the reader knows
+    for read in (lambda: reader.count_by_hour("p"), reader.read_arrow, lambda: reader.read_batches(["uuid"])):
+        with pytest.raises(DestinationError, match=f"cannot read {root}"):
+            read()
+    reader.close()
+    with open_sink(f"parquet:{root}", read_only=True) as again:  # reading again sees the new file
+        assert [r.status for r in again.ledger("p").values()] == [LOADED, LOADED]
+        assert again.count_by_hour("p") == {hour(0): 3, hour(1): 2}
+
+
+def cli(*args: str, cwd: Path, server: FakeExportServer) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AMP_API_KEY": server.api_key, "AMP_SECRET_KEY": "demo-secret", "AMP_BASE_URL": server.url}
+    return subprocess.run([sys.executable, "-c", "from amplitude_export.cli import main; main()", *args],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("repair", [["--refresh"], []], ids=["refresh", "plain-run"])
+def test_verify_names_the_hours_of_a_deleted_file_and_a_run_over_them_repairs_it(
+    tmp_path: Path, repair: list[str]
+) -> None:
+    dest = "parquet:lake"
+    day = hour(0)
+    with FakeExportServer(events_per_hour=20, data_start=day, data_end=hour(47)) as server:
+        first = cli("run", "--start", "2024-03-01", "--end", "2024-03-02", "--dest", dest, "--no-progress",
+                    cwd=tmp_path, server=server)
+        assert first.returncode == 0, first.stderr
+        lake = tmp_path / "lake"
+        kept = {p: p.read_bytes() for p in lake.glob("upload_date=2024-03-01/*.parquet")}
+        assert len(kept) == 1
+        for path in lake.glob("upload_date=2024-03-02/*.parquet"):
+            path.unlink()
+
+        bad = cli("verify", "--dest", dest, cwd=tmp_path, server=server)
+        assert bad.returncode == 1, bad.stderr
+        assert "Traceback" not in bad.stderr and "upload_date=2024-03-02/20240302T00_20240302T23" in bad.stderr
+        assert bad.stdout.splitlines()[:2] == [
+            "24 problems in 1 run of hours:",
+            f"  2024-03-02T00..2024-03-02T23: 24 hours failed ({LOST})",
+        ]
+        report = cli("report", "--dest", dest, "--out", "report.html", cwd=tmp_path, server=server)
+        assert report.returncode == 0, report.stderr
+        assert LOST in (tmp_path / "report.html").read_text()
+
+        fixed = cli("run", *repair, "--start", "2024-03-02", "--end", "2024-03-02", "--dest", dest, "--no-progress",
+                    cwd=tmp_path, server=server)
+        assert fixed.returncode == 0 and "1 window (1 loaded)" in fixed.stdout, fixed.stderr
+        good = cli("verify", "--dest", dest, cwd=tmp_path, server=server)
+        assert good.returncode == 0 and "48 loaded" in good.stdout and "complete" in good.stdout, good.stdout
+        expected = server.expected_uuids(day, hour(47))
+    stored = amplitude_export.read_arrow(f"parquet:{lake}").column("uuid").to_pylist()
+    assert len(stored) == len(set(stored)) and set(stored) == expected
+    assert {p: p.read_bytes() for p in lake.glob("upload_date=2024-03-01/*.parquet")} == kept

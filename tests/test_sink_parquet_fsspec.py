@@ -44,11 +44,11 @@ from amplitude_export.client import ExportClient
 from amplitude_export.config import Credentials, Secret
 from amplitude_export.errors import DestinationBusyError, DestinationError, UsageError
 from amplitude_export.fake_server import FakeExportServer
-from amplitude_export.ledger import EMPTY, HourRecord
+from amplitude_export.ledger import EMPTY, FAILED, LOADED, HourRecord
 from amplitude_export.pipeline import run
 from amplitude_export.schema import ARROW_SCHEMA
 from amplitude_export.sinks import open_sink
-from amplitude_export.sinks.parquet import FsspecDirectory, LocalDirectory, ParquetSink
+from amplitude_export.sinks.parquet import FsspecDirectory, LocalDirectory, ParquetSink, project_tag
 
 MEMORY = fsspec.filesystem("memory")
 
@@ -351,3 +351,22 @@ def test_warehouses_doc_declares_every_column_in_order() -> None:
     assert declared == [f"`{c.name}` {hive[c.kind]}" for c in ALL_COLUMNS]
     for column in ALL_COLUMNS:
         assert f"`{column.name}`" in text.split("| kind |", 1)[1].split("### DuckDB", 1)[0]
+
+
+def test_a_data_file_deleted_from_the_bucket_reads_as_failed_hours_until_reloaded(lake: Lake) -> None:
+    (w1, rows1), (w2, rows2) = two_windows()
+    with lake.sink() as s:
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        s.write_window("p", w2, read_of([batch(rows2)], finisher(w2, rows2)))
+    with lake.sink(read_only=True) as reader:  # lists the bucket once: a later listing must not be this one
+        assert [r.status for r in reader.ledger("p").values()] == [LOADED] * 4
+    lake.fs.rm_file(lake.path(f"upload_date=2024-03-01/20240301T00_20240301T01-{project_tag('p')}.parquet"))
+
+    with lake.sink(read_only=True) as reader:
+        assert [r.status for r in reader.ledger("p").values()] == [FAILED, FAILED, LOADED, LOADED]
+        assert uuids(reader.read_arrow()) == ["u6", "u7", "u8", "u9"]
+    with lake.sink() as s:
+        s.write_window("p", w1, read_of([batch(rows1)], finisher(w1, rows1)))
+        assert [r.status for r in s.ledger("p").values()] == [LOADED] * 4
+        assert sorted(uuids(s.read_arrow())) == EXPECTED_UUIDS
+    assert sorted(lake.state()["files"]) == [f for f in lake.files() if f.endswith(".parquet")]

@@ -12,6 +12,10 @@ Crash safety rests on one rule: `_state/ledger.json` names every live data file 
 (`.tmp-*`, never ending in `.parquet`, so readers' globs never see them). A kill at any point therefore leaves
 either the old window or the new one, and the same run again finishes the job.
 
+A data file the state names but the directory lacks (deleted by hand) is forgotten on open, by readers too: its
+loaded hours read as failed (`LOST`), so `verify` names them and a run over them loads them again; the next
+commit writes that down.
+
 Exactly once across windows: a window's rows are deduplicated by an in-memory DuckDB against the `uuid` column
 of the files holding other hours. The files are the only copy of the data; the state is small and holds the
 ledger.
@@ -22,6 +26,7 @@ rules hold without atomic renames or flock).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import uuid as uuid_module
@@ -38,7 +43,8 @@ import pyarrow.parquet as pq
 
 from .. import clock
 from ..errors import DestinationBusyError, DestinationError
-from ..ledger import DeletionRecord, HourRecord
+from ..ledger import FAILED, LOADED, DeletionRecord, HourRecord
+from ..outcome import plural
 from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite
 from ..windows import Window
@@ -68,6 +74,11 @@ from .parquet_store import (
 )
 from .parquet_tables import ParquetTables
 from .staging import fill_counts, first_line
+
+log = logging.getLogger(__name__)
+
+# the ledger's reason for a loaded hour whose data file is gone
+LOST = "its data file is missing, deleted after it was loaded: a run over these hours loads them again"
 
 
 class ParquetSink:
@@ -101,13 +112,7 @@ class ParquetSink:
         self._reader_spill: str | None = None  # a read-only open's own spill directory (see `_connect`)
         self.tables = ParquetTables(self.store, self.root, row_group_size)
         if read_only:
-            try:
-                present = self.store.exists(STATE_FILE)
-            except OSError as exc:
-                raise DestinationError(f"cannot open Parquet dataset {self.root}: {first_line(exc)}") from None
-            if not present:
-                raise DestinationError(f"{self.root} is not a Parquet dataset written by amplitude-export")
-            self.files, self.state_ledger = self._load_state()
+            self._read_state()
             return
         try:
             if not self.store.exists(STATE_FILE):
@@ -128,7 +133,7 @@ class ParquetSink:
                 f"Parquet directory {self.root} is in use by another run ({LOCK_FILE})"
             )
         try:
-            self.files, self.state_ledger = self._load_state()
+            self.files, self.state_ledger = self._load_state(self.store.read_text(STATE_FILE))
             self._remove_orphans()
         except BaseException:
             self.store.unlock()
@@ -145,8 +150,44 @@ class ParquetSink:
                 "or its state was lost; use an empty directory"
             )
 
-    def _load_state(self) -> tuple[dict[str, DataFile], dict[str, dict[str, dict[str, Any]]]]:
-        text = self.store.read_text(STATE_FILE)
+    def _read_state(self) -> None:
+        """A read-only open: load the state, and forget the files it names that are gone.
+
+        A run deletes the files it replaced only after committing the state that no longer names them, so a file
+        gone while the state still reads the same was deleted by someone else; when the state changed meanwhile,
+        the new one is read instead."""
+        for _ in range(3):
+            try:
+                text = self.store.read_text(STATE_FILE)
+                if text is None:
+                    raise DestinationError(f"{self.root} is not a Parquet dataset written by amplitude-export")
+                self.files, self.state_ledger = self._load_state(text)
+                missing = sorted(set(self.files) - set(self.store.data_files()))
+                if not missing or self.store.read_text(STATE_FILE) == text:
+                    self._forget(missing)
+                    return
+            except OSError as exc:
+                raise DestinationError(f"cannot open Parquet dataset {self.root}: {first_line(exc)}") from None
+        raise DestinationBusyError(f"Parquet dataset {self.root} changed while it was being opened: read again")
+
+    def _forget(self, missing: list[str]) -> None:
+        """Drop the data files in `missing` from the state in memory and mark their loaded hours failed (`LOST`),
+        so reads skip them, `verify` names the hours and a run loads them again; the next commit keeps it so."""
+        if not missing:
+            return
+        log.warning("%s: %s named in %s not found (%s): their hours count as failed until a run loads them again",
+                    self.root, plural(len(missing), "data file"), STATE_FILE, ", ".join(missing[:3]))
+        ledger = {project: dict(hours) for project, hours in self.state_ledger.items()}
+        for rel in missing:
+            lost = self.files.pop(rel)
+            for key, record in ledger.get(lost.project, {}).items():
+                if record["status"] == LOADED and record.get("events_loaded") \
+                        and lost.start <= datetime.fromisoformat(key) <= lost.end:
+                    ledger[lost.project][key] = {**record, "status": FAILED, "reason": LOST, "events_loaded": 0}
+        self.state_ledger = ledger
+
+    def _load_state(self, text: str | None) -> tuple[dict[str, DataFile], dict[str, dict[str, dict[str, Any]]]]:
+        """The files and ledger of the state file's `text` (None: there is none yet, so create it)."""
         self.state_deletions: dict[str, dict[str, dict[str, Any]]] = {}  # project -> job day -> DeletionRecord
         if text is None:
             self._check_ours()
@@ -181,11 +222,7 @@ class ParquetSink:
             self.store.delete(rel)
         self.store.clear_spill()
         self.tables.remove_orphans()
-        missing = sorted(set(self.files) - on_disk)
-        if missing:
-            raise DestinationError(
-                f"{self.root}: {len(missing)} data files named in {STATE_FILE} are missing, e.g. {missing[0]}"
-            )
+        self._forget(sorted(set(self.files) - on_disk))
 
     # -- the Sink protocol --
 
@@ -292,6 +329,8 @@ class ParquetSink:
                 "ORDER BY _upload_hour, _member, _line",
                 params=params,
             ).to_arrow_table()
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:  # a file a run replaced after this open
+            raise DestinationError(f"cannot read {self.root}: {first_line(exc)}") from None
         finally:
             con.close()
         return table.cast(ARROW_SCHEMA)
@@ -309,6 +348,8 @@ class ParquetSink:
                 f"SELECT _upload_hour AS hour, count(*) AS n FROM {scan} WHERE _project = ? GROUP BY 1",
                 [project],
             )
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:  # a file a run replaced after this open
+            raise DestinationError(f"cannot read {self.root}: {first_line(exc)}") from None
         finally:
             con.close()
 
@@ -383,10 +424,13 @@ class ParquetSink:
 
         schema = arrow_schema(columns)
         files = sorted(rel for rel, f in self.files.items() if project is None or f.project == project)
-        if isinstance(self.store, FsspecDirectory):
-            dataset = self.store.dataset(files)
-        else:
-            dataset = ds.dataset([self.store.abs(rel) for rel in files], schema=ARROW_SCHEMA, format="parquet")
+        try:
+            if isinstance(self.store, FsspecDirectory):
+                dataset = self.store.dataset(files)
+            else:
+                dataset = ds.dataset([self.store.abs(rel) for rel in files], schema=ARROW_SCHEMA, format="parquet")
+        except (OSError, pa.ArrowException) as exc:  # a file a run replaced after this open
+            raise DestinationError(f"cannot read {self.root}: {first_line(exc)}") from None
         where = None if project is None else ds.field("_project") == project
         return dataset.scanner(columns=list(schema.names), filter=where).to_reader()
 

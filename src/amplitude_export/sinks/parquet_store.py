@@ -266,7 +266,8 @@ class FsspecDirectory:
                 yield f"{STATE_DIR}/{name}"
 
     def data_files(self) -> Iterator[str]:
-        """Every file inside a partition (`upload_date=YYYY-MM-DD/`), temp files included, in one listing."""
+        """Every file inside a partition (`upload_date=YYYY-MM-DD/`), temp files included, in one fresh listing."""
+        self.fs.invalidate_cache()  # a listing cached in this process may be stale: a missing file is forgotten
         prefix = self.root + "/"
         rels = []
         for path in self._find(self.root, maxdepth=2):
