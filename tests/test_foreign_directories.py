@@ -83,3 +83,13 @@ def test_a_delta_destination_must_name_a_path(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: delta: name a table directory or URL: delta:PATH, delta:s3://bucket/prefix"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hidden_files_and_lost_found_count_as_empty(kind: str, tmp_path: Path, fake_server: FakeExportServer) -> None:
+    needs(kind)
+    place = tmp_path / "volume"
+    (place / "lost+found").mkdir(parents=True)
+    (place / ".DS_Store").write_text("")
+    done = load(fake_server, f"{kind}:{place}", tmp_path)
+    assert done.returncode == 0, done.stderr

@@ -74,3 +74,25 @@ def test_a_percent_encoded_catalog_password_is_never_shown(fake_server: FakeExpo
         with IcebergSink(dest.removeprefix("iceberg:"), read_only=True) as sink:
             sink.catalog.drop_table((namespace, "events"))
             sink.catalog.drop_namespace(namespace)
+
+
+@pytest.mark.parametrize("text", [
+    "iceberg:/w?catalog=" + quote(f"postgresql://postgres:{PASSWORD}@127.0.0.1:9/test?application_name=x"),
+    "iceberg:/w?catalog=" + quote(f"postgresql://postgres:{PASSWORD}@127.0.0.1:9/test?application_name=x", safe=""),
+    f"error: cannot open iceberg:wh?catalog=postgresql://postgres:{PASSWORD}@h/db: refused",
+    f"postgresql://postgres@h/db?sslpassword={PASSWORD}&schema=x",
+    f"postgresql://postgres:a/{PASSWORD}@127.0.0.1:9/test",  # a password holding a `/`
+])
+def test_every_spelling_of_a_url_password_is_masked(text: str) -> None:
+    from amplitude_export.sinks.postgres_url import redact
+    from amplitude_export.storage import mask_urls
+
+    assert PASSWORD not in mask_urls(text) and "***" in mask_urls(text)
+    if text.startswith("postgresql://"):
+        assert PASSWORD not in redact(text)
+
+
+def test_a_password_misread_as_a_port_is_not_shown(tmp_path: Path) -> None:
+    result = cli("status", "--dest", f"postgresql://postgres:a/{PASSWORD}@127.0.0.1:9/test", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert PASSWORD not in result.stderr and "a/" not in result.stderr.split("has port")[-1]

@@ -108,9 +108,10 @@ def secrets_of(options: Mapping[str, Any] | None) -> list[str]:
 
 
 # a URL's password, as typed (`://user:pw@`) or percent-encoded inside another URL's parameter (`%3A%2F%2Fuser%3Apw%40`)
-_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^@/]*@")
-_ENCODED_PASSWORD = re.compile(r"(%3A%2F%2F(?:(?!%2F|%40|[/@&]).)*?%3A)(?:(?!%2F|%40|[/@&]).)*%40", re.IGNORECASE)
-_PASSWORD_PARAM = re.compile(r"((?:[?&]|%3F|%26)password(?:=|%3D))(?:(?!%26|&|#).)*", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*?@")
+_ENCODED_PASSWORD = re.compile(
+    r"((?:%3A|:)(?:%2F|/){2}(?:(?!%2F|%40|[/@&?\s]).)*?%3A)(?:(?!%40|[@&\s]).)*%40", re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"((?:[?&]|%3F|%26)(?:ssl)?password(?:=|%3D))(?:(?!%26|&|#|\s).)*", re.IGNORECASE)
 
 
 def mask_urls(text: str) -> str:

@@ -30,6 +30,7 @@ Exit codes:
   130 interrupted"""
 LOGS = "amplitude_export.logs"
 _INTERRUPTED = threading.Event()  # set by the CLI's Ctrl-C handler
+INTERRUPTED = "interrupted; a re-run picks up where this one stopped"
 
 
 def _fail(message: str, code: int) -> None:
@@ -73,7 +74,8 @@ def reports_errors(func: F) -> F:
             # after a Ctrl-C, whatever ends the command says so: a library that noticed it may raise its own
             # error in the KeyboardInterrupt's place (DuckDB's "Query interrupted" from inside a commit)
             if isinstance(exc, KeyboardInterrupt) or _INTERRUPTED.is_set():
-                _fail("interrupted; a re-run picks up where this one stopped", EXIT_INTERRUPTED)
+                _stop_interrupts()
+                _fail(INTERRUPTED, EXIT_INTERRUPTED)
             if isinstance(exc, AmplitudeExportError):
                 _fail(redact(_message(exc)), exc.exit_code)
             if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):  # `| head`: nowhere to say it
@@ -142,15 +144,26 @@ def cli() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from ..tuning import tune_for_bulk_loading
-
-    tune_for_bulk_loading()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
         signal.signal(signal.SIGINT, _interrupt)
     try:
+        from ..tuning import tune_for_bulk_loading
+
+        tune_for_bulk_loading()  # imports pyarrow: Ctrl-C here waits for the import, then ends the process below
         cli(prog_name="amplitude-export")
+    except KeyboardInterrupt:
+        _stop_interrupts()
+        click.echo(f"error: {INTERRUPTED}", err=True)
+        _exit_without_teardown(SystemExit(EXIT_INTERRUPTED))
     except SystemExit as exc:
         _exit_without_teardown(exc)
+
+
+def _stop_interrupts(handler: Any = signal.SIG_IGN) -> None:
+    """After the command has ended, a second Ctrl-C (or the handler's own re-sent signal) must not turn the
+    words that say how it ended into a traceback: ignore it, or run `handler`."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -175,6 +188,7 @@ def _exit_without_teardown(exc: SystemExit) -> None:
     the command has committed and closed its destination; what is left to do is done here: join any non-daemon
     thread, close the log files, flush stdout and stderr. Worker processes still alive take the usual way out.
     """
+    _stop_interrupts(lambda *_: os._exit(EXIT_INTERRUPTED))  # what is left may wait on threads: let Ctrl-C end it
     code = exc.code
     multiprocessing = sys.modules.get("multiprocessing")
     if (multiprocessing is not None and multiprocessing.active_children()) or not isinstance(code, int | None):

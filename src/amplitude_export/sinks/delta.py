@@ -52,7 +52,7 @@ from .duckdb_stage import (
 from .maintenance import Maintenance
 from .staging import fill_counts, first_line
 
-__all__ = ["LEDGER_DIR", "META", "DeltaSink", "delta_options"]  # LEDGER_DIR and META: delta_ledger's, kept here
+__all__ = ["LEDGER_DIR", "META", "DeltaSink", "delta_options"]  # LEDGER_DIR: delta_ledger's, META: delta_tables's
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 import uuid as uuid_module
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -73,7 +74,7 @@ from .parquet_store import (
     project_tag,
 )
 from .parquet_tables import ParquetTables
-from .staging import fill_counts, first_line
+from .staging import fill_counts, first_line, ignorable
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class ParquetSink:
     def _check_ours(self) -> None:
         """Refuse a directory without our state that holds anything but `_state`: files of anything else (another
         tool's, a Delta table's) would sit among ours and be read as ours."""
-        if others := [name for name in self.store.names() if name != STATE_DIR]:
+        if others := [name for name in self.store.names() if name != STATE_DIR and not ignorable(name)]:
             raise DestinationError(
                 f"{self.root} holds files ({others[0]!r}) but no {STATE_FILE}: not written by amplitude-export, "
                 "or its state was lost; use an empty directory"
@@ -156,7 +157,9 @@ class ParquetSink:
         A run deletes the files it replaced only after committing the state that no longer names them, so a file
         gone while the state still reads the same was deleted by someone else; when the state changed meanwhile,
         the new one is read instead."""
-        for _ in range(3):
+        for attempt in range(10):
+            if attempt:
+                time.sleep(0.2)  # a run is committing a window: read after it
             try:
                 text = self.store.read_text(STATE_FILE)
                 if text is None:
@@ -173,6 +176,7 @@ class ParquetSink:
     def _forget(self, missing: list[str]) -> None:
         """Drop the data files in `missing` from the state in memory and mark their loaded hours failed (`LOST`),
         so reads skip them, `verify` names the hours and a run loads them again; the next commit keeps it so."""
+        missing = [rel for rel in missing if not self.store.exists(rel)]  # a listing that missed a file is no proof
         if not missing:
             return
         log.warning("%s: %s named in %s not found (%s): their hours count as failed until a run loads them again",

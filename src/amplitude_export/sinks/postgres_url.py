@@ -11,8 +11,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import UsageError
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@/?#]*)@")
-_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@?#]*)@")  # a password may hold a `/`
+_PASSWORD_PARAM = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
@@ -43,7 +43,8 @@ def check_url(url: str) -> None:
     for port in str(params.get("port") or "").split(","):  # one port per host, empty for the default
         port = port.strip()
         if port and not (port.isdigit() and 1 <= int(port) <= 65535):
-            raise UsageError(f"the PostgreSQL URL {redact(url)} has port {port!r}: use a number from 1 to 65535")
+            shown = "***" if any(port in secret for secret in secrets(url)) else port  # a misread password
+            raise UsageError(f"the PostgreSQL URL {redact(url)} has port {shown!r}: use a number from 1 to 65535")
 
 
 def one_line(exc: BaseException, hidden: list[str]) -> str:

@@ -196,3 +196,9 @@ class FirstCopies:
         costs the sinks less than zero-copy slices around each repeat: they pay per batch, docs/PARSE_DESIGN.md)."""
         keep = self.keep(batch)
         return batch if keep is None else batch.filter(keep)
+
+
+def ignorable(name: str) -> bool:
+    """Whether a directory entry counts as empty space where a new destination is made: a hidden file
+    (`.DS_Store`, `.gitkeep`) or a volume's `lost+found`."""
+    return name.startswith(".") or name == "lost+found"
