@@ -19,9 +19,11 @@ from typing import Any
 
 import duckdb
 
-from ..errors import UsageError
+from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..sinks import open_sink
+from ..sinks.staging import first_line
+from ..storage import mask_urls
 from ..stream_tables import TABLES
 
 # the columns the figures read: all the report copies out of a destination
@@ -60,8 +62,15 @@ def take_snapshot(
             try:
                 project = pick_project(sink.projects(), project)
                 ledger = sink.ledger(project) if project is not None else {}
-                con.register("_stream", sink.read_batches(REPORT_COLUMNS, project=project))
-                con.execute("CREATE TABLE events AS SELECT * FROM _stream")
+                try:
+                    con.register("_stream", sink.read_batches(REPORT_COLUMNS, project=project))
+                    con.execute("CREATE TABLE events AS SELECT * FROM _stream")
+                except AmplitudeExportError:
+                    raise
+                except Exception as exc:  # a data file gone (deleted by hand, or by a reload since the open)
+                    what = getattr(sink, "description", None) or mask_urls(dest)
+                    reason = first_line(exc).split(" Detail: Python exception")[0]  # not the traceback's first line
+                    raise DestinationError(f"cannot read {what}: {reason}") from None
                 con.unregister("_stream")
                 streams = read_streams(sink, project) if project is not None else {}
             finally:
