@@ -364,6 +364,20 @@ def test_a_busy_destination_says_wait(tmp_path: Path) -> None:
     assert "--wait" in line, line
 
 
+def test_a_table_format_that_keeps_losing_commits_does_not_say_wait() -> None:
+    """Iceberg and Delta take no lock, so --wait would queue behind nothing: their lost commit races (exit 5) say
+    `run again` alone, while a held lock still names --wait."""
+    import click
+
+    from amplitude_export.cli.app import _message
+    from amplitude_export.cli.commands import run
+    from amplitude_export.errors import CommitConflictError, DestinationBusyError
+
+    with click.Context(run):
+        assert _message(CommitConflictError("iceberg:wh: 8 commits in a row lost; run again")).endswith("run again")
+        assert _message(DestinationBusyError("x is busy")).endswith("; pass --wait to queue behind it")
+
+
 def _gap(tmp_path: Path) -> None:
     """Load 2024-03-01 and 2024-03-05 only: 72 hours missing between them."""
     with FakeExportServer(events_per_hour=5) as server:

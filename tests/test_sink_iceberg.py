@@ -4,6 +4,7 @@ The loopback S3 warehouse and the CLI are in test_iceberg_cli.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -199,6 +201,33 @@ def test_a_commit_refused_for_another_writers_is_computed_again(root: Path) -> N
     finally:
         a.close()
         b.close()
+
+
+def test_a_window_another_run_loaded_meanwhile_from_the_same_data_is_left_as_it_is(root: Path) -> None:
+    """Two runs of one range: B commits the window from the same archive (same content hashes) after A opened the
+    table; A commits nothing for it (that could only replace the rows with the same rows) and returns B's rows.
+    A run that finds those rows when it opens (a --refresh after them) replaces them as asked."""
+    w = window(0, 1)
+    rows = hour_events(hour(0), ["x1", "x2"]) + hour_events(hour(1), ["y1"])
+
+    def records(run_id: str) -> Callable[[], list[HourRecord]]:
+        return lambda: [dataclasses.replace(r, run_id=run_id) for r in finisher(w, rows)()]
+
+    with IcebergSink(str(root)) as a, IcebergSink(str(root)) as b:
+        b.write_window("p", w, read_of([batch(rows)], records("run-b")))
+        snapshots = len(a.table.refresh().snapshots())
+        stored = a.write_window("p", w, read_of([batch(rows)], records("run-a")))
+        assert [r.run_id for r in stored] == ["run-b", "run-b"]
+        assert len(a.table.refresh().snapshots()) == snapshots and uuids(a.read_arrow()) == ["x1", "x2", "y1"]
+        changed = hour_events(hour(0), ["x1"]) + hour_events(hour(1), ["y1"])
+        finish = records("run-a")
+        a.write_window("p", w, read_of([batch(changed)], lambda: [
+            dataclasses.replace(r, content_hash="sha256:" + "1" * 64) for r in finish()]))  # other data: loaded
+        assert uuids(a.read_arrow()) == ["x1", "y1"]
+    with IcebergSink(str(root)) as c:
+        c.write_window("p", w, read_of([batch(rows)], records("run-c")))
+        assert [r.run_id for r in c.ledger("p").values()] == ["run-c", "run-c"]
+        assert uuids(c.read_arrow()) == ["x1", "x2", "y1"]
 
 
 def test_writers_that_keep_losing_give_up_without_committing(root: Path) -> None:

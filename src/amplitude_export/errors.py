@@ -95,6 +95,14 @@ class DestinationBusyError(DestinationError):
     """Another run holds the destination's lock, so this run would interleave windows with it."""
 
     exit_code = EXIT_BUSY
+    queues = True  # `--wait` queues behind the holder (the CLI says so)
+
+
+class CommitConflictError(DestinationBusyError):
+    """A table format without a lock (Iceberg, Delta): other writers' commits won every attempt of this one.
+    There is no lock to queue behind, so `--wait` would change nothing."""
+
+    queues = False
 
 
 class TransientError(AmplitudeExportError):

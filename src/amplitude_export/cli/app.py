@@ -26,7 +26,8 @@ Exit codes:
   2  bad input: dates, flags, paths, ports, base or destination URL (nothing is created)
   3  Amplitude refused the credentials (check the keys, and the region)
   4  the data dir, log dir or destination cannot be written (e.g. no space left)
-  5  another run holds the destination (--wait queues instead)
+  5  another run holds the destination (--wait queues instead); on iceberg: and delta:,
+     other runs' commits won every attempt of one window (run again)
   130 interrupted"""
 LOGS = "amplitude_export.logs"
 _INTERRUPTED = threading.Event()  # set by the CLI's Ctrl-C handler
@@ -46,7 +47,7 @@ def _message(exc: AmplitudeExportError) -> str:
     message = str(exc)
     context = click.get_current_context(silent=True)
     can_wait = context is not None and any(param.name == "wait" for param in context.command.params)
-    if isinstance(exc, DestinationBusyError) and can_wait and "--wait" not in message:
+    if isinstance(exc, DestinationBusyError) and exc.queues and can_wait and "--wait" not in message:
         message += "; pass --wait to queue behind it"
     return message
 

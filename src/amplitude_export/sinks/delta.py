@@ -28,7 +28,7 @@ from deltalake import DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from .. import clock
-from ..errors import DestinationBusyError, DestinationError, UsageError
+from ..errors import CommitConflictError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite, with_project_column
@@ -137,7 +137,7 @@ class DeltaSink:
                     log.info("%s: another writer committed first; %s is checked again", self.uri, window)
                     self.table.update_incremental()
             else:
-                raise DestinationBusyError(f"{self.description}: other writers committed before each of "
+                raise CommitConflictError(f"{self.description}: other writers committed before each of "
                                            f"{COMMIT_ATTEMPTS} attempts to commit {window}; run again")
             self._ledger.fold(self.table, project, records)
         except (duckdb.Error, DeltaError, OSError) as exc:
@@ -224,7 +224,7 @@ class DeltaSink:
                     self.table.update_incremental()
                     self._ledger.fold(self.table)  # the ledger rows it lowers are those of the new snapshot
             else:
-                raise DestinationBusyError(f"{self.description}: other writers committed before each of "
+                raise CommitConflictError(f"{self.description}: other writers committed before each of "
                                            f"{COMMIT_ATTEMPTS} attempts to apply deletion job {record.day}; run again")
             self._ledger.fold(self.table)
         except (duckdb.Error, DeltaError, OSError) as exc:
@@ -342,7 +342,7 @@ class DeltaSink:
                 removed += side.vacuum(hours, dry_run=False, enforce_retention_duration=enforce, full=True,
                                        commit_properties=carried(side))
         except CommitFailedError:
-            raise DestinationBusyError(f"{self.description}: a run committed while maintain compacted; "
+            raise CommitConflictError(f"{self.description}: a run committed while maintain compacted; "
                                        "run maintain again") from None
         except (DeltaError, OSError) as exc:
             raise DestinationError(f"cannot maintain {self.uri}: {first_line(exc)}") from None

@@ -23,7 +23,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from .. import clock
-from ..errors import DestinationBusyError
+from ..errors import CommitConflictError
 from ..stream_tables import TABLES
 from ..table_ledger import TableState, TableWrite, project_rows, with_project_column
 
@@ -136,7 +136,7 @@ class DeltaTables:
                 return state
             except CommitFailedError:
                 continue
-        raise DestinationBusyError(f"{self.uri(write.table)}: other writers committed before each of "
+        raise CommitConflictError(f"{self.uri(write.table)}: other writers committed before each of "
                                    f"{COMMIT_ATTEMPTS} attempts; run again")
 
     def delete_members(self, project: str, amplitude_ids: list[int], day: date) -> int:
@@ -163,7 +163,7 @@ class DeltaTables:
                 return total
             except CommitFailedError:
                 continue
-        raise DestinationBusyError(f"{self.uri(MEMBERS)}: other writers committed before each of "
+        raise CommitConflictError(f"{self.uri(MEMBERS)}: other writers committed before each of "
                                    f"{COMMIT_ATTEMPTS} attempts; run again")
 
 

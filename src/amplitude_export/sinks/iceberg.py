@@ -10,7 +10,10 @@ each uuid kept, then the uuids the table holds in other hours (or other projects
 `uuid` column, and those rows are left out. Every commit asserts the snapshot it was computed against; when
 another writer committed first, the catalog refuses it and the window is computed again against the new
 snapshot, from the stage (pyiceberg's own retry would re-apply the replaced files, the new ones and the ledger
-months on the newer snapshot without looking at its uuids or its ledger, so it is turned off). Data files of a
+months on the newer snapshot without looking at its uuids or its ledger, so it is turned off). A window that
+another run loaded from the same data since this one opened the table (same content hashes in the ledger of the
+snapshot it would commit on) is left as it is: of two runs of one range, the one behind skips what the one ahead
+loaded rather than lose commit after commit to it. Data files of a
 refused or failed attempt are deleted; a killed run leaves unreferenced files that no reader sees and
 `maintain` removes.
 """
@@ -31,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import clock
-from ..errors import DestinationBusyError, DestinationError
+from ..errors import CommitConflictError, DestinationError
 from ..ledger import DeletionRecord, HourRecord
 from ..schema import ARROW_SCHEMA
 from ..table_ledger import TableState, TableWrite, with_project_column
@@ -92,6 +95,7 @@ class IcebergSink:
         self._committing = False  # a commit was sent: until the catalog answers, its files may be referenced
         with self._errors("cannot open"):
             self.catalog, self.table = catalogs.open_events(self.location, create=not read_only)
+        self._opened = dict(self.table.properties)  # the ledger as this run found it (and planned from)
         self.tables = IcebergTables(self.catalog, self.location.namespace)
 
     # -- reading --
@@ -177,7 +181,7 @@ class IcebergSink:
         from pyiceberg.exceptions import CommitFailedException, ValidationException
 
         for n in range(1, self.commit_attempts + 1):
-            table = self.table if n == 1 else self.table.refresh()
+            table = self.table.refresh()  # the latest snapshot: another run may have committed since this one did
             written: list[str] = []
             self._committing = False
             try:
@@ -185,7 +189,7 @@ class IcebergSink:
             except (CommitFailedException, ValidationException) as exc:
                 self._delete(written)  # the catalog refused the commit: nothing references them
                 if n == self.commit_attempts:
-                    raise DestinationBusyError(
+                    raise CommitConflictError(
                         f"{self.description}: {n} commits in a row lost to other writers ({_first_line(exc)}); "
                         "nothing of this window was committed: run again") from None
                 log.info("%s: another writer committed first; computing the commit again (%d)", self.description, n)
@@ -212,6 +216,15 @@ class IcebergSink:
         written: list[str],
     ) -> list[HourRecord]:
 
+        hours = [r.hour for r in records]
+        stored = ledgers.hours(table.properties, project, hours)
+        seen = ledgers.hours(self._opened, project, hours)
+        if records and all(_loaded_meanwhile(stored.get(r.hour), seen.get(r.hour), r) for r in records):
+            # another run committed the window from the same bytes since this one opened the table: this commit
+            # would replace its rows with the same rows, so none is made (as if it came first, then the other's)
+            log.info("%s: %s was loaded from the same data by run %s meanwhile; left as it is", self.description,
+                     window, ", ".join(sorted({str(stored[r.hour].run_id) for r in records})))
+            return [stored[r.hour] for r in records]
         mine = window_filter(project, window)
         keep = self._skip_taken(con, table, mine)
         loaded = hour_counts(con, f"SELECT _upload_hour AS hour, count(*) AS n FROM {STAGE} WHERE {keep} GROUP BY 1")
@@ -424,6 +437,13 @@ def _summary(project: str, window: Window | None, records: list[HourRecord]) -> 
     if run_ids:
         summary[f"{SUMMARY}run-id"] = ",".join(run_ids)
     return summary
+
+
+def _loaded_meanwhile(stored: HourRecord | None, seen: HourRecord | None, read: HourRecord) -> bool:
+    """Whether another run stored the ledger row `stored` since this one found `seen`, from the same data as
+    `read` (same status and content hash: what `recheck` calls unchanged)."""
+    return (stored is not None and stored != seen and stored.run_id != read.run_id
+            and stored.status == read.status and stored.content_hash == read.content_hash)
 
 
 def _stamped(record: HourRecord, now: datetime) -> HourRecord:

@@ -64,6 +64,19 @@ def read(properties: Mapping[str, str]) -> dict[str, dict[datetime, HourRecord]]
     return {p: dict(sorted(hours.items())) for p, hours in ledgers.items()}
 
 
+def hours(properties: Mapping[str, str], project: str, wanted: Iterable[datetime]) -> dict[datetime, HourRecord]:
+    """The ledger rows of `project` for the hours `wanted`, decoding only their months' properties."""
+    want = {hour.astimezone(UTC) for hour in wanted}
+    found: dict[datetime, HourRecord] = {}
+    for name in {key(project, hour) for hour in want}:
+        if name in properties:
+            for data in decode(name, properties[name])[1].values():
+                record = HourRecord.from_dict(data)
+                if record.hour.astimezone(UTC) in want:
+                    found[record.hour.astimezone(UTC)] = record
+    return found
+
+
 def updates(properties: Mapping[str, str], project: str, records: Iterable[HourRecord]) -> dict[str, str]:
     """The properties to set so that the ledger holds `records` (replacing those of the same hours)."""
     months: dict[str, dict[str, dict[str, object]]] = {}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from .. import clock
-from ..errors import DestinationBusyError
+from ..errors import CommitConflictError
 from ..stream_tables import TABLES
 from ..table_ledger import TableState, TableWrite, project_rows, with_project_column
 from . import iceberg_catalog as catalogs
@@ -152,7 +152,7 @@ class IcebergTables:
                 return attempt(table)
             except CommitFailedException:
                 continue
-        raise DestinationBusyError(f"{self.namespace}.{name}: other writers committed before each of "
+        raise CommitConflictError(f"{self.namespace}.{name}: other writers committed before each of "
                                    f"{COMMIT_ATTEMPTS} attempts; run again")
 
 
