@@ -22,7 +22,6 @@ import duckdb
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..sinks import open_sink
-from ..sinks.staging import first_line
 from ..storage import mask_urls
 from ..stream_tables import TABLES
 
@@ -69,7 +68,9 @@ def take_snapshot(
                     raise
                 except Exception as exc:  # a data file gone (deleted by hand, or by a reload since the open)
                     what = getattr(sink, "description", None) or mask_urls(dest)
-                    reason = first_line(exc).split(" Detail: Python exception")[0]  # not the traceback's first line
+                    text = str(exc).strip()
+                    reason = text.splitlines()[0] if text else type(exc).__name__
+                    reason = reason.split(" Detail: Python exception")[0]  # not the traceback DuckDB appends
                     raise DestinationError(f"cannot read {what}: {reason}") from None
                 con.unregister("_stream")
                 streams = read_streams(sink, project) if project is not None else {}
