@@ -18,7 +18,7 @@ from ..errors import DestinationError, UsageError
 from ..schema import ARROW_SCHEMA
 from ..windows import Window
 from .delta_tables import sql_literal
-from .staging import ignorable
+from .staging import foreign_entries, foreign_message
 
 DAY = "_upload_day"  # the partition column: the UTC date of `_upload_hour`
 DELTA_SCHEMA = ARROW_SCHEMA.append(pa.field(DAY, pa.date32()))
@@ -77,10 +77,9 @@ def open_events(uri: str, options: dict[str, str], *, read_only: bool) -> DeltaT
 def _check_empty(path: Path) -> None:
     """Refuse to make a table where other files are: the table's `maintain` (vacuum) would delete them all."""
     ours = ("_delta_log", "_amplitude_")  # another first run may be making the same table at this moment
-    if path.is_dir() and (others := sorted(p.name for p in path.iterdir()
-                                           if not p.name.startswith(ours) and not ignorable(p.name))):
-        raise DestinationError(f"{path} holds files ({others[0]!r}) but no Delta table (_delta_log): "
-                               "a new table needs an empty or new directory")
+    if path.is_dir() and (others := foreign_entries((p.name for p in path.iterdir()), prefixes=ours)):
+        raise DestinationError(foreign_message(str(path), others, "Delta table (_delta_log)",
+                                               "a new table needs an empty or new directory"))
     if path.exists() and not path.is_dir():
         raise DestinationError(f"{path} is a file, not a directory")
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from ..errors import DestinationError, UsageError
 from ..schema import ALL_COLUMNS, BOOLEAN, FLOAT, INTEGER, JSON, STRING, TIMESTAMP
 from ..storage import mask_urls
-from .staging import ignorable
+from .staging import foreign_entries, foreign_message
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -204,11 +204,10 @@ def _install_for(exc: ImportError) -> str:
 
 def _check_empty(path: Path, location: Location) -> None:
     """Refuse to make a warehouse where other files are: its `maintain` deletes the files no snapshot needs."""
-    # another first run may be creating the same catalog at this moment
-    if path.is_dir() and (others := sorted(p.name for p in path.iterdir()
-                                           if not p.name.startswith("catalog.db") and not ignorable(p.name))):
-        raise DestinationError(f"{location.label}: {path} holds files ({others[0]!r}) but no Iceberg "
-                               "catalog (catalog.db): a new warehouse needs an empty or new directory")
+    # another first run may be creating the same catalog at this moment (its journal is `catalog.db-journal`)
+    if path.is_dir() and (others := foreign_entries((p.name for p in path.iterdir()), prefixes=("catalog.db",))):
+        raise DestinationError(foreign_message(f"{location.label}: {path}", others, "Iceberg catalog (catalog.db)",
+                                               "a new warehouse needs an empty or new directory"))
 
 
 def _mkdir(path: Path, location: Location) -> None:

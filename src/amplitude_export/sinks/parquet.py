@@ -74,7 +74,7 @@ from .parquet_store import (
     project_tag,
 )
 from .parquet_tables import ParquetTables
-from .staging import fill_counts, first_line, ignorable
+from .staging import fill_counts, first_line, foreign_entries, foreign_message
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,10 @@ class ParquetSink:
     def _check_ours(self) -> None:
         """Refuse a directory without our state that holds anything but `_state`: files of anything else (another
         tool's, a Delta table's) would sit among ours and be read as ours."""
-        if others := [name for name in self.store.names() if name != STATE_DIR and not ignorable(name)]:
-            raise DestinationError(
-                f"{self.root} holds files ({others[0]!r}) but no {STATE_FILE}: not written by amplitude-export, "
-                "or its state was lost; use an empty directory"
-            )
+        if others := foreign_entries(self.store.names(), {STATE_DIR}):
+            raise DestinationError(foreign_message(
+                str(self.root), others, STATE_FILE,
+                "not written by amplitude-export, or its state was lost; use an empty directory"))
 
     def _read_state(self) -> None:
         """A read-only open: load the state, and forget the files it names that are gone.

@@ -3,12 +3,14 @@
 A window's batches pass `StagedCounts` (rows per upload hour, and a refusal of any row outside the window: it
 would survive the window's next reload) and `FirstCopies` (the first row of each uuid, in member then line
 order, is the one kept). After the insert, `fill_counts` turns what was staged and what was loaded per hour into
-the ledger records' `events_loaded` and `duplicates`.
+the ledger records' `events_loaded` and `duplicates`. Before a file-based sink makes a new destination,
+`foreign_entries` and `foreign_message` refuse a directory holding anything but its own and `ignorable` entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime
 
 import numpy as np
@@ -202,3 +204,15 @@ def ignorable(name: str) -> bool:
     """Whether a directory entry counts as empty space where a new destination is made: a hidden file
     (`.DS_Store`, `.gitkeep`) or a volume's `lost+found`."""
     return name.startswith(".") or name == "lost+found"
+
+
+def foreign_entries(names: Iterable[str], ours: Collection[str] = (), *, prefixes: tuple[str, ...] = ()) -> list[str]:
+    """The entries among `names` (a directory's, where a new destination is to be made) that are not the
+    destination's own (named in `ours` or starting with one of `prefixes`) nor `ignorable`, sorted."""
+    return sorted(name for name in names if name not in ours and not name.startswith(prefixes) and not ignorable(name))
+
+
+def foreign_message(where: str, others: list[str], lacking: str, advice: str) -> str:
+    """The one-line refusal of a new destination at `where`, which holds `others` (from `foreign_entries`) but
+    not the `lacking` part of an existing one."""
+    return f"{where} holds files ({others[0]!r}) but no {lacking}: {advice}"
