@@ -111,7 +111,9 @@ def secrets_of(options: Mapping[str, Any] | None) -> list[str]:
 _URL_PASSWORD = re.compile(r"(://[^/:@\s]*:)[^@\s]*?@")
 _ENCODED_PASSWORD = re.compile(
     r"((?:%3A|:)(?:%2F|/){2}(?:(?!%2F|%40|[/@&?\s]).)*?%3A)(?:(?!%40|[@&\s]).)*%40", re.IGNORECASE)
-_PASSWORD_PARAM = re.compile(r"((?:[?&]|%3F|%26)(?:ssl)?password(?:=|%3D))(?:(?!%26|&|#|\s).)*", re.IGNORECASE)
+# the query parameters that carry a password (libpq's); `sinks.postgres_url` masks the same ones
+PASSWORD_PARAMETERS = r"(?:ssl)?password"
+_PASSWORD_PARAM = re.compile(rf"((?:[?&]|%3F|%26){PASSWORD_PARAMETERS}(?:=|%3D))(?:(?!%26|&|#|\s).)*", re.IGNORECASE)
 
 
 def mask_urls(text: str) -> str:

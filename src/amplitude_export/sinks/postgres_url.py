@@ -10,9 +10,13 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import UsageError
+from ..storage import PASSWORD_PARAMETERS
 
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@?#]*)@")  # a password may hold a `/`
-_PASSWORD_PARAM = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
+# not storage.mask_urls's value pattern, which reads URLs inside text and inside other URLs and so stops at a
+# space or a `%26`: in this one URL both belong to the password (its `&` is typed `%26`; a space, which libpq
+# refuses, is still in the URL `check_url` quotes)
+_PASSWORD_PARAM = re.compile(rf"([?&]{PASSWORD_PARAMETERS}=)[^&#]*", re.IGNORECASE)
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
