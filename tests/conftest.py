@@ -40,6 +40,14 @@ def fake_server() -> Iterator[FakeExportServer]:
 POSTGRES_URL = os.environ.get("AMP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+def destination_url(kind: str, tmp_path: Path, pg_schema: str) -> str:
+    """The URL of a new destination of `kind` (duckdb, parquet, postgres, iceberg, delta) in `tmp_path`, or in
+    schema `pg_schema` for PostgreSQL."""
+    return {"duckdb": f"duckdb:{tmp_path / 'amplitude.duckdb'}", "parquet": f"parquet:{tmp_path / 'lake'}",
+            "postgres": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'warehouse'}",
+            "delta": f"delta:{tmp_path / 'lake' / 'events'}"}[kind]
+
+
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema name on POSTGRES_URL, dropped afterwards. The server must be reachable: tests

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pyarrow as pa
 import pytest
-from conftest import API_KEY, POSTGRES_URL, SECRET_KEY
+from conftest import API_KEY, SECRET_KEY, destination_url
 from sink_helpers import batch, event, finisher, hour, read_of, window
 
 from amplitude_export import read_table
@@ -112,17 +112,11 @@ def test_archives_naming_a_deleted_user_are_dropped_and_rejects_cleaned(tmp_path
 # -- each sink -----------------------------------------------------------------------------------------------
 
 
-def sink_url(kind: str, tmp_path: Path, pg_schema: str) -> str:
-    return {"duckdb": f"duckdb:{tmp_path / 'd.duckdb'}", "parquet": f"parquet:{tmp_path / 'p'}",
-            "postgres": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'i'}",
-            "delta": f"delta:{tmp_path / 'lake' / 'events'}"}[kind]
-
-
 @pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_a_sink_deletes_users_and_their_ledger_counts_in_one_go(kind: str, tmp_path: Path, pg_schema: str) -> None:
     rows = [event(f"u{n}", hour(n % 3), n) for n in range(1, 10)]
     rows[4].update(amplitude_id=None, _extra=json.dumps({"amplitude_id": str(rows[0]["amplitude_id"])}))
-    sink: Sink = open_sink(sink_url(kind, tmp_path, pg_schema))
+    sink: Sink = open_sink(destination_url(kind, tmp_path, pg_schema))
     try:
         sink.write_window("p", window(0, 2), read_of([batch(rows)], finisher(window(0, 2), rows)))
         doomed = [rows[0]["amplitude_id"], rows[7]["amplitude_id"]]
@@ -143,7 +137,7 @@ def test_a_sink_deletes_users_and_their_ledger_counts_in_one_go(kind: str, tmp_p
 
 @pytest.mark.parametrize("kind", ["duckdb", "postgres"])
 def test_cohort_members_rows_go_too_where_the_table_exists(kind: str, tmp_path: Path, pg_schema: str) -> None:
-    sink: Sink = open_sink(sink_url(kind, tmp_path, pg_schema))
+    sink: Sink = open_sink(destination_url(kind, tmp_path, pg_schema))
     try:
         members = "cohort_members (cohort_id text, amplitude_id bigint, _project text)"
         if kind == "duckdb":
@@ -213,7 +207,7 @@ def archives_naming(raw: Path, users: list[int]) -> list[str]:
 def test_deletions_remove_users_once_and_a_lookback_reload_keeps_them_out(
     kind: str, server: FakeExportServer, tmp_path: Path, pg_schema: str
 ) -> None:
-    env = environment(server, sink_url(kind, tmp_path, pg_schema))
+    env = environment(server, destination_url(kind, tmp_path, pg_schema))
     doomed = doomed_users(server)
     # two hours of theirs answer without data at first, and have it later: the lookback loads them then
     late = sorted({DAY + timedelta(hours=h) for h in range(48) for e in server.hour_lines(DAY + timedelta(hours=h))
@@ -259,7 +253,7 @@ def test_deletions_remove_users_once_and_a_lookback_reload_keeps_them_out(
 def test_run_sync_deletions_applies_jobs_before_loading(
     kind: str, server: FakeExportServer, tmp_path: Path, pg_schema: str
 ) -> None:
-    env = environment(server, sink_url(kind, tmp_path, pg_schema))
+    env = environment(server, destination_url(kind, tmp_path, pg_schema))
     ok(cli(["run", "--start", "2024-03-01", "--end", "2024-03-02", "--no-progress"], env, tmp_path))
     doomed = doomed_users(server)
     count = rows_of(stored(env["DEST"])[0], doomed)
@@ -284,7 +278,7 @@ def test_deletions_take_users_out_of_cohort_members_and_a_recomputed_cohort_keep
 ) -> None:
     streams = ["--streams", "events,cohort_members", "--no-progress"]
     with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY2, apis={"cohort_polls": 0}) as server:
-        env = environment(server, sink_url(kind, tmp_path, pg_schema))
+        env = environment(server, destination_url(kind, tmp_path, pg_schema))
         project = server.apis.project
         ok(cli(["run", "--start", "2024-03-01", "--end", "2024-03-02", *streams], env, tmp_path))
         before = members_of(env["DEST"])

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import POSTGRES_URL
+from conftest import destination_url
 
 from amplitude_export import read_arrow
 from amplitude_export.fake_server import FakeExportServer
@@ -22,19 +22,13 @@ CLI = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal
        "from amplitude_export.cli import main; main()"]
 
 
-def destination(kind: str, tmp_path: Path, pg_schema: str) -> str:
-    return {"duckdb": f"duckdb:{tmp_path / 'a.duckdb'}", "parquet": f"parquet:{tmp_path / 'pq'}",
-            "delta": f"delta:{tmp_path / 'delta'}", "iceberg": f"iceberg:{tmp_path / 'ice'}",
-            "postgres": f"{POSTGRES_URL}?schema={pg_schema}"}[kind]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "delta", "iceberg"])
 def test_ctrl_c_while_windows_load_exits_130_and_the_rerun_completes(kind: str, tmp_path: Path,
                                                                      pg_schema: str) -> None:
     if kind in ("delta", "iceberg"):
         pytest.importorskip({"delta": "deltalake", "iceberg": "pyiceberg"}[kind])
-    dest = destination(kind, tmp_path, pg_schema)
+    dest = destination_url(kind, tmp_path, pg_schema)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
     env.update(AMP_API_KEY="demo-key", AMP_SECRET_KEY="demo-secret")
     with FakeExportServer(events_per_hour=2000, members_per_hour=2, data_start=DAY,

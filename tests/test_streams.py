@@ -19,7 +19,7 @@ import httpx
 import pyarrow as pa
 import pytest
 import stamina
-from conftest import POSTGRES_URL
+from conftest import destination_url
 from scripted_http import ScriptedServer
 from test_cli import run_cli
 
@@ -115,21 +115,15 @@ def loaded(dest: str, project: str = KEY) -> dict[str, set[tuple[Any, ...]]]:
     return out
 
 
-def destination(kind: str, tmp_path: Path, pg_schema: str) -> str:
-    return {"duckdb": f"duckdb:{tmp_path / 'amplitude.duckdb'}", "parquet": f"parquet:{tmp_path / 'lake'}",
-            "postgresql": f"{POSTGRES_URL}?schema={pg_schema}", "iceberg": f"iceberg:{tmp_path / 'warehouse'}",
-            "delta": f"delta:{tmp_path / 'lake' / 'events'}"}[kind]
-
-
 # -- every stream, every destination -------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     server: FakeExportServer, tmp_path: Path, pg_schema: str, kind: str
 ) -> None:
-    dest = destination(kind, tmp_path, pg_schema)
+    dest = destination_url(kind, tmp_path, pg_schema)
     downloads = server.apis.cohort_downloads
     first = cli(server, tmp_path, "--dest", dest, "--streams", OTHERS, "--start", "2024-03-01", "--end",
                 "2024-03-02", "--api-concurrency", "5")
@@ -157,7 +151,7 @@ def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_a_stream_that_keeps_failing_costs_only_itself(
     server: FakeExportServer, tmp_path: Path, pg_schema: str, kind: str
 ) -> None:
@@ -165,7 +159,7 @@ def test_a_stream_that_keeps_failing_costs_only_itself(
     it fetched are committed as if nothing had happened."""
     from amplitude_export import read_arrow
 
-    dest = destination(kind, tmp_path, pg_schema)
+    dest = destination_url(kind, tmp_path, pg_schema)
     server.apis.failing = {"/api/3/annotations", "/api/2/annotations"}
     try:
         done = cli(server, tmp_path, "--dest", dest, "--streams", "events,cohorts,annotations,events_list",
@@ -387,14 +381,14 @@ def test_parquet_removes_what_a_crashed_table_write_left(tmp_path: Path) -> None
     assert read_table(f"parquet:{lake}", "annotations").num_rows == 5
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_a_table_write_that_fails_halfway_changes_nothing(tmp_path: Path, pg_schema: str, kind: str) -> None:
     """The rows and the state row commit together: a write whose rows stop with an error leaves both as before,
     and a scoped write replaces only its scope."""
     from amplitude_export.table_ledger import TableState, TableWrite
 
     spec = TABLES["cohort_members"]
-    dest = destination(kind, tmp_path, pg_schema)
+    dest = destination_url(kind, tmp_path, pg_schema)
 
     def batch(cohort: str, ids: range) -> Any:
         rows = [{"cohort_id": cohort, "amplitude_id": i, "user_id": f"u{i}", "properties": None,
@@ -429,7 +423,7 @@ def test_maintain_keeps_the_streams_tables_and_forgets_their_old_versions(tmp_pa
     from amplitude_export.sinks.maintenance import maintain
     from amplitude_export.table_ledger import TableState, TableWrite
 
-    spec, dest = TABLES["annotations"], destination(kind, tmp_path, "")
+    spec, dest = TABLES["annotations"], destination_url(kind, tmp_path, "")
     with open_sink(dest) as sink:
         for n in range(1, 4):  # three runs: three versions of the table, each replacing the rows
             rows = [{"id": i, "label": f"run {n}", "_taken_at": DAY} for i in range(n)]
@@ -517,13 +511,13 @@ def test_run_hashes_member_user_ids_like_events(tmp_path: Path) -> None:
     assert joined > 0  # the hashed ids still join
 
 
-@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgresql", "iceberg", "delta"])
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
 def test_a_deletion_job_takes_a_users_members_out_of_every_destination(
     tmp_path: Path, pg_schema: str, kind: str
 ) -> None:
     from amplitude_export.ledger import DeletionRecord
 
-    dest = destination(kind, tmp_path, pg_schema)
+    dest = destination_url(kind, tmp_path, pg_schema)
     with fake_server_for() as fake, client_for(fake) as client, open_sink(dest) as sink:
         load_streams(client, sink, project=KEY, streams=["cohort_members"], data_dir=tmp_path)
         schema = TABLES["cohort_members"].schema
