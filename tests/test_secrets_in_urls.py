@@ -82,6 +82,7 @@ def test_a_percent_encoded_catalog_password_is_never_shown(fake_server: FakeExpo
     f"error: cannot open iceberg:wh?catalog=postgresql://postgres:{PASSWORD}@h/db: refused",
     f"postgresql://postgres@h/db?sslpassword={PASSWORD}&schema=x",
     f"postgresql://postgres:a/{PASSWORD}@127.0.0.1:9/test",  # a password holding a `/`
+    f"postgresql://postgres@h/db?password=a%26{PASSWORD}&schema=x",  # an encoded `&` inside the password
 ])
 def test_every_spelling_of_a_url_password_is_masked(text: str) -> None:
     from amplitude_export.sinks.postgres_url import redact

@@ -113,7 +113,11 @@ _ENCODED_PASSWORD = re.compile(
     r"((?:%3A|:)(?:%2F|/){2}(?:(?!%2F|%40|[/@&?\s]).)*?%3A)(?:(?!%40|[@&\s]).)*%40", re.IGNORECASE)
 # the query parameters that carry a password (libpq's); `sinks.postgres_url` masks the same ones
 PASSWORD_PARAMETERS = r"(?:ssl)?password"
-_PASSWORD_PARAM = re.compile(rf"((?:[?&]|%3F|%26){PASSWORD_PARAMETERS}(?:=|%3D))(?:(?!%26|&|#|\s).)*", re.IGNORECASE)
+# As typed, a value ends at `&`, so an encoded `&` (`%26`) inside it is part of the password; inside an encoded
+# URL (`%3Fpassword%3D`), `%26` is where that URL's next parameter starts.
+_PASSWORD_PARAM = re.compile(
+    rf"([?&]{PASSWORD_PARAMETERS}=)[^&#\s]*|((?:[?&]|%3F|%26){PASSWORD_PARAMETERS}(?:=|%3D))(?:(?!%26|&|#|\s).)*",
+    re.IGNORECASE)
 
 
 def mask_urls(text: str) -> str:
@@ -121,7 +125,7 @@ def mask_urls(text: str) -> str:
     percent-encoded (a catalog URL inside an `iceberg:` URL), or a `password=` parameter."""
     text = _URL_PASSWORD.sub(rf"\1{MASK}@", text)
     text = _ENCODED_PASSWORD.sub(rf"\1{MASK}%40", text)
-    return _PASSWORD_PARAM.sub(rf"\1{MASK}", text)
+    return _PASSWORD_PARAM.sub(lambda match: f"{match[1] or match[2]}{MASK}", text)
 
 
 def redact(text: str, options: Mapping[str, Any] | None) -> str:
