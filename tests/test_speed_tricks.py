@@ -10,15 +10,21 @@ import random
 import re
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-from conftest import REAL_EVENTS
+import pytest
+from conftest import API_KEY, DAY, REAL_EVENTS, SECRET_KEY, destination_url
 from test_fastparse import KEYS, TOKENS, _mutate
 
 from amplitude_export import schema, synthetic
+from amplitude_export.fake_server import FakeExportServer
+from amplitude_export.sinks.postgres import on_this_machine
+from amplitude_export.threads import BACKGROUND_NICE
 from amplitude_export.windows import Window
 
 HOUR = datetime(2025, 7, 1, 10, tzinfo=UTC)
@@ -109,3 +115,57 @@ def test_every_test_the_speed_table_names_exists() -> None:
     for file, test in named:
         source = (Path(__file__).parent / file).read_text()
         assert re.search(rf"^def {test}\(", source, re.M), f"{file}::{test} is named in PARSE_DESIGN.md"
+
+
+def _watch_parse_threads(stop: threading.Event, seen: dict[str, set[int]]) -> None:
+    """Every parse thread alive until `stop`, by name, with each nice value it was seen at (Linux: per thread)."""
+    while not stop.is_set():
+        for thread in threading.enumerate():
+            if thread.name.startswith("amplitude-export-parse") and thread.native_id is not None:
+                try:
+                    stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+                except OSError:
+                    continue  # it ended
+                seen.setdefault(thread.name, set()).add(int(stat.rsplit(")", 1)[1].split()[16]))
+        time.sleep(0.002)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+@pytest.mark.parametrize("kind", ["postgres", "duckdb"])
+def test_only_a_load_into_a_server_on_this_machine_parses_on_one_thread_that_gives_way(
+    kind: str, tmp_path: Path, pg_schema: str
+) -> None:
+    # the local PostgreSQL server's backend sets the pace: the load parses on one thread at a lower priority,
+    # and the caller's own thread keeps its priority; DuckDB works in this process, so its parse threads don't
+    import amplitude_export
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    stop, seen = threading.Event(), {}
+    watcher = threading.Thread(target=_watch_parse_threads, args=(stop, seen))
+    watcher.start()
+    try:
+        with FakeExportServer(api_key=API_KEY, secret_key=SECRET_KEY, events_per_hour=2000, data_start=DAY,
+                              data_end=DAY.replace(hour=5), members_per_hour=2) as server:  # fmt: skip
+            result = amplitude_export.run(
+                destination_url(kind, tmp_path, pg_schema), start=DAY, end=DAY.replace(hour=5), window_hours=6,
+                base_url=server.url, api_key=API_KEY, secret_key=SECRET_KEY, data_dir=tmp_path / "data", lag_hours=0,
+            )  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.exit_code == 0 and result.events is not None and result.events.events > 11_000
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    if kind == "postgres":
+        assert set(seen) == {"amplitude-export-parse-0"} and seen["amplitude-export-parse-0"] <= {
+            mine, mine + BACKGROUND_NICE} and mine + BACKGROUND_NICE in seen["amplitude-export-parse-0"]
+    else:
+        assert len(seen) == 2 and all(nice == {mine} for nice in seen.values()), seen
+
+
+@pytest.mark.parametrize(("host", "hostaddr", "here"), [
+    ("127.0.0.1", "127.0.0.1", True), ("localhost", "::1", True), ("/var/run/postgresql", "", True),
+    ("db.internal", "10.0.4.7", False), ("203.0.113.9", "203.0.113.9", False), ("db.internal", "", False),
+])
+def test_a_server_counts_as_on_this_machine_only_over_a_socket_or_loopback(host: str, hostaddr: str,
+                                                                          here: bool) -> None:
+    assert on_this_machine(host, hostaddr) is here

@@ -109,10 +109,13 @@ class Loader:
 
         privacy = self.privacy
         size = archive.stat().st_size if live is None else 0  # a `.part` may be gone already: its attempt failed
+        # a destination whose server sets the pace needs fewer parse threads, and when that server runs on this
+        # machine, the threads give way to it (docs/PARSE_DESIGN.md, speed tricks)
+        workers = min(self.workers, getattr(self.sink, "parse_threads", self.workers))
         reader = WindowReader(
-            archive, window, run_id=self.run_id, rejects_dir=self.data_dir / "rejects", workers=self.workers,
+            archive, window, run_id=self.run_id, rejects_dir=self.data_dir / "rejects", workers=workers,
             project=self.project, live=live, redact_reject=privacy.reject if privacy is not None else None,
-            attempts=attempts, split_from=split_from,
+            attempts=attempts, split_from=split_from, background=getattr(self.sink, "shares_cores", False),
         )  # fmt: skip
         read = reader.read(privacy.apply if privacy is not None else None)
         try:

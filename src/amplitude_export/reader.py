@@ -98,8 +98,12 @@ class WindowReader:
         redact_reject: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
         attempts: int = 1,
         split_from: Window | None = None,
+        background: bool = False,
     ) -> None:
-        """`redact_reject` rewrites each rejected line's record before it is written, or drops it (None)."""
+        """`redact_reject` rewrites each rejected line's record before it is written, or drops it (None).
+        `background`: parse and hash on threads at a lower CPU priority, for a destination whose server shares
+        this machine's cores (`threads.lower_priority`)."""
+        self.background = background
         self.path = Path(path)
         self.attempts = max(1, attempts)
         self.split_from = str(split_from) if split_from is not None else None
@@ -147,18 +151,19 @@ class WindowReader:
         )
         if self.live is not None:
             self._members, self._member_hour = [], []
-            self._landing = in_daemon_thread(self._landed, name="amplitude-export-hash")
+            self._landing = in_daemon_thread(self._landed, name="amplitude-export-hash", background=self.background)
             feed = LiveMembers(self.live)
-            parts = parts_on_threads(ctx, self._arriving(feed), self.workers, feed)
+            parts = parts_on_threads(ctx, self._arriving(feed), self.workers, feed, self.background)
         else:
             # an archive may cover more hours than this window (a lookback reloads only the hours that changed)
             self._members = self._in_window(list_members(self.path))
             self._member_hour = [m.upload_hour or self.window.start for m in self._members]
             members, path = self._members, self.path
-            self._hashes = in_daemon_thread(lambda: _hour_hashes(path, members), name="amplitude-export-hash")
+            self._hashes = in_daemon_thread(lambda: _hour_hashes(path, members), name="amplitude-export-hash",
+                                            background=self.background)
             numbered = list(enumerate(self._members))
             if self.workers > 1 and len(numbered) > 1 and parse.FAST_PARSER is not None:
-                parts = parts_on_threads(ctx, numbered, self.workers)
+                parts = parts_on_threads(ctx, numbered, self.workers, background=self.background)
             elif self.workers > 1 and len(numbered) > 1:
                 parts = parts_in_processes(ctx, numbered, self.workers)
             else:

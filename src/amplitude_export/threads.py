@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -11,8 +13,28 @@ from typing import TypeVar
 _T = TypeVar("_T")
 
 
-def in_daemon_thread(work: Callable[[], _T], *, name: str) -> Future[_T]:
+# how much a background thread lowers its CPU priority: a nice value of 5 weighs about a third of 0
+BACKGROUND_NICE = 5
+
+
+def lower_priority() -> None:
+    """Lower the calling thread's CPU priority by BACKGROUND_NICE, for good (until the thread ends).
+
+    Only on Linux, where a nice value belongs to a thread; elsewhere it would apply to the whole process,
+    the caller's threads included, so nothing is done.
+    """
+    if sys.platform != "linux":
+        return
+    me = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, me) + BACKGROUND_NICE)
+    except OSError:
+        pass
+
+
+def in_daemon_thread(work: Callable[[], _T], *, name: str, background: bool = False) -> Future[_T]:
     """Start `work()` on a daemon thread; its result, or what it raised, arrives in the returned future.
+    `background`: the thread runs at a lower CPU priority (`lower_priority`).
 
     Not a ThreadPoolExecutor: its threads are joined when the interpreter exits, so a Ctrl-C during a stalled
     request or a long hash would wait for them. A daemon thread cut off at exit leaves nothing that is trusted
@@ -23,6 +45,8 @@ def in_daemon_thread(work: Callable[[], _T], *, name: str) -> Future[_T]:
     def run() -> None:
         if not future.set_running_or_notify_cancel():
             return
+        if background:
+            lower_priority()
         try:
             future.set_result(work())
         except BaseException as exc:  # noqa: BLE001 - raised again where the result is needed

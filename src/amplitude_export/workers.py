@@ -23,6 +23,7 @@ from .archive import ArchiveMember, Opener, landed_members, member_chunks
 from .errors import ArchiveError
 from .live import LiveMembers, StreamAbandoned
 from .parse import LINE_BYTES, Context, Part, parse_chunk
+from .threads import lower_priority
 from .tuning import tune_for_bulk_loading
 
 if TYPE_CHECKING:  # the context classes exist only where those start methods do
@@ -53,10 +54,11 @@ def parts_here(ctx: Context, numbered: Numbered) -> Generator[Part, None, None]:
 
 
 def parts_on_threads(
-    ctx: Context, numbered: Numbered, workers: int, live: LiveMembers | None = None
+    ctx: Context, numbered: Numbered, workers: int, live: LiveMembers | None = None, background: bool = False
 ) -> Generator[Part, None, None]:
     """Parts of the members, parsed on `workers` threads, in member order; a `live` archive's members are dealt
-    to the threads as they arrive (`numbered` then yields each as it arrives, for the reader to list it)."""
+    to the threads as they arrive (`numbered` then yields each as it arrives, for the reader to list it).
+    `background`: the threads run at a lower CPU priority (`threads.lower_priority`)."""
     if live is not None:
         count = max(1, workers)
         dealt: list[Numbered] = [_dealt(live, k, count) for k in range(count)]
@@ -70,7 +72,7 @@ def parts_on_threads(
     ]
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_thread_worker, args=(ctx, dealt[k], queues[k], stop, live),
+        threading.Thread(target=_thread_worker, args=(ctx, dealt[k], queues[k], stop, live, background),
                          name=f"amplitude-export-parse-{k}", daemon=True)
         for k in range(count)
     ]
@@ -186,8 +188,12 @@ def _process_worker(ctx: Context, members: list[tuple[int, ArchiveMember]], out:
     _produce(ctx, members, send)
 
 
-def _thread_worker(ctx: Context, members: Numbered, out: Any, stop: Any, live: LiveMembers | None) -> None:
+def _thread_worker(
+    ctx: Context, members: Numbered, out: Any, stop: Any, live: LiveMembers | None, background: bool
+) -> None:
     """Parse thread body: `_produce`, parts handed over as they are; stops when the reader sets `stop`."""
+    if background:
+        lower_priority()
 
     def send(message: tuple[Any, ...]) -> None:
         while not stop.is_set():

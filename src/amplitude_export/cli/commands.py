@@ -123,7 +123,7 @@ def extract(
     type=click.IntRange(1, 16),
     default=2,
     show_default=True,
-    help="Threads (processes without the compiled parser) that parse events.",
+    help="Threads (processes without the compiled parser) that parse events; one into PostgreSQL.",
 )
 @click.option("--wait", is_flag=True, help="If another run holds the destination, wait for it (else exit 5).")
 @click.option(
@@ -258,7 +258,7 @@ def run(
     type=click.IntRange(1, 16),
     default=2,
     show_default=True,
-    help="Threads (processes without the compiled parser) that parse events.",
+    help="Threads (processes without the compiled parser) that parse events; one into PostgreSQL.",
 )
 @click.option("--progress/--no-progress", default=None)
 @click.option("-v", "--verbose", is_flag=True)

@@ -40,7 +40,11 @@ class WindowRead(Protocol):
 
 
 class Sink(Protocol):
-    """What the pipeline needs from a destination."""
+    """What the pipeline needs from a destination.
+
+    Optional: `parse_threads` (the most parse threads worth running for it) and `shares_cores` (its server runs on
+    this machine, so the load's parse threads give way to it); the loader reads them with `getattr`.
+    """
 
     description: str  # where the data goes, for messages (never a password)
 

@@ -8,6 +8,7 @@ is `postgres_load` (binary COPY, `postgres_copy`); the URL and its password, `po
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -57,8 +58,23 @@ _COLLATE = {"uuid": ' COLLATE "C"', "_project": ' COLLATE "C"'}
 NEARBY = timedelta(hours=6)
 
 
+def on_this_machine(host: str, hostaddr: str) -> bool:
+    """Whether a connection to `host` (resolved to `hostaddr`) reaches a server on this machine: a Unix-domain
+    socket or a loopback address."""
+    if not host or host.startswith(("/", "@")):
+        return True
+    try:
+        return ipaddress.ip_address(hostaddr or host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class PostgresSink:
     """Events and the ledger in a PostgreSQL schema; see the module docstring for locking and loading."""
+
+    # The server's backend sets the pace of a load (docs/POSTGRES.md, "Speed"): one parse thread keeps ahead of it,
+    # and when the server runs on this machine (`shares_cores`), the load's own threads give way to it.
+    parse_threads = 1
 
     def __init__(
         self,
@@ -92,12 +108,14 @@ class PostgresSink:
         self.chunk_bytes = CHUNK_BYTES
         self.route: Counter[str] = Counter()  # the last window's rows by way in (`_WindowLoad.route`)
         self._locked = False  # this connection holds the destination's session lock
+        self.shares_cores = False
         try:
             self._conn = psycopg.connect(
                 url, autocommit=True, connect_timeout=connect_timeout, application_name="amplitude-export"
             )
         except psycopg.Error as exc:
             raise self._fatal(f"cannot open {self.description}: {self._message(exc)}") from None
+        self.shares_cores = on_this_machine(self._conn.info.host, self._conn.info.hostaddr)
         try:
             self._conn.execute("SET TIME ZONE 'UTC'")
             self._lock_key = self._conn.execute(
