@@ -115,7 +115,11 @@ class PostgresSink:
             )
         except psycopg.Error as exc:
             raise self._fatal(f"cannot open {self.description}: {self._message(exc)}") from None
-        self.shares_cores = on_this_machine(self._conn.info.host, self._conn.info.hostaddr)
+        try:
+            hostaddr = self._conn.info.hostaddr
+        except psycopg.NotSupportedError:  # a libpq before 12
+            hostaddr = ""
+        self.shares_cores = on_this_machine(self._conn.info.host, hostaddr)
         try:
             self._conn.execute("SET TIME ZONE 'UTC'")
             self._lock_key = self._conn.execute(
