@@ -42,7 +42,9 @@ def test_every_command_has_help_with_an_example() -> None:
 @pytest.mark.parametrize(
     "dates",
     [["--start", "2024-13-01"], ["--start", "yesterday"], ["--start", "2024-03-02", "--end", "2024-03-01"],
-     ["--start", ""], ["--end", ""], ["--start", "2024-03-01", "--end", ""]],
+     ["--start", ""], ["--end", ""], ["--start", "2024-03-01", "--end", ""],
+     ["--start", "0001-01-01T00:00:00+01:00", "--end", "0001-01-01T05"], ["--end", "9999-12-31T23:59:59-01:00"],
+     ["--start", "0001-01-01", "--end", "0001-01-01T01"]],
 )
 def test_bad_dates_exit_2_with_one_line(tmp_path: Path, dates: list[str]) -> None:
     result = run_cli("extract", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
@@ -189,6 +191,9 @@ def test_range_not_ready_yet_says_so(tmp_path: Path) -> None:
         (["status", "--dest", "mysql://x/y"], 2, "unknown destination scheme"),
         (["status", "--dest", "postgresql://postgres:pw-123@127.0.0.1:9/test"], 4, "cannot open"),
         (["status", "--dest", "parquet:nowhere"], 4, "not a Parquet dataset"),
+        (["status", "--dest", "duckdb:"], 2, "names no path"),
+        (["status", "--dest", "parquet: "], 2, "names no path"),
+        (["status", "--dest", "postgresql://postgres@127.0.0.1:9/test", "--schema", ""], 2, "--schema is empty"),
     ],
 )
 def test_bad_destinations_exit_with_one_line(tmp_path: Path, args: list[str], code: int, words: str) -> None:
@@ -316,3 +321,44 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> 
     with duckdb.connect(str(tmp_path / "data" / "amplitude.duckdb"), read_only=True) as con:
         assert {u for (u,) in con.execute("SELECT uuid FROM events").fetchall()} == expected
         assert con.execute("SELECT count(*) FROM events").fetchone()[0] == len(expected)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--base-url", "http://[::1"], "must look like https://host[:port]"),
+    (["--base-url", "http://u:pw-123@[::1"], "must look like https://host[:port]"),
+    (["--base-url", "http://127.0.0.1:9#frag"], "has a fragment"),
+    (["--dest", "duckdb:"], "names no path"),
+    (["--dest", "postgresql://postgres@127.0.0.1:9/test", "--schema", ""], "--schema is empty"),
+])
+def test_a_run_refused_for_its_base_url_or_destination_creates_nothing(tmp_path: Path, args: list[str],
+                                                                        words: str) -> None:
+    result = run_cli("run", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9",
+                     "--start", "2024-03-01", "--end", "2024-03-01", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert words in result.stderr and "pw-123" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_no_part_of_itself(tmp_path: Path) -> None:
+    import resource
+    import signal
+
+    with FakeExportServer(api_key="k", secret_key=SECRET, events_per_hour=20, data_start=datetime(2024, 3, 1,
+                          tzinfo=UTC), data_end=datetime(2024, 3, 1, 23, tzinfo=UTC)) as server:  # fmt: skip
+        loaded = run_cli("run", "--api-key", "k", "--secret-key", SECRET, "--base-url", server.url, "--start",
+                         "2024-03-01", "--end", "2024-03-01", "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
+    (tmp_path / "out").mkdir()
+
+    def small_files() -> None:  # a write past 64 KB fails as on a full disk (EFBIG instead of ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMP_")}
+    result = subprocess.run([sys.executable, "-c", "from amplitude_export.cli import main; main()", "report",
+                             "--out", "out/r.html"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120, preexec_fn=small_files)  # fmt: skip
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.startswith("error: cannot write out/r.html: "), result.stderr
+    assert list((tmp_path / "out").iterdir()) == []

@@ -63,12 +63,20 @@ class RunResult:
         return "\n".join(lines)
 
 
+_PATH_SCHEMES = ("duckdb", "parquet", "delta", "iceberg")
+
+
 def destination(dest: str | None, data_dir: Path = DATA_DIR, *, schema: str | None = None) -> str:
     """The destination URL: `dest`, else `duckdb:DATA_DIR/amplitude.duckdb`; `schema` (PostgreSQL only) is carried
     as the URL's `schema` parameter."""
     from urllib.parse import quote
 
     url = dest or f"duckdb:{Path(data_dir) / 'amplitude.duckdb'}"
+    scheme, _, rest = url.partition(":")
+    if scheme.lower() in _PATH_SCHEMES and not rest.strip():
+        raise UsageError(f"--dest {url!r} names no path: give {scheme}:PATH")
+    if schema is not None and not schema.strip():
+        raise UsageError("--schema is empty: name a schema, or leave it out for 'amplitude'")
     if schema:
         if not url.lower().startswith(("postgresql:", "postgres:")):
             raise UsageError("--schema applies to postgresql:// destinations only")

@@ -104,8 +104,11 @@ def check_base_url(url: str, source: str = "--base-url") -> str:
     itself) makes every request answer 404, which would read as hours without data.
     """
     text = url.strip()
-    parts = urlsplit(text)
-    shown = _without_password(text)
+    try:
+        parts = urlsplit(text)
+        shown = _without_password(text)
+    except ValueError:  # an unclosed `[` of an IPv6 host
+        raise UsageError(f"{source} must look like https://host[:port], got {_masked(text)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{source} must look like https://host[:port], got {shown!r}")
     try:
@@ -117,10 +120,16 @@ def check_base_url(url: str, source: str = "--base-url") -> str:
         raise UsageError(f"{source} must not carry credentials: give {origin} and set AMP_API_KEY and "
                          "AMP_SECRET_KEY")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        what = "a path" if parts.path not in ("", "/") else "a query"
+        what = "a path" if parts.path not in ("", "/") else "a query" if parts.query else "a fragment"
         raise UsageError(f"{source} {shown} has {what}: give the host alone, {origin} (the tool adds "
                          "/api/2/export itself)")
     return origin
+
+
+def _masked(text: str) -> str:
+    """`text` with what lies between `://` and the last `@` (a user and password) replaced by ***."""
+    scheme, sep, rest = text.partition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if sep and "@" in rest else text
 
 
 def _without_password(url: str) -> str:

@@ -13,10 +13,12 @@ with Vega-Lite specs (`chart_specs`); the Vega, Vega-Lite and vega-embed JavaScr
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import StorageError, os_reason
 from ..storage import mask_urls, redact
 from .charts import chart_specs, vega_versions
 from .figures import TOP, gather
@@ -46,8 +48,16 @@ def write_report(
         data = gather(snapshot, start=start, end=end)
     data["meta"]["destination"] = redact(mask_urls(dest), storage_options)
     out = Path(out)
+    html = render_html(data)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(data), encoding="utf-8")
+    # written beside `out` and renamed: a full disk leaves the previous report, or none, never half of one
+    part = out.with_name(f".{out.name}.part")
+    try:
+        part.write_text(html, encoding="utf-8")
+        os.replace(part, out)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise StorageError(out, os_reason(exc)) from None
     return out
 
 
