@@ -362,3 +362,78 @@ def test_a_report_that_cannot_be_written_whole_leaves_no_part_of_itself(tmp_path
     assert result.returncode == 4, result.stderr
     assert result.stderr.startswith("error: cannot write out/r.html: "), result.stderr
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _uuids_by_hour(archive: Path) -> dict[int, set[str]]:
+    """The uuids of each upload hour's lines in an Export API archive (the hour from each member's name)."""
+    import gzip
+    import json
+    import zipfile
+
+    found: dict[int, set[str]] = {}
+    with zipfile.ZipFile(archive) as zipped:
+        for name in zipped.namelist():
+            if name.endswith("/"):
+                continue
+            hour = int(name.rsplit("_", 1)[1].split("#")[0])
+            lines = gzip.decompress(zipped.read(name)).splitlines()
+            found.setdefault(hour, set()).update(json.loads(line)["uuid"] for line in lines if line.strip())
+    return found
+
+
+def test_load_takes_each_hour_from_the_newest_archive_that_holds_it(tmp_path: Path) -> None:
+    # a lookback lands a newer archive beside older ones that hold some of its hours: `load` must not let the
+    # older data win, neither into a new destination nor into one that holds the newer archive's hours already
+    import duckdb
+
+    day = datetime(2024, 3, 1, tzinfo=UTC)
+    raw = tmp_path / "data" / "raw"
+    with (FakeExportServer(api_key="k", secret_key=SECRET, events_per_hour=20, data_start=day,
+                           data_end=day.replace(hour=12), seed=0) as first,
+          FakeExportServer(api_key="k", secret_key=SECRET, events_per_hour=25, data_start=day,
+                           data_end=day.replace(hour=12), seed=1) as again):  # fmt: skip
+        for server, start, end, data in ((first, "T01", "T02", "data"), (first, "T03", "T12", "data"),
+                                         (again, "T00", "T10", "later")):  # fmt: skip
+            result = run_cli("extract", "--api-key", "k", "--secret-key", SECRET, "--base-url", server.url,
+                             "--start", f"2024-03-01{start}", "--end", f"2024-03-01{end}", "--data-dir", data,
+                             cwd=tmp_path)  # fmt: skip
+            assert result.returncode == 0, result.stderr
+    os.rename(tmp_path / "later" / "raw" / "20240301T00_20240301T10.zip", raw / "20240301T00_20240301T10.zip")
+    names = {"old": "20240301T01_20240301T02.zip", "older": "20240301T03_20240301T12.zip",
+             "new": "20240301T00_20240301T10.zip"}  # fmt: skip
+    for age, (_, name) in enumerate(sorted(names.items())):  # mtimes: new > old > older, not name order
+        os.utime(raw / name, ns=(10**18 - age * 10**12,) * 2)
+    newest = _uuids_by_hour(raw / names["new"])
+    expected = {hour: newest[hour] if hour <= 10 else _uuids_by_hour(raw / names["older"])[hour]
+                for hour in range(13)}  # fmt: skip
+
+    def exact(got: dict[int, set[str]]) -> bool:
+        # every uuid of the newest archive is stored, each under its first hour (the fake sends some again in a
+        # later hour); the older archive's hours 11 and 12 may miss a repeat whose first copy its hours 3-10 held
+        return all(got.get(hour, set()) <= uuids for hour, uuids in expected.items()) and set().union(
+            *got.values()) >= set().union(*newest.values())
+
+    def stored(dest: str) -> dict[int, set[str]]:
+        with duckdb.connect(dest, read_only=True) as con:
+            rows = con.execute("SELECT hour(_upload_hour), uuid FROM events").fetchall()
+        got: dict[int, set[str]] = {}
+        for hour, uuid in rows:
+            got.setdefault(hour, set()).add(uuid)
+        return got
+
+    result = run_cli("load", "--dest", "duckdb:fresh.duckdb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert exact(stored(str(tmp_path / "fresh.duckdb")))
+
+    # a destination already holding the newest archive's hours gets the older one's other hours, and its
+    # shared hours stay the newest's
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for key in ("old", "older"):
+        os.rename(raw / names[key], aside / names[key])
+    assert run_cli("load", "--dest", "duckdb:held.duckdb", cwd=tmp_path).returncode == 0
+    for key in ("old", "older"):
+        os.rename(aside / names[key], raw / names[key])
+    result = run_cli("load", "--dest", "duckdb:held.duckdb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert exact(stored(str(tmp_path / "held.duckdb")))

@@ -170,22 +170,41 @@ def load(
     privacy: Privacy | None = None,
 ) -> RunReport:
     """Load the archives already under `data_dir/raw/` whose hours the destination does not hold yet (`privacy`
-    and `keep_raw` as for `run`)."""
+    and `keep_raw` as for `run`).
+
+    A lookback lands a newer archive beside older ones holding some of its hours, so an hour is loaded from the
+    newest archive (by modification time) that holds it: an archive whose hours newer ones all hold is skipped, the
+    rest load oldest first, and a newer archive sharing hours with one this load wrote is loaded after it."""
     reporter = reporter or Reporter()
     report = RunReport(run_id or new_run_id())
     privacy, keep_raw = privacy_controls(sink, project, privacy, keep_raw, report, data_dir)
     ledger = sink.ledger(project)
     raw_dir = data_dir / "raw"
-    archives: list[tuple[Window, Path]] = []
-    for path in sorted(raw_dir.glob("*.zip")) if raw_dir.is_dir() else []:
+    found: list[tuple[int, str, Window, Path]] = []
+    for path in raw_dir.glob("*.zip") if raw_dir.is_dir() else []:
         try:
             window = Window.from_name(path.name.removesuffix(".zip"))
         except AmplitudeExportError:
             log.warning("skipping %s: its name is not <start>_<end>.zip", path.name)
             continue
-        done = all(h in ledger and ledger[h].status in DONE for h in window.each_hour())
-        if refresh or not done:
+        found.append((path.stat().st_mtime_ns, path.name, window, path))
+    newer: set[datetime] = set()  # hours an archive newer than the one at hand holds
+    current: list[tuple[Window, Path]] = []
+    for _, _, window, path in sorted(found, reverse=True):
+        hours = set(window.each_hour())
+        if hours <= newer:
+            log.info("skipping %s: newer archives hold all its hours", path.name)
+        else:
+            current.append((window, path))
+        newer |= hours
+    archives: list[tuple[Window, Path]] = []
+    rewritten: set[datetime] = set()  # hours this load replaces
+    for window, path in reversed(current):
+        hours = set(window.each_hour())
+        done = all(h in ledger and ledger[h].status in DONE for h in hours)
+        if refresh or not done or hours & rewritten:
             archives.append((window, path))
+            rewritten |= hours
     reporter.add_windows(len(archives))
     loader = Loader(sink, project, report.run_id, data_dir, ledger, workers=workers, keep_raw=keep_raw,
                     privacy=privacy)  # fmt: skip

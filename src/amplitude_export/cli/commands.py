@@ -281,6 +281,8 @@ def load(
 ) -> None:
     """Load archives already under DATA_DIR/raw (from `extract`) into the destination.
 
+    Where archives share hours (a lookback lands a newer one beside older ones), each hour comes from the newest.
+
     \b
     Example:
       amplitude-export extract --start 2024-03-01 --end 2024-03-02
