@@ -437,3 +437,22 @@ def test_load_takes_each_hour_from_the_newest_archive_that_holds_it(tmp_path: Pa
     result = run_cli("load", "--dest", "duckdb:held.duckdb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert exact(stored(str(tmp_path / "held.duckdb")))
+
+
+def test_run_refresh_downloads_again_instead_of_reusing_a_kept_archive(tmp_path: Path) -> None:
+    import duckdb
+
+    day = datetime(2024, 3, 1, tzinfo=UTC)
+    with (FakeExportServer(api_key="k", secret_key=SECRET, events_per_hour=20, data_start=day,
+                           data_end=day.replace(hour=10), seed=0) as first,
+          FakeExportServer(api_key="k", secret_key=SECRET, events_per_hour=25, data_start=day,
+                           data_end=day.replace(hour=10), seed=1) as changed):  # fmt: skip
+        for server, start, more in ((first, "2024-03-01T01", []), (changed, "2024-03-01T00", ["--refresh"])):
+            result = run_cli("run", "--api-key", "k", "--secret-key", SECRET, "--base-url", server.url, "--start",
+                             start, "--end", "2024-03-01T10" if more else "2024-03-01T02", "--no-progress", *more,
+                             cwd=tmp_path)  # fmt: skip
+            assert result.returncode == 0, result.stderr
+    fresh = set().union(*_uuids_by_hour(tmp_path / "data" / "raw" / "20240301T00_20240301T10.zip").values())
+    with duckdb.connect(str(tmp_path / "data" / "amplitude.duckdb"), read_only=True) as con:
+        stored = {uuid for (uuid,) in con.execute("SELECT uuid FROM events").fetchall()}
+    assert stored == fresh

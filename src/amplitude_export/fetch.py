@@ -81,13 +81,15 @@ def fetch_windows(
     reporter: Reporter | None = None,
     fresh: Iterable[Window] = (),
     live: bool = False,
+    refetch: bool = False,
 ) -> Iterator[Fetch]:
     """Fetch windows a few at a time and yield each one's `Fetch` as it completes.
 
     A window that is too large (400, or a 504 that persisted) is replaced by its halves, down to one hour; an
     hour that still fails is yielded as `failed` or `too_large`. An AuthError stops everything at once. New
     downloads start only when the consumer asks for the next result, so a slow loader bounds the disk used.
-    Windows in `fresh` (and their halves) are downloaded even if a copy is on disk.
+    Windows in `fresh` (and their halves) are downloaded even if a copy is on disk, to be compared with what was
+    loaded (a re-check); with `refetch`, every window is.
 
     With `live`, while no download has completed, the first attempt of a running one is yielded as `streaming`
     as soon as its body starts; its window is yielded again once fetched (a consumer that loaded it skips it).
@@ -112,7 +114,8 @@ def fetch_windows(
     def start(window: Window) -> Future[Download]:
         on_live = offer(window) if live else None
         return in_daemon_thread(
-            lambda: client.fetch(window, raw_dir, on_bytes=reporter.add_bytes, fresh=window in fresh, on_live=on_live),
+            lambda: client.fetch(window, raw_dir, on_bytes=reporter.add_bytes, fresh=refetch or window in fresh,
+                                 on_live=on_live),
             name="fetch",
         )
 

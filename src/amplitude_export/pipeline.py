@@ -89,13 +89,13 @@ def run(
     # a window's lines stay under the uuids a sink deduplicates in memory (read here: tests lower it)
     plan = plan_run(ledger, start=start, end=end, now=moment, lag_hours=lag_hours, window_hours=window_hours,
                     lookback_hours=lookback_hours, size_budget=size_budget, line_budget=sinks.SEEN_LIMIT * 9 // 10,
-                    refresh=refresh, landed=landed_windows(raw_dir))  # fmt: skip
+                    refresh=refresh, landed=set() if refresh else landed_windows(raw_dir))  # fmt: skip
     report.notes += plan.notes
     reporter.add_windows(len(plan.windows) + len(plan.recheck))
     loader = Loader(sink, project, report.run_id, data_dir, ledger, workers=workers, keep_raw=keep_raw,
                     privacy=privacy)  # fmt: skip
     for fetched in fetch_windows(client, sorted(plan.windows + plan.recheck), raw_dir, concurrency=concurrency,
-                                 reporter=reporter, fresh=plan.recheck, live=stream):  # fmt: skip
+                                 reporter=reporter, fresh=plan.recheck, live=stream, refetch=refresh):  # fmt: skip
         if (outcome := loader.take(fetched)) is not None:
             report.outcomes.append(outcome)
             reporter.window_done(outcome.describe())

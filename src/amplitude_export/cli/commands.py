@@ -101,7 +101,9 @@ def extract(
     is_flag=True,
     help="First apply the User Privacy API's deletion jobs, as the `deletions` command does.",
 )
-@click.option("--refresh", is_flag=True, help="Load windows again even if loaded (their rows are replaced).")
+@click.option("--refresh", is_flag=True,
+              help="Download and load windows again even if loaded (their rows are replaced; archives kept on "
+              "disk are not reused).")
 @click.option(
     "--lookback-hours",
     type=click.IntRange(0, 24 * 60),
