@@ -8,6 +8,7 @@ import pytest
 
 from amplitude_export.ledger import LOADED, HourRecord
 from amplitude_export.plan import plan_run
+from amplitude_export.windows import Window
 
 LAST_LOADED = datetime(2024, 3, 1, 23, tzinfo=UTC)
 
@@ -22,7 +23,7 @@ def plan_after(gap: timedelta, *, start: str | None = None, end: str | None = No
 
 def test_a_run_catching_up_more_than_a_week_says_so_first(caplog: pytest.LogCaptureFixture) -> None:
     plan = plan_after(timedelta(days=30))
-    note = ("catching up 720 hours since the last loaded hour (2024-03-02T00..2024-03-31T23 UTC); "
+    note = ("catching up 720 hours since the last hour recorded (2024-03-02T00..2024-03-31T23 UTC); "
             "pass --end to stop earlier")
     assert plan.notes == [note]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [note]
@@ -35,3 +36,20 @@ def test_a_week_or_less_and_an_explicit_start_catch_up_without_a_word(caplog: py
     explicit = plan_after(timedelta(days=30), start="2024-03-02")
     assert explicit.notes == [] and not caplog.records
     assert plan_after(timedelta(days=30), end="2024-03-31").notes == []
+
+
+def test_a_backfill_that_failed_whole_is_asked_again_in_windows_and_the_next_run_leaves_no_gap() -> None:
+    from amplitude_export.ledger import FAILED
+    from amplitude_export.windows import HOUR
+
+    first = datetime(2024, 3, 1, tzinfo=UTC)
+    failed = [first + HOUR * n for n in range(48)]  # 03-01 and 03-02, every request failed
+    ledger = {hour: HourRecord(hour, FAILED, reason="timed out") for hour in failed}
+    now = datetime(2024, 3, 5, 12, tzinfo=UTC)
+    plan = plan_run(ledger, start=None, end=None, now=now, lag_hours=2, window_hours=24, lookback_hours=0,
+                    size_budget=1 << 30, line_budget=10**9, refresh=False, landed=set())
+    asked = sorted(hour for window in plan.windows for hour in window.each_hour())
+    ready = datetime(2024, 3, 5, 9, tzinfo=UTC)
+    assert asked == [first + HOUR * n for n in range(int((ready - first) / HOUR) + 1)]  # 03-03 included
+    assert [w for w in plan.windows if w.end < datetime(2024, 3, 3, tzinfo=UTC)] == [
+        Window(first, first + HOUR * 23), Window(first + HOUR * 24, first + HOUR * 47)]

@@ -281,7 +281,7 @@ def run(
     run_id: str | None = None,
 ) -> RunResult:
     """Extract and load start..end into `dest`, exactly once per event (`amplitude-export run`); with no start,
-    continue after the last loaded hour. `sink`, an open destination, is used instead of opening `dest` (and
+    continue after the last hour recorded. `sink`, an open destination, is used instead of opening `dest` (and
     left open)."""
     from .pipeline import new_run_id
     from .pipeline import run as run_windows

@@ -113,10 +113,10 @@ class DeletionRecord:
 
 
 def incremental_start(ledger: dict[datetime, HourRecord]) -> datetime | None:
-    """The hour after the last hour the ledger holds as done (loaded or empty), or None for a destination never
-    loaded: where a run without --start begins."""
-    done = [hour for hour, record in ledger.items() if record.status in DONE]
-    return max(done) + HOUR if done else None
+    """The hour after the last hour the ledger holds (loaded, empty, failed or too large), or None for a
+    destination never written: where a run without --start begins. Failed hours before it are asked again apart
+    (`plan.plan_run`), so a backfill that failed whole leaves no gap after it."""
+    return max(ledger) + HOUR if ledger else None
 
 
 def spans(ledger: dict[datetime, HourRecord], *, by_day: bool = True) -> list[dict[str, Any]]:

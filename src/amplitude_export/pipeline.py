@@ -74,7 +74,7 @@ def run(
 ) -> RunReport:
     """Extract and load start..end into `sink`, downloading the next windows while one loads.
 
-    Without `start`, continue after the last loaded hour and re-check the `lookback_hours` before the end
+    Without `start`, continue after the last hour recorded and re-check the `lookback_hours` before the end
     (`plan.plan_run` gives the rules). With `stream`, a window is loaded while it downloads when the loader
     would otherwise wait (`live.py`). `privacy` applies to every batch and reject, and the users of the deletion
     jobs the destination applied are always left out; with PII controls `keep_raw` defaults to False.

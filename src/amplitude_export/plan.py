@@ -57,7 +57,7 @@ def plan_run(
     """The windows of a run, fitted to `size_budget` bytes of archive and `line_budget` lines, and replaced by the
     `landed` archives inside them.
 
-    With no `start`, continue from the hour after the last one loaded (the first run takes yesterday, or the day
+    With no `start`, continue from the hour after the last one recorded (the first run takes yesterday, or the day
     of `end` if that is earlier), up to the last ready hour (or `end`); hours failed by earlier runs are asked
     again, and the loaded and empty hours among the `lookback_hours` before the end are to be fetched again and
     compared (`recheck`). Hours the ledger holds as done (or too large) are asked again only with `refresh`.
@@ -74,8 +74,9 @@ def plan_run(
     elif start is None:
         plan.notes.append(f"the destination is up to date (loaded through {label_hour(first - HOUR)})")
     if start is None:  # hours failed by earlier runs, before this run's range, are asked again
-        retry = sorted(h for h, r in ledger.items() if r.status == FAILED and h < first)
-        plan.windows += [Window(h, h) for h in retry if not any(w.start <= h <= w.end for w in plan.windows)]
+        retry = [h for h, r in ledger.items() if r.status == FAILED and h < first
+                 and not any(w.start <= h <= w.end for w in plan.windows)]  # fmt: skip
+        plan.windows += [w for run in consecutive(retry) for w in plan_windows(run.start, run.end, window_hours)]
         if lookback_hours > 0:
             plan.recheck = lookback_windows(ledger, ready, lookback_hours, window_hours, exclude=plan.windows)
     too_large = sorted(h for h, r in ledger.items() if r.status == TOO_LARGE and first <= h <= ready)
@@ -102,8 +103,8 @@ def _warn_long_catch_up(plan: Plan, first: datetime, ready: datetime) -> None:
     hours = Window(first, ready).hours
     if hours > CATCH_UP_WARNING_HOURS:
         note = (
-            f"catching up {plural(hours, 'hour')} since the last loaded hour ({label_hour(first)}..{label_hour(ready)}"
-            " UTC); pass --end to stop earlier"
+            f"catching up {plural(hours, 'hour')} since the last hour recorded ({label_hour(first)}.."
+            f"{label_hour(ready)} UTC); pass --end to stop earlier"
         )
         log.warning(note)
         plan.notes.append(note)

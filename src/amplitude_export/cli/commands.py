@@ -180,8 +180,9 @@ def run(
 ) -> None:
     """Extract and load: download windows and load them into the destination, exactly once per event.
 
-    With no --start, continue after the last loaded hour up to the last ready hour or --end (the first run takes
-    yesterday, or the day of an earlier --end), so a daily cron entry needs no dates.
+    With no --start, continue after the last hour recorded (failed hours are asked again) up to the last ready
+    hour or --end (the first run takes yesterday, or the day of an earlier --end), so a daily cron entry needs no
+    dates.
 
     \b
     Example:
