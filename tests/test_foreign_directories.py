@@ -81,7 +81,7 @@ def test_a_delta_destination_must_name_a_path(tmp_path: Path) -> None:
     result = cli("run", "--start", "2024-03-01", "--end", "2024-03-01", "--base-url", "http://127.0.0.1:9",
                  "--dest", "delta:", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == "error: delta: name a table directory or URL: delta:PATH, delta:s3://bucket/prefix"
+    assert result.stderr.strip() == "error: --dest 'delta:' names no path: give delta:PATH"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -93,3 +93,24 @@ def test_hidden_files_and_lost_found_count_as_empty(kind: str, tmp_path: Path, f
     (place / ".DS_Store").write_text("")
     done = load(fake_server, f"{kind}:{place}", tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_duckdb_file_whose_events_table_is_not_ours_is_refused_and_left_as_it_was(
+    tmp_path: Path, fake_server: FakeExportServer
+) -> None:
+    import duckdb
+
+    path = tmp_path / "theirs.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE events (a INTEGER)")
+        con.execute("INSERT INTO events VALUES (1)")
+    for args in (["run", "--base-url", fake_server.url, "--start", "2024-03-01T00", "--end", "2024-03-01T01",
+                  "--no-progress"], ["status"], ["verify"], ["report"]):  # fmt: skip
+        result = cli(*args, "--dest", f"duckdb:{path}", cwd=tmp_path)
+        assert result.returncode == 4, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: {path} holds an events table that amplitude-export did not make (it has no uuid, _project, "
+            "_upload_hour): name another file"]
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SHOW TABLES").fetchall() == [("events",)]
+        assert con.execute("SELECT * FROM events").fetchall() == [(1,)]

@@ -155,6 +155,7 @@ class DuckDBSink:
             self._release()
             raise
         configure(self.connection)
+        self._refuse_foreign_events()
         if not read_only:
             # DuckDB's vacuum merges the partial row group each window leaves into full ones at every checkpoint,
             # rewriting them (~1 s per 4 windows of 126 k events, measured); our loads leave that to a later
@@ -180,6 +181,18 @@ class DuckDBSink:
         for name, old in RETYPED.items():
             if types.get(name) == DUCKDB_TYPES[old]:
                 self._retype(name)
+
+    def _refuse_foreign_events(self) -> None:
+        """Refuse, before anything is written, a file whose `events` table this tool did not make."""
+        present = {row[0] for row in self.connection.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND table_name = ?", [EVENTS]
+        ).fetchall()}
+        lacking = [name for name in ("uuid", "_project", "_upload_hour") if present and name not in present]
+        if lacking:
+            self.close()
+            raise DestinationError(f"{self.path} holds an events table that amplitude-export did not make (it has "
+                                   f"no {', '.join(lacking)}): name another file")
 
     def _retype(self, name: str) -> None:
         """Migrate a column of an older version's `events` to its kind now (schema.RETYPED), in one transaction."""
