@@ -329,6 +329,7 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> 
     (["--base-url", "http://127.0.0.1:9#frag"], "has a fragment"),
     (["--dest", "duckdb:"], "names no path"),
     (["--dest", "postgresql://postgres@127.0.0.1:9/test", "--schema", ""], "--schema is empty"),
+    (["--dest", "parquet:x", "--storage-option", "pw-123"], "expected KEY=VALUE"),
 ])
 def test_a_run_refused_for_its_base_url_or_destination_creates_nothing(tmp_path: Path, args: list[str],
                                                                         words: str) -> None:
@@ -456,3 +457,22 @@ def test_run_refresh_downloads_again_instead_of_reusing_a_kept_archive(tmp_path:
     with duckdb.connect(str(tmp_path / "data" / "amplitude.duckdb"), read_only=True) as con:
         stored = {uuid for (uuid,) in con.execute("SELECT uuid FROM events").fetchall()}
     assert stored == fresh
+
+
+def test_load_from_a_data_dir_without_archives_is_refused_and_a_second_load_says_why_it_does_nothing(
+    tmp_path: Path,
+) -> None:
+    result = run_cli("load", "--data-dir", "nonexist", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: --data-dir nonexist: it holds no archives")
+    assert list(tmp_path.iterdir()) == []
+    day = datetime(2024, 3, 1, tzinfo=UTC)
+    with FakeExportServer(api_key="k", secret_key=SECRET, events_per_hour=20, data_start=day,
+                          data_end=day.replace(hour=1)) as server:  # fmt: skip
+        assert run_cli("extract", "--api-key", "k", "--secret-key", SECRET, "--base-url", server.url, "--start",
+                       "2024-03-01T00", "--end", "2024-03-01T01", cwd=tmp_path).returncode == 0  # fmt: skip
+    first = run_cli("load", "--project", "p", cwd=tmp_path)
+    again = run_cli("load", "--project", "p", cwd=tmp_path)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert "log: logs/" in first.stdout
+    assert ("nothing to load: the hours of the 1 archive under data/raw are loaded already (--refresh loads them "
+            "again)") in again.stdout

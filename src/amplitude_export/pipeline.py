@@ -212,6 +212,9 @@ def load(
         outcome = loader.load(window, path)
         report.outcomes.append(outcome)
         reporter.window_done(outcome.describe())
-    if not archives:
+    if not archives and found:
+        report.notes.append(f"nothing to load: the hours of the {plural(len(found), 'archive')} under {raw_dir} are "
+                            "loaded already (--refresh loads them again)")
+    elif not archives:
         report.notes.append(f"no archives to load under {raw_dir}")
     return report

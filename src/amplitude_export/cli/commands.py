@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .. import api, clock
+from ..errors import UsageError
 from .app import EXIT_CODES, cli, reports_errors
 from .options import (
     credential_options,
@@ -295,6 +296,9 @@ def load(
 
     api.privacy_controls(exclude_columns, hash_columns, warn=False)
     url = destination(dest, data_dir)
+    if not (data_dir / "raw").is_dir():
+        raise UsageError(f"--data-dir {data_dir}: it holds no archives ({data_dir / 'raw'} does not exist); name "
+                         "the data dir `extract` landed them in")
     created = make_dirs(data_dir=data_dir, log_dir=log_dir)
     run_id = new_run_id(clock.now())
     reporter, log_path = start_logging(log_dir, run_id, progress, verbose)
@@ -317,7 +321,7 @@ def load(
         )
     finally:
         sink.close()
-    click.echo(report.summary())
+    print_run(report.summary(), log_path)
     sys.exit(report.exit_code)
 
 
@@ -373,7 +377,6 @@ def deletions(
     """
     from ..config import load_credentials
     from ..deletions import parse_day
-    from ..errors import UsageError
     from ..pipeline import new_run_id
 
     load_credentials(api_key=api_key, secret_key=secret_key, region=region, base_url=base_url)

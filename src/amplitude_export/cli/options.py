@@ -206,9 +206,11 @@ def redact(text: str) -> str:
 
 
 def destination(dest: str | None, data_dir: Path) -> str:
-    """The destination URL, with --schema carried as its `schema` parameter (PostgreSQL only)."""
+    """The destination URL, with --schema carried as its `schema` parameter (PostgreSQL only); bad
+    --storage-option pairs are refused here too, before a command creates anything."""
     from ..api import destination as url_of
 
+    storage_options()
     return url_of(dest, data_dir, schema=schema())
 
 
