@@ -191,3 +191,37 @@ def test_the_cli_bounds_retries_by_time(tmp_path: Path) -> None:
         seconds = time.monotonic() - started
     assert done.returncode == 1 and "FAILED 2024-03-01T00" in done.stdout, done.stdout + done.stderr
     assert seconds < 30, seconds
+
+
+def test_reads_take_dates_one_column_name_and_refuse_an_end_before_the_start(loaded: tuple[str, Path]) -> None:
+    import datetime as dt
+
+    dest, _ = loaded
+    whole = amplitude_export.read_arrow(dest)
+    assert amplitude_export.read_arrow(dest, start=dt.date(2024, 3, 1), end=dt.date(2024, 3, 1)).num_rows == (
+        whole.num_rows)
+    assert amplitude_export.read_arrow(dest, columns="uuid").column_names == ["uuid"]
+    with pytest.raises(UsageError, match="end 2024-03-01T05 is before start 2024-03-01T06"):
+        amplitude_export.read_arrow(dest, start="2024-03-01T06", end="2024-03-01T05")
+
+
+def test_reads_name_a_postgresql_schema_as_status_does(server: FakeExportServer, tmp_path: Path,
+                                                       pg_schema: str) -> None:
+    from conftest import POSTGRES_URL
+
+    result = amplitude_export.run(POSTGRES_URL, schema=pg_schema, start="2024-03-01T00", end="2024-03-01T01",
+                                  api_key="demo-key", secret_key="demo-secret", base_url=server.url,
+                                  data_dir=tmp_path / "data")  # fmt: skip
+    assert result.ok
+    rows = amplitude_export.read_arrow(POSTGRES_URL, schema=pg_schema).num_rows
+    assert rows == result.events.events == len(amplitude_export.read_events(POSTGRES_URL, schema=pg_schema,
+                                                                            columns="uuid"))
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_attempts", 0), ("lag_hours", -50), ("read_timeout", 0),
+                                               ("retry_timeout", -1), ("window_hours", 0), ("workers", 99)])
+def test_run_refuses_the_numbers_the_cli_refuses(option: str, value: float, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=f"^{option} must be "):
+        amplitude_export.run(f"duckdb:{tmp_path / 'x.duckdb'}", api_key="k", secret_key="s",
+                             base_url="http://127.0.0.1:9", data_dir=tmp_path / "data", **{option: value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

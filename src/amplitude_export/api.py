@@ -144,6 +144,26 @@ def hour_text(value: Hour | None, *, is_end: bool = False) -> str | None:
     return label_hour(hour) if hour is not None else None
 
 
+# what the CLI's option types refuse, for library callers: (least, most, whether the least itself is refused)
+_LIMITS: dict[str, tuple[float, float | None, bool]] = {
+    "window_hours": (1, None, False), "lag_hours": (0, None, False), "lookback_hours": (0, 24 * 60, False),
+    "size_budget_mb": (1, 4000, False), "max_attempts": (1, 50, False), "retry_wait": (0, 600, False),
+    "retry_timeout": (0, None, True), "read_timeout": (0, None, True), "workers": (1, 16, False),
+}
+
+
+def check_limits(**values: float | None) -> None:
+    """Refuse a number outside what the matching CLI option allows (None: not given), as a UsageError."""
+    for name, value in values.items():
+        least, most, open_below = _LIMITS[name]
+        if value is None:
+            continue
+        if value < least or (open_below and value == least) or (most is not None and value > most):
+            allowed = (f"more than {least:g}" if open_below else f"at least {least:g}" if most is None
+                       else f"from {least:g} to {most:g}")
+            raise UsageError(f"{name} must be {allowed}, got {value!r}")
+
+
 def check_range(start: str | None, end: str | None, lag_hours: float, *, incremental: bool) -> None:
     """Refuse dates that do not parse (or an end before the start) before anything is created."""
     from .windows import parse_hour, resolve_range
@@ -289,6 +309,9 @@ def run(
     from .streams import EVENTS, check_sink, parse_streams, run_streams
 
     names = parse_streams(streams)
+    check_limits(window_hours=window_hours, lag_hours=lag_hours, lookback_hours=lookback_hours,
+                 size_budget_mb=size_budget_mb, max_attempts=max_attempts, retry_wait=retry_wait,
+                 retry_timeout=retry_timeout, read_timeout=read_timeout, workers=workers)  # fmt: skip
     credentials = _credentials(api_key, secret_key, region, base_url)
     first, last = hour_text(start), hour_text(end, is_end=True)
     check_range(first, last, lag_hours, incremental=True)

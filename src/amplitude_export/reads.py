@@ -2,14 +2,16 @@
 the tables of `run --streams`; what `status` and `verify` show.
 
 `start` and `end` name whole UTC upload hours (`server_upload_time`), both inclusive: the CLI's forms
-(`2024-03-01`, `20240301T05`), ISO 8601 times (`2024-03-01T05:00:00Z`) or aware datetimes, each naming the hour
-that holds it. `project` keeps to one project's events (all projects when None); `columns` to those columns.
+(`2024-03-01`, `20240301T05`), ISO 8601 times (`2024-03-01T05:00:00Z`), dates (a whole day) or aware datetimes,
+each naming the hour that holds it; an end before the start is refused. `project` keeps to one project's events
+(all projects when None); `columns` to those columns (a string: that one column); `schema` names a PostgreSQL
+destination's schema, as `--schema` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +28,19 @@ TIME_COLUMN = "server_upload_time"
 PANDAS_MISSING = "read_events needs pandas: pip install 'amplitude-export[pandas]'"
 
 
-def _hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
-    from .windows import HOUR, as_hour
+def _bounds(start: str | date | None, end: str | date | None) -> tuple[datetime | None, datetime | None]:
+    """The first and last moments of start..end (UTC hours, both inclusive); an end before the start is refused."""
+    from .windows import HOUR, as_hour, label_hour
 
-    hour = as_hour(value, is_end=is_end)
-    if hour is not None and is_end:
-        return hour + HOUR - timedelta(microseconds=1)  # the end hour is inclusive: every microsecond of it
-    return hour
+    first, last = as_hour(start, is_end=False), as_hour(end, is_end=True)
+    if first is not None and last is not None and last < first:
+        raise UsageError(f"end {label_hour(last)} is before start {label_hour(first)}")
+    # the end hour is inclusive: every microsecond of it
+    return first, last + HOUR - timedelta(microseconds=1) if last is not None else None
+
+
+def _columns(columns: str | Sequence[str] | None) -> Sequence[str] | None:
+    return [columns] if isinstance(columns, str) else columns  # one name, not its letters
 
 
 def read_batches(
@@ -43,6 +51,7 @@ def read_batches(
     end: str | datetime | None = None,
     project: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    schema: str | None = None,
 ) -> pa.RecordBatchReader:
     """The loaded events of `dest` as a stream of Arrow batches (a `pyarrow.RecordBatchReader`), only `columns`
     (all by default), in no particular order; memory stays bounded however many events there are. The
@@ -53,15 +62,15 @@ def read_batches(
     from .schema import arrow_schema
     from .sinks import open_sink
 
-    first, last = _hour(start, is_end=False), _hour(end, is_end=True)
-    wanted = arrow_schema(columns)
+    first, last = _bounds(start, end)
+    wanted = arrow_schema(_columns(columns))
     read = list(wanted.names)
     if (first is not None or last is not None) and TIME_COLUMN not in read:
         read.append(TIME_COLUMN)  # to filter on; left out of the batches handed back
     bounds = [
         (compare, bound) for compare, bound in ((pc.greater_equal, first), (pc.less_equal, last)) if bound is not None
     ]
-    sink = open_sink(dest, read_only=True, storage_options=storage_options)
+    sink = open_sink(destination(dest, schema=schema), read_only=True, storage_options=storage_options)
     try:
         stream = sink.read_batches(read, project=project)
     except BaseException:
@@ -91,6 +100,7 @@ def read_arrow(
     project: str | None = None,
     columns: Sequence[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    schema: str | None = None,
 ) -> pa.Table:
     """The loaded events of `dest` (`duckdb:PATH`, `parquet:DIR`, `postgresql://...`, ...) as an Arrow table, in
     load order; with `columns`, only those (read as a stream, in no particular order).
@@ -101,11 +111,12 @@ def read_arrow(
     from .sinks import open_sink
 
     if columns is not None:
-        reader = read_batches(dest, columns, start=start, end=end, project=project, storage_options=storage_options)
+        reader = read_batches(dest, columns, start=start, end=end, project=project, storage_options=storage_options,
+                              schema=schema)
         with reader:
             return reader.read_all()
-    first, last = _hour(start, is_end=False), _hour(end, is_end=True)
-    sink = open_sink(dest, read_only=True, storage_options=storage_options)
+    first, last = _bounds(start, end)
+    sink = open_sink(destination(dest, schema=schema), read_only=True, storage_options=storage_options)
     try:
         return sink.read_arrow(first, last, project)
     finally:
@@ -120,6 +131,7 @@ def read_events(
     project: str | None = None,
     columns: Sequence[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    schema: str | None = None,
 ) -> pd.DataFrame:
     """Like `read_arrow`, as a pandas DataFrame whose columns keep their Arrow types (`pd.ArrowDtype`): a BIGINT
     column with nulls stays integers, timestamps stay UTC-aware, JSON columns are text.
@@ -130,7 +142,8 @@ def read_events(
         import pandas as pd
     except ImportError:
         raise UsageError(PANDAS_MISSING) from None
-    table = read_arrow(dest, start, end, project=project, columns=columns, storage_options=storage_options)
+    table = read_arrow(dest, start, end, project=project, columns=columns, storage_options=storage_options,
+                       schema=schema)
     return table.to_pandas(types_mapper=pd.ArrowDtype)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
 
 from .errors import UsageError
@@ -74,11 +74,14 @@ def _iso_moment(value: str) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def as_hour(value: str | datetime | None, *, is_end: bool) -> datetime | None:
-    """The UTC hour a library caller's start or end names: a string as `parse_hour` reads it, an aware datetime
-    as the hour that contains it (a naive one is refused: its zone is unknown)."""
+def as_hour(value: str | date | datetime | None, *, is_end: bool) -> datetime | None:
+    """The UTC hour a library caller's start or end names: a string as `parse_hour` reads it, a date as its first
+    hour (start) or last (end), an aware datetime as the hour that contains it (a naive one is refused: its zone
+    is unknown)."""
     if value is None:
         return None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return parse_hour(value.isoformat(), is_end=is_end)
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise UsageError(f"{value!r} has no time zone: pass an aware datetime (UTC)")
