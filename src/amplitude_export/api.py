@@ -115,6 +115,9 @@ def resolve_project(project: str | None, api_key: str | None, sink: Sink, *, rea
     from .config import load_credentials
 
     if project:
+        known = sink.projects() if reading else []
+        if known and project not in known:
+            raise UsageError(f"{sink.description} knows no project {project!r}; it has {', '.join(known)}")
         return project
     try:
         key: str | None = load_credentials(api_key=api_key, secret_key="unused").api_key

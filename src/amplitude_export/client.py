@@ -246,7 +246,7 @@ class ExportClient:
             # a 504 that persists means the window takes too long to prepare, whatever the last answer was
             if timed_out:
                 raise WindowTooLargeError(
-                    f"504 gateway timeout after {attempt_no} attempts", window=str(window),
+                    f"504 gateway timeout after {attempt_no} attempt{'s' * (attempt_no != 1)}", window=str(window),
                     status=GATEWAY_TIMEOUT, attempts=attempt_no,
                 ) from exc
             exc.attempts = attempt_no

@@ -27,7 +27,7 @@ import logging
 import re
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -83,13 +83,13 @@ class SyncReport:
         """What the `deletions` command prints: one line per job, then the totals."""
         out = [f"deletion jobs {self.start_day}..{self.end_day}: {len(self.jobs)} listed"]
         for record in self.applied:
-            out.append(f"  {record.day} {record.status}: applied, {len(record.amplitude_ids):,} users, "
+            out.append(f"  {record.day} {record.status}: applied, {_users(record.amplitude_ids)}, "
                        f"{record.rows_deleted:,} events rows and {record.cohort_rows_deleted:,} cohort_members rows "
                        "deleted in all")
         for record in self.unchanged:
-            out.append(f"  {record.day} {record.status}: already applied ({len(record.amplitude_ids):,} users)")
+            out.append(f"  {record.day} {record.status}: already applied ({_users(record.amplitude_ids)})")
         for job in self.pending:
-            out.append(f"  {job.day} {job.status}: {len(job.amplitude_ids):,} users, not applied until Amplitude "
+            out.append(f"  {job.day} {job.status}: {_users(job.amplitude_ids)}, not applied until Amplitude "
                        "locks the job (it can still be revoked)")
         if self.archives_dropped:
             out.append(f"raw archives dropped (they held deleted users' events): {len(self.archives_dropped):,}")
@@ -351,3 +351,7 @@ def scrub_rejects(rejects_dir: Path, amplitude_ids: set[int]) -> int:
             except OSError as exc:
                 raise StorageError.from_os_error(exc, path) from None
     return removed
+
+
+def _users(ids: Sized) -> str:
+    return f"{len(ids):,} user" + "s" * (len(ids) != 1)

@@ -101,7 +101,7 @@ def pick_project(projects: list[str], project: str | None) -> str | None:
             raise UsageError(f"the ledger knows no project {project!r}; it has {', '.join(projects)}")
         return project
     if len(projects) > 1:
-        raise UsageError(f"the destination holds several projects ({', '.join(projects)}): name one")
+        raise UsageError(f"the destination holds several projects ({', '.join(projects)}): name one with --project")
     return projects[0] if projects else None
 
 
