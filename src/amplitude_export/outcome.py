@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,14 +103,20 @@ class RunReport:
         return "\n".join(lines)
 
 
-def lookback_note(recheck: list[Window], changed: list[datetime]) -> str:
-    """The line a run with a lookback ends with: the hours Amplitude changed, or that the re-checked are unchanged."""
+def lookback_note(recheck: list[Window], changed: list[datetime], unsure: Iterable[Window] = ()) -> str:
+    """The line a run with a lookback ends with: the hours Amplitude changed, or that the re-checked are unchanged;
+    hours of `unsure` windows (a re-check that failed, or a 404 for loaded hours) are not called unchanged."""
     if changed:
         return (
             f"{plural(len(changed), 'hour')} changed since last run: "
             + ", ".join(label_hour(h) for h in sorted(changed))
             + " (reloaded)"
         )
-    rechecked = sum(w.hours for w in recheck)
-    verb = "is" if rechecked == 1 else "are"
-    return f"lookback: the {plural(rechecked, 'hour')} re-checked (loaded or empty) {verb} unchanged"
+    hours = {h for w in recheck for h in w.each_hour()}
+    uncompared = hours & {h for w in unsure for h in w.each_hour()}
+    compared = len(hours) - len(uncompared)
+    verb = "is" if compared == 1 else "are"
+    notes = [f"the {plural(compared, 'hour')} re-checked (loaded or empty) {verb} unchanged"] if compared else []
+    if uncompared:
+        notes.append(f"{plural(len(uncompared), 'hour')} re-checked could not be compared (above)")
+    return "lookback: " + "; ".join(notes)

@@ -102,7 +102,8 @@ def run(
     report.notes += loader.notes
     if plan.recheck:
         report.changed_hours = sorted(loader.changed)
-        report.notes.append(lookback_note(plan.recheck, loader.changed))
+        unsure = [o.window for o in report.outcomes if o.status in ("kept", "recheck_failed")]
+        report.notes.append(lookback_note(plan.recheck, loader.changed, unsure))
         log.info(report.notes[-1])
     report.outcomes.sort(key=lambda o: o.window)
     return report
