@@ -136,3 +136,17 @@ def test_spans_cut_at_midnight_unless_asked_not_to() -> None:
         ("2024-03-01T22", "2024-03-02T01", LOADED, None, 400),
         ("2024-03-02T02", "2024-03-02T02", FAILED, "504", 0),
     ]
+
+
+def test_hours_missing_between_the_first_and_the_last_are_named(tmp_path: Path) -> None:
+    # two explicit ranges leave a gap that a run without --start never asks for: status says so
+    dest = f"duckdb:{tmp_path / 'a.duckdb'}"
+    with stamina.set_testing(True), FakeExportServer(events_per_hour=5) as server:
+        credentials = Credentials(server.api_key, Secret("demo-secret"), "us", server.url)
+        for start, end in (("2024-03-01T00", "2024-03-01T02"), ("2024-03-01T06", "2024-03-01T07")):
+            with ExportClient(credentials) as client, open_sink(dest) as sink:
+                assert run(client, sink, project="web", start=start, end=end, data_dir=tmp_path / "data").exit_code == 0
+    code, out, err = status("--dest", dest, "--json")
+    assert code == 0 and json.loads(out)["missing_hours"] == ["2024-03-01T03", "2024-03-01T04", "2024-03-01T05"]
+    code, out, err = status("--dest", dest)
+    assert "3 hours between the first and the last are missing (2024-03-01T03..2024-03-01T05)" in " ".join(out.split())

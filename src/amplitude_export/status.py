@@ -17,7 +17,7 @@ from rich.table import Table
 from .ledger import EMPTY, FAILED, LOADED, TOO_LARGE, HourRecord, incremental_start, spans
 from .sinks import Sink
 from .table_ledger import TableState, describe
-from .windows import Window, label_hour, parse_hour
+from .windows import Window, hour_runs, label_hour, parse_hour
 
 HASH_CHARS = 12  # enough of a sha256 to tell two versions of an hour apart by eye
 _STYLES = {FAILED: "red", TOO_LARGE: "red", EMPTY: "dim"}
@@ -60,6 +60,10 @@ def status_data(
         "hours_empty": sum(r.status == EMPTY for r in ledger.values()),
         "events": sum(r.events_loaded for r in ledger.values()),
         "failed_hours": [label_hour(h) for h, r in sorted(ledger.items()) if r.status in (FAILED, TOO_LARGE)],
+        # hours between the first and the last the ledger records that it does not: runs of explicit ranges left
+        # them, and a run without --start never asks for them
+        "missing_hours": [label_hour(h) for h in Window(min(ledger), max(ledger)).each_hour() if h not in ledger]
+        if ledger else [],
         "windows": spans(ledger),
         "ledger": [ledger[hour].to_dict() for hour in sorted(ledger)],
         # deletion jobs applied (docs/PRIVACY.md); a sink without a deletions ledger has none
@@ -140,6 +144,12 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
                       f"{': the Export API had no data for them' if empty else ''}); {nxt}")
     if data["failed_hours"]:
         console.print(f"[red]{_plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")
+    if data.get("missing_hours"):
+        gaps = [window for window, _ in hour_runs((parse_hour(h), None) for h in data["missing_hours"])]
+        shown = ", ".join(f"{label_hour(w.start)}..{label_hour(w.end)}" for w in gaps[:5])
+        console.print(f"[yellow]{_plural(len(data['missing_hours']), 'hour')} between the first and the last are "
+                      f"missing ({shown}{', ...' if len(gaps) > 5 else ''}): a run with --start and --end over "
+                      "them loads them[/yellow]", highlight=False)
     for job in data.get("deletions", []):
         console.print(f"deletion job {job['day']} ({job['status']}): {_plural(len(job['amplitude_ids']), 'user')}, "
                       f"{job['rows_deleted']:,} events rows and {job['cohort_rows_deleted']:,} cohort_members rows "
