@@ -169,6 +169,7 @@ def test_a_malformed_url_exits_2_and_an_unusable_server_4(
 ) -> None:
     role, schema = pg_role
     dest = url_for(role) if dest == "role" else dest
+    (tmp_path / "d" / "raw").mkdir(parents=True)  # archives to load: only the destination is wrong
     # a subprocess: `load` sets up logging for the whole process
     result = subprocess.run(
         [sys.executable, "-c", "from amplitude_export.cli import main; main()", "load", "--dest", dest,
