@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from s3 import LoopbackS3, loopback_s3
@@ -19,6 +20,27 @@ DAY = datetime(2024, 3, 1, tzinfo=UTC)  # the fake server's default test data: 2
 # real Export API lines (a copy of shared/reference/real-export-events.jsonl), kept in the repository so a fresh
 # clone passes wherever it sits
 REAL_EVENTS = Path(__file__).resolve().parent / "data" / "real-export-events.jsonl"
+
+
+# modules whose tests share costly module-scoped state (a Spark session; a doc page's earlier blocks, which a
+# block on another worker would run again; loaded destinations): one worker runs each of them
+ONE_WORKER_MODULES = ("tests/test_doc_examples.py", "tests/test_spark.py", "tests/test_report.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist load` (the default of `-n`), except that each of ONE_WORKER_MODULES goes to one worker.
+
+    xdist's own `loadgroup` cannot do it here: it renames node ids, which pytest 9 no longer lets it do."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return ModulesTogether(config, log)
 
 
 @pytest.fixture
