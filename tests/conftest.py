@@ -21,6 +21,10 @@ DAY = datetime(2024, 3, 1, tzinfo=UTC)  # the fake server's default test data: 2
 # clone passes wherever it sits
 REAL_EVENTS = Path(__file__).resolve().parent / "data" / "real-export-events.jsonl"
 
+# the JVMs the tests start (Spark's, also in the doc examples and the benchmark) live for seconds: JIT tiers and
+# parallel GC threads only cost CPU there, and no test checks a JVM's speed
+os.environ.setdefault("JDK_JAVA_OPTIONS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
+
 
 # modules whose tests share costly module-scoped state (a Spark session; a doc page's earlier blocks, which a
 # block on another worker would run again; loaded destinations): one worker runs each of them
