@@ -47,8 +47,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return ModulesTogether(config, log)
 
 
+@pytest.fixture(scope="session")
+def fake_members(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The member cache of every `fake_server` of a worker: a member's cache name holds everything it is built
+    from (seed, hour, version, counts, deletions), so servers alike share it and build the day once."""
+    return tmp_path_factory.mktemp("fake-members")
+
+
 @pytest.fixture
-def fake_server() -> Iterator[FakeExportServer]:
+def fake_server(fake_members: Path) -> Iterator[FakeExportServer]:
     """A fake Export API on loopback with one day of data (2024-03-01, 20 events an hour, one member each).
 
     Tests that need other options build their own: `with FakeExportServer(...) as srv:`.
@@ -59,6 +66,7 @@ def fake_server() -> Iterator[FakeExportServer]:
         events_per_hour=20,
         data_start=DAY,
         data_end=DAY.replace(hour=23),
+        cache_dir=fake_members,
     ) as server:
         yield server
 
