@@ -155,9 +155,10 @@ def test_only_a_load_into_a_server_on_this_machine_parses_on_one_thread_that_giv
         watcher.join()
     assert result.exit_code == 0 and result.events is not None and result.events.events > 11_000
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+    lowered = min(mine + BACKGROUND_NICE, 19)  # the kernel's lowest priority caps it
     if kind == "postgres":
         assert set(seen) == {"amplitude-export-parse-0"} and seen["amplitude-export-parse-0"] <= {
-            mine, mine + BACKGROUND_NICE} and mine + BACKGROUND_NICE in seen["amplitude-export-parse-0"]
+            mine, lowered} and lowered in seen["amplitude-export-parse-0"]
     else:
         assert len(seen) == 2 and all(nice == {mine} for nice in seen.values()), seen
 
