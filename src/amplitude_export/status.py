@@ -55,6 +55,7 @@ def status_data(
         "start": label_hour(start) if start else None,
         "end": label_hour(end) if end else None,
         "next_run_starts": label_hour(resume) if resume else None,
+        "other_projects": [name for name in sink.projects() if name != project],
         "hours": len(ledger),
         "hours_loaded": sum(r.status == LOADED for r in ledger.values()),
         "hours_empty": sum(r.status == EMPTY for r in ledger.values()),
@@ -142,6 +143,9 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
         console.print(f"{data['events']:,} events in {_plural(data['hours'], 'hour')}{limited} "
                       f"({data['hours_loaded']:,} loaded, {empty:,} empty"
                       f"{': the Export API had no data for them' if empty else ''}); {nxt}")
+    if data.get("other_projects"):
+        console.print(f"the destination also holds project {', '.join(data['other_projects'])}: --project names "
+                      "which one to show", highlight=False)
     if data["failed_hours"]:
         console.print(f"[red]{_plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")
     if data.get("missing_hours"):
