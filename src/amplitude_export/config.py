@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from .errors import UsageError
+from .storage import mask_urls
 
 # Seconds from a window's first attempt after which no new attempt starts (`ExportClient`, --retry-timeout): long
 # enough for a few full retries of a slow export, short enough that one window that keeps failing does not hold
@@ -108,7 +109,7 @@ def check_base_url(url: str, source: str = "--base-url") -> str:
         parts = urlsplit(text)
         shown = _without_password(text)
     except ValueError:  # an unclosed `[` of an IPv6 host
-        raise UsageError(f"{source} must look like https://host[:port], got {_masked(text)!r}") from None
+        raise UsageError(f"{source} must look like https://host[:port], got {mask_urls(text)!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{source} must look like https://host[:port], got {shown!r}")
     try:
@@ -124,12 +125,6 @@ def check_base_url(url: str, source: str = "--base-url") -> str:
         raise UsageError(f"{source} {shown} has {what}: give the host alone, {origin} (the tool adds "
                          "/api/2/export itself)")
     return origin
-
-
-def _masked(text: str) -> str:
-    """`text` with what lies between `://` and the last `@` (a user and password) replaced by ***."""
-    scheme, sep, rest = text.partition("://")
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if sep and "@" in rest else text
 
 
 def _without_password(url: str) -> str:

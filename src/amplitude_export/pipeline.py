@@ -190,18 +190,17 @@ def load(
             continue
         found.append((path.stat().st_mtime_ns, path.name, window, path))
     newer: set[datetime] = set()  # hours an archive newer than the one at hand holds
-    current: list[tuple[Window, Path]] = []
+    current: list[tuple[Window, Path, set[datetime]]] = []
     for _, _, window, path in sorted(found, reverse=True):
         hours = set(window.each_hour())
         if hours <= newer:
             log.info("skipping %s: newer archives hold all its hours", path.name)
         else:
-            current.append((window, path))
+            current.append((window, path, hours))
         newer |= hours
     archives: list[tuple[Window, Path]] = []
     rewritten: set[datetime] = set()  # hours this load replaces
-    for window, path in reversed(current):
-        hours = set(window.each_hour())
+    for window, path, hours in reversed(current):
         done = all(h in ledger and ledger[h].status in DONE for h in hours)
         if refresh or not done or hours & rewritten:
             archives.append((window, path))

@@ -30,10 +30,14 @@ _FORMATS = [
 YEARS = (2000, 2999)
 
 
-def _in_range(hour: datetime, shown: object) -> datetime:
-    if not YEARS[0] <= hour.year <= YEARS[1]:
+def _hour_in_range(moment: datetime, shown: str) -> datetime:
+    """The UTC hour that contains `moment`, refused outside YEARS (checked before converting too: a zone's offset
+    may overflow year 1 or 9999)."""
+    if YEARS[0] <= moment.year <= YEARS[1]:
+        moment = floor_hour(moment)
+    if not YEARS[0] <= moment.year <= YEARS[1]:
         raise UsageError(f"{shown}: out of range: give a year from {YEARS[0]} to {YEARS[1]}")
-    return hour
+    return moment
 
 
 def parse_hour(text: str, *, is_end: bool = False) -> datetime:
@@ -49,12 +53,12 @@ def parse_hour(text: str, *, is_end: bool = False) -> datetime:
         year, month, day = (int(part) for part in match.groups()[:3])
         hour = int(match.group(4)) if has_hour else (23 if is_end else 0)
         try:
-            return _in_range(datetime(year, month, day, hour, tzinfo=UTC), repr(text))
+            return _hour_in_range(datetime(year, month, day, hour, tzinfo=UTC), repr(text))
         except ValueError as exc:
             raise UsageError(f"invalid date {text!r}: {exc}") from None
     moment = _iso_moment(value)
     if moment is not None:
-        return _floor_in_range(moment, repr(text))
+        return _hour_in_range(moment, repr(text))
     raise UsageError(
         f"cannot read {text!r} as a date: use YYYY-MM-DD, YYYY-MM-DDTHH, YYYYMMDD, YYYYMMDDTHH (UTC) or an ISO "
         "8601 time such as 2024-03-01T05:00:00Z"
@@ -85,14 +89,8 @@ def as_hour(value: str | date | datetime | None, *, is_end: bool) -> datetime | 
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise UsageError(f"{value!r} has no time zone: pass an aware datetime (UTC)")
-        return _floor_in_range(value, repr(value))
+        return _hour_in_range(value, repr(value))
     return parse_hour(value, is_end=is_end)
-
-
-def _floor_in_range(moment: datetime, shown: str) -> datetime:
-    if not YEARS[0] <= moment.year <= YEARS[1]:  # before converting: a zone's offset may overflow year 1 or 9999
-        return _in_range(moment, shown)
-    return _in_range(floor_hour(moment), shown)
 
 
 def floor_hour(moment: datetime) -> datetime:

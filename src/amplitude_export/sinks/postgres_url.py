@@ -13,9 +13,8 @@ from ..errors import UsageError
 from ..storage import PASSWORD_PARAMETERS
 
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^@?#]*)@")  # a password may hold a `/`
-# not storage.mask_urls's value pattern, which reads URLs inside text and inside other URLs and so stops at a
-# space or a `%26`: in this one URL both belong to the password (its `&` is typed `%26`; a space, which libpq
-# refuses, is still in the URL `check_url` quotes)
+# not storage.mask_urls's value pattern, which reads URLs inside text and so stops at a space: in this one URL a
+# space belongs to the password (libpq refuses it, but `check_url` still quotes the URL)
 _PASSWORD_PARAM = re.compile(rf"([?&]{PASSWORD_PARAMETERS}=)[^&#]*", re.IGNORECASE)
 
 
