@@ -147,8 +147,9 @@ def hour_text(value: Hour | None, *, is_end: bool = False) -> str | None:
     return label_hour(hour) if hour is not None else None
 
 
-# what the CLI's option types refuse, for library callers: (least, most, whether the least itself is refused)
-_LIMITS: dict[str, tuple[float, float | None, bool]] = {
+# the numbers `run` takes, as (least, most, whether the least itself is refused): the CLI's option types are made
+# from these (`cli.options.limited`), so the library and the CLI refuse the same
+LIMITS: dict[str, tuple[float, float | None, bool]] = {
     "window_hours": (1, None, False), "lag_hours": (0, None, False), "lookback_hours": (0, 24 * 60, False),
     "size_budget_mb": (1, 4000, False), "max_attempts": (1, 50, False), "retry_wait": (0, 600, False),
     "retry_timeout": (0, None, True), "read_timeout": (0, None, True), "workers": (1, 16, False),
@@ -158,7 +159,7 @@ _LIMITS: dict[str, tuple[float, float | None, bool]] = {
 def check_limits(**values: float | None) -> None:
     """Refuse a number outside what the matching CLI option allows (None: not given), as a UsageError."""
     for name, value in values.items():
-        least, most, open_below = _LIMITS[name]
+        least, most, open_below = LIMITS[name]
         if value is None:
             continue
         if value < least or (open_below and value == least) or (most is not None and value > most):

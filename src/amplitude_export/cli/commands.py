@@ -15,6 +15,7 @@ from .options import (
     credential_options,
     dest_options,
     destination,
+    limited,
     make_dirs,
     privacy_options,
     range_options,
@@ -107,7 +108,7 @@ def extract(
               "disk are not reused).")
 @click.option(
     "--lookback-hours",
-    type=click.IntRange(0, 24 * 60),
+    type=limited("lookback_hours", int),
     default=72,
     show_default=True,
     help="Incremental runs re-check this many hours before the end (loaded ones, and empty ones: "
@@ -115,7 +116,7 @@ def extract(
 )
 @click.option(
     "--size-budget-mb",
-    type=click.IntRange(1, 4000),
+    type=limited("size_budget_mb", int),
     default=1024,
     show_default=True,
     help="Plan windows whose archives (as learned from earlier runs) stay under this size; "
@@ -123,7 +124,7 @@ def extract(
 )
 @click.option(
     "--workers",
-    type=click.IntRange(1, 16),
+    type=limited("workers", int),
     default=2,
     show_default=True,
     help="Threads (processes without the compiled parser) that parse events; one into PostgreSQL.",
@@ -259,7 +260,7 @@ def run(
 @click.option("--refresh", is_flag=True, help="Load archives again even if their hours are loaded.")
 @click.option(
     "--workers",
-    type=click.IntRange(1, 16),
+    type=limited("workers", int),
     default=2,
     show_default=True,
     help="Threads (processes without the compiled parser) that parse events; one into PostgreSQL.",
@@ -340,7 +341,7 @@ def load(
 @click.option("--log-dir", type=click.Path(path_type=Path), default=Path("logs"), show_default=True)
 @click.option(
     "--max-attempts",
-    type=click.IntRange(1, 50),
+    type=limited("max_attempts", int),
     default=6,
     show_default=True,
     help="Attempts per request for 5xx, 429 and timeouts.",

@@ -11,12 +11,21 @@ from typing import Any, TypeVar
 
 import click
 
+from ..api import LIMITS
 from ..config import REGION_HOSTS, RETRY_TIMEOUT
 from ..errors import UsageError, os_reason
 
 F = TypeVar("F", bound=Callable[..., Any])
 SCHEMA = "amplitude_export.schema"
 STORAGE_OPTIONS = "amplitude_export.storage_options"
+
+
+def limited(name: str, kind: type[int] | type[float]) -> click.ParamType:
+    """The option type for `run`'s number `name`, from its bounds in `api.LIMITS`."""
+    least, most, open_below = LIMITS[name]
+    if kind is int:
+        return click.IntRange(int(least), None if most is None else int(most), min_open=open_below)
+    return click.FloatRange(least, most, min_open=open_below)
 
 
 def credential_options(func: F) -> F:
@@ -43,35 +52,35 @@ def range_options(func: F) -> F:
         click.option("--end", help="Last UTC upload hour, inclusive (a bare date means its hour 23)."),
         click.option(
             "--window-hours",
-            type=click.IntRange(min=1),
+            type=limited("window_hours", int),
             default=24,
             show_default=True,
             help="Hours per request (windows of 24+ hours start at midnight).",
         ),
         click.option(
             "--lag-hours",
-            type=click.FloatRange(min=0),
+            type=limited("lag_hours", float),
             default=2,
             show_default=True,
             help="Hours Amplitude needs after an hour closes before it can be exported.",
         ),
         click.option(
             "--max-attempts",
-            type=click.IntRange(1, 50),
+            type=limited("max_attempts", int),
             default=6,
             show_default=True,
             help="Attempts per window for 5xx, 429, timeouts and broken bodies.",
         ),
         click.option(
             "--retry-wait",
-            type=click.FloatRange(0, 600),
+            type=limited("retry_wait", float),
             default=2.0,
             show_default=True,
             help="First backoff in seconds; it doubles (with jitter) up to 120 s.",
         ),
         click.option(
             "--retry-timeout",
-            type=click.FloatRange(0, min_open=True),
+            type=limited("retry_timeout", float),
             default=RETRY_TIMEOUT,
             show_default=True,
             metavar="SECONDS",
@@ -79,7 +88,7 @@ def range_options(func: F) -> F:
         ),
         click.option(
             "--read-timeout",
-            type=click.FloatRange(0, min_open=True),
+            type=limited("read_timeout", float),
             default=60,
             show_default=True,
             metavar="SECONDS",
