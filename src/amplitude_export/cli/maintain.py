@@ -22,19 +22,26 @@ from .options import sink_options as _sink_options
                    "table's delta.deletedFileRetentionDuration (7 days unless set).")
 @click.option("--compact/--no-compact", default=True, show_default=True,
               help="First rewrite small files into few large ones.")
+@click.option("--repair", is_flag=True,
+              help="First drop the data files the table names that storage no longer holds (deleted outside "
+                   "amplitude-export), and mark every loaded hour whose rows no longer match the ledger failed: "
+                   "the next run loads those hours again.")
 @reports_errors
-def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: str | None, compact: bool) -> None:
+def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: str | None, compact: bool,
+             repair: bool) -> None:
     """Housekeeping of a table destination (iceberg:, delta:): compact small files, drop what no recent
     snapshot or version needs.
 
     Hourly runs make one small file per hour and reloads leave replaced files behind; this keeps the table
-    fast to read and its storage bounded. Rows and ledger are unchanged. See docs/ICEBERG.md and docs/DELTA.md.
+    fast to read and its storage bounded. Rows and ledger are unchanged, except by --repair. See docs/ICEBERG.md
+    and docs/DELTA.md.
 
     \b
     Example:
       amplitude-export maintain --dest iceberg:warehouse/
       amplitude-export maintain --dest iceberg:warehouse/ --older-than 24h --no-compact
       amplitude-export maintain --dest delta:s3://bucket/amplitude --older-than 7d
+      amplitude-export maintain --dest delta:events/ --repair    # after a data file was deleted by hand
     """
     from ..sinks.maintenance import maintain as maintain_table
     from ..sinks.maintenance import parse_age
@@ -42,4 +49,5 @@ def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: 
     if dest is None:
         raise UsageError("maintain needs --dest (an iceberg: or delta: table)")
     age = parse_age(older_than) if older_than is not None else None
-    click.echo(maintain_table(_dest(dest, data_dir), compact=compact, older_than=age, **_sink_options()).summary())
+    click.echo(maintain_table(_dest(dest, data_dir), compact=compact, older_than=age, repair=repair,
+                                   **_sink_options()).summary())

@@ -22,6 +22,7 @@ import duckdb
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import HourRecord
 from ..sinks import open_sink
+from ..sinks.maintenance import lost_file_hint
 from ..storage import mask_urls
 from ..stream_tables import TABLES
 
@@ -71,7 +72,7 @@ def take_snapshot(
                     text = str(exc).strip()
                     reason = text.splitlines()[0] if text else type(exc).__name__
                     reason = reason.split(" Detail: Python exception")[0]  # not the traceback DuckDB appends
-                    raise DestinationError(f"cannot read {what}: {reason}") from None
+                    raise DestinationError(f"cannot read {what}: {lost_file_hint(reason, what)}") from None
                 con.unregister("_stream")
                 streams = read_streams(sink, project) if project is not None else {}
             finally:

@@ -113,6 +113,10 @@ class Maintainable(Protocol):
         `older_than` needs (None: the format's default); say what was done."""
         ...
 
+    def drop_missing_files(self) -> list[str]:
+        """Remove from the table the data files it names that are gone from storage; their paths."""
+        ...
+
 
 def with_project(batches: Iterable[pa.RecordBatch], project: str) -> Iterator[pa.RecordBatch]:
     """The batches with `_project` set to `project`: the column a window's reload deletes by must hold the

@@ -49,7 +49,7 @@ from .duckdb_stage import (
     time_filter,
     winners_sql,
 )
-from .maintenance import Maintenance
+from .maintenance import Maintenance, lost_file_hint
 from .staging import fill_counts, first_line
 
 __all__ = ["LEDGER_DIR", "META", "DeltaSink", "delta_options"]  # LEDGER_DIR: delta_ledger's, META: delta_tables's
@@ -141,7 +141,7 @@ class DeltaSink:
                                            f"{COMMIT_ATTEMPTS} attempts to commit {window}; run again")
             self._ledger.fold(self.table, project, records)
         except (duckdb.Error, DeltaError, OSError) as exc:
-            raise DestinationError(f"cannot write {window} to {self.uri}: {first_line(exc)}") from exc
+            raise self._failed(f"cannot write {window} to", exc) from exc
         finally:
             con.close()
         self._ledger.save()
@@ -228,7 +228,7 @@ class DeltaSink:
                                            f"{COMMIT_ATTEMPTS} attempts to apply deletion job {record.day}; run again")
             self._ledger.fold(self.table)
         except (duckdb.Error, DeltaError, OSError) as exc:
-            raise DestinationError(f"cannot apply deletion job {record.day} to {self.uri}: {first_line(exc)}") from exc
+            raise self._failed(f"cannot apply deletion job {record.day} to", exc) from exc
         self._ledger.save()
         return stored
 
@@ -299,7 +299,7 @@ class DeltaSink:
         try:
             reader = self.dataset().scanner(columns=names, filter=where).to_reader()
         except (DeltaError, OSError) as exc:
-            raise DestinationError(f"cannot read {self.uri}: {first_line(exc)}") from None
+            raise self._failed("cannot read", exc) from None
         schema = pa.schema([ARROW_SCHEMA.field(name) for name in names])
         return pa.RecordBatchReader.from_batches(schema, (batch.cast(schema) for batch in reader))
 
@@ -313,7 +313,7 @@ class DeltaSink:
             con.register("_amplitude_events", self.dataset())
             return con.sql(sql, params=params).to_arrow_table()
         except (duckdb.Error, DeltaError, OSError) as exc:
-            raise DestinationError(f"cannot read {self.uri}: {first_line(exc)}") from None
+            raise self._failed("cannot read", exc) from None
         finally:
             con.close()
 
@@ -345,15 +345,32 @@ class DeltaSink:
             raise CommitConflictError(f"{self.description}: a run committed while maintain compacted; "
                                        "run maintain again") from None
         except (DeltaError, OSError) as exc:
-            raise DestinationError(f"cannot maintain {self.uri}: {first_line(exc)}") from None
+            raise self._failed("cannot maintain", exc) from None
         done.files_deleted = len(removed)
         return done
+
+    def drop_missing_files(self) -> list[str]:
+        """Remove the data files the events table's log names but storage no longer holds, in one commit
+        (delta-rs's file system check); their paths. The ledger is left to `maintenance.mark_lost_hours`."""
+        self._check_writable()
+        try:
+            removed = self.table.repair(dry_run=False)["files_removed"]
+        except CommitFailedError:
+            raise CommitConflictError(f"{self.description}: a run committed during the repair; "
+                                      "run maintain --repair again") from None
+        except (DeltaError, OSError) as exc:
+            raise DestinationError(f"cannot repair {self.uri}: {first_line(exc)}") from None
+        return [str(path) for path in removed]
 
     # -- helpers --
 
     def _side_tables(self) -> list[str]:
         """The URIs of the stream tables beside `events` that exist."""
         return self.tables.existing()
+
+    def _failed(self, doing: str, exc: BaseException) -> DestinationError:
+        """One line: what failed, on which table, why, and how to repair the table if one of its files is gone."""
+        return DestinationError(f"{doing} {self.uri}: {lost_file_hint(first_line(exc), self.description)}")
 
     def _check_writable(self) -> None:
         if self.read_only:

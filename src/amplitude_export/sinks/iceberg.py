@@ -388,6 +388,21 @@ class IcebergSink:
         with self._errors("cannot maintain"):
             return maintain(self, compact=compact, older_than=older_than)
 
+    def drop_missing_files(self) -> list[str]:
+        """Remove the data files the current snapshot names but storage no longer holds, in one commit (an
+        overwrite that adds nothing); their paths. The ledger is left to `maintenance.mark_lost_hours`."""
+        self._check_writable()
+
+        def commit(table: Table, written: list[str]) -> list[str]:
+            tasks = table.scan().plan_files() if table.current_snapshot() is not None else []
+            missing = [task.file for task in tasks if not table.io.new_input(task.file.file_path).exists()]
+            if missing:
+                self._send_files(table, missing, [], {}, {})
+            return [data_file.file_path for data_file in missing]
+
+        with self._errors("cannot repair"):
+            return self._commit(commit)
+
     def close(self) -> None:
         """Release the catalog's connections and this sink's spill directory."""
         engine = getattr(getattr(self, "catalog", None), "engine", None)

@@ -321,7 +321,9 @@ class Errors:
         if exc is None or isinstance(exc, DestinationError | KeyboardInterrupt) or not isinstance(exc, Exception):
             return
         if isinstance(exc, known_errors()):
-            message = masked(_first_line(exc))
+            from .maintenance import lost_file_hint
+
+            message = lost_file_hint(masked(_first_line(exc)), self.label)
             raise DestinationError(f"{self.doing} {self.label}: {message}") from exc
 
 
