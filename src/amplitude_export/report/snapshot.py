@@ -21,8 +21,7 @@ import duckdb
 
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import HourRecord
-from ..sinks import open_sink
-from ..sinks.maintenance import lost_file_hint
+from ..sinks import lost_file_hint, open_sink
 from ..storage import mask_urls
 from ..stream_tables import TABLES
 

@@ -11,20 +11,17 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
 from ..errors import AmplitudeExportError, DestinationError, UsageError
 from ..ledger import DeletionRecord, HourRecord
 from ..windows import Window
+from .maintenance import Maintenance, lost_file_hint
 from .staging import SEEN_LIMIT, FirstCopies
 
-__all__ = ["SEEN_LIMIT", "FirstCopies", "Maintainable", "Sink", "open_sink", "with_project"]
-
-if TYPE_CHECKING:
-    from .maintenance import Maintenance
-
+__all__ = ["SEEN_LIMIT", "FirstCopies", "Maintainable", "Sink", "lost_file_hint", "open_sink", "with_project"]
 
 class WindowRead(Protocol):
     """One window's events as the read layer gives them to `Sink.write_window` (`reader.Reading`)."""
