@@ -204,6 +204,24 @@ def test_bad_destinations_exit_with_one_line(tmp_path: Path, args: list[str], co
     assert "pw-123" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("command", ["extract", "status"])
+def test_a_env_file_that_does_not_parse_is_one_line_naming_its_line(tmp_path: Path, command: str) -> None:
+    """Not python-dotenv's warnings then a complaint about a missing key: our one line, exit 2, even where the file
+    would only name the project (status), and never the line itself (it may hold the secret)."""
+    from amplitude_export.sinks import open_sink
+
+    dest = tmp_path / "a.duckdb"
+    with open_sink(f"duckdb:{dest}"):
+        pass
+    (tmp_path / ".env").write_text(f"AMP_API_KEY=k\nAMP_SECRET_KEY {SECRET}\n\nAMP_REGION=us\n")
+    args = {"extract": ["--base-url", "http://127.0.0.1:9", "--start", "2024-03-01", "--end", "2024-03-01"],
+            "status": ["--dest", f"duckdb:{dest}"]}[command]
+    result = run_cli(command, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: .env: line 2 does not parse as KEY=VALUE"]
+    assert SECRET not in result.stdout + result.stderr
+
+
 def test_status_and_verify_find_the_only_project_or_ask_for_one(tmp_path: Path) -> None:
     import json
 

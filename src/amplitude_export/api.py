@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from . import clock
-from .errors import EXIT_OK, DestinationBusyError, UsageError
+from .errors import EXIT_OK, DestinationBusyError, EnvFileError, UsageError
 
 if TYPE_CHECKING:
     from .client import ExportClient
@@ -121,6 +121,8 @@ def resolve_project(project: str | None, api_key: str | None, sink: Sink, *, rea
         return project
     try:
         key: str | None = load_credentials(api_key=api_key, secret_key="unused").api_key
+    except EnvFileError:
+        raise
     except UsageError:
         key = None
     known = sink.projects()

@@ -6,6 +6,7 @@ Flags win over the environment, which wins over `.env` in the working directory.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from .errors import UsageError
+from .errors import EnvFileError, UsageError
 from .storage import mask_urls
 
 # Seconds from a window's first attempt after which no new attempt starts (`ExportClient`, --retry-timeout): long
@@ -73,10 +74,7 @@ def load_credentials(
 ) -> Credentials:
     """Resolve credentials and host: flags first, then the environment, then `.env`."""
     env = dict(os.environ if environ is None else environ)
-    file_values = {
-        key: value for key, value in (dotenv_values(env_file) if env_file and env_file.is_file() else {}).items()
-        if value is not None
-    }
+    file_values = read_env_file(env_file)
 
     def pick(flag: str | None, name: str) -> str | None:
         return flag or env.get(name) or file_values.get(name) or None
@@ -96,6 +94,25 @@ def load_credentials(
         )
     assert key and secret
     return Credentials(api_key=key, secret_key=Secret(secret), region=chosen_region, base_url=url)
+
+
+def read_env_file(path: Path | None) -> dict[str, str]:
+    """The values of a `.env` file (none when there is no such file); a line that does not parse is an
+    EnvFileError naming the file and the line, never the line itself, which may hold a key."""
+    if path is None or not path.is_file():
+        return {}
+    from dotenv.parser import parse_stream
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EnvFileError(f"{path} is not UTF-8 text (byte {exc.start:,})") from None
+    # dotenv_values would log each bad line and skip it: say so once, ourselves, and stop
+    bad = [binding.original.line for binding in parse_stream(io.StringIO(text)) if binding.error]
+    if bad:
+        lines = f"line {bad[0]} does not" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} do not"
+        raise EnvFileError(f"{path}: {lines} parse as KEY=VALUE")
+    return {key: value for key, value in dotenv_values(stream=io.StringIO(text)).items() if value is not None}
 
 
 def check_base_url(url: str, source: str = "--base-url") -> str:

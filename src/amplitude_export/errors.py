@@ -2,6 +2,7 @@
 
     AmplitudeExportError            root; exit code 1 unless a subclass says otherwise
     ├── UsageError                  bad input (dates, flags, URLs): fix the command        -> exit 2
+    │   └── EnvFileError            a `.env` line that does not parse                      -> exit 2
     ├── AuthError                   401/403: wrong credentials or wrong region: stop       -> exit 3
     ├── DestinationError            the destination cannot be opened or written            -> exit 4
     │   ├── StorageError            a file in the data dir, log dir or destination cannot be
@@ -41,6 +42,10 @@ class UsageError(AmplitudeExportError):
     """The user's input is wrong (an unparseable date, end before start, a bad destination URL)."""
 
     exit_code = EXIT_USAGE
+
+
+class EnvFileError(UsageError):
+    """A `.env` file that does not parse: bad input even where only the project's name would be read from it."""
 
 
 class AuthError(AmplitudeExportError):

@@ -96,10 +96,10 @@ def read_hash_key(environ: dict[str, str] | None = None, env_file: Path | None =
     """`AMP_HASH_KEY` from the environment, else `.env`; missing or empty is a UsageError."""
     env = os.environ if environ is None else environ
     value = env.get(HASH_KEY_ENV)
-    if not value and env_file is not None and env_file.is_file():
-        from dotenv import dotenv_values
+    if not value:
+        from .config import read_env_file
 
-        value = dotenv_values(env_file).get(HASH_KEY_ENV)
+        value = read_env_file(env_file).get(HASH_KEY_ENV)
     if not value:
         raise UsageError(f"--hash-columns needs a key: set {HASH_KEY_ENV} (the same key in every run keeps hashed "
                          "values joinable)")
