@@ -245,11 +245,14 @@ def test_status_and_verify_find_the_only_project_or_ask_for_one(tmp_path: Path) 
                 assert run_cli("verify", "--dest", dest, cwd=tmp_path).returncode == 0
     both = run_cli("verify", "--dest", dest, cwd=tmp_path)
     assert both.returncode == 2 and "several projects (ios, web): pass --project" in both.stderr
-    assert run_cli("verify", "--dest", dest, "--project", "ios", cwd=tmp_path).returncode == 0
-    shown = run_cli("status", "--dest", dest, "--project", "ios", cwd=tmp_path)
-    assert "the destination also holds project web: --project names which one to show" in shown.stdout
-    assert json.loads(run_cli("status", "--dest", dest, "--project", "web", "--json",
-                              cwd=tmp_path).stdout)["other_projects"] == ["ios"]  # fmt: skip
+    for command, verb in (("status", "show"), ("verify", "verify")):  # each names the project it leaves out
+        shown = run_cli(command, "--dest", dest, "--project", "ios", cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        assert f"the destination also holds project web: --project names which one to {verb}" in shown.stdout
+        assert json.loads(run_cli(command, "--dest", dest, "--project", "web", "--json",
+                                  cwd=tmp_path).stdout)["other_projects"] == ["ios"]  # fmt: skip
+    assert run_cli("verify", "--dest", dest, "--project", "ios", cwd=tmp_path).stdout.splitlines()[-1].endswith(
+        ": complete")
     report = run_cli("report", "--dest", dest, "--out", str(tmp_path / "r.html"), cwd=tmp_path)
     assert report.returncode == 2 and "several projects (ios, web): name one with --project" in report.stderr
     for command in ("status", "verify", "report"):  # a project the destination does not know is a typo

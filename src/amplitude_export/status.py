@@ -74,6 +74,12 @@ def status_data(
     }
 
 
+def also_holds(projects: list[str], verb: str) -> str:
+    """The line `status` and `verify` print when the destination holds projects besides the one they read."""
+    return (f"the destination also holds project{'s' if len(projects) > 1 else ''} {', '.join(projects)}: "
+            f"--project names which one to {verb}")
+
+
 def _moment(value: datetime | None, hour: datetime) -> str:
     """A time in the hour's row: the time alone on the hour's own day, else with its date."""
     if value is None:
@@ -144,8 +150,7 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
                       f"({data['hours_loaded']:,} loaded, {empty:,} empty"
                       f"{': the Export API had no data for them' if empty else ''}); {nxt}")
     if data.get("other_projects"):
-        console.print(f"the destination also holds project {', '.join(data['other_projects'])}: --project names "
-                      "which one to show", highlight=False)
+        console.print(also_holds(data["other_projects"], "show"), highlight=False)
     if data["failed_hours"]:
         console.print(f"[red]{_plural(len(data['failed_hours']), 'hour')} failed; the next run retries them[/red]")
     if data.get("missing_hours"):

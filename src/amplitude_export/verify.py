@@ -12,7 +12,7 @@ kind (`runs`, what the CLI prints: a month's gap is one line, not 744).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ class Verification:
     hours_empty: int = 0  # the Export API had no data for them (404, or no member in the archive)
     destination: str | None = None  # what was checked, as `api.verify` names it
     project: str | None = None
+    other_projects: list[str] = field(default_factory=list)  # the destination's other projects, not checked
 
     @property
     def complete(self) -> bool:
@@ -119,6 +120,7 @@ class Verification:
             "hours_loaded": self.hours_loaded,
             "hours_empty": self.hours_empty,
             "archives_hashed": self.archives_hashed,
+            "other_projects": self.other_projects,
             "problems": [{"hour": label_hour(p.hour) if p.hour else None, "kind": p.kind, "detail": p.detail}
                          for p in self.problems],
             "summary": [run.to_dict() for run in self.runs],
@@ -130,9 +132,10 @@ def verify(sink: Sink, project: str, *, deep: bool = False, raw_dir: Path | None
     ledger = sink.ledger(project)
     counts = sink.count_by_hour(project)
     problems: list[Problem] = []
+    others = [name for name in sink.projects() if name != project]
     if not ledger:
         problems.append(Problem(None, "missing", f"nothing loaded for project {project!r} yet"))
-        return Verification(None, None, 0, 0, problems)
+        return Verification(None, None, 0, 0, problems, other_projects=others)
     first, last = min(ledger), max(ledger)
     hour = first
     checked = loaded = empty = 0
@@ -154,7 +157,8 @@ def verify(sink: Sink, project: str, *, deep: bool = False, raw_dir: Path | None
         if not first <= hour <= last:
             problems.append(Problem(hour, "orphan_rows", f"{rows:,} rows in events for an hour the ledger lacks"))
     hashed = _deep_check(ledger, raw_dir, problems) if deep else 0
-    return Verification(first, last, checked, hashed, problems, hours_loaded=loaded, hours_empty=empty)
+    return Verification(first, last, checked, hashed, problems, hours_loaded=loaded, hours_empty=empty,
+                        other_projects=others)
 
 
 def _deep_check(ledger: dict[datetime, HourRecord], raw_dir: Path | None, problems: list[Problem]) -> int:

@@ -21,9 +21,10 @@ def print_run(summary: str, log_path: Path | None) -> None:
 
 
 def print_verification(result: Verification, *, as_json: bool = False) -> None:
-    """`verify`: the problems as runs of consecutive hours, then one line with the counts and the verdict; or,
-    `as_json`, everything hour by hour."""
+    """`verify`: the problems as runs of consecutive hours, the destination's other projects (not checked), then
+    one line with the counts and the verdict; or, `as_json`, everything hour by hour."""
     from ..pipeline import plural
+    from ..status import also_holds
 
     if as_json:
         click.echo(
@@ -38,6 +39,8 @@ def print_verification(result: Verification, *, as_json: bool = False) -> None:
         )
         for run_of_hours in runs:
             click.echo(f"  {run_of_hours.describe()}")
+    if result.other_projects:
+        click.echo(also_holds(result.other_projects, "verify"))
     span = f"{result.first:%Y-%m-%dT%H}..{result.last:%Y-%m-%dT%H}" if result.first and result.last else "nothing"
     verdict = "complete" if result.complete else "NOT complete"
     click.echo(
