@@ -257,6 +257,23 @@ def test_a_project_without_taxonomy_gets_one_note_and_the_rest_loads(tmp_path: P
         assert all("plan" in notes[name] for name in ("event_types", "event_properties", "user_properties"))
 
 
+def test_verify_of_a_project_with_tables_but_no_events_names_them_and_exits_0(tmp_path: Path) -> None:
+    """Loaded without the `events` stream, a project has no hour that could be missing: verify says which tables
+    it holds (it does not check their rows) and exits 0; a project with nothing loaded still exits 1."""
+    with fake_server_for() as fake:
+        assert cli(fake, tmp_path, "--streams", "cohorts,annotations").returncode == 0
+    done = run_cli("verify", "--project", KEY, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == [
+        f"no events hours are recorded for project {KEY}; it holds only the tables of run --streams "
+        "(annotations, cohorts), whose rows verify does not check",
+        "no events hours: 0 hours checked (0 loaded, 0 empty), 0 archive hours hashed: complete"]
+    data = json.loads(run_cli("verify", "--project", KEY, "--json", cwd=tmp_path).stdout)
+    assert data["complete"] and data["problems"] == [] and data["stream_tables"] == ["annotations", "cohorts"]
+    nothing = run_cli("verify", "--project", "other", cwd=tmp_path)
+    assert nothing.returncode == 1 and "nothing loaded for project 'other' yet" in nothing.stdout, nothing.stdout
+
+
 # -- day series ------------------------------------------------------------------------------------------------
 
 

@@ -141,7 +141,7 @@ def render_status(data: dict[str, Any], console: Console | None = None, *, hours
     limited = _range_words(data["start"], data["end"])
     if not data["windows"]:
         console.print(f"no ledger hours{limited}" if limited else
-                      "nothing loaded yet: the first `run` without --start takes yesterday")
+                      "no events loaded yet: the first `run` without --start takes yesterday")
     else:
         resume = data["next_run_starts"]
         nxt = f"next run starts at {resume} UTC" if resume else "the next run without --start takes yesterday"

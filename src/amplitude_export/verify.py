@@ -8,6 +8,10 @@ lookback reload leaves the older archive beside the newer one).
 
 Problems are reported per hour (`problems`, the `--json` list) and as runs of consecutive hours with the same
 kind (`runs`, what the CLI prints: a month's gap is one line, not 744).
+
+A project with no events hours but the tables of `run --streams` (loaded without the `events` stream) has no
+hour that could be missing: it is complete, and `tables` names them (their rows are not checked here). A
+project with neither has nothing loaded, which is a problem.
 """
 
 from __future__ import annotations
@@ -88,10 +92,11 @@ class Verification:
     destination: str | None = None  # what was checked, as `api.verify` names it
     project: str | None = None
     other_projects: list[str] = field(default_factory=list)  # the destination's other projects, not checked
+    tables: list[str] = field(default_factory=list)  # the project's tables of `run --streams`, not checked
 
     @property
     def complete(self) -> bool:
-        return self.first is not None and not self.problems
+        return (self.first is not None or bool(self.tables)) and not self.problems
 
     @property
     def runs(self) -> list[ProblemRun]:
@@ -121,6 +126,7 @@ class Verification:
             "hours_empty": self.hours_empty,
             "archives_hashed": self.archives_hashed,
             "other_projects": self.other_projects,
+            "stream_tables": self.tables,
             "problems": [{"hour": label_hour(p.hour) if p.hour else None, "kind": p.kind, "detail": p.detail}
                          for p in self.problems],
             "summary": [run.to_dict() for run in self.runs],
@@ -133,9 +139,12 @@ def verify(sink: Sink, project: str, *, deep: bool = False, raw_dir: Path | None
     counts = sink.count_by_hour(project)
     problems: list[Problem] = []
     others = [name for name in sink.projects() if name != project]
+    tables = sorted(getattr(sink, "table_states", lambda _: {})(project))  # a sink without tables has none
     if not ledger:
-        problems.append(Problem(None, "missing", f"nothing loaded for project {project!r} yet"))
-        return Verification(None, None, 0, 0, problems, other_projects=others)
+        _orphans(counts, None, None, problems)
+        if not tables and not counts:
+            problems.append(Problem(None, "missing", f"nothing loaded for project {project!r} yet"))
+        return Verification(None, None, 0, 0, problems, other_projects=others, tables=tables)
     first, last = min(ledger), max(ledger)
     hour = first
     checked = loaded = empty = 0
@@ -153,12 +162,18 @@ def verify(sink: Sink, project: str, *, deep: bool = False, raw_dir: Path | None
         if rows != expected:
             problems.append(Problem(hour, "count", f"{rows:,} rows in events, the ledger says {expected:,}"))
         hour += HOUR
-    for hour, rows in sorted(counts.items()):
-        if not first <= hour <= last:
-            problems.append(Problem(hour, "orphan_rows", f"{rows:,} rows in events for an hour the ledger lacks"))
+    _orphans(counts, first, last, problems)
     hashed = _deep_check(ledger, raw_dir, problems) if deep else 0
     return Verification(first, last, checked, hashed, problems, hours_loaded=loaded, hours_empty=empty,
-                        other_projects=others)
+                        other_projects=others, tables=tables)
+
+
+def _orphans(counts: dict[datetime, int], first: datetime | None, last: datetime | None,
+             problems: list[Problem]) -> None:
+    """The hours with rows in `events` outside the ledger's first..last (every hour, without a ledger)."""
+    for hour, rows in sorted(counts.items()):
+        if first is None or last is None or not first <= hour <= last:
+            problems.append(Problem(hour, "orphan_rows", f"{rows:,} rows in events for an hour the ledger lacks"))
 
 
 def _deep_check(ledger: dict[datetime, HourRecord], raw_dir: Path | None, problems: list[Problem]) -> int:

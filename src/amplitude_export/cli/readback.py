@@ -87,7 +87,8 @@ def verify(
 
     Compares the ledger with the rows of `events` per upload hour; exit 0 when complete, 1 naming the bad hours
     (a line per run of consecutive hours with the same problem; --json lists every hour). Counts the hours loaded
-    and those empty (the Export API had no data for them).
+    and those empty (the Export API had no data for them). A project with no events hours but the tables of
+    `run --streams` has nothing to check: it says so and exits 0; a project with nothing loaded exits 1.
 
     \b
     Example:

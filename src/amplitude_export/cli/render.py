@@ -21,8 +21,9 @@ def print_run(summary: str, log_path: Path | None) -> None:
 
 
 def print_verification(result: Verification, *, as_json: bool = False) -> None:
-    """`verify`: the problems as runs of consecutive hours, the destination's other projects (not checked), then
-    one line with the counts and the verdict; or, `as_json`, everything hour by hour."""
+    """`verify`: the problems as runs of consecutive hours, what it did not check (the tables of `run --streams`
+    when there are no events hours, the destination's other projects), then one line with the counts and the
+    verdict; or, `as_json`, everything hour by hour."""
     from ..pipeline import plural
     from ..status import also_holds
 
@@ -39,9 +40,13 @@ def print_verification(result: Verification, *, as_json: bool = False) -> None:
         )
         for run_of_hours in runs:
             click.echo(f"  {run_of_hours.describe()}")
+    if result.first is None and result.tables:
+        click.echo(f"no events hours are recorded for project {result.project}; it holds only the tables of "
+                   f"run --streams ({', '.join(result.tables)}), whose rows verify does not check")
     if result.other_projects:
         click.echo(also_holds(result.other_projects, "verify"))
-    span = f"{result.first:%Y-%m-%dT%H}..{result.last:%Y-%m-%dT%H}" if result.first and result.last else "nothing"
+    span = (f"{result.first:%Y-%m-%dT%H}..{result.last:%Y-%m-%dT%H}" if result.first and result.last
+            else "no events hours")
     verdict = "complete" if result.complete else "NOT complete"
     click.echo(
         f"{span}: {result.hours_checked:,} hours checked ({result.hours_loaded:,} loaded, "
