@@ -273,8 +273,8 @@ def test_ctrl_c_during_an_import_waits_for_the_import_to_end(tmp_path: Path) -> 
     )
     script = _INTERRUPTIBLE + (
         "import sys, time\n"
-        "from amplitude_export.cli import app\n"
-        "signal.signal(signal.SIGINT, app._interrupt)\n"
+        "from amplitude_export.cli import interrupts\n"
+        "signal.signal(signal.SIGINT, interrupts.interrupt)\n"
         "try:\n"
         "    import slow_module\n"
         "    deadline = time.monotonic() + 10\n"
@@ -289,14 +289,41 @@ def test_ctrl_c_during_an_import_waits_for_the_import_to_end(tmp_path: Path) -> 
     assert result.stdout.strip() == "interrupted, module imported: True", result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("module", ["amplitude_export.api", "click", "pyarrow"])
+def test_ctrl_c_while_the_commands_are_imported_is_one_line_and_exit_130(tmp_path: Path, module: str) -> None:
+    """The console script as pip writes it from pyproject.toml, with Ctrl-C coming as one of the modules the
+    package, the commands and the command need is imported: the CLI's one line and exit 130, not Python's
+    traceback."""
+    import tomllib
+
+    entry = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    entry_module, function = entry["amplitude-export"].split(":")
+    script = _INTERRUPTIBLE + (
+        "import os, sys\n"
+        "class CtrlC:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {module!r}:\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, CtrlC())\n"
+        f"from {entry_module} import {function}\n"
+        f"sys.exit({function}())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "status"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "error: interrupted; a re-run picks up where this one stopped\n", result.stderr
+    assert result.stdout == ""
+
+
 def test_ctrl_c_that_a_library_turns_into_its_own_error_still_exits_130_in_one_line(tmp_path: Path) -> None:
     """DuckDB pulling a window's batches turns the KeyboardInterrupt raised in them into its own error (and in a
     commit into "Query interrupted"): after a Ctrl-C the command still ends as interrupted, not in a traceback."""
     script = _INTERRUPTIBLE + (
         "import os, time\n"
         "import duckdb, pyarrow as pa\n"
-        "from amplitude_export.cli import app\n"
-        "signal.signal(signal.SIGINT, app._interrupt)\n"
+        "from amplitude_export.cli import app, interrupts\n"
+        "signal.signal(signal.SIGINT, interrupts.interrupt)\n"
         "schema = pa.schema([('i', pa.int64())])\n"
         "def batches():\n"
         "    for n in range(10_000):\n"

@@ -64,7 +64,7 @@ def server() -> Iterator[FakeExportServer]:
 # the CLI, imported and waiting for a line on stdin: a run starts within milliseconds of its cue, not after the
 # second or so an interpreter takes to import everything, so the offsets below are offsets of the runs themselves
 READY_RUN = """import sys
-from amplitude_export.cli import main
+from amplitude_export.cli import cli, main  # `cli`: the group with every command, imported now
 import amplitude_export.pipeline, amplitude_export.reader, amplitude_export.sinks.{module}
 sys.stdin.readline()
 main()

@@ -4,18 +4,29 @@ The library is what the CLI calls. Each command is a function with the command's
 `run`, `extract`, `load`, `sync_deletions` (`api.py`), `status`, `verify` (`reads.py`). The loaded events come
 back as a stream of Arrow batches (`read_batches`), an Arrow table (`read_arrow`) or a pandas DataFrame
 (`read_events`, the `pandas` extra); `read_table` gives the tables of `run --streams` (`reads.py`).
+
+They are imported when first used: the console script imports this package before it can handle Ctrl-C
+(`cli.main`), so this module itself imports next to nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .api import RunResult, extract, load, run, sync_deletions  # noqa: E402
-from .reads import read_arrow, read_batches, read_events, read_table, status, verify  # noqa: E402
+if TYPE_CHECKING:
+    from .api import RunResult, extract, load, run, sync_deletions
+    from .reads import read_arrow, read_batches, read_events, read_table, status, verify
 
+_API = {
+    "RunResult": "api", "extract": "api", "load": "api", "run": "api", "sync_deletions": "api",
+    "read_arrow": "reads", "read_batches": "reads", "read_events": "reads", "read_table": "reads",
+    "status": "reads", "verify": "reads",
+}  # fmt: skip
 __all__ = [
     "RunResult",
     "__version__",
@@ -31,7 +42,15 @@ __all__ = [
     "verify",
 ]
 
-_API = frozenset(__all__)
+if not TYPE_CHECKING:  # mypy: an unknown name here stays an error
+
+    def __getattr__(name: str) -> object:
+        module = _API.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
 
 
 class _Package(types.ModuleType):

@@ -10,13 +10,13 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 import click
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, AmplitudeExportError, DestinationBusyError, StorageError
+from .interrupts import INTERRUPTED, interrupted
 from .options import F, redact
 
 EXIT_CODES = """\b
@@ -30,8 +30,6 @@ Exit codes:
      other runs' commits won every attempt of one window (run again)
   130 interrupted"""
 LOGS = "amplitude_export.logs"
-_INTERRUPTED = threading.Event()  # set by the CLI's Ctrl-C handler
-INTERRUPTED = "interrupted; a re-run picks up where this one stopped"
 
 
 def _fail(message: str, code: int) -> None:
@@ -74,7 +72,7 @@ def reports_errors(func: F) -> F:
         except BaseException as exc:
             # after a Ctrl-C, whatever ends the command says so: a library that noticed it may raise its own
             # error in the KeyboardInterrupt's place (DuckDB's "Query interrupted" from inside a commit)
-            if isinstance(exc, KeyboardInterrupt) or _INTERRUPTED.is_set():
+            if isinstance(exc, KeyboardInterrupt) or interrupted.is_set():
                 _stop_interrupts()
                 _fail(INTERRUPTED, EXIT_INTERRUPTED)
             if isinstance(exc, AmplitudeExportError):
@@ -144,9 +142,7 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with Ctrl-C ignored
-        signal.signal(signal.SIGINT, _interrupt)
+    """Run the command line, once `cli.main` has installed the Ctrl-C handler and imported the commands."""
     try:
         from ..tuning import tune_for_bulk_loading
 
@@ -165,22 +161,6 @@ def _stop_interrupts(handler: Any = signal.SIG_IGN) -> None:
     words that say how it ended into a traceback: ignore it, or run `handler`."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """Ctrl-C: KeyboardInterrupt, except while a module is being imported, where it waits for the import to end:
-    a compiled module interrupted as it initialises can abort the whole process (duckdb's does, with a core dump)
-    instead of raising. The signal is sent again shortly, until it arrives outside any import."""
-    _INTERRUPTED.set()
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            main = threading.main_thread().ident
-            timer = threading.Timer(0.02, signal.pthread_kill, (main, signal.SIGINT))
-            timer.daemon = True
-            timer.start()
-            return
-        frame = frame.f_back
-    raise KeyboardInterrupt
 
 
 def _exit_without_teardown(exc: SystemExit) -> None:
