@@ -316,6 +316,24 @@ def test_ctrl_c_while_the_commands_are_imported_is_one_line_and_exit_130(tmp_pat
     assert result.stdout == ""
 
 
+def test_ctrl_c_while_click_parses_the_flags_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """Not click's own "Aborted!" and exit 1: the signal is sent as click starts parsing the command's flags."""
+    script = _INTERRUPTIBLE + (
+        "import os, sys\n"
+        "def ctrl_c(frame, event, arg):\n"
+        "    if event == 'call' and frame.f_code.co_name == 'parse_args' and 'click' in frame.f_code.co_filename:\n"
+        "        sys.setprofile(None)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "from amplitude_export.cli import cli, main\n"
+        "sys.setprofile(ctrl_c)\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "status"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "error: interrupted; a re-run picks up where this one stopped\n", result.stderr
+
+
 def test_ctrl_c_that_a_library_turns_into_its_own_error_still_exits_130_in_one_line(tmp_path: Path) -> None:
     """DuckDB pulling a window's batches turns the KeyboardInterrupt raised in them into its own error (and in a
     commit into "Query interrupted"): after a Ctrl-C the command still ends as interrupted, not in a traceback."""

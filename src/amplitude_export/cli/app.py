@@ -105,6 +105,17 @@ def _in_one_line() -> Iterator[None]:
         raise _OneLineError(exc.format_message()) from None
 
 
+@contextlib.contextmanager
+def _as_interrupted() -> Iterator[None]:
+    """A Ctrl-C outside the command's own function (as click parses the flags): our line and exit 130, where
+    click would print "Aborted!" and exit 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stop_interrupts()
+        _fail(INTERRUPTED, EXIT_INTERRUPTED)
+
+
 class _OneLineErrors(click.Command):
     """A command whose flags that do not parse get one line and exit 2, not click's usage block."""
 
@@ -114,7 +125,8 @@ class _OneLineErrors(click.Command):
 
 
 class _OneLineGroup(click.Group):
-    """The command group: an unknown command, and every subcommand's bad flags, are one line and exit 2."""
+    """The command group: an unknown command, and every subcommand's bad flags, are one line and exit 2; a
+    Ctrl-C while they are parsed is one line and exit 130."""
 
     command_class = _OneLineErrors
 
@@ -125,6 +137,14 @@ class _OneLineGroup(click.Group):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         with _in_one_line():
             return super().resolve_command(ctx, args)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _as_interrupted():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:  # the subcommand's context is made in here
+        with _as_interrupted():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_OneLineGroup, epilog=EXIT_CODES)
