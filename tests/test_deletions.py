@@ -23,7 +23,7 @@ import pytest
 from conftest import API_KEY, SECRET_KEY, destination_url
 from sink_helpers import batch, event, finisher, hour, read_of, window
 
-from amplitude_export import read_table
+from amplitude_export import read_arrow, read_table
 from amplitude_export.config import load_credentials
 from amplitude_export.deletions import DeletionsClient, Job, drop_archives, plan, scrub_rejects
 from amplitude_export.errors import AuthError
@@ -264,6 +264,27 @@ def test_run_sync_deletions_applies_jobs_before_loading(
     assert rows_of(table, doomed) == 0 and [(r.amplitude_ids, r.rows_deleted) for r in records] == [(doomed, count)]
     out = ok(cli(["run", "--sync-deletions", "--end", "2024-03-02T23", "--no-progress"], env, tmp_path))
     assert "already applied" in out and stored(env["DEST"])[1] == records
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "parquet"])
+def test_deletions_without_project_refuse_a_destination_of_other_projects(
+    kind: str, server: FakeExportServer, tmp_path: Path, pg_schema: str
+) -> None:
+    env = environment(server, destination_url(kind, tmp_path, pg_schema))
+    ok(cli(["run", "--project", "web", "--start", "2024-03-01", "--end", "2024-03-02", "--no-progress"], env,
+           tmp_path))
+    doomed = doomed_users(server)
+    count = rows_of(read_arrow(env["DEST"], project="web"), doomed)
+    server.apis.delete_users(doomed)
+
+    done = cli(["deletions"], env, tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("INFO")]
+    assert done.returncode == 2 and len(lines) == 1 and "only web: pass --project" in lines[0], done.stderr
+    assert rows_of(read_arrow(env["DEST"], project="web"), doomed) == count > 0
+    assert stored(env["DEST"])[1] == []  # nothing recorded for the API key's project either
+
+    assert "done: applied, 3 users" in ok(cli(["deletions", "--project", "web"], env, tmp_path))
+    assert rows_of(read_arrow(env["DEST"], project="web"), doomed) == 0
 
 
 def members_of(dest: str) -> set[tuple[str, int]]:

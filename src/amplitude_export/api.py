@@ -465,7 +465,7 @@ def sync_deletions(
         return _sync(
             credentials,
             target,
-            project or credentials.api_key,
+            project or _default_deletions_project(credentials.api_key, target),
             Path(data_dir),
             run_id or new_run_id(clock.now()),
             start_day=first,
@@ -475,6 +475,16 @@ def sync_deletions(
     finally:
         if sink is None:
             target.close()
+
+
+def _default_deletions_project(api_key: str, sink: Sink) -> str:
+    """The API key, the default project name, unless the destination holds only other projects: their rows
+    would stay while the job was recorded as applied to a project with none."""
+    known = sink.projects()
+    if known and api_key not in known:
+        raise UsageError(f"{sink.description} holds no project named after the API key (the default), only "
+                         f"{', '.join(known)}: pass --project with the name its runs used")
+    return api_key
 
 
 def _sync(
