@@ -403,6 +403,9 @@ def test_ctrl_c_exits_130_in_one_line_and_the_rerun_is_exact(tmp_path: Path) -> 
     (["--base-url", "http://u:pw-123@[::1"], "must look like https://host[:port]"),
     (["--base-url", "http://127.0.0.1:9#frag"], "has a fragment"),
     (["--dest", "duckdb:"], "names no path"),
+    (["--dest", "delta:s3:/bucket/events"], "names a local directory 's3:' (a URL has ://): write delta:s3://bucket/"),
+    (["--dest", "parquet:gs:/bucket/events"], "write parquet:gs://bucket/events, or parquet:./gs:/bucket/events"),
+    (["--dest", "iceberg:file:/tmp/wh"], "write iceberg:/tmp/wh"),
     (["--dest", "postgresql://postgres@127.0.0.1:9/test", "--schema", ""], "--schema is empty"),
     (["--dest", "parquet:x", "--storage-option", "pw-123"], "expected KEY=VALUE"),
 ])

@@ -10,6 +10,7 @@ Credentials come from the arguments, else the `AMP_*` variables, else `.env`, as
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,6 +65,9 @@ class RunResult:
 
 
 _PATH_SCHEMES = ("duckdb", "parquet", "delta", "iceberg")
+# `s3:/bucket` is a URL missing a slash, not the local directory `s3:` it would otherwise be written to; one
+# letter before the colon stays a path (a Windows drive)
+_URL_MISSING_SLASH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 
 
 def destination(dest: str | None, data_dir: Path = DATA_DIR, *, schema: str | None = None) -> str:
@@ -75,6 +79,12 @@ def destination(dest: str | None, data_dir: Path = DATA_DIR, *, schema: str | No
     scheme, _, rest = url.partition(":")
     if scheme.lower() in _PATH_SCHEMES and not rest.strip():
         raise UsageError(f"--dest {url!r} names no path: give {scheme}:PATH")
+    typo = _URL_MISSING_SLASH.match(rest) if scheme.lower() in _PATH_SCHEMES else None
+    if typo:
+        name, path = typo.group(1), rest[typo.end() - 1:]
+        meant = path if name.lower() == "file" else f"{name}:/{path}"
+        raise UsageError(f"--dest {url!r} names a local directory '{name}:' (a URL has ://): write {scheme}:{meant}"
+                         f", or {scheme}:./{rest} for that directory")
     if schema is not None and not schema.strip():
         raise UsageError("--schema is empty: name a schema, or leave it out for 'amplitude'")
     if schema:
