@@ -86,6 +86,16 @@ def test_a_delta_destination_must_name_a_path(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_delta_url_of_a_store_delta_rs_does_not_know_is_bad_input(tmp_path: Path) -> None:
+    needs("delta")
+    result = cli("run", "--start", "2024-03-01", "--end", "2024-03-01", "--base-url", "http://127.0.0.1:9",
+                 "--dest", "delta:s4://bucket/events", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: --dest delta:s4://bucket/events: delta-rs reaches no store s4:// (use a "
+                                     "path, s3://, gs://, az:// or abfss://)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_hidden_files_and_lost_found_count_as_empty(kind: str, tmp_path: Path, fake_server: FakeExportServer) -> None:
     needs(kind)

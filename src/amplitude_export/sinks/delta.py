@@ -96,6 +96,10 @@ class DeltaSink:
             self.table = open_events(self.uri, self.options, read_only=read_only)
             self._ledger.load(cache, self.table)
         except (DeltaError, OSError) as exc:
+            if str(exc).startswith("Unknown scheme"):
+                scheme = self.uri.partition("://")[0]
+                raise UsageError(f"--dest delta:{self.uri}: delta-rs reaches no store {scheme}:// (use a path, "
+                                 "s3://, gs://, az:// or abfss://)") from None
             raise DestinationError(f"cannot open Delta table {self.uri}: {first_line(exc)}") from None
 
     # -- the ledger (`delta_ledger`) --
