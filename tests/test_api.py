@@ -225,3 +225,23 @@ def test_run_refuses_the_numbers_the_cli_refuses(option: str, value: float, tmp_
         amplitude_export.run(f"duckdb:{tmp_path / 'x.duckdb'}", api_key="k", secret_key="s",
                              base_url="http://127.0.0.1:9", data_dir=tmp_path / "data", **{option: value})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_run_and_load_take_lists_where_the_cli_takes_comma_separated_names(server: FakeExportServer,
+                                                                            tmp_path: Path) -> None:
+    keys = {"api_key": "demo-key", "secret_key": "demo-secret", "base_url": server.url}
+    dest = f"duckdb:{tmp_path / 'lists.duckdb'}"
+    result = amplitude_export.run(dest, start="2024-03-01T00", end="2024-03-01T01", streams=["events", "annotations"],
+                                  exclude_columns=["ip_address", "city"], keep_raw=True, data_dir=tmp_path / "data",
+                                  workers=1, **keys)  # fmt: skip
+    assert result.ok and result.events is not None and result.streams is not None, result.summary()
+    assert amplitude_export.read_table(dest, "annotations").num_rows > 0
+    again = f"duckdb:{tmp_path / 'again.duckdb'}"
+    amplitude_export.load(again, exclude_columns=("ip_address", "city"), data_dir=tmp_path / "data", workers=1,
+                          api_key="demo-key")
+    for loaded in (dest, again):
+        events = amplitude_export.read_arrow(loaded, columns=["ip_address", "city"])
+        assert events.num_rows == result.events.events > 0
+        assert events["ip_address"].null_count == events["city"].null_count == events.num_rows
+    with pytest.raises(UsageError, match="unknown stream cohort:"):
+        amplitude_export.run(dest, streams=("events", "cohort"), **keys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -191,6 +192,11 @@ def check_range(start: str | None, end: str | None, lag_hours: float, *, increme
     resolve_range(start, end, now=clock.now(), lag_hours=lag_hours)
 
 
+def _comma_text(value: str | Iterable[str] | None) -> str | None:
+    """An option the CLI takes comma-separated (`--streams`, `--exclude-columns`), given from Python as a list."""
+    return value if value is None or isinstance(value, str) else ",".join(value)
+
+
 def privacy_controls(
     exclude_columns: str | None, hash_columns: str | None, *, sync_deletions: bool = False, warn: bool = True
 ) -> Privacy | None:
@@ -304,10 +310,10 @@ def run(
     workers: int = 2,
     keep_raw: bool | None = None,
     refresh: bool = False,
-    exclude_columns: str | None = None,
-    hash_columns: str | None = None,
+    exclude_columns: str | Iterable[str] | None = None,
+    hash_columns: str | Iterable[str] | None = None,
     sync_deletions: bool = False,
-    streams: str = "events",
+    streams: str | Iterable[str] = "events",
     api_concurrency: int = 3,
     wait: bool = False,
     schema: str | None = None,
@@ -324,14 +330,14 @@ def run(
     from .progress import Reporter
     from .streams import EVENTS, check_sink, parse_streams, run_streams
 
-    names = parse_streams(streams)
+    names = parse_streams(_comma_text(streams) or "")
     check_limits(window_hours=window_hours, lag_hours=lag_hours, lookback_hours=lookback_hours,
                  size_budget_mb=size_budget_mb, max_attempts=max_attempts, retry_wait=retry_wait,
                  retry_timeout=retry_timeout, read_timeout=read_timeout, workers=workers)  # fmt: skip
     credentials = _credentials(api_key, secret_key, region, base_url)
     first, last = hour_text(start), hour_text(end, is_end=True)
     check_range(first, last, lag_hours, incremental=True)
-    privacy = privacy_controls(exclude_columns, hash_columns, sync_deletions=sync_deletions)
+    privacy = privacy_controls(_comma_text(exclude_columns), _comma_text(hash_columns), sync_deletions=sync_deletions)
     url = destination(dest, Path(data_dir), schema=schema)
     run_id = run_id or new_run_id(clock.now())
     reporter = reporter or Reporter()
@@ -406,8 +412,8 @@ def load(
     workers: int = 2,
     keep_raw: bool | None = None,
     refresh: bool = False,
-    exclude_columns: str | None = None,
-    hash_columns: str | None = None,
+    exclude_columns: str | Iterable[str] | None = None,
+    hash_columns: str | Iterable[str] | None = None,
     wait: bool = False,
     schema: str | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -419,7 +425,7 @@ def load(
     from .pipeline import load as load_archives
     from .progress import Reporter
 
-    privacy = privacy_controls(exclude_columns, hash_columns)
+    privacy = privacy_controls(_comma_text(exclude_columns), _comma_text(hash_columns))
     url = destination(dest, Path(data_dir), schema=schema)
     reporter = reporter or Reporter()
     target = sink if sink is not None else open_for_writing(url, wait=wait, storage_options=storage_options)
