@@ -44,10 +44,8 @@ def maintain(dest: str | None, project: str | None, data_dir: Path, older_than: 
       amplitude-export maintain --dest delta:events/ --repair    # after a data file was deleted by hand
     """
     from ..sinks.maintenance import maintain as maintain_table
-    from ..sinks.maintenance import parse_age
 
     if dest is None:
         raise UsageError("maintain needs --dest (an iceberg: or delta: table)")
-    age = parse_age(older_than) if older_than is not None else None
-    click.echo(maintain_table(_dest(dest, data_dir), compact=compact, older_than=age, repair=repair,
-                                   **_sink_options()).summary())
+    click.echo(maintain_table(_dest(dest, data_dir), compact=compact, older_than=older_than, repair=repair,
+                              **_sink_options()).summary())

@@ -81,12 +81,14 @@ def is_table(dest: str) -> bool:
     return bool(sep) and scheme.lower() in TABLE_SCHEMES
 
 
-def maintain(dest: str, *, compact: bool = True, older_than: timedelta | None = None, repair: bool = False,
+def maintain(dest: str, *, compact: bool = True, older_than: timedelta | str | None = None, repair: bool = False,
              storage_options: dict[str, Any] | None = None) -> Maintenance:
     """Housekeeping of the table at `dest` (see the module): with `repair`, first drop lost data files and mark
     the hours they held failed; compact its small files unless not `compact`, and delete what no snapshot or
-    version younger than `older_than` needs (None: the format's default, 7 days). Any other destination is a
-    UsageError, raised before anything is opened or created."""
+    version younger than `older_than` (a timedelta, or `--older-than`'s `7d`, `24h`) needs (None: the format's
+    default, 7 days). Any other destination is a UsageError, raised before anything is opened or created."""
+    if isinstance(older_than, str):
+        older_than = parse_age(older_than)
     if not is_table(dest):
         scheme = dest.partition(":")[0].lower() if ":" in dest else dest
         raise UsageError(f"maintain applies to iceberg: and delta: tables, not to {scheme}: destinations "
