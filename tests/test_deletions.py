@@ -337,6 +337,20 @@ def test_deletions_take_users_out_of_cohort_members_and_a_recomputed_cohort_keep
         ok(cli(["verify"], env, tmp_path))
 
 
+def test_the_log_counts_the_cohort_members_rows_a_job_deletes(tmp_path: Path) -> None:
+    with FakeExportServer(events_per_hour=20, data_start=DAY, data_end=DAY2, apis={"cohort_polls": 0}) as server:
+        env = environment(server, f"duckdb:{tmp_path / 'members.duckdb'}")
+        ok(cli(["run", "--streams", "cohort_members", "--no-progress"], env, tmp_path))
+        members = sorted(members_of(env["DEST"]))
+        user = members[0][1]
+        held = sum(a == user for _, a in members)
+        server.apis.delete_users([user])
+        done = cli(["deletions"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = f"1 user applied, 0 events rows and {held} cohort_members rows deleted"
+    assert said in done.stderr and said in "".join(log.read_text() for log in (tmp_path / "logs").glob("*.log"))
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["--start-day", "2024-13-01"], "--start-day '2024-13-01': use YYYY-MM-DD"),
     (["--start-day", "2024-03-02", "--end-day", "2024-03-01"], "is before --start-day"),

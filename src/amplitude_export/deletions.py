@@ -287,8 +287,9 @@ def sync(
                          applied_at=moment, run_id=run_id) if earlier else \
             DeletionRecord(job.day, job.status, list(job.amplitude_ids), applied_at=moment, run_id=run_id)
         stored = sink.delete_users(project, new, record)
-        log.info("deletion job %s (%s): %d users applied, %d rows deleted", job.day, job.status, len(new),
-                 stored.rows_deleted - (earlier.rows_deleted if earlier else 0))
+        log.info("deletion job %s (%s): %s applied, %d events rows and %d cohort_members rows deleted", job.day,
+                 job.status, _users(new), stored.rows_deleted - (earlier.rows_deleted if earlier else 0),
+                 stored.cohort_rows_deleted - (earlier.cohort_rows_deleted if earlier else 0))
         report.applied.append(stored)
     return report
 
