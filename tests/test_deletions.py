@@ -26,7 +26,7 @@ from sink_helpers import batch, event, finisher, hour, read_of, window
 from amplitude_export import read_arrow, read_table
 from amplitude_export.config import load_credentials
 from amplitude_export.deletions import DeletionsClient, Job, drop_archives, plan, scrub_rejects
-from amplitude_export.errors import AuthError
+from amplitude_export.errors import AuthError, DestinationError
 from amplitude_export.fake_server import FakeExportServer
 from amplitude_export.ledger import DeletionRecord
 from amplitude_export.sinks import Sink, open_sink
@@ -335,6 +335,19 @@ def test_deletions_take_users_out_of_cohort_members_and_a_recomputed_cohort_keep
         events_last, records_last = stored(env["DEST"])
         assert rows_of(events_last, doomed) == 0 and records_last == records
         ok(cli(["verify"], env, tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "parquet", "postgres", "iceberg", "delta"])
+def test_deletions_refuse_a_destination_that_does_not_exist(kind: str, server: FakeExportServer, tmp_path: Path,
+                                                            pg_schema: str) -> None:
+    env = environment(server, destination_url(kind, tmp_path / "misspelt", pg_schema))
+    server.apis.delete_users(doomed_users(server))
+    done = cli(["deletions"], env, tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 4 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert not (tmp_path / "misspelt").exists()
+    with pytest.raises(DestinationError):
+        open_sink(env["DEST"], read_only=True)
 
 
 def test_the_log_counts_the_cohort_members_rows_a_job_deletes(tmp_path: Path) -> None:

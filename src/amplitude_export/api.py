@@ -120,6 +120,16 @@ def open_for_reading(url: str, *, storage_options: dict[str, Any] | None = None)
     return open_sink(url, read_only=True, **({"storage_options": storage_options} if storage_options else {}))
 
 
+def open_existing_for_writing(url: str, *, wait: bool = False, storage_options: dict[str, Any] | None = None) -> Sink:
+    """Open for writing a destination that must exist already (`deletions`): a misspelt path is refused as the
+    read commands refuse it, not created empty for the jobs to be recorded in while the real one keeps the rows."""
+    try:
+        open_for_reading(url, storage_options=storage_options).close()
+    except DestinationBusyError:
+        pass  # a run holds it, so it exists: wait for that run below, or exit 5
+    return open_for_writing(url, wait=wait, storage_options=storage_options)
+
+
 def resolve_project(project: str | None, api_key: str | None, sink: Sink, *, reading: bool = True) -> str:
     """`project`; else the API key (the default project name of `run`), when writing or when the destination
     knows it; else, for reading, the destination's only project."""
@@ -476,7 +486,7 @@ def sync_deletions(
     if first and last and last < first:
         raise UsageError(f"--end-day {end_day} is before --start-day {start_day}")
     url = destination(dest, Path(data_dir), schema=schema)
-    target = sink if sink is not None else open_for_writing(url, wait=wait, storage_options=storage_options)
+    target = sink if sink is not None else open_existing_for_writing(url, wait=wait, storage_options=storage_options)
     try:
         return _sync(
             credentials,

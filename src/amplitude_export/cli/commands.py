@@ -390,7 +390,7 @@ def deletions(
     run_id = new_run_id(clock.now())
     _reporter, log_path = start_logging(log_dir, run_id, False, verbose)
     with unless_refused(created, log_path):
-        sink = api.open_for_writing(url, wait=wait, storage_options=storage_options())
+        sink = api.open_existing_for_writing(url, wait=wait, storage_options=storage_options())
     try:
         report = api.sync_deletions(
             url,
