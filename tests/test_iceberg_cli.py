@@ -65,9 +65,11 @@ def check_day(dest: str, server: FakeExportServer, tmp_path: Path, env: dict[str
 
 @pytest.mark.slow
 def test_a_local_warehouse_through_the_cli(fake_server: FakeExportServer, tmp_path: Path) -> None:
-    dest = f"iceberg:{tmp_path / 'warehouse'}"
+    dest = f"iceberg:{tmp_path / 'my warehouse'}"  # a space, which a file URI would percent-encode
     check_day(dest, fake_server, tmp_path, s3_free_env(), [])
-    assert (tmp_path / "warehouse" / "catalog.db").is_file()
+    assert (tmp_path / "my warehouse" / "catalog.db").is_file()
+    assert list((tmp_path / "my warehouse" / "amplitude" / "events" / "data").rglob("*.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "logs", "my warehouse", "report.html"]
 
 
 def s3_free_env() -> dict[str, str]:

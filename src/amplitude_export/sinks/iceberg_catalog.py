@@ -117,7 +117,7 @@ def parse(rest: str, storage_options: dict[str, Any] | None = None) -> Location:
                          "?catalog=NAME of a configured catalog")
     if scheme in ("", "file"):
         warehouse = Path(where.removeprefix("file://")).expanduser().absolute()
-        location.properties["warehouse"] = warehouse.as_uri()
+        location.properties["warehouse"] = file_uri(warehouse)
         if not catalog:
             location.sqlite = warehouse / "catalog.db"
             catalog = f"sqlite:///{location.sqlite}"
@@ -170,6 +170,12 @@ def _catalog_properties(storage_options: dict[str, Any] | None) -> dict[str, str
     return properties
 
 
+def file_uri(path: Path) -> str:
+    """A local warehouse's URI. Not `Path.as_uri()`: pyiceberg's file IO takes the path of a file URI as it
+    stands, without percent-decoding, so `my%20wh` would be a directory beside `my wh` holding its tables."""
+    return "file://" + path.as_posix()
+
+
 def load(location: Location, *, create: bool) -> Catalog:
     """The catalog, created (SQLite file and warehouse directory) only when `create`."""
     require_pyiceberg()
@@ -178,7 +184,7 @@ def load(location: Location, *, create: bool) -> Catalog:
 
     if location.sqlite is not None:
         if create:
-            own = location.properties.get("warehouse") == location.sqlite.parent.as_uri()  # the warehouse's catalog
+            own = location.properties.get("warehouse") == file_uri(location.sqlite.parent)  # the warehouse's catalog
             if own and not location.sqlite.is_file():
                 _check_empty(location.sqlite.parent, location)
             _mkdir(location.sqlite.parent, location)
