@@ -197,6 +197,15 @@ def test_an_unknown_stream_is_refused_in_one_line(tmp_path: Path) -> None:
     assert parse_streams("taxonomy, events") == ["events", "taxonomy"]
 
 
+def test_a_table_named_as_a_stream_is_refused_with_the_stream_that_loads_it(tmp_path: Path) -> None:
+    done = run_cli("run", "--streams", "events,event_types", "--api-key", KEY, "--secret-key", SECRET, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: --streams: unknown stream event_types: choose from {','.join(STREAMS)} (event_types is a table of "
+        "stream taxonomy)"]
+    assert not (tmp_path / "data").exists()
+
+
 # -- cohorts: quota, recomputes -------------------------------------------------------------------------------
 
 

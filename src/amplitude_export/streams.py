@@ -80,8 +80,10 @@ def parse_streams(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in STREAMS]
     if unknown or not names:
+        tables = [f"{name} is a table of stream {TABLES[name].stream}" for name in unknown
+                  if name in TABLES and TABLES[name].stream != name]
         raise UsageError(f"--streams: unknown stream {', '.join(unknown) or '(none given)'}: choose from "
-                         f"{','.join(STREAMS)}")
+                         f"{','.join(STREAMS)}" + "".join(f" ({hint})" for hint in tables))
     return [name for name in STREAMS if name in names]
 
 
