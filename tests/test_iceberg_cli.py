@@ -72,6 +72,15 @@ def test_a_local_warehouse_through_the_cli(fake_server: FakeExportServer, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "logs", "my warehouse", "report.html"]
 
 
+def test_a_warehouse_directory_with_a_hash_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = cli("run", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9", "--start",
+                 "2024-03-01", "--end", "2024-03-01", "--dest", f"iceberg:{tmp_path / 'wh#1'}", env=s3_free_env(),
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, said(result)
+    assert result.stderr.strip().endswith("choose a directory without '#'"), said(result)
+    assert list(tmp_path.iterdir()) == []
+
+
 def s3_free_env() -> dict[str, str]:
     import os
 

@@ -117,6 +117,9 @@ def parse(rest: str, storage_options: dict[str, Any] | None = None) -> Location:
                          "?catalog=NAME of a configured catalog")
     if scheme in ("", "file"):
         warehouse = Path(where.removeprefix("file://")).expanduser().absolute()
+        if "#" in str(warehouse):
+            raise UsageError(f"iceberg:{masked(rest)}: pyiceberg reads a '#' in a file path as the start of a URL "
+                             "fragment and would write elsewhere: choose a directory without '#'")
         location.properties["warehouse"] = file_uri(warehouse)
         if not catalog:
             location.sqlite = warehouse / "catalog.db"
@@ -172,7 +175,8 @@ def _catalog_properties(storage_options: dict[str, Any] | None) -> dict[str, str
 
 def file_uri(path: Path) -> str:
     """A local warehouse's URI. Not `Path.as_uri()`: pyiceberg's file IO takes the path of a file URI as it
-    stands, without percent-decoding, so `my%20wh` would be a directory beside `my wh` holding its tables."""
+    stands, without percent-decoding, so `my%20wh` would be a directory beside `my wh` holding its tables (and
+    no encoding of a `#` reaches the directory, hence the caller's refusal)."""
     return "file://" + path.as_posix()
 
 
