@@ -368,6 +368,11 @@ def test_destination_urls_and_their_errors(tmp_path: Path) -> None:
         open_sink("iceberg:s3://bucket/warehouse")
     with pytest.raises(UsageError, match="unknown option 'tabel'"):
         open_sink(f"iceberg:{tmp_path}?tabel=x")
+    with pytest.raises(UsageError, match="namespace= is empty"):
+        open_sink(f"iceberg:{tmp_path / 'empty'}?namespace=")
+    with pytest.raises(UsageError, match="table='web.events' holds a '.'"):
+        open_sink(f"iceberg:{tmp_path / 'dotted'}?table=web.events")
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "dotted").exists()
     with pytest.raises(UsageError, match=r"catalog=mysql://me:\*\*\*@host/db is not"):
         open_sink(f"iceberg:{tmp_path}?catalog=mysql://me:hunter2@host/db")
     with pytest.raises(DestinationError, match="no Iceberg catalog at"):

@@ -98,6 +98,12 @@ def parse(rest: str, storage_options: dict[str, Any] | None = None) -> Location:
         raise UsageError(f"iceberg:{masked(rest)}: unknown option {sorted(unknown)[0]!r}: use catalog=, warehouse=, "
                          "namespace= or table=")
     location = Location(f"iceberg:{masked(rest)}", CATALOG_NAME, properties=_catalog_properties(storage_options))
+    for key in ("namespace", "table"):
+        if key in options and not options[key].strip():
+            raise UsageError(f"iceberg:{masked(rest)}: {key}= is empty: name one, or leave it out for the default")
+    if "." in options.get("table", ""):
+        raise UsageError(f"iceberg:{masked(rest)}: table={options['table']!r} holds a '.', which engines read as a "
+                         "namespace: name the namespace with namespace=")
     location.namespace = options.get("namespace") or NAMESPACE
     location.table = options.get("table") or TABLE
     catalog = options.get("catalog", "")
