@@ -81,6 +81,16 @@ def test_a_warehouse_directory_with_a_hash_is_refused_before_anything_is_written
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_catalog_that_cannot_be_reached_leaves_no_warehouse_directory(tmp_path: Path) -> None:
+    catalog = "postgresql://postgres@127.0.0.1:5432/amplitude_export_no_such_database"
+    result = cli("run", "--api-key", "k", "--secret-key", SECRET, "--base-url", "http://127.0.0.1:9", "--start",
+                 "2024-03-01", "--end", "2024-03-01", "--dest", f"iceberg:{tmp_path / 'lake' / 'wh'}?catalog={catalog}",
+                 env=s3_free_env(), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 4, said(result)
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr, said(result)
+    assert not (tmp_path / "lake").exists()
+
+
 def s3_free_env() -> dict[str, str]:
     import os
 

@@ -255,6 +255,7 @@ def open_events(location: Location, *, create: bool) -> tuple[Catalog, Table]:
     checks, then inserts: the slower run's insert fails on the other's row. That run opens again (up to
     `CREATE_ATTEMPTS` times) and finds them made. (A table's create is settled by pyiceberg itself.)
     """
+    made = _new_directories(location) if create else []
     for attempt in range(1, CREATE_ATTEMPTS + 1):
         catalog = None
         try:
@@ -264,9 +265,31 @@ def open_events(location: Location, *, create: bool) -> tuple[Catalog, Table]:
             if catalog is not None:
                 _dispose(catalog)
             if not create or attempt == CREATE_ATTEMPTS or not lost_race(exc):
+                _remove_empty(made)  # an unreachable catalog leaves no empty warehouse behind
                 raise
         time.sleep(random.uniform(0.02, 0.1) * attempt)  # noqa: S311 - spreads the racers, not a secret
     raise AssertionError("unreachable")
+
+
+def _new_directories(location: Location) -> list[Path]:
+    """The local directories `load` would create (the warehouse's, the SQLite catalog's, and their missing
+    parents), deepest first."""
+    leaves = [location.sqlite.parent] if location.sqlite is not None else []
+    warehouse = location.properties.get("warehouse", "")
+    if warehouse.startswith("file://"):
+        leaves.append(Path(warehouse.removeprefix("file://")))
+    missing: list[Path] = []
+    for leaf in leaves:
+        missing += [path for path in (leaf, *leaf.parents) if not path.exists() and path not in missing]
+    return sorted(missing, key=lambda path: len(path.parts), reverse=True)
+
+
+def _remove_empty(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.rmdir()  # only an empty one: what another process put there meanwhile stays
+        except OSError:
+            pass
 
 
 def lost_race(exc: BaseException) -> bool:
