@@ -148,6 +148,12 @@ def test_every_stream_lands_in_every_destination_and_cohorts_download_once(
     # the Dashboard REST calls and cohort downloads overlapped, and never more than 5 at once
     assert 2 <= server.apis.max_in_flight <= 5
     assert not [r for r in server.apis.requests if r[2] == 429]
+    # no events hour is recorded, yet the destination names the project its tables belong to (status, verify
+    # and report pick it, and name it among the other projects)
+    elsewhere = run_cli("status", "--dest", dest, "--project", "other", cwd=tmp_path)
+    assert elsewhere.returncode == 2 and elsewhere.stderr.strip().endswith(f"it has {KEY}"), elsewhere.stderr
+    with contextlib.closing(open_sink(dest, read_only=True)) as sink:
+        assert sink.projects() == [KEY]
 
 
 @pytest.mark.slow
@@ -268,7 +274,7 @@ def test_a_project_without_taxonomy_gets_one_note_and_the_rest_loads(tmp_path: P
 
 def test_verify_of_a_project_with_tables_but_no_events_names_them_and_exits_0(tmp_path: Path) -> None:
     """Loaded without the `events` stream, a project has no hour that could be missing: verify says which tables
-    it holds (it does not check their rows) and exits 0; a project with nothing loaded still exits 1."""
+    it holds (it does not check their rows) and exits 0; a project the destination does not have is exit 2."""
     with fake_server_for() as fake:
         assert cli(fake, tmp_path, "--streams", "cohorts,annotations").returncode == 0
     done = run_cli("verify", "--project", KEY, cwd=tmp_path)
@@ -279,8 +285,8 @@ def test_verify_of_a_project_with_tables_but_no_events_names_them_and_exits_0(tm
         "no events hours: 0 hours checked (0 loaded, 0 empty), 0 archive hours hashed: complete"]
     data = json.loads(run_cli("verify", "--project", KEY, "--json", cwd=tmp_path).stdout)
     assert data["complete"] and data["problems"] == [] and data["stream_tables"] == ["annotations", "cohorts"]
-    nothing = run_cli("verify", "--project", "other", cwd=tmp_path)
-    assert nothing.returncode == 1 and "nothing loaded for project 'other' yet" in nothing.stdout, nothing.stdout
+    other = run_cli("verify", "--project", "other", cwd=tmp_path)  # the destination names the project it has
+    assert other.returncode == 2 and other.stderr.strip().endswith(f"it has {KEY}"), other.stderr
 
 
 # -- day series ------------------------------------------------------------------------------------------------

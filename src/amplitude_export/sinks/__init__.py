@@ -50,7 +50,7 @@ class Sink(Protocol):
         ...
 
     def projects(self) -> list[str]:
-        """The projects the ledger holds hours for, sorted."""
+        """The projects the ledger holds hours for, or that have stream tables, sorted."""
         ...
 
     def write_window(self, project: str, window: Window, read: WindowRead) -> list[HourRecord]:

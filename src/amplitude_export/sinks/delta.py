@@ -105,8 +105,11 @@ class DeltaSink:
     # -- the ledger (`delta_ledger`) --
 
     def projects(self) -> list[str]:
-        """The projects the ledger holds hours for, sorted."""
-        return self._ledger.projects()
+        """The projects the ledger holds hours for, or that have stream tables, sorted."""
+        try:
+            return sorted(set(self._ledger.projects()) | self.tables.projects())
+        except (DeltaError, OSError) as exc:
+            raise self._failed("cannot read the tables beside", exc) from None
 
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""

@@ -85,6 +85,15 @@ class DeltaTables:
                     return dict(info[META])
         return {}
 
+    def projects(self) -> set[str]:
+        """The projects that have a table's state."""
+        found: set[str] = set()
+        for name in TABLES:
+            table = self.open(name)
+            if table is not None:
+                found |= set(self.payload(table).get("states", {}))
+        return found
+
     def states(self, project: str) -> dict[str, TableState]:
         """The state of each table of `project`, by table name."""
         found = {}

@@ -43,7 +43,7 @@ from .duckdb_stage import (
     rollback,
     time_filter,
 )
-from .duckdb_tables import read_table, table_states, write_table
+from .duckdb_tables import read_table, state_projects, table_states, write_table
 from .filelock import FileLock
 from .ledger_table import (
     LEDGER,
@@ -212,12 +212,12 @@ class DuckDBSink:
             raise
 
     def projects(self) -> list[str]:
-        """The projects the ledger holds hours for, sorted."""
+        """The projects the ledger holds hours for, or that have stream tables, sorted."""
         try:
-            rows = self.connection.execute(f"SELECT DISTINCT project FROM {LEDGER} ORDER BY 1").fetchall()
+            rows = self.connection.execute(f"SELECT DISTINCT project FROM {LEDGER}").fetchall()
         except duckdb.CatalogException:
             return []  # a read-only open of a database no run has written to
-        return [row[0] for row in rows]
+        return sorted({row[0] for row in rows} | state_projects(self.connection))
 
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""

@@ -91,6 +91,13 @@ def write_table(con: duckdb.DuckDBPyConnection, project: str, write: TableWrite,
     return state
 
 
+def state_projects(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The projects that have a stream table's state."""
+    if not has_table(con, STATE_TABLE):
+        return set()
+    return {row[0] for row in con.execute(f"SELECT DISTINCT project FROM {STATE_TABLE}").fetchall()}
+
+
 def table_states(con: duckdb.DuckDBPyConnection, project: str) -> dict[str, TableState]:
     """The state of each stream table of `project`, by table name."""
     if not has_table(con, STATE_TABLE):

@@ -101,8 +101,9 @@ class IcebergSink:
     # -- reading --
 
     def projects(self) -> list[str]:
-        """The projects the ledger holds hours for, sorted."""
-        return sorted(ledgers.read(self.table.properties))
+        """The projects the ledger holds hours for, or that have stream tables, sorted."""
+        with self._errors("cannot read the tables beside"):
+            return sorted(set(ledgers.read(self.table.properties)) | self.tables.projects())
 
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""

@@ -61,6 +61,15 @@ class IcebergTables:
         return self.catalog.create_table_if_not_exists((self.namespace, name),
                                                        schema=with_project_column(TABLES[name].schema))
 
+    def projects(self) -> set[str]:
+        """The projects that have a table's state."""
+        found: set[str] = set()
+        for name in TABLES:
+            table = self.open(name)
+            properties = table.properties if table is not None else {}
+            found |= {json.loads(text)["project"] for key, text in properties.items() if key.startswith(STATE)}
+        return found
+
     def states(self, project: str) -> dict[str, TableState]:
         """The state of each table of `project`, by table name."""
         found = {}

@@ -230,8 +230,8 @@ class ParquetSink:
     # -- the Sink protocol --
 
     def projects(self) -> list[str]:
-        """The projects the ledger holds hours for, sorted."""
-        return sorted(project for project, hours in self.state_ledger.items() if hours)
+        """The projects the ledger holds hours for, or that have stream tables, sorted."""
+        return sorted({project for project, hours in self.state_ledger.items() if hours} | self.tables.projects())
 
     def ledger(self, project: str) -> dict[datetime, HourRecord]:
         """Every ledger row of `project`, by hour."""

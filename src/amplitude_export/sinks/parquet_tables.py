@@ -64,6 +64,10 @@ class ParquetTables:
             self.store.delete(old)
         return state
 
+    def projects(self) -> set[str]:
+        """The projects that have a stream table's state."""
+        return {project for project, tables in self._tables().items() if tables}
+
     def states(self, project: str) -> dict[str, TableState]:
         """The state of each stream table of `project`, by table name."""
         tables = self._tables().get(project, {})

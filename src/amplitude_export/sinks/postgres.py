@@ -45,7 +45,7 @@ from .postgres_copy import escape_json_text
 from .postgres_deletions import delete_users, deletion_records
 from .postgres_load import CHUNK_BYTES, MAX_CONFLICTS, WindowLoad
 from .postgres_read import copy_to_stream, copy_to_table
-from .postgres_tables import read_table, table_states, write_table
+from .postgres_tables import read_table, state_projects, table_states, write_table
 from .postgres_url import check_url, one_line, redact, secrets, split_schema
 from .staging import SEEN_LIMIT, FirstCopies, check_records, fill_counts
 
@@ -259,10 +259,11 @@ class PostgresSink:
                     sql.Literal(name), sql.Literal(new)))
 
     def projects(self) -> list[str]:
-        """The projects the ledger holds hours for, sorted."""
-        query = sql.SQL("SELECT DISTINCT project FROM {} ORDER BY 1").format(self._ledger)
+        """The projects the ledger holds hours for, or that have stream tables, sorted."""
+        query = sql.SQL("SELECT DISTINCT project FROM {}").format(self._ledger)
         try:
-            return [row[0] for row in self.conn.execute(query).fetchall()]
+            hours = {row[0] for row in self.conn.execute(query).fetchall()}
+            return sorted(hours | state_projects(self.conn, self.schema))
         except psycopg.Error as exc:
             raise DestinationError(f"{self.description}: cannot read the ledger: {self._message(exc)}") from None
 

@@ -84,6 +84,15 @@ def write_table(
     return state
 
 
+def state_projects(conn: psycopg.Connection[Any], schema: str) -> set[str]:
+    """The projects that have a stream table's state."""
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{STATE_TABLE}"]).fetchone()
+    if not (exists and exists[0]):
+        return set()
+    query = sql.SQL("SELECT DISTINCT project FROM {}").format(sql.Identifier(schema, STATE_TABLE))
+    return {row[0] for row in conn.execute(query).fetchall()}
+
+
 def table_states(conn: psycopg.Connection[Any], schema: str, project: str) -> dict[str, TableState]:
     """The state of each stream table of `project`, by table name."""
     states = sql.Identifier(schema, STATE_TABLE)
