@@ -6,12 +6,14 @@ that lose a race, a reader polling during reloads, and `maintain`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -362,3 +364,38 @@ def test_commit_info_is_plain_json(local: Table) -> None:
     assert sum(1 for info in infos if META in info) == 6
     assert all(isinstance(datetime.fromisoformat(r["hour"]).astimezone(UTC), datetime)
                for info in infos if META in info for r in info[META]["ledger"])
+
+
+def test_a_window_another_run_loaded_meanwhile_from_the_same_data_is_left_as_it_is(local: Table) -> None:
+    """Two runs of one range: B commits the window from the same archive (same content hashes) after A opened the
+    table; A's commit loses to it, and A then leaves the window as B loaded it (another commit could only replace
+    the rows with the same rows) instead of trying again until it gives up. Other data is loaded as usual, and a
+    run that finds those rows when it opens (a --refresh after them) replaces them as asked."""
+    w = window(0, 1)
+    rows = hour_events(hour(0), ["x1", "x2"]) + hour_events(hour(1), ["y1"])
+
+    def records(run_id: str) -> Callable[[], list[HourRecord]]:
+        return lambda: [dataclasses.replace(r, run_id=run_id) for r in finisher(w, rows)()]
+
+    a, b = local.sink(), local.sink()
+    try:
+        b.write_window("p", w, read_of([batch(rows)], records("run-b")))
+        version = local.delta().version()
+        stored = a.write_window("p", w, read_of([batch(rows)], records("run-a")))
+        assert [r.run_id for r in stored] == ["run-b", "run-b"]
+        assert local.delta().version() == version and uuids(a.read_arrow()) == ["x1", "x2", "y1"]
+        changed = hour_events(hour(0), ["x1"]) + hour_events(hour(1), ["y1"])
+        finish = records("run-a")
+        a.write_window("p", w, read_of([batch(changed)], lambda: [
+            dataclasses.replace(r, content_hash="sha256:" + "1" * 64) for r in finish()]))  # other data: loaded
+        assert uuids(local.sink(read_only=True).read_arrow()) == ["x1", "y1"]
+    finally:
+        a.close()
+        b.close()
+    c = local.sink()
+    try:
+        c.write_window("p", w, read_of([batch(rows)], records("run-c")))
+        assert [r.run_id for r in c.ledger("p").values()] == ["run-c", "run-c"]
+        assert uuids(c.read_arrow()) == ["x1", "x2", "y1"]
+    finally:
+        c.close()

@@ -55,7 +55,7 @@ from .duckdb_stage import (
 )
 from .iceberg_files import file_batches, predicate, register_file, row_filter, window_filter, write_data_files
 from .iceberg_tables import IcebergTables
-from .staging import fill_counts
+from .staging import fill_counts, loaded_meanwhile
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
@@ -220,7 +220,7 @@ class IcebergSink:
         hours = [r.hour for r in records]
         stored = ledgers.hours(table.properties, project, hours)
         seen = ledgers.hours(self._opened, project, hours)
-        if records and all(_loaded_meanwhile(stored.get(r.hour), seen.get(r.hour), r) for r in records):
+        if records and all(loaded_meanwhile(stored.get(r.hour), seen.get(r.hour), r) for r in records):
             # another run committed the window from the same bytes since this one opened the table: this commit
             # would replace its rows with the same rows, so none is made (as if it came first, then the other's)
             log.info("%s: %s was loaded from the same data by run %s meanwhile; left as it is", self.description,
@@ -453,13 +453,6 @@ def _summary(project: str, window: Window | None, records: list[HourRecord]) -> 
     if run_ids:
         summary[f"{SUMMARY}run-id"] = ",".join(run_ids)
     return summary
-
-
-def _loaded_meanwhile(stored: HourRecord | None, seen: HourRecord | None, read: HourRecord) -> bool:
-    """Whether another run stored the ledger row `stored` since this one found `seen`, from the same data as
-    `read` (same status and content hash: what `recheck` calls unchanged)."""
-    return (stored is not None and stored != seen and stored.run_id != read.run_id
-            and stored.status == read.status and stored.content_hash == read.content_hash)
 
 
 def _stamped(record: HourRecord, now: datetime) -> HourRecord:

@@ -95,6 +95,13 @@ def fill_counts(
     return out
 
 
+def loaded_meanwhile(stored: HourRecord | None, seen: HourRecord | None, read: HourRecord) -> bool:
+    """Whether another run stored the ledger row `stored` since this one found `seen`, from the same data as
+    `read` (same status and content hash: what `recheck` calls unchanged)."""
+    return (stored is not None and stored != seen and stored.run_id != read.run_id
+            and stored.status == read.status and stored.content_hash == read.content_hash)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an engine's error, for a DestinationError's message."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
