@@ -12,9 +12,9 @@ import psycopg.rows
 from psycopg import sql
 
 from ..ledger import DeletionRecord
-from ..schema import quote
 from ..table_ledger import STATE_TABLE
 from .ledger_table import LEDGER
+from .postgres_tables import relation_exists
 
 DELETIONS_TABLE = "_amplitude_deletions"
 COHORT_MEMBERS = "cohort_members"
@@ -34,8 +34,7 @@ _RECORD_FIELDS = ("day", "status", "amplitude_ids", "rows_deleted", "cohort_rows
 
 def deletion_records(conn: psycopg.Connection[Any], schema: str, project: str) -> list[DeletionRecord]:
     """The deletion jobs applied to `project`, by day."""
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{DELETIONS_TABLE}"]).fetchone()
-    if not (exists and exists[0]):
+    if not relation_exists(conn, schema, DELETIONS_TABLE):
         return []
     cursor = conn.cursor(row_factory=psycopg.rows.dict_row)
     rows = cursor.execute(
@@ -103,8 +102,7 @@ def _delete_members(conn: psycopg.Connection[Any], schema: str, params: dict[str
         {**params, "texts": [str(i) for i in params["ids"]]},
     )
     count = int(gone.fetchall()[0][0])
-    states = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{STATE_TABLE}"]).fetchone()
-    if count and states and states[0]:  # the table's state counts its rows
+    if count and relation_exists(conn, schema, STATE_TABLE):  # the table's state counts its rows
         conn.execute(
             sql.SQL("UPDATE {} SET rows = rows - %s WHERE project = %s AND table_name = %s").format(
                 sql.Identifier(schema, STATE_TABLE)

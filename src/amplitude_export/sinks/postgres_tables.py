@@ -27,6 +27,12 @@ from ..table_ledger import (
 )
 
 
+def relation_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    """Whether `schema`.`name` is a table (or view) of the database."""
+    found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{quote(name)}"]).fetchone()
+    return bool(found and found[0])
+
+
 def write_table(
     conn: psycopg.Connection[Any], schema: str, project: str, write: TableWrite, now: datetime
 ) -> TableState:
@@ -64,9 +70,8 @@ def write_table(
             for batch in write.batches:
                 for row in batch.to_pylist():
                     copy.write_row([project, *(row[c.name] for c in write.schema)])
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{quote(write.table)}"]).fetchone()
     rows = 0
-    if exists and exists[0]:
+    if relation_exists(conn, schema, write.table):
         counted = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE _project = %s").format(table), [project])
         rows = int(counted.fetchall()[0][0])
     state = replace(write.state, rows=rows, loaded_at=now)
@@ -86,8 +91,7 @@ def write_table(
 
 def state_projects(conn: psycopg.Connection[Any], schema: str) -> set[str]:
     """The projects that have a stream table's state."""
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{STATE_TABLE}"]).fetchone()
-    if not (exists and exists[0]):
+    if not relation_exists(conn, schema, STATE_TABLE):
         return set()
     query = sql.SQL("SELECT DISTINCT project FROM {}").format(sql.Identifier(schema, STATE_TABLE))
     return {row[0] for row in conn.execute(query).fetchall()}
@@ -96,8 +100,7 @@ def state_projects(conn: psycopg.Connection[Any], schema: str) -> set[str]:
 def table_states(conn: psycopg.Connection[Any], schema: str, project: str) -> dict[str, TableState]:
     """The state of each stream table of `project`, by table name."""
     states = sql.Identifier(schema, STATE_TABLE)
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(schema)}.{STATE_TABLE}"]).fetchone()
-    if not (exists and exists[0]):
+    if not relation_exists(conn, schema, STATE_TABLE):
         return {}
     with conn.cursor(row_factory=dict_row) as cursor:
         rows = cursor.execute(
@@ -111,8 +114,7 @@ def read_table(
 ) -> pa.Table:
     """A stream table's rows (of one project, or all) as `schema` with `_project` first."""
     stored = with_project_column(schema)
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [f"{quote(db_schema)}.{quote(name)}"]).fetchone()
-    if not (exists and exists[0]):
+    if not relation_exists(conn, db_schema, name):
         return stored.empty_table()
     query = sql.SQL("SELECT {} FROM {} WHERE %s::text IS NULL OR _project = %s").format(
         sql.SQL(", ").join(sql.Identifier(c.name) for c in stored), sql.Identifier(db_schema, name)
