@@ -146,8 +146,10 @@ def resolve_project(project: str | None, api_key: str | None, sink: Sink, *, rea
         raise
     except UsageError:
         key = None
+    if key and not reading:
+        return key
     known = sink.projects()
-    if key and (not reading or key in known or not known):
+    if key and (key in known or not known):
         return key
     if len(known) == 1:
         return known[0]
