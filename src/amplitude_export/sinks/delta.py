@@ -135,9 +135,10 @@ class DeltaSink:
             con.execute(f"CREATE TEMP VIEW {_KEPT} AS SELECT * FROM {STAGE} "
                         f"WHERE NOT EXISTS (SELECT 1 FROM {_TAKEN} AS t WHERE t.uuid = {STAGE}.uuid)")
             records_read = read.hour_records()
-            seen = self._ledger.hours(project)
+            hours = [r.hour for r in records_read]
+            seen = self._ledger.hours(project, hours)
             for attempt in range(1, COMMIT_ATTEMPTS + 1):
-                stored = self._ledger.hours(project)
+                stored = self._ledger.hours(project, hours) if attempt > 1 else seen  # new rows come with a loss
                 if records_read and all(loaded_meanwhile(stored.get(r.hour), seen.get(r.hour), r)
                                         for r in records_read):
                     # another run committed the window from the same bytes meanwhile: committing it again would

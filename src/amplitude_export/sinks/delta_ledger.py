@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -72,10 +73,10 @@ class DeltaLedger:
         """The projects the ledger holds hours for, sorted."""
         return sorted(project for project, hours in self._hours.items() if hours)
 
-    def hours(self, project: str) -> dict[datetime, HourRecord]:
-        """Every ledger row of `project`, by hour."""
+    def hours(self, project: str, only: Iterable[datetime] | None = None) -> dict[datetime, HourRecord]:
+        """Every ledger row of `project` (or those of the hours `only`), by hour."""
         hours = self._hours.get(project, {})
-        return {hour: hours[hour][0] for hour in sorted(hours)}
+        return {hour: hours[hour][0] for hour in (sorted(hours) if only is None else only) if hour in hours}
 
     def deletions(self, project: str) -> list[DeletionRecord]:
         """The deletion jobs applied to `project`, by day."""
