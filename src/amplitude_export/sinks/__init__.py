@@ -23,6 +23,7 @@ from .staging import SEEN_LIMIT, FirstCopies
 
 __all__ = ["SEEN_LIMIT", "FirstCopies", "Maintainable", "Sink", "lost_file_hint", "open_sink", "with_project"]
 
+
 class WindowRead(Protocol):
     """One window's events as the read layer gives them to `Sink.write_window` (`reader.Reading`)."""
 

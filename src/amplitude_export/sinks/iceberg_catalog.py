@@ -27,6 +27,7 @@ import pyarrow as pa
 from ..errors import DestinationError, UsageError
 from ..schema import ALL_COLUMNS, BOOLEAN, FLOAT, INTEGER, JSON, STRING, TIMESTAMP
 from ..storage import mask_urls
+from .maintenance import lost_file_hint
 from .staging import foreign_entries, foreign_message
 
 if TYPE_CHECKING:
@@ -360,8 +361,6 @@ class Errors:
         if exc is None or isinstance(exc, DestinationError | KeyboardInterrupt) or not isinstance(exc, Exception):
             return
         if isinstance(exc, known_errors()):
-            from .maintenance import lost_file_hint
-
             message = lost_file_hint(masked(_first_line(exc)), self.label)
             raise DestinationError(f"{self.doing} {self.label}: {message}") from exc
 
